@@ -1,0 +1,33 @@
+# Each target installs what it needs into .venv by itself: `make demo` and `make test` work on a
+# fresh clone. PYTHON picks the interpreter the virtual environment is made from.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench bench-large zoo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	@mkdir -p build
+	$(VENV)/bin/onnxprune models/digits_cnn.onnx --sparsity 0.9 --output build/digits_cnn.pruned.onnx --force --report build/digits_cnn.report.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not zoo"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check onnxprune tests bench
+	$(VENV)/bin/ruff format --check onnxprune
+
+bench: $(STAMP)
+	$(PY) bench/bench_prune.py
+
+clean:
+	rm -rf build .pytest_cache

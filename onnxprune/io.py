@@ -1,0 +1,241 @@
+"""Load and save: onnx-ir in (external data memory-mapped), atomic writes out, input untouched."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from onnxprune.errors import ModelLoadError, OutputError
+
+# Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with a margin.
+PROTO_LIMIT_BYTES = 2**31 - 2**27
+# Offsets of big external tensors are aligned so that runtimes can memory-map them directly.
+EXTERNAL_ALIGNMENT = 65536
+
+
+def all_graphs(model: ir.Model) -> list[ir.Graph]:
+    """The main graph and every subgraph (If/Loop/Scan bodies), main graph first."""
+    return [model.graph, *model.graph.subgraphs()]
+
+
+def iter_tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol]]:
+    """Every stored tensor: initializers and Constant node values, in every graph."""
+    for graph in all_graphs(model):
+        for name, value in graph.initializers.items():
+            if value.const_value is not None:
+                yield name, value.const_value
+        for node in graph:
+            if node.op_type == "Constant" and node.domain == "" and "value" in node.attributes:
+                tensor = node.attributes["value"].value
+                yield node.outputs[0].name or node.name, tensor
+
+
+def external_data_files(model: ir.Model) -> set[str]:
+    """Real paths of the external data files the model reads from."""
+    return {
+        os.path.realpath(t.path) for _, t in iter_tensors(model) if isinstance(t, ir.ExternalTensor)
+    }
+
+
+def tensor_nbytes(model: ir.Model) -> int:
+    """Bytes of all stored tensors, without reading any of them."""
+    return sum(t.nbytes for _, t in iter_tensors(model))
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Size of a model on disk: the .onnx file plus the external data files it references."""
+    path = Path(path)
+    total = path.stat().st_size
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return total
+    locations = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            if "location" in info:
+                locations.add(info["location"])
+    for location in locations:
+        data = path.parent / location
+        if data.is_file():
+            total += data.stat().st_size
+    return total
+
+
+def _check_external_tensor(name: str, tensor: ir.ExternalTensor, model_dir: Path) -> None:
+    location = os.fspath(tensor.location)
+    base = os.path.realpath(model_dir)
+    if os.path.isabs(location):
+        raise ModelLoadError(
+            f"external data of tensor {name!r} has the absolute location {location!r}; "
+            "refused: external data must lie in the model's folder"
+        )
+    target = os.path.realpath(os.path.join(base, location))
+    if os.path.commonpath([base, target]) != base:
+        raise ModelLoadError(
+            f"external data of tensor {name!r} points outside the model's folder "
+            f"({location!r}); refused (a known path-traversal attack on ONNX loaders)"
+        )
+    if not os.path.isfile(target):
+        raise ModelLoadError(
+            f"external data file {location!r} of tensor {name!r} is missing: expected at {target}; "
+            "copy it beside the model"
+        )
+    end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+    size = os.path.getsize(target)
+    if size < end:
+        raise ModelLoadError(
+            f"external data file {location!r} is truncated: tensor {name!r} needs bytes up to "
+            f"{end}, the file has {size}"
+        )
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Read a model; external data stays on disk, memory-mapped on first use."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(
+            f"{path}: not an ONNX model, or a truncated one (protobuf: {reason})"
+        ) from None
+    if not proto.graph.node or not proto.opset_import:
+        raise ModelLoadError(
+            f"{path}: not an ONNX model, or a truncated one (no graph nodes or opset imports)"
+        )
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: malformed ONNX model ({exc})") from None
+    del proto
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    for graph in all_graphs(model)[1:]:
+        ir.external_data.set_base_dir(graph, path.parent)
+    for name, tensor in iter_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            _check_external_tensor(name, tensor, path.parent)
+    return model
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_path(
+    output: str | os.PathLike, *, input_path: str | os.PathLike | None = None, force: bool = False
+) -> Path:
+    """Fail early, before any work, if the output cannot or must not be written."""
+    out = Path(output)
+    if input_path is not None and _same_file(out, Path(input_path)):
+        raise OutputError(f"{out}: is the input model; onnxprune never overwrites its input")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: already exists; pass --force to overwrite it")
+    if out.exists() and not out.is_file():
+        raise OutputError(f"{out}: exists and is not a file")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: folder {parent} is not writable")
+    return out
+
+
+def save_model(
+    model: ir.Model,
+    output: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | None = None,
+    force: bool = False,
+    external_data: bool | None = None,
+    check: bool = False,
+) -> Path:
+    """Write atomically: everything goes to a temporary folder beside the output, then is renamed.
+
+    External data is kept when the input had it, forced by ``external_data=True``, or needed
+    because the tensors would not fit a 2 GB protobuf. Tensors stream to disk one at a time.
+    """
+    out = check_output_path(output, input_path=input_path, force=force)
+    sources = external_data_files(model)
+    if external_data is None:
+        external_data = bool(sources) or tensor_nbytes(model) > PROTO_LIMIT_BYTES
+    data_name = out.name + ".data"
+    data_path = out.parent / data_name
+    if external_data and os.path.realpath(data_path) in sources:
+        raise OutputError(
+            f"{data_path}: is the input's external data file; choose another output name"
+        )
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write in {parent} ({exc.strerror})") from None
+    try:
+        tmp_model = Path(tmp) / out.name
+        try:
+            if external_data:
+                ir.save(model, tmp_model, external_data=data_name, alignment=EXTERNAL_ALIGNMENT)
+            else:
+                _write_inline(model, tmp_model)
+        except OSError as exc:
+            raise OutputError(f"{out}: write failed ({exc.strerror or exc})") from None
+        if check:
+            check_model_file(tmp_model)
+        if external_data:
+            os.replace(Path(tmp) / data_name, data_path)
+        os.replace(tmp_model, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_inline(model: ir.Model, path: Path) -> None:
+    """Write a single-file model one initializer at a time instead of as one big message.
+
+    Protobuf merges a message field that occurs several times and appends repeated fields, so a
+    ModelProto without initializers followed by one small ModelProto per initializer parses as the
+    whole model. Peak memory is then one tensor, not a second copy of the model (plus a third for
+    the serialised bytes) as with a plain serialise-and-write.
+    """
+    values = [v for v in model.graph.initializers.values() if v.const_value is not None]
+    tensors = [v.const_value for v in values]
+    placeholder = ir.Tensor(np.zeros(0, dtype=np.float32))
+    try:
+        for v in values:
+            v.const_value = placeholder
+        header = ir.serde.serialize_model(model)
+    finally:
+        for v, t in zip(values, tensors, strict=True):
+            v.const_value = t
+    del header.graph.initializer[:]
+    with open(path, "wb") as f:
+        f.write(header.SerializeToString())
+        del header
+        for v, tensor in zip(values, tensors, strict=True):
+            chunk = onnx.ModelProto()
+            tensor.name = v.name
+            ir.serde.serialize_tensor_into(chunk.graph.initializer.add(), from_=tensor)
+            f.write(chunk.SerializeToString())
+
+
+def check_model_file(path: str | os.PathLike) -> None:
+    """onnx.checker with full shape inference, by path so that models over 2 GB work too."""
+    onnx.checker.check_model(str(path), full_check=True)

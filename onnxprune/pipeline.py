@@ -1,0 +1,90 @@
+"""The whole job as one call: load, find, select, rewrite, save. Each stage is usable alone too."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx_ir as ir
+
+from onnxprune import io, rewrite, selection, weights
+from onnxprune.report import Report, step
+from onnxprune.scoring import MagnitudeStats, magnitude_stats
+
+
+def default_output(path: str | os.PathLike) -> Path:
+    """model.onnx -> model.pruned.onnx, beside the input."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.pruned{path.suffix or '.onnx'}")
+
+
+def prune(
+    model: str | os.PathLike | ir.Model,
+    sparsity: float = 0.0,
+    *,
+    method: str = "global",
+    min_keep: str | float | int | None = None,
+    pattern: str | tuple[int, int] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    output: str | os.PathLike | None = None,
+    force: bool = False,
+    external_data: bool | None = None,
+    check: bool = True,
+) -> tuple[ir.Model, Report]:
+    """Prune a model (a path or an `ir.Model`, changed in place) and, if `output` is given, save it.
+
+    Returns the pruned model and the report. Errors a user can cause raise `OnnxPruneError`.
+    """
+    start = time.perf_counter()
+    input_path = None if isinstance(model, ir.Model) else Path(model)
+    sparsity = selection.check_sparsity(sparsity)
+    if output is not None:
+        io.check_output_path(output, input_path=input_path, force=force)
+    if input_path is not None:
+        with step(f"loading {input_path}"):
+            model = io.load_model(input_path)
+    assert isinstance(model, ir.Model)
+    with step("finding weights"):
+        found = weights.find_weights(model, include=include, exclude=exclude)
+    with step(f"ranking {found.total:,} weights"):
+        plan = selection.plan(
+            found.weights, sparsity, method=method, min_keep=min_keep, pattern=pattern
+        )
+    rewrite.apply_plan(model, plan)
+    report = Report(plan=plan, skipped=found.skipped)
+    if input_path is not None:
+        report.input_path = str(input_path)
+        report.size_before = io.file_size(input_path)
+    if output is not None:
+        with step(f"writing {output}"):
+            out = io.save_model(
+                model,
+                output,
+                input_path=input_path,
+                force=force,
+                external_data=external_data,
+                check=check,
+            )
+        report.output_path = str(out)
+        report.size_after = io.file_size(out)
+    report.seconds = round(time.perf_counter() - start, 3)
+    return model, report
+
+
+def inspect(
+    model: str | os.PathLike | ir.Model,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> tuple[weights.Found, list[tuple[weights.Weight, MagnitudeStats]]]:
+    """The prunable weights with their magnitude statistics; reads, never writes."""
+    if not isinstance(model, ir.Model):
+        model = io.load_model(model)
+    found = weights.find_weights(model, include=include, exclude=exclude)
+    if not found.weights:
+        # the same error as pruning would give, so inspect answers "can this be pruned?"
+        selection.plan(found.weights)
+    return found, [(w, magnitude_stats(w.numpy())) for w in found.weights]

@@ -1,0 +1,244 @@
+"""Report: a run's numbers as a terminal table and as JSON, the same numbers the tests assert."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onnxprune.scoring import MagnitudeStats
+from onnxprune.selection import Plan
+
+log = logging.getLogger("onnxprune")
+
+# A step is announced on stderr only once it has taken this long, so fast runs stay quiet.
+PROGRESS_AFTER_S = 1.0
+
+
+@contextlib.contextmanager
+def step(message: str) -> Iterator[None]:
+    """Announce a slow step on the log (stderr in the CLI) and how long it took."""
+    start = time.perf_counter()
+    timer = threading.Timer(PROGRESS_AFTER_S, lambda: log.info("%s ...", message))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        elapsed = time.perf_counter() - start
+        if elapsed >= PROGRESS_AFTER_S:
+            log.info("%s: done in %.1f s", message, elapsed)
+
+
+@dataclass
+class Report:
+    """Everything a prune run decided and measured."""
+
+    plan: Plan
+    input_path: str | None = None
+    output_path: str | None = None
+    size_before: int | None = None
+    size_after: int | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.plan.warnings
+
+    def to_dict(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "input": self.input_path,
+            "output": self.output_path,
+            "method": plan.method,
+            "target_sparsity": plan.target,
+            "achieved_sparsity": plan.sparsity,
+            "min_keep": None if plan.min_keep is None else str(plan.min_keep),
+            "pattern": None if plan.pattern is None else "{}:{}".format(*plan.pattern),
+            "prunable_weights": plan.total,
+            "zeros_before": plan.zeros_before,
+            "zeros_after": plan.pruned,
+            "kept": plan.total - plan.pruned,
+            "size_bytes": {"before": self.size_before, "after": self.size_after},
+            "seconds": self.seconds,
+            "layers": [
+                {
+                    "name": layer.weight.name,
+                    "op": layer.weight.op_type,
+                    "nodes": layer.weight.node_names,
+                    "shape": list(layer.weight.shape),
+                    "dtype": layer.weight.dtype.name,
+                    "params": layer.size,
+                    "zeros_before": layer.zeros,
+                    "min_keep": layer.keep_min,
+                    "kept": layer.kept,
+                    "sparsity": layer.sparsity,
+                }
+                for layer in plan.layers
+            ],
+            "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
+            "warnings": list(plan.warnings),
+            **self.extra,
+        }
+
+
+def write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write JSON atomically, like the model: a reader never sees half a report."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def human_count(n: int | float) -> str:
+    """1234567 -> '1.23M': parameter counts people can read at a glance."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:g}" if isinstance(n, float) else str(n)
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _shorten(text: str, width: int) -> str:
+    return (
+        text if len(text) <= width else text[: width // 2 - 1] + "…" + text[-(width - width // 2) :]
+    )
+
+
+def format_table(
+    headers: list[str], rows: list[list[str]], *, footer: list[str] | None = None
+) -> str:
+    """A plain aligned table: first column left-aligned, numbers right-aligned."""
+    all_rows = [headers, *rows, *([footer] if footer else [])]
+    widths = [max(len(r[i]) for r in all_rows) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        cells = [row[0].ljust(widths[0])]
+        cells += [
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row[1:], widths[1:], strict=True))
+        ]
+        return "  ".join(cells).rstrip()
+
+    rule = "-" * len(line(headers))
+    out = [line(headers), rule, *(line(r) for r in rows)]
+    if footer:
+        out += [rule, line(footer)]
+    return "\n".join(out)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+NAME_WIDTH = 44
+
+
+def format_report(report: Report) -> str:
+    """The terminal table of a prune run, in graph order, with totals and sizes."""
+    plan = report.plan
+    rows = [
+        [
+            _shorten(layer.weight.name, NAME_WIDTH),
+            layer.weight.op_type,
+            "x".join(map(str, layer.weight.shape)),
+            human_count(layer.size),
+            human_count(layer.kept),
+            _pct(layer.sparsity),
+        ]
+        for layer in plan.layers
+    ]
+    footer = [
+        f"total ({len(plan.layers)} layers)",
+        "",
+        "",
+        human_count(plan.total),
+        human_count(plan.total - plan.pruned),
+        _pct(plan.sparsity),
+    ]
+    lines = [
+        format_table(["layer", "op", "shape", "params", "kept", "sparsity"], rows, footer=footer)
+    ]
+    method = plan.method + (f", min-keep {plan.min_keep}" if plan.min_keep else "")
+    if plan.pattern is None:
+        lines.append(
+            f"method {method}: target sparsity {plan.target:g}, achieved {plan.sparsity:.6f} "
+            f"({plan.pruned} of {plan.total} prunable weights are zero)"
+        )
+    else:
+        lines.append(
+            f"pattern {method}: {plan.pruned} of {plan.total} prunable weights are zero "
+            f"(sparsity {plan.sparsity:.6f})"
+        )
+    if report.size_before is not None:
+        lines.append(
+            f"size: {human_bytes(report.size_before)} -> {human_bytes(report.size_after)}"
+            + (f"  written to {report.output_path}" if report.output_path else "")
+        )
+    for name, reason in report.skipped:
+        lines.append(f"skipped {name}: {reason}")
+    for warning in plan.warnings:
+        lines.append(f"warning: {warning}")
+    return "\n".join(lines)
+
+
+def format_inspect(stats: list[tuple[Any, MagnitudeStats]], plan: Plan | None) -> str:
+    """Per-layer sizes and magnitude statistics, and what a plan would keep, for `inspect`."""
+    kept = {id(layer.weight): layer for layer in plan.layers} if plan else {}
+    headers = ["layer", "op", "shape", "dtype", "params", "zeros", "min|w|", "mean|w|", "max|w|"]
+    if plan:
+        headers += ["would keep", "sparsity"]
+    rows = []
+    for weight, s in stats:
+        row = [
+            _shorten(weight.name, NAME_WIDTH),
+            weight.op_type,
+            "x".join(map(str, weight.shape)),
+            weight.dtype.name.lower(),
+            human_count(s.size),
+            human_count(s.zeros),
+            f"{s.min:.3g}",
+            f"{s.mean:.3g}",
+            f"{s.max:.3g}" if math.isfinite(s.max) else str(s.max),
+        ]
+        if plan:
+            layer = kept[id(weight)]
+            row += [human_count(layer.kept), _pct(layer.sparsity)]
+        rows.append(row)
+    total = sum(s.size for _, s in stats)
+    footer = [
+        f"total ({len(stats)} layers)",
+        "",
+        "",
+        "",
+        human_count(total),
+        human_count(sum(s.zeros for _, s in stats)),
+        "",
+        "",
+        "",
+    ]
+    if plan:
+        footer += [human_count(plan.total - plan.pruned), _pct(plan.sparsity)]
+    out = [format_table(headers, rows, footer=footer)]
+    if plan:
+        out += [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(out)

@@ -1,0 +1,369 @@
+"""Decide what to prune: exact counts, deterministic ties, per-layer minimum retention.
+
+Global ranking (Gupta et al. 2022) prunes the smallest magnitudes over all layers together. With a
+minimum retention each layer may lose at most `size - keep` weights, so the ranking is a
+water-filling: walk the global order, skip a weight whose layer is full, stop after exactly
+round(sparsity x total) weights. Ties in magnitude go to the earlier layer (graph order), then the
+lower flat index, so the same model always gives the same file.
+
+The threshold is found by a radix selection over magnitude keys (see scoring.py): one histogram pass
+per 16 bits of key, each reading the weights one tensor at a time. Nothing holds all weights at
+once, so models bigger than memory take the very same path as small ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxprune.errors import InfeasibleError, InvalidArgumentError, NothingToPruneError
+from onnxprune.scoring import key_dtype, magnitude_keys
+from onnxprune.weights import PRUNABLE_OPS, Weight
+
+METHODS = ("global", "uniform")
+DIGIT_BITS = 16
+# A layer left with fewer than this share of its weights is reported as collapsed.
+COLLAPSE_KEEP = 0.01
+
+
+@dataclass(frozen=True)
+class MinKeep:
+    """Per-layer minimum retention: a fraction of each layer, or an absolute count of weights."""
+
+    fraction: float | None = None
+    count: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str | float | int | None) -> MinKeep | None:
+        """'0.02' or '2%' is a fraction of each layer; '100' is a count of weights."""
+        if spec is None or spec == "":
+            return None
+        text = str(spec).strip()
+        try:
+            if text.endswith("%"):
+                value = float(text[:-1]) / 100
+                is_fraction = True
+            else:
+                value = float(text)
+                is_fraction = value < 1 or (isinstance(spec, float) and value == 1.0)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"--min-keep {spec!r}: give a fraction of each layer (0.02 or 2%) or a count (100)"
+            ) from None
+        if not math.isfinite(value) or value < 0:
+            raise InvalidArgumentError(f"--min-keep {spec!r}: must be a non-negative number")
+        if is_fraction:
+            if value > 1:
+                raise InvalidArgumentError(f"--min-keep {spec!r}: a fraction must be at most 100%")
+            return cls(fraction=value)
+        if value != int(value):
+            raise InvalidArgumentError(
+                f"--min-keep {spec!r}: a count must be a whole number (or give a fraction below 1)"
+            )
+        return cls(count=int(value))
+
+    def for_layer(self, size: int) -> int:
+        if self.fraction is not None:
+            return min(size, math.ceil(self.fraction * size - 1e-9))
+        return min(size, self.count or 0)
+
+    def __str__(self) -> str:
+        return f"{self.fraction:g}" if self.fraction is not None else str(self.count)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Prune every key below `threshold`, then the first `ties` keys equal to it in flat order."""
+
+    threshold: int
+    ties: int
+
+
+@dataclass
+class LayerPlan:
+    """What happens to one weight tensor."""
+
+    weight: Weight
+    size: int
+    zeros: int  # zeros before pruning
+    keep_min: int  # minimum retention for this layer (0 without --min-keep)
+    prune: int  # zeros after pruning, the zeros already there included
+    cut: Cut | None = None  # None: the tensor is left exactly as it was
+    pattern: tuple[int, int] | None = None  # N:M, keep N of every M along the input axis
+
+    @property
+    def kept(self) -> int:
+        return self.size - self.prune
+
+    @property
+    def sparsity(self) -> float:
+        return self.prune / self.size if self.size else 0.0
+
+    @property
+    def changed(self) -> bool:
+        return self.cut is not None or self.pattern is not None
+
+
+@dataclass
+class Plan:
+    """The decision for the whole model; rewrite only carries it out."""
+
+    method: str
+    target: float
+    layers: list[LayerPlan]
+    keys: np.dtype
+    min_keep: MinKeep | None = None
+    pattern: tuple[int, int] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+    @property
+    def pruned(self) -> int:
+        return sum(layer.prune for layer in self.layers)
+
+    @property
+    def zeros_before(self) -> int:
+        return sum(layer.zeros for layer in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / self.total if self.total else 0.0
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity):
+        raise InvalidArgumentError(f"--sparsity {sparsity!r}: must be a number in [0, 1)")
+    if not 0 <= sparsity < 1:
+        raise InvalidArgumentError(
+            f"--sparsity {sparsity:g}: must be in [0, 1) (0.9 removes 90% of prunable weights)"
+        )
+    return float(sparsity)
+
+
+def parse_pattern(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4): keep 2 of every 4 consecutive weights along the input-channel axis."""
+    if spec is None or spec == "":
+        return None
+    if isinstance(spec, tuple):
+        n, m = spec
+    else:
+        try:
+            n, m = (int(x) for x in str(spec).split(":"))
+        except ValueError:
+            raise InvalidArgumentError(f"--pattern {spec!r}: write N:M, e.g. 2:4") from None
+    if not 0 < n < m:
+        raise InvalidArgumentError(f"--pattern {spec!r}: need 0 < N < M, e.g. 2:4")
+    return int(n), int(m)
+
+
+def cut_for_count(keys: np.ndarray, count: int) -> Cut:
+    """The cut that prunes exactly the `count` smallest keys of one layer (ties by index)."""
+    if count <= 0:
+        return Cut(0, 0)
+    threshold = np.partition(keys, count - 1)[count - 1]
+    below = int(np.count_nonzero(keys < threshold))
+    return Cut(int(threshold), count - below)
+
+
+def cut_mask(keys: np.ndarray, cut: Cut) -> np.ndarray:
+    """Boolean mask (flat) of the weights a cut prunes."""
+    threshold = keys.dtype.type(cut.threshold)
+    mask = keys < threshold
+    if cut.ties:
+        mask[np.flatnonzero(keys == threshold)[: cut.ties]] = True
+    return mask
+
+
+def pattern_mask(keys: np.ndarray, shape: Sequence[int], axis: int, n: int, m: int) -> np.ndarray:
+    """Boolean mask (flat) pruning the M-N smallest of every M consecutive weights along `axis`."""
+    grouped = np.moveaxis(keys.reshape(shape), axis, -1)
+    moved_shape = grouped.shape
+    grouped = grouped.reshape(-1, m)
+    order = np.argsort(grouped, axis=1, kind="stable")[:, : m - n]
+    mask = np.zeros(grouped.shape, dtype=bool)
+    np.put_along_axis(mask, order, True, axis=1)
+    return np.moveaxis(mask.reshape(moved_shape), -1, axis).reshape(-1)
+
+
+def layer_mask(layer: LayerPlan, keys: np.ndarray) -> np.ndarray:
+    """The weights of one layer to set to zero; the single place rewrite and counting agree on."""
+    if layer.pattern is not None:
+        n, m = layer.pattern
+        assert layer.weight.in_axis is not None
+        return pattern_mask(keys, layer.weight.shape, layer.weight.in_axis, n, m)
+    assert layer.cut is not None
+    return cut_mask(keys, layer.cut)
+
+
+def _count_zeros(weights: Sequence[Weight], keys: np.dtype) -> list[int]:
+    return [int(np.count_nonzero(magnitude_keys(w.numpy(), keys) == 0)) for w in weights]
+
+
+def _global_counts(
+    weights: Sequence[Weight], target: int, caps: np.ndarray, keys: np.dtype
+) -> tuple[np.ndarray, list[Cut]]:
+    """Radix selection of the capped global threshold; returns per-layer counts and cuts."""
+    bits = keys.itemsize * 8
+    bins = 1 << DIGIT_BITS
+    below = np.zeros(len(weights), dtype=np.int64)  # keys < prefix, per layer
+    equal = np.zeros(len(weights), dtype=np.int64)
+    prefix = 0
+    for shift in range(bits - DIGIT_BITS, -1, -DIGIT_BITS):
+        hist = np.zeros((len(weights), bins), dtype=np.int64)
+        for i, weight in enumerate(weights):
+            k = magnitude_keys(weight.numpy(), keys)
+            if shift + DIGIT_BITS < bits:
+                k = k[(k >> keys.type(shift + DIGIT_BITS)) == keys.type(prefix)]
+            digits = ((k >> keys.type(shift)) & keys.type(bins - 1)).astype(np.intp)
+            hist[i] = np.bincount(digits, minlength=bins)
+            del k, digits
+        inclusive = np.cumsum(hist, axis=1)
+        inclusive += below[:, None]
+        reached = np.minimum(inclusive, caps[:, None]).sum(axis=0)
+        digit = int(np.searchsorted(reached, target, side="left"))
+        below = inclusive[:, digit] - hist[:, digit]
+        equal = hist[:, digit]
+        prefix = (prefix << DIGIT_BITS) | digit
+        del hist, inclusive, reached
+    counts = np.minimum(below, caps)
+    remaining = target - int(counts.sum())
+    cuts: list[Cut] = []
+    for i, weight in enumerate(weights):
+        if below[i] >= caps[i]:
+            # the layer filled up before the global threshold: its own cut at its cap
+            k = magnitude_keys(weight.numpy(), keys)
+            cuts.append(cut_for_count(k, int(caps[i])))
+            continue
+        ties = int(min(remaining, equal[i], caps[i] - below[i]))
+        remaining -= ties
+        counts[i] += ties
+        cuts.append(Cut(prefix, ties))
+    assert remaining == 0 and int(counts.sum()) == target, "global selection lost count"
+    return counts, cuts
+
+
+def _apportion(target: int, sizes: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Integer counts in [low, high] summing to target, each as near rate x size as it can be."""
+    lo_rate, hi_rate = 0.0, 1.0
+    for _ in range(80):
+        rate = (lo_rate + hi_rate) / 2
+        if np.clip(rate * sizes, low, high).sum() < target:
+            lo_rate = rate
+        else:
+            hi_rate = rate
+    ideal = np.clip(hi_rate * sizes, low, high)
+    counts = np.clip(np.floor(ideal).astype(np.int64), low, high)
+    order = np.lexsort((np.arange(len(sizes)), -(ideal - np.floor(ideal))))
+    deficit = target - int(counts.sum())
+    for i in order if deficit > 0 else order[::-1]:
+        if deficit == 0:
+            break
+        if deficit > 0 and counts[i] < high[i]:
+            counts[i] += 1
+            deficit -= 1
+        elif deficit < 0 and counts[i] > low[i]:
+            counts[i] -= 1
+            deficit += 1
+    assert deficit == 0, "apportionment lost count"
+    return counts
+
+
+def plan(
+    weights: Sequence[Weight],
+    sparsity: float = 0.0,
+    *,
+    method: str = "global",
+    min_keep: MinKeep | str | float | int | None = None,
+    pattern: str | tuple[int, int] | None = None,
+) -> Plan:
+    """Decide, for every weight, how many and which elements become zero."""
+    if not weights:
+        raise NothingToPruneError(
+            "no prunable weights: looked for constant weights of " + ", ".join(PRUNABLE_OPS)
+        )
+    if method not in METHODS:
+        raise InvalidArgumentError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    sparsity = check_sparsity(sparsity)
+    if not isinstance(min_keep, MinKeep):
+        min_keep = MinKeep.parse(min_keep)
+    nm = parse_pattern(pattern)
+    keys = key_dtype(weights)
+    if nm is not None:
+        return _plan_pattern(weights, nm, keys)
+
+    sizes = np.array([w.size for w in weights], dtype=np.int64)
+    zeros = np.array(_count_zeros(weights, keys), dtype=np.int64)
+    keep = np.array([min_keep.for_layer(int(n)) if min_keep else 0 for n in sizes], dtype=np.int64)
+    caps = np.maximum(sizes - keep, zeros)
+    total = int(sizes.sum())
+    target = round(sparsity * total)
+    result = Plan(method=method, target=sparsity, layers=[], keys=keys, min_keep=min_keep)
+    if target > int(caps.sum()):
+        best = math.floor(int(caps.sum()) / total * 10000) / 10000
+        raise InfeasibleError(
+            f"--min-keep {min_keep} leaves only {int(caps.sum())} of {total} weights prunable: "
+            f"the highest sparsity it allows is {best:.4f}; lower --sparsity or --min-keep"
+        )
+    if target < int(zeros.sum()):
+        result.warnings.append(
+            f"the model already has {int(zeros.sum())} zero weights, sparsity "
+            f"{int(zeros.sum()) / total:.4f} > target {sparsity:g}; nothing more is pruned"
+        )
+        target = int(zeros.sum())
+
+    if method == "global":
+        counts, cuts = _global_counts(weights, target, caps, keys)
+    else:
+        counts = _apportion(target, sizes, zeros, caps)
+        cuts = []
+        for weight, count in zip(weights, counts, strict=True):
+            cuts.append(cut_for_count(magnitude_keys(weight.numpy(), keys), int(count)))
+
+    for i, weight in enumerate(weights):
+        count = int(counts[i])
+        changed = count > zeros[i]
+        result.layers.append(
+            LayerPlan(
+                weight=weight,
+                size=int(sizes[i]),
+                zeros=int(zeros[i]),
+                keep_min=int(keep[i]),
+                prune=max(count, int(zeros[i])),
+                cut=cuts[i] if changed else None,
+            )
+        )
+    if min_keep is None and method == "global":
+        for layer in result.layers:
+            if layer.kept < COLLAPSE_KEEP * layer.size and layer.prune > layer.zeros:
+                result.warnings.append(
+                    f"layer collapse: {layer.weight.name} keeps {layer.kept} of {layer.size} "
+                    "weights; --min-keep (e.g. 0.01) guarantees every layer a minimum"
+                )
+    return result
+
+
+def _plan_pattern(weights: Sequence[Weight], nm: tuple[int, int], keys: np.dtype) -> Plan:
+    n, m = nm
+    result = Plan(method=f"{n}:{m}", target=1 - n / m, layers=[], keys=keys, pattern=nm)
+    for weight in weights:
+        k = magnitude_keys(weight.numpy(), keys)
+        zeros = int(np.count_nonzero(k == 0))
+        axis = weight.in_axis
+        layer = LayerPlan(weight=weight, size=weight.size, zeros=zeros, keep_min=0, prune=zeros)
+        if axis is None or weight.shape[axis] % m:
+            result.warnings.append(
+                f"{weight.name}: input-channel dimension "
+                f"{'?' if axis is None else weight.shape[axis]} is not a multiple of {m}; "
+                "left dense"
+            )
+        else:
+            layer.pattern = nm
+            layer.prune = int(np.count_nonzero(layer_mask(layer, k) | (k == 0)))
+        result.layers.append(layer)
+    return result

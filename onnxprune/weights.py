@@ -1,0 +1,257 @@
+"""Find the prunable weights: constant operands of Conv, ConvTranspose, Gemm and MatMul.
+
+A weight is a stored tensor (initializer or Constant node), reached directly or through Transpose,
+Cast and Identity nodes. Each is found once however many nodes share it, and knows, for every use,
+which axis of the stored tensor carries output channels and which carries input channels.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.errors import InvalidArgumentError
+
+PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+FLOAT_TYPES = frozenset(
+    {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+)
+# Ops a weight may flow through on its way to its consumer without changing what a zero means.
+PASS_THROUGH = frozenset({"Transpose", "Cast", "Identity"})
+
+
+@dataclass(frozen=True)
+class Use:
+    """One consumer of a weight. Axes index the stored tensor (mapped back through Transposes)."""
+
+    node: ir.Node
+    input_index: int
+    out_axis: int | None
+    in_axis: int | None
+    via: tuple[str, ...] = ()
+
+
+@dataclass(eq=False)
+class Weight:
+    """A prunable stored tensor and everything that consumes it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: ir.DataType
+    uses: list[Use]
+    value: ir.Value | None = None  # set when the tensor is an initializer
+    constant: ir.Node | None = None  # set when the tensor is a Constant node's value
+    external: bool = False
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def op_type(self) -> str:
+        return "+".join(dict.fromkeys(u.node.op_type for u in self.uses))
+
+    @property
+    def node_names(self) -> list[str]:
+        return [u.node.name or "" for u in self.uses]
+
+    @property
+    def out_axis(self) -> int | None:
+        return self.uses[0].out_axis
+
+    @property
+    def in_axis(self) -> int | None:
+        return self.uses[0].in_axis
+
+    def tensor(self) -> ir.TensorProtocol:
+        if self.value is not None:
+            assert self.value.const_value is not None
+            return self.value.const_value
+        assert self.constant is not None
+        return self.constant.attributes["value"].value
+
+    def numpy(self) -> np.ndarray:
+        """The weights as stored (a memory map for external data: read-only, no copy)."""
+        return self.tensor().numpy()
+
+    def set_tensor(self, tensor: ir.TensorProtocol) -> None:
+        """Swap the stored tensor, keeping the name; the graph structure is left as it was."""
+        tensor.name = self.name
+        if self.value is not None:
+            self.value.const_value = tensor
+        else:
+            assert self.constant is not None
+            self.constant.attributes["value"] = ir.AttrTensor("value", tensor)
+
+
+@dataclass
+class Found:
+    """What `find_weights` saw: the weights to prune and the constants it left alone, with why."""
+
+    weights: list[Weight] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(w.size for w in self.weights)
+
+
+def _slot_axes(node: ir.Node, index: int, rank: int) -> tuple[int | None, int | None] | None:
+    """(out_axis, in_axis) of the tensor as the node sees it, or None if the slot is no weight."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx") or rank < 2:
+        return None
+
+    def attr(name: str) -> int:
+        a = node.attributes.get(name)
+        return int(a.value) if a is not None else 0
+
+    if op == "Conv" and index == 1:
+        return 0, 1
+    if op == "ConvTranspose" and index == 1:
+        return 1, 0
+    if op == "Gemm" and rank == 2:
+        if index == 1:
+            return (0, 1) if attr("transB") else (1, 0)
+        if index == 0:
+            return (1, 0) if attr("transA") else (0, 1)
+    if op == "MatMul":
+        if index == 1:
+            return rank - 1, rank - 2
+        if index == 0:
+            return rank - 2, rank - 1
+    return None
+
+
+def _perm(node: ir.Node, rank: int) -> list[int]:
+    attr = node.attributes.get("perm")
+    return list(attr.value) if attr is not None else list(range(rank))[::-1]
+
+
+def _trace_uses(
+    value: ir.Value, rank: int, graph_outputs: set[int]
+) -> tuple[list[Use], str | None]:
+    """Follow a constant forward to its weight slots; name the first use that is not one."""
+    uses: list[Use] = []
+    # stack of (value, axis map from the value's axes to the stored tensor's axes, path)
+    stack: list[tuple[ir.Value, list[int], tuple[str, ...]]] = [(value, list(range(rank)), ())]
+    while stack:
+        current, axes, via = stack.pop()
+        if id(current) in graph_outputs:
+            return uses, "it is also a graph output"
+        for usage in current.uses():
+            node, idx = usage.node, usage.idx
+            if node.op_type in PASS_THROUGH and node.domain == "" and idx == 0:
+                if node.op_type == "Cast":
+                    to = ir.DataType(node.attributes["to"].value)
+                    if to not in FLOAT_TYPES:
+                        return uses, f"it is cast to {to.name} by {node.name or 'a Cast'}"
+                mapped = (
+                    [axes[p] for p in _perm(node, rank)] if node.op_type == "Transpose" else axes
+                )
+                stack.append((node.outputs[0], mapped, (*via, node.op_type)))
+                continue
+            slot = _slot_axes(node, idx, rank)
+            if slot is None:
+                name = node.name or node.outputs[0].name
+                return uses, f"it is also read by {node.op_type} {name!r}, which is not pruned"
+            out_axis, in_axis = (None if a is None else axes[a] for a in slot)
+            uses.append(Use(node, idx, out_axis, in_axis, via))
+    return uses, None
+
+
+def _source_of(value: ir.Value) -> tuple[ir.Value, ir.Node | None] | None:
+    """Walk back through pass-through ops to a stored constant: (its value, its Constant node)."""
+    seen = 0
+    while value is not None and seen < 64:
+        if value.const_value is not None and value.producer() is None:
+            return value, None
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type == "Constant" and node.domain == "" and "value" in node.attributes:
+            return value, node
+        if node.op_type not in PASS_THROUGH or node.domain != "":
+            return None
+        value = node.inputs[0]
+        seen += 1
+    return None
+
+
+def _compile(patterns: Sequence[str] | None, flag: str) -> list[re.Pattern[str]]:
+    compiled = []
+    for p in patterns or ():
+        try:
+            compiled.append(re.compile(p))
+        except re.error as exc:
+            raise InvalidArgumentError(f"{flag} {p!r}: not a regular expression ({exc})") from None
+    return compiled
+
+
+def find_weights(
+    model: ir.Model,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> Found:
+    """Every prunable weight once, in graph order (subgraphs included).
+
+    `include`/`exclude` are regular expressions searched in the weight's name and its consumers'
+    node names: with `include`, only matching weights are pruned; `exclude` removes matches.
+    """
+    includes = _compile(include, "--include")
+    excludes = _compile(exclude, "--exclude")
+    graph_outputs = {id(v) for v in model.graph.outputs}
+    found = Found()
+    seen: set[int] = set()
+    for node in model.graph.all_nodes():
+        if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        for idx, inp in enumerate(node.inputs):
+            if inp is None or idx > 1:
+                continue
+            source = _source_of(inp)
+            if source is None:
+                continue
+            value, constant = source
+            key = id(constant) if constant is not None else id(value)
+            if key in seen:
+                continue
+            seen.add(key)
+            tensor = constant.attributes["value"].value if constant else value.const_value
+            name = value.name or (constant.name if constant else "") or f"weight_{len(seen)}"
+            shape = tuple(int(d) for d in tensor.shape)
+            if tensor.dtype not in FLOAT_TYPES:
+                found.skipped.append((name, f"{tensor.dtype.name} weights are not pruned"))
+                continue
+            if len(shape) < 2:
+                continue
+            uses, blocked = _trace_uses(value, len(shape), graph_outputs)
+            if blocked is not None:
+                found.skipped.append((name, blocked))
+                continue
+            if not uses:
+                continue
+            names = [name, *(u.node.name for u in uses if u.node.name)]
+            if includes and not any(p.search(n) for p in includes for n in names):
+                found.skipped.append((name, "not matched by --include"))
+                continue
+            if any(p.search(n) for p in excludes for n in names):
+                found.skipped.append((name, "matched by --exclude"))
+                continue
+            found.weights.append(
+                Weight(
+                    name=name,
+                    shape=shape,
+                    dtype=tensor.dtype,
+                    uses=uses,
+                    value=None if constant is not None else value,
+                    constant=constant,
+                    external=isinstance(tensor, ir.ExternalTensor),
+                )
+            )
+    return found
