@@ -156,7 +156,7 @@ def export(model: nn.Module, path: Path) -> None:
         _export_legacy(model, example, path)
     proto = onnx.load(str(path))
     proto.ir_version = IR_VERSION  # ONNX Runtime rejects the newest IR versions
-    proto.producer_name = "onnxprune/models/train_digits.py"
+    proto.doc_string = "onnxprune demo: small CNN for scikit-learn digits (models/train_digits.py)"
     onnx.save_model(proto, str(path), save_as_external_data=False)
 
 
@@ -175,8 +175,7 @@ def check_export(path: Path, x: np.ndarray, y: np.ndarray, torch_acc: float) -> 
     depthwise = [
         n.name
         for n in proto.graph.node
-        if n.op_type == "Conv"
-        and any(a.name == "group" and a.i > 1 for a in n.attribute)
+        if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
     ]
     assert depthwise, "no depthwise Conv in exported graph"
     print("ONNX ops:", dict(sorted(ops.items())))
@@ -221,9 +220,7 @@ def main() -> None:
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size} bytes)")
 
     val_path = args.out_dir / "digits_val.npz"
-    np.savez_compressed(
-        val_path, input=x_test.astype(np.float32), labels=y_test.astype(np.int64)
-    )
+    np.savez_compressed(val_path, input=x_test.astype(np.float32), labels=y_test.astype(np.int64))
     print(f"wrote {val_path}")
 
 
