@@ -17,6 +17,8 @@ from onnxprune.errors import ModelLoadError, OutputError
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with a margin.
 PROTO_LIMIT_BYTES = 2**31 - 2**27
+# model.meta key: names the input's main graph had value_info for.
+VALUE_INFO_KEY = "onnxprune.value_info"
 # Offsets of big external tensors are aligned so that runtimes can memory-map them directly.
 EXTERNAL_ALIGNMENT = 65536
 
@@ -121,6 +123,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:
         raise ModelLoadError(f"{path}: malformed ONNX model ({exc})") from None
+    # onnx-ir writes value_info for every initializer; remember what the input had, to keep it so
+    model.meta[VALUE_INFO_KEY] = frozenset(vi.name for vi in proto.graph.value_info)
     del proto
     ir.external_data.set_base_dir(model.graph, path.parent)
     for graph in all_graphs(model)[1:]:
@@ -193,6 +197,9 @@ def save_model(
         try:
             if external_data:
                 ir.save(model, tmp_model, external_data=data_name, alignment=EXTERNAL_ALIGNMENT)
+                header = onnx.load(str(tmp_model), load_external_data=False)
+                _keep_value_info_as_loaded(header, model)
+                onnx.save(header, str(tmp_model))
             else:
                 _write_inline(model, tmp_model)
         except OSError as exc:
@@ -205,6 +212,18 @@ def save_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _keep_value_info_as_loaded(proto: onnx.ModelProto, model: ir.Model) -> None:
+    """Drop the value_info onnx-ir adds for initializers, so the output's matches the input's."""
+    original = model.meta.get(VALUE_INFO_KEY)
+    if original is None:
+        return
+    initializers = set(model.graph.initializers)
+    kept = [vi for vi in proto.graph.value_info if vi.name in original or vi.name not in initializers]
+    if len(kept) != len(proto.graph.value_info):
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(kept)
 
 
 def _write_inline(model: ir.Model, path: Path) -> None:
@@ -226,6 +245,7 @@ def _write_inline(model: ir.Model, path: Path) -> None:
         for v, t in zip(values, tensors, strict=True):
             v.const_value = t
     del header.graph.initializer[:]
+    _keep_value_info_as_loaded(header, model)
     with open(path, "wb") as f:
         f.write(header.SerializeToString())
         del header

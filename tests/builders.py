@@ -1,7 +1,8 @@
-"""Small ONNX models built with onnx.helper for the tests. IR version 10: ONNX Runtime rejects newer."""
+"""Small ONNX models built with onnx.helper for the tests; IR version 10 (ORT rejects newer)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,7 +39,12 @@ class GraphBuilder:
         return name
 
     def weight(
-        self, shape: Sequence[int], *, name: str | None = None, dtype=np.float32, scale: float = 1.0,
+        self,
+        shape: Sequence[int],
+        *,
+        name: str | None = None,
+        dtype=np.float32,
+        scale: float = 1.0,
         array: np.ndarray | None = None,
     ) -> str:
         name = name or self.name("w")
@@ -62,12 +68,16 @@ class GraphBuilder:
         return outs[0] if n_out == 1 else outs
 
     def model(self, opset: int = OPSET) -> onnx.ModelProto:
-        graph = helper.make_graph(
-            self.nodes, "test", self.inputs, self.outputs, self.initializers
-        )
-        return helper.make_model(
+        graph = helper.make_graph(self.nodes, "test", self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(
             graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", opset)]
         )
+        # outputs declared without a shape get the inferred one: the checker requires a shape
+        inferred = {o.name: o for o in onnx.shape_inference.infer_shapes(model).graph.output}
+        for out in model.graph.output:
+            if not out.type.tensor_type.HasField("shape") and out.name in inferred:
+                out.CopyFrom(inferred[out.name])
+        return model
 
 
 def small_cnn(seed: int = 0) -> onnx.ModelProto:
@@ -77,8 +87,13 @@ def small_cnn(seed: int = 0) -> onnx.ModelProto:
     c1 = b.node("Conv", [x, b.weight((8, 3, 3, 3)), b.weight((8,))], pads=[1, 1, 1, 1])
     bn = b.node(
         "BatchNormalization",
-        [c1, b.weight((8,), array=np.ones(8, np.float32)), b.weight((8,)),
-         b.weight((8,)), b.weight((8,), array=np.ones(8, np.float32))],
+        [
+            c1,
+            b.weight((8,), array=np.ones(8, np.float32)),
+            b.weight((8,)),
+            b.weight((8,)),
+            b.weight((8,), array=np.ones(8, np.float32)),
+        ],
     )
     r1 = b.node("Relu", [bn])
     c2 = b.node("Conv", [r1, b.weight((8, 8, 3, 3))], pads=[1, 1, 1, 1])
@@ -95,7 +110,7 @@ def mlp(seed: int = 0, dims: Sequence[int] = (16, 32, 8), dtype=np.float32) -> o
     b = GraphBuilder(seed)
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     h = b.input("x", ["N", dims[0]], elem)
-    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+    for i, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
         h = b.node("MatMul", [h, b.weight((d_in, d_out), dtype=dtype)])
         last = i == len(dims) - 2
         h = b.node("Add", [h, b.weight((d_out,), dtype=dtype)], out="y" if last else None)

@@ -1,0 +1,214 @@
+"""Loading and saving: bad files, external data (kept, checked, attacked), atomic writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from builders import GraphBuilder, initializers, mlp, run, save, small_cnn
+
+import onnxprune
+from onnxprune.errors import ModelLoadError, OutputError
+from onnxprune.io import EXTERNAL_ALIGNMENT, load_model
+
+
+def external_model(tmp_path: Path, location: str = "m.onnx.data", big: bool = False) -> Path:
+    dims = (16, 300, 1000) if big else (16, 32, 8)
+    model = mlp(dims=dims)
+    path = tmp_path / "m.onnx"
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
+    )
+    return path
+
+
+def test_external_data_is_kept_and_aligned(tmp_path) -> None:
+    src = external_model(tmp_path, big=True)
+    out = tmp_path / "out" / "p.onnx"
+    out.parent.mkdir()
+    _, report = onnxprune.prune(src, 0.5, output=out)
+    assert (out.parent / "p.onnx.data").is_file()
+    proto = onnx.load(str(out), load_external_data=False)
+    offsets = {}
+    for t in proto.graph.initializer:
+        assert t.data_location == onnx.TensorProto.EXTERNAL
+        info = {e.key: e.value for e in t.external_data}
+        assert info["location"] == "p.onnx.data"
+        offsets[t.name] = int(info.get("offset", 0))
+    big = next(layer.weight.name for layer in report.plan.layers if layer.size == 300 * 1000)
+    assert offsets[big] % EXTERNAL_ALIGNMENT == 0
+    w = initializers(out)
+    assert sum(int((w[layer.weight.name] == 0).sum()) for layer in report.plan.layers) == (
+        report.plan.pruned
+    )
+    feeds = {"x": np.ones((2, 16), np.float32)}
+    assert run(out, feeds)[0].shape == (2, 1000)
+    assert report.size_after == out.stat().st_size + (out.parent / "p.onnx.data").stat().st_size
+
+
+def test_external_and_in_memory_paths_give_identical_weights(tmp_path) -> None:
+    inline = save(mlp(dims=(16, 64, 8)), tmp_path / "inline.onnx")
+    ext_dir = tmp_path / "ext"
+    ext_dir.mkdir()
+    onnx.save(
+        mlp(dims=(16, 64, 8)),
+        str(ext_dir / "m.onnx"),
+        save_as_external_data=True,
+        location="m.data",
+        size_threshold=0,
+    )
+    onnxprune.prune(inline, 0.7, min_keep="0.1", output=tmp_path / "a.onnx")
+    onnxprune.prune(ext_dir / "m.onnx", 0.7, min_keep="0.1", output=tmp_path / "b.onnx")
+    a, b = initializers(tmp_path / "a.onnx"), initializers(tmp_path / "b.onnx")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].tobytes() == b[name].tobytes()
+
+
+def test_external_data_forced_for_small_model(tmp_path) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    onnxprune.prune(src, 0.5, output=tmp_path / "o.onnx", external_data=True)
+    assert (tmp_path / "o.onnx.data").is_file()
+    onnx.checker.check_model(str(tmp_path / "o.onnx"), full_check=True)
+
+
+def test_external_data_outside_folder_is_refused(tmp_path) -> None:
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    model = mlp()
+    onnx.save(
+        model,
+        str(tmp_path / "secret.onnx"),
+        save_as_external_data=True,
+        location="secret.data",
+        size_threshold=0,
+    )
+    proto = onnx.load(str(tmp_path / "secret.onnx"), load_external_data=False)
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../secret.data"
+    onnx.save(proto, str(inner / "m.onnx"))
+    with pytest.raises(ModelLoadError, match="outside the model's folder"):
+        load_model(inner / "m.onnx")
+
+
+def test_missing_and_truncated_external_data(tmp_path) -> None:
+    src = external_model(tmp_path)
+    data = tmp_path / "m.onnx.data"
+    content = data.read_bytes()
+    data.write_bytes(content[: len(content) // 2])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        load_model(src)
+    data.unlink()
+    with pytest.raises(ModelLoadError, match="missing"):
+        load_model(src)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "not an ONNX model"),
+        (b"hello, I am a text file\n", "not an ONNX model"),
+        (None, "not an ONNX model, or a truncated one"),
+    ],
+    ids=["empty", "text", "truncated"],
+)
+def test_not_onnx(tmp_path, content, message) -> None:
+    path = tmp_path / "bad.onnx"
+    if content is None:
+        whole = small_cnn().SerializeToString()
+        content = whole[: len(whole) // 2]
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path)
+
+
+def test_missing_file_and_directory(tmp_path) -> None:
+    with pytest.raises(ModelLoadError, match="no such file"):
+        load_model(tmp_path / "nope.onnx")
+    with pytest.raises(ModelLoadError, match="not a file"):
+        load_model(tmp_path)
+
+
+def test_output_rules(tmp_path) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    with pytest.raises(OutputError, match="is the input"):
+        onnxprune.prune(src, 0.5, output=src, force=True)
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"keep me")
+    with pytest.raises(OutputError, match="--force"):
+        onnxprune.prune(src, 0.5, output=out)
+    assert out.read_bytes() == b"keep me"
+    onnxprune.prune(src, 0.5, output=out, force=True)
+    onnx.checker.check_model(str(out))
+    with pytest.raises(OutputError, match="does not exist"):
+        onnxprune.prune(src, 0.5, output=tmp_path / "no" / "such" / "dir.onnx")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
+def test_output_folder_not_writable(tmp_path) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(OutputError, match="not writable"):
+            onnxprune.prune(src, 0.5, output=locked / "o.onnx")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    out = tmp_path / "o.onnx"
+    calls = {"n": 0}
+    real = ir.serde.serialize_tensor_into
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ir.serde, "serialize_tensor_into", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        onnxprune.prune(src, 0.5, output=out)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_interrupted_external_save_leaves_previous_output(tmp_path, monkeypatch) -> None:
+    src = external_model(tmp_path)
+    out = tmp_path / "o.onnx"
+    onnxprune.prune(src, 0.5, output=out)
+    before = (out.read_bytes(), (tmp_path / "o.onnx.data").read_bytes())
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ir, "save", crash)
+    with pytest.raises(OutputError, match="No space left"):
+        onnxprune.prune(src, 0.9, output=out, force=True)
+    assert (out.read_bytes(), (tmp_path / "o.onnx.data").read_bytes()) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_nothing_to_prune(tmp_path) -> None:
+    b = GraphBuilder()
+    x = b.input("x", ["N", 4])
+    b.node("Relu", [x], out="y")
+    b.output("y")
+    src = save(b.model(), tmp_path / "m.onnx")
+    with pytest.raises(onnxprune.OnnxPruneError, match="no prunable weights"):
+        onnxprune.prune(src, 0.5, output=tmp_path / "o.onnx")
+    assert not (tmp_path / "o.onnx").exists()

@@ -1,0 +1,148 @@
+"""End to end through the Python API: valid output, exact sparsity, the input untouched."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from builders import GraphBuilder, initializers, mlp, run, save, small_cnn
+from onnx import helper
+
+import onnxprune
+from onnxprune.io import check_model_file
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def prunable_zeros(path: Path, names: list[str]) -> int:
+    tensors = initializers(path)
+    return sum(int((tensors[n] == 0).sum()) for n in names)
+
+
+@pytest.mark.parametrize("build", [small_cnn, mlp], ids=["cnn", "mlp"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.9])
+def test_output_is_valid_runs_and_hits_sparsity(tmp_path, build, sparsity) -> None:
+    src = save(build(), tmp_path / "m.onnx")
+    before = digest(src)
+    out = tmp_path / "out.onnx"
+    _, report = onnxprune.prune(src, sparsity, output=out)
+    check_model_file(out)
+    names = [layer.weight.name for layer in report.plan.layers]
+    assert prunable_zeros(out, names) == round(sparsity * report.plan.total)
+    feeds = {
+        "x": np.random.default_rng(0)
+        .standard_normal((2, 3, 8, 8) if build is small_cnn else (2, 16))
+        .astype(np.float32)
+    }
+    assert run(out, feeds)[0].shape == run(src, feeds)[0].shape
+    assert digest(src) == before  # the input is never touched
+
+
+def test_sparsity_zero_leaves_outputs_bit_identical(tmp_path) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    onnxprune.prune(src, 0.0, output=out)
+    feeds = {"x": np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_array_equal(run(out, feeds)[0], run(src, feeds)[0])
+    for name, arr in initializers(src).items():
+        np.testing.assert_array_equal(initializers(out)[name], arr)
+
+
+def test_two_runs_give_identical_files(tmp_path) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    onnxprune.prune(src, 0.8, min_keep="0.05", output=tmp_path / "a.onnx")
+    onnxprune.prune(src, 0.8, min_keep="0.05", output=tmp_path / "b.onnx")
+    assert digest(tmp_path / "a.onnx") == digest(tmp_path / "b.onnx")
+
+
+def test_only_pruned_tensors_change_and_metadata_stays(tmp_path) -> None:
+    model = small_cnn()
+    model.producer_name = "unit-test"
+    model.doc_string = "a doc string"
+    model.graph.doc_string = "graph doc"
+    helper.set_model_props(model, {"author": "me"})
+    relu = next(n.output[0] for n in model.graph.node if n.op_type == "Relu")
+    model.graph.value_info.append(
+        helper.make_tensor_value_info(relu, onnx.TensorProto.FLOAT, ["N", 8, 8, 8])
+    )
+    src = save(model, tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    _, report = onnxprune.prune(src, 0.5, output=out)
+    a, b = onnx.load(str(src)), onnx.load(str(out))
+    assert (b.ir_version, b.producer_name, b.doc_string) == (10, "unit-test", "a doc string")
+    assert b.graph.doc_string == "graph doc"
+    assert {p.key: p.value for p in b.metadata_props} == {"author": "me"}
+    assert list(b.opset_import) == list(a.opset_import)
+    assert [n.name for n in b.graph.node] == [n.name for n in a.graph.node]
+    assert [vi.name for vi in b.graph.value_info] == [vi.name for vi in a.graph.value_info]
+    assert [t.name for t in b.graph.initializer] == [t.name for t in a.graph.initializer]
+    pruned = {layer.weight.name for layer in report.plan.layers}
+    for name, arr in initializers(src).items():
+        if name not in pruned:
+            np.testing.assert_array_equal(initializers(out)[name], arr)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float64], ids=str)
+def test_low_and_high_precision_weights(tmp_path, dtype) -> None:
+    src = save(mlp(dtype=dtype, dims=(8, 8)), tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    onnxprune.prune(src, 0.5, output=out)
+    w = initializers(out)
+    (name,) = [n for n, a in w.items() if a.ndim == 2]
+    assert w[name].dtype == np.dtype(dtype) and int((w[name] == 0).sum()) == 32
+    check_model_file(out)
+
+
+def test_constant_node_weight_is_pruned_in_place(tmp_path) -> None:
+    b = GraphBuilder()
+    x = b.input("x", ["N", 4])
+    w = b.constant(np.arange(1, 13, dtype=np.float32).reshape(4, 3), name="cw")
+    b.node("MatMul", [x, w], out="y")
+    b.output("y")
+    src = save(b.model(), tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    onnxprune.prune(src, 0.5, output=out)
+    node = onnx.load(str(out)).graph.node[0]
+    assert node.op_type == "Constant"
+    arr = onnx.numpy_helper.to_array(node.attribute[0].t)
+    np.testing.assert_array_equal(arr.ravel(), [0, 0, 0, 0, 0, 0, 7, 8, 9, 10, 11, 12])
+
+
+def test_api_on_in_memory_model_and_stages_alone(tmp_path) -> None:
+    model = onnxprune.load_model(save(small_cnn(), tmp_path / "m.onnx"))
+    found = onnxprune.find_weights(model)
+    p = onnxprune.plan(found.weights, 0.6)
+    onnxprune.apply_plan(model, p)
+    out = onnxprune.save_model(model, tmp_path / "out.onnx")
+    assert prunable_zeros(out, [w.name for w in found.weights]) == round(0.6 * found.total)
+    _model2, report = onnxprune.prune(onnxprune.load_model(tmp_path / "m.onnx"), 0.6)
+    assert report.output_path is None and report.plan.pruned == p.pruned
+    layer = report.plan.layers[0]
+    assert int((layer.weight.numpy() == 0).sum()) == layer.prune
+
+
+def test_pattern_two_four_end_to_end(tmp_path) -> None:
+    src = save(mlp(dims=(16, 8, 4)), tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    _, report = onnxprune.prune(src, pattern="2:4", output=out)
+    assert report.plan.sparsity == 0.5
+    for layer in report.plan.layers:
+        arr = initializers(out)[layer.weight.name]
+        assert (np.moveaxis(arr == 0, 0, -1).reshape(-1, 4).sum(axis=1) == 2).all()
+
+
+def test_report_json_numbers(tmp_path) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    _, report = onnxprune.prune(src, 0.75, output=tmp_path / "o.onnx")
+    data = report.to_dict()
+    assert data["zeros_after"] == round(0.75 * data["prunable_weights"])
+    assert sum(layer["params"] for layer in data["layers"]) == data["prunable_weights"]
+    assert sum(layer["params"] - layer["kept"] for layer in data["layers"]) == data["zeros_after"]
+    assert data["size_bytes"]["before"] == src.stat().st_size
+    assert data["size_bytes"]["after"] == (tmp_path / "o.onnx").stat().st_size
