@@ -220,7 +220,9 @@ def _keep_value_info_as_loaded(proto: onnx.ModelProto, model: ir.Model) -> None:
     if original is None:
         return
     initializers = set(model.graph.initializers)
-    kept = [vi for vi in proto.graph.value_info if vi.name in original or vi.name not in initializers]
+    kept = [
+        vi for vi in proto.graph.value_info if vi.name in original or vi.name not in initializers
+    ]
     if len(kept) != len(proto.graph.value_info):
         del proto.graph.value_info[:]
         proto.graph.value_info.extend(kept)
