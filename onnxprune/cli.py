@@ -6,6 +6,7 @@ import logging
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
@@ -92,6 +93,92 @@ selection_options = [
 ]
 
 
+run_options = [
+    click.option(
+        "--data",
+        default=None,
+        type=click.Path(dir_okay=False, path_type=str),
+        help="Validation data: .npz with one array per model input (by input name) and an "
+        "optional 'labels' array. Without it, inputs are generated from the model.",
+    ),
+    click.option(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="Samples per run (default 32 with --data, 1 for generated inputs).",
+    ),
+    click.option(
+        "--device",
+        type=click.Choice(["auto", "cuda", "cpu"]),
+        default="auto",
+        show_default=True,
+        help="ONNX Runtime device: auto uses CUDA when it can run, else the CPU (and says why).",
+    ),
+    click.option(
+        "--input-shape",
+        "input_shape",
+        multiple=True,
+        metavar="NAME=DIMS",
+        help="Shape of a generated input, e.g. input=1x3x224x224 (repeatable); needed for "
+        "symbolic dimensions other than the batch.",
+    ),
+    click.option(
+        "--seed",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Seed of the generated inputs.",
+    ),
+]
+
+gate_options = [
+    click.option(
+        "--max-accuracy-drop",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="Fail (exit 1) if top-1 accuracy drops by more than this (0.01 = one point).",
+    ),
+    click.option(
+        "--min-agreement",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="Fail (exit 1) if top-1 agreement with the original is below this.",
+    ),
+    click.option(
+        "--min-cosine",
+        type=float,
+        default=None,
+        metavar="VALUE",
+        help="Fail (exit 1) if any output's cosine similarity to the original is below this.",
+    ),
+]
+
+
+def _run_validation(
+    reference: str,
+    candidate: str,
+    *,
+    data: str | None,
+    batch_size: int | None,
+    device: str,
+    input_shape: tuple[str, ...],
+    seed: int,
+) -> Any:
+    from onnxprune import inputs, validate
+
+    return validate.validate(
+        reference,
+        candidate,
+        data=data,
+        batch_size=batch_size,
+        device=device,
+        input_shapes=inputs.parse_input_shapes(input_shape),
+        seed=seed,
+    )
+
+
 def with_options(options: list[Callable[..., Any]]) -> Callable[..., Any]:
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         for option in reversed(options):
@@ -145,6 +232,15 @@ def with_options(options: list[Callable[..., Any]]) -> Callable[..., Any]:
     show_default=True,
     help="Run onnx.checker with full shape inference on the output before it is moved into place.",
 )
+@click.option(
+    "--validate",
+    "validate_",
+    is_flag=True,
+    help="Run the original and the pruned model in ONNX Runtime and compare them "
+    "(implied by --data and the gate options).",
+)
+@with_options(run_options)
+@with_options(gate_options)
 @click.option("-q", "--quiet", is_flag=True, help="Print no table, only errors and warnings.")
 @user_errors
 def prune_command(
@@ -160,6 +256,15 @@ def prune_command(
     report_path: str | None,
     external_data: bool | None,
     check: bool,
+    validate_: bool,
+    data: str | None,
+    batch_size: int | None,
+    device: str,
+    input_shape: tuple[str, ...],
+    seed: int,
+    max_accuracy_drop: float | None,
+    min_agreement: float | None,
+    min_cosine: float | None,
     quiet: bool,
 ) -> None:
     """Prune MODEL and write the pruned copy; the input is never modified."""
@@ -186,8 +291,33 @@ def prune_command(
     else:
         for warning in report.warnings:
             click.echo(f"onnxprune: warning: {warning}", err=True)
+    gates = {
+        "max_accuracy_drop": max_accuracy_drop,
+        "min_agreement": min_agreement,
+        "min_cosine": min_cosine,
+    }
+    result = None
+    if validate_ or data or any(v is not None for v in gates.values()):
+        from onnxprune.validate import format_validation
+
+        result = _run_validation(
+            model,
+            str(report.output_path),
+            data=data,
+            batch_size=batch_size,
+            device=device,
+            input_shape=input_shape,
+            seed=seed,
+        )
+        report.extra["validation"] = result.to_dict()
+        if not quiet:
+            click.echo(format_validation(result))
     if report_path:
         write_json(report.to_dict(), report_path)
+    if result is not None:
+        from onnxprune.validate import check_gates
+
+        check_gates(result, **gates)
 
 
 @main.command("inspect")
@@ -251,3 +381,140 @@ def inspect_command(
 
             data["plan"] = Report(plan=plan).to_dict()
         write_json(data, report_path)
+
+
+@main.command("validate")
+@click.argument("reference", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("candidate", type=click.Path(dir_okay=False, path_type=str))
+@with_options(run_options)
+@with_options(gate_options)
+@click.option(
+    "--report",
+    "report_path",
+    default=None,
+    type=click.Path(path_type=str),
+    help="Write the numbers as JSON to this file.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Print no table, only errors and the verdict.")
+@user_errors
+def validate_command(
+    reference: str,
+    candidate: str,
+    data: str | None,
+    batch_size: int | None,
+    device: str,
+    input_shape: tuple[str, ...],
+    seed: int,
+    max_accuracy_drop: float | None,
+    min_agreement: float | None,
+    min_cosine: float | None,
+    report_path: str | None,
+    quiet: bool,
+) -> None:
+    """Compare CANDIDATE with REFERENCE in ONNX Runtime: any two models with the same inputs.
+
+    \b
+      onnxprune validate model.onnx model.pruned.onnx --data val.npz --max-accuracy-drop 0.01
+    """
+    from onnxprune.validate import check_gates, format_validation
+
+    _setup_logging(quiet)
+    result = _run_validation(
+        reference,
+        candidate,
+        data=data,
+        batch_size=batch_size,
+        device=device,
+        input_shape=input_shape,
+        seed=seed,
+    )
+    if not quiet:
+        click.echo(format_validation(result))
+    if report_path:
+        write_json(result.to_dict(), report_path)
+    check_gates(
+        result,
+        max_accuracy_drop=max_accuracy_drop,
+        min_agreement=min_agreement,
+        min_cosine=min_cosine,
+    )
+
+
+@main.command("sweep")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option(
+    "--sparsities",
+    default="0.5,0.8,0.9,0.95,0.98",
+    show_default=True,
+    help="Comma-separated sparsities to prune at.",
+)
+@click.option(
+    "--min-keep",
+    "min_keep",
+    default="0.01",
+    show_default=True,
+    metavar="FRACTION|COUNT",
+    help="Minimum retention per layer for the global+min-keep line (0 leaves that line out).",
+)
+@with_options(run_options)
+@click.option(
+    "--plot",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Draw accuracy (agreement without labels) against sparsity to this PNG "
+    "(needs matplotlib: pip install 'onnxprune[plot]').",
+)
+@click.option(
+    "--markdown",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Write the accuracy table as Markdown to this file.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    default=None,
+    type=click.Path(path_type=str),
+    help="Write every row as JSON to this file.",
+)
+@user_errors
+def sweep_command(
+    model: str,
+    sparsities: str,
+    min_keep: str,
+    data: str | None,
+    batch_size: int | None,
+    device: str,
+    input_shape: tuple[str, ...],
+    seed: int,
+    plot: str | None,
+    markdown: str | None,
+    report_path: str | None,
+) -> None:
+    """Prune MODEL at each sparsity with global, global+min-keep and uniform; validate each.
+
+    \b
+      onnxprune sweep model.onnx --data val.npz --sparsities 0.5,0.9,0.98 --plot sweep.png
+    """
+    from onnxprune import inputs, sweep
+
+    _setup_logging(False)
+    if plot:
+        sweep.check_plotting()
+    result = sweep.sweep(
+        model,
+        sweep.parse_sparsities(sparsities),
+        data=data,
+        min_keep=min_keep,
+        batch_size=batch_size,
+        device=device,
+        input_shapes=inputs.parse_input_shapes(input_shape),
+        seed=seed,
+    )
+    click.echo(sweep.format_sweep(result))
+    if markdown:
+        Path(markdown).write_text(sweep.format_markdown(result) + "\n")
+    if plot:
+        click.echo(f"plot written to {sweep.plot_sweep(result, plot)}")
+    if report_path:
+        write_json(result.to_dict(), report_path)

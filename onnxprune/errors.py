@@ -31,6 +31,10 @@ class DataError(OnnxPruneError):
     """Validation data does not fit the model."""
 
 
+class DeviceError(OnnxPruneError):
+    """The requested execution device cannot run (--device cuda without a usable CUDA)."""
+
+
 class ValidationFailed(OnnxPruneError):
     """A validation gate (--max-accuracy-drop, --min-agreement, ...) failed: CLI exit code 1."""
 

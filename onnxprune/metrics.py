@@ -1,0 +1,285 @@
+"""Numbers that compare two models: output differences, top-1, and what a model costs.
+
+Output differences accumulate batch by batch in float64, so no output is held twice and the
+result does not depend on the batch size. Costs are read from the file: bytes on disk, bytes
+gzip-compressed (what zeroed weights buy on disk), parameters, and multiply-accumulates of Conv,
+Gemm and MatMul at one inference, dense and counting only non-zero weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxprune import io, weights
+from onnxprune.errors import DataError
+
+# Relative error divides by |reference|, floored here so that exact zeros do not divide by zero.
+REL_FLOOR = 1e-6
+GZIP_LEVEL = 6  # what `gzip` does by default
+CHUNK = 1 << 22
+MAC_OPS = ("Conv", "Gemm", "MatMul")
+PARAM_TYPES = weights.FLOAT_TYPES | {ir.DataType.INT8, ir.DataType.UINT8}
+
+
+@dataclass
+class OutputDiff:
+    """How far one output of the candidate is from the reference's, over all samples."""
+
+    name: str
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    cosine: float
+
+
+class DiffAccumulator:
+    """Max/mean absolute error, max relative error and cosine similarity, fed batch by batch."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.count = 0
+        self.sum_abs = 0.0
+        self.max_abs = 0.0
+        self.max_rel = 0.0
+        self.dot = 0.0
+        self.norm_ref = 0.0
+        self.norm_cand = 0.0
+
+    def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        if ref.shape != cand.shape:
+            raise DataError(
+                f"output {self.name!r} has shape {list(ref.shape)} in the reference and "
+                f"{list(cand.shape)} in the candidate: the models are not comparable"
+            )
+        a = np.asarray(ref, dtype=np.float64).ravel()
+        b = np.asarray(cand, dtype=np.float64).ravel()
+        if a.size == 0:
+            return
+        diff = np.abs(b - a)
+        rel = diff / np.maximum(np.abs(a), REL_FLOOR)
+        self.count += a.size
+        self.sum_abs += float(diff.sum())
+        self.max_abs = max(self.max_abs, float(diff.max()))
+        self.max_rel = max(self.max_rel, float(rel.max()))
+        self.dot += float(a @ b)
+        self.norm_ref += float(a @ a)
+        self.norm_cand += float(b @ b)
+
+    def result(self) -> OutputDiff:
+        # sqrt of the product is exact for identical outputs (cosine exactly 1); on overflow,
+        # the product of square roots
+        norms = math.sqrt(self.norm_ref * self.norm_cand)
+        if not math.isfinite(norms):
+            norms = math.sqrt(self.norm_ref) * math.sqrt(self.norm_cand)
+        # both all-zero: identical; one all-zero: nothing in common
+        same = 1.0 if self.norm_ref == self.norm_cand else 0.0
+        cosine = self.dot / norms if norms > 0 else same
+        return OutputDiff(
+            name=self.name,
+            max_abs=self.max_abs,
+            mean_abs=self.sum_abs / self.count if self.count else 0.0,
+            max_rel=self.max_rel,
+            cosine=min(1.0, cosine),
+        )
+
+
+def top1(output: np.ndarray) -> np.ndarray | None:
+    """Predicted class per sample, for an output shaped [batch, classes]; None otherwise."""
+    if output.ndim != 2 or output.shape[1] < 1:
+        return None
+    return np.argmax(output, axis=1)
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(predictions == labels)) if len(labels) else 0.0
+
+
+def agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    return float(np.mean(reference == candidate)) if len(reference) else 0.0
+
+
+@dataclass
+class Latency:
+    """Milliseconds per batch after warm-up."""
+
+    median_ms: float
+    p90_ms: float
+    runs: int
+    batch_size: int
+
+    @classmethod
+    def from_seconds(cls, times: Sequence[float], batch_size: int) -> Latency:
+        ms = np.asarray(times, dtype=np.float64) * 1000
+        return cls(
+            median_ms=float(np.median(ms)),
+            p90_ms=float(np.percentile(ms, 90)),
+            runs=len(ms),
+            batch_size=batch_size,
+        )
+
+
+@dataclass
+class ModelCost:
+    """What a model costs on disk and in arithmetic. MACs are per inference at `macs_at` shapes."""
+
+    file_bytes: int
+    gzip_bytes: int
+    params: int
+    nonzero_params: int
+    macs: int | None
+    nonzero_macs: int | None
+    macs_at: dict[str, list[int]]
+    macs_unknown: list[str]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The .onnx file and the external data files it references."""
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = dict.fromkeys(
+        {e.key: e.value for e in t.external_data}.get("location", "")
+        for t in onnx.external_data_helper._get_all_tensors(proto)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    )
+    return [path, *(path.parent / loc for loc in locations if (path.parent / loc).is_file())]
+
+
+def gzip_size(paths: Sequence[str | os.PathLike]) -> int:
+    """Bytes of the files gzip-compressed as one stream, streamed in chunks; nothing is written."""
+    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
+    total = 0
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                total += len(compressor.compress(chunk))
+    return total + len(compressor.flush())
+
+
+def count_params(model: ir.Model) -> tuple[int, int]:
+    """(parameters, non-zero parameters) over stored float and 8-bit tensors, one at a time."""
+    params = nonzero = 0
+    for _, tensor in io.iter_tensors(model):
+        if tensor.dtype in PARAM_TYPES:
+            params += int(tensor.size)
+            nonzero += int(np.count_nonzero(tensor.numpy()))
+    return params, nonzero
+
+
+def _static_shapes(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Value name -> concrete shape, from ONNX shape inference at the given input shapes."""
+    proto = onnx.load(str(path), load_external_data=False)
+    for value in proto.graph.input:
+        if value.name in input_shapes and value.type.HasField("tensor_type"):
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, input_shapes[value.name], strict=False):
+                dim.Clear()
+                dim.dim_value = size
+    # an unknown op or a malformed graph: count what can be counted
+    with contextlib.suppress(Exception):
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    for value in [*proto.graph.input, *proto.graph.value_info, *proto.graph.output]:
+        t = value.type.tensor_type
+        if value.type.HasField("tensor_type") and t.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            if None not in dims:
+                shapes[value.name] = tuple(dims)
+    return shapes
+
+
+def _dense_macs(node: ir.Node, shapes: dict) -> int | None:
+    def shape(i: int) -> tuple[int, ...] | None:
+        value = node.inputs[i] if i < len(node.inputs) else None
+        if value is None:
+            return None
+        if value.const_value is not None:
+            return tuple(int(d) for d in value.const_value.shape)
+        return shapes.get(value.name)
+
+    out = shapes.get(node.outputs[0].name)
+    if out is None:
+        return None
+    a = shape(0)
+    if node.op_type == "Conv":
+        w = shape(1)
+        return None if w is None else math.prod(out) * math.prod(w[1:])
+    if a is None:
+        return None
+    if node.op_type == "Gemm":
+        trans_a = node.attributes.get("transA")
+        k = a[0] if trans_a is not None and trans_a.value else a[-1]
+        return math.prod(out) * k
+    return math.prod(out) * a[-1]  # MatMul: every output element is a dot product of length K
+
+
+def count_macs(
+    model: ir.Model, path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]]
+) -> tuple[int | None, int | None, list[str]]:
+    """(dense, non-zero) MACs of Conv, Gemm and MatMul in the main graph, and nodes not counted.
+
+    Non-zero MACs scale each node's dense count by the density of its constant operand: a zero
+    weight multiplies nothing, whatever the activation.
+    """
+    shapes = _static_shapes(path, input_shapes)
+    found = weights.find_weights(model)
+    by_slot = {(id(u.node), u.input_index): w for w in found.weights for u in w.uses}
+    density: dict[int, float] = {}
+    dense_total = nonzero_total = 0
+    unknown = []
+    for node in model.graph:
+        if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        dense = _dense_macs(node, shapes)
+        if dense is None:
+            unknown.append(node.name or node.outputs[0].name)
+            continue
+        ratio = 1.0
+        for idx in (0, 1):
+            weight = by_slot.get((id(node), idx))
+            value = node.inputs[idx] if idx < len(node.inputs) else None
+            if weight is not None:
+                key, array = id(weight), weight.numpy
+            elif value is not None and value.const_value is not None:
+                key, array = id(value), value.const_value.numpy
+            else:
+                continue
+            if key not in density:
+                a = array()
+                density[key] = np.count_nonzero(a) / a.size if a.size else 1.0
+            ratio = density[key]
+            break
+        dense_total += dense
+        nonzero_total += round(dense * ratio)
+    if unknown and not dense_total:
+        return None, None, unknown
+    return dense_total, nonzero_total, unknown
+
+
+def model_cost(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]]) -> ModelCost:
+    """File and gzip sizes, parameters and MACs of a saved model."""
+    model = io.load_model(path)
+    params, nonzero = count_params(model)
+    macs, nonzero_macs, unknown = count_macs(model, path, input_shapes)
+    return ModelCost(
+        file_bytes=io.file_size(path),
+        gzip_bytes=gzip_size(model_files(path)),
+        params=params,
+        nonzero_params=nonzero,
+        macs=macs,
+        nonzero_macs=nonzero_macs,
+        macs_at={name: list(shape) for name, shape in input_shapes.items()},
+        macs_unknown=unknown,
+    )

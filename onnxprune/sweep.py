@@ -1,0 +1,282 @@
+"""Sweep: prune at several sparsities with each method and validate every result.
+
+Global ranking, global ranking with a per-layer minimum retention, and uniform per-layer pruning,
+on the user's own model and data. The reference runs once; each pruned model runs in memory (saved
+to a temporary folder only so that ONNX Runtime can open it and its file size can be measured).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxprune import pipeline
+from onnxprune.errors import InfeasibleError, InvalidArgumentError
+from onnxprune.report import format_table, human_bytes, human_count, step
+from onnxprune.validate import (
+    ModelResult,
+    compare,
+    model_file,
+    open_session,
+    prepare_inputs,
+    run_model,
+    select_runtime,
+)
+
+log = logging.getLogger("onnxprune")
+
+DEFAULT_SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
+DEFAULT_MIN_KEEP = "0.01"
+
+
+@dataclass
+class SweepRow:
+    """One pruned model: how it was pruned and what it scored against the dense reference."""
+
+    method: str
+    sparsity: float
+    achieved: float | None = None
+    accuracy: float | None = None
+    agreement: float | None = None
+    min_cosine: float | None = None
+    gzip_bytes: int | None = None
+    nonzero_macs: int | None = None
+    collapsed: int = 0  # layers left with under 1% of their weights
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Sweep:
+    reference: ModelResult
+    rows: list[SweepRow]
+    min_keep: str | None
+    inputs: str
+    samples: int
+    labels: bool
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(row.method for row in self.rows))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference.to_dict(),
+            "min_keep": self.min_keep,
+            "inputs": self.inputs,
+            "samples": self.samples,
+            "labels": self.labels,
+            "rows": [row.to_dict() for row in self.rows],
+            "notices": self.notices,
+        }
+
+
+def parse_sparsities(text: str | Sequence[float]) -> list[float]:
+    """'0.5,0.8,0.9' -> [0.5, 0.8, 0.9]."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        values = [float(x) for x in items if str(x).strip()]
+    except ValueError:
+        raise InvalidArgumentError(
+            f"--sparsities {text!r}: give comma-separated numbers, e.g. 0.5,0.8,0.9"
+        ) from None
+    if not values or any(not 0 <= v < 1 for v in values):
+        raise InvalidArgumentError(f"--sparsities {text!r}: each must be in [0, 1)")
+    return values
+
+
+def methods_for(min_keep: str | float | None) -> list[tuple[str, str, str | float | None]]:
+    """(label, method, min_keep) for the three lines of the comparison."""
+    methods: list[tuple[str, str, str | float | None]] = [("global", "global", None)]
+    if min_keep not in (None, "", 0, "0"):
+        methods.append((f"global+min-keep {min_keep}", "global", min_keep))
+    methods.append(("uniform", "uniform", None))
+    return methods
+
+
+def sweep(
+    model: str | os.PathLike,
+    sparsities: Sequence[float] = DEFAULT_SPARSITIES,
+    *,
+    data: str | os.PathLike | dict[str, np.ndarray] | None = None,
+    min_keep: str | float | None = DEFAULT_MIN_KEEP,
+    batch_size: int | None = None,
+    device: str = "auto",
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+) -> Sweep:
+    """Prune `model` at each sparsity with each method, validate each against the dense model."""
+    sparsities = parse_sparsities(sparsities)
+    runtime = select_runtime(device)
+    if runtime.note:
+        log.info("%s", runtime.note)
+    with model_file(model) as path:
+        session = open_session(path, runtime)
+        specs, inputs = prepare_inputs(
+            session, data=data, batch_size=batch_size, input_shapes=input_shapes, seed=seed
+        )
+        for notice in inputs.notices:
+            log.info("%s", notice)
+        reference = run_model(path, inputs, runtime, specs, latency=False, session=session)
+        del session
+        rows = []
+        for label, method, keep in methods_for(min_keep):
+            for sparsity in sparsities:
+                row = SweepRow(method=label, sparsity=sparsity)
+                rows.append(row)
+                try:
+                    pruned, report = pipeline.prune(path, sparsity, method=method, min_keep=keep)
+                except InfeasibleError as exc:
+                    row.error = str(exc)
+                    continue
+                with (
+                    step(f"validating {label} at {sparsity:g}"),
+                    model_file(pruned, "pruned.onnx") as pruned_path,
+                ):
+                    run = run_model(pruned_path, inputs, runtime, specs, latency=False)
+                row.achieved = report.plan.sparsity
+                row.accuracy = run.result.accuracy
+                row.min_cosine = min((d.cosine for d in compare(reference, run)), default=None)
+                if reference.predictions is not None and run.predictions is not None:
+                    row.agreement = float(np.mean(reference.predictions == run.predictions))
+                row.gzip_bytes = run.result.cost.gzip_bytes
+                row.nonzero_macs = run.result.cost.nonzero_macs
+                row.collapsed = sum(1 for w in report.warnings if w.startswith("layer collapse"))
+    return Sweep(
+        reference=reference.result,
+        rows=rows,
+        min_keep=None if min_keep is None else str(min_keep),
+        inputs=inputs.source,
+        samples=inputs.samples,
+        labels=inputs.labels is not None,
+        notices=list(inputs.notices),
+    )
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def format_sweep(result: Sweep) -> str:
+    """One row per pruned model, the dense reference first."""
+    ref = result.reference
+    headers = ["method", "sparsity", "achieved", "accuracy", "agreement", "min cosine"]
+    headers += ["gzip size", "MACs (non-zero)"]
+    rows = [
+        [
+            "dense",
+            "0",
+            "-",
+            _pct(ref.accuracy),
+            "-",
+            "-",
+            human_bytes(ref.cost.gzip_bytes),
+            "-" if ref.cost.nonzero_macs is None else human_count(ref.cost.nonzero_macs),
+        ]
+    ]
+    for row in result.rows:
+        if row.error:
+            rows.append([row.method, f"{row.sparsity:g}", "infeasible", *[""] * 5])
+            continue
+        rows.append(
+            [
+                row.method,
+                f"{row.sparsity:g}",
+                f"{row.achieved:.4f}",
+                _pct(row.accuracy),
+                _pct(row.agreement),
+                "-" if row.min_cosine is None else f"{row.min_cosine:.4f}",
+                human_bytes(row.gzip_bytes),
+                "-" if row.nonzero_macs is None else human_count(row.nonzero_macs),
+            ]
+        )
+    lines = [format_table(headers, rows)]
+    lines.append(
+        f"{result.samples} samples from {result.inputs} on {ref.providers[0]}; sparsity counts "
+        "prunable weights (Conv, Gemm, MatMul)"
+    )
+    for row in result.rows:
+        if row.collapsed:
+            lines.append(
+                f"{row.method} at {row.sparsity:g}: {row.collapsed} layer(s) kept under 1% of "
+                "their weights (layer collapse)"
+            )
+        if row.error:
+            lines.append(f"{row.method} at {row.sparsity:g}: {row.error}")
+    return "\n".join(lines)
+
+
+def format_markdown(result: Sweep) -> str:
+    """The accuracy table as Markdown: sparsity down, method across."""
+    metric = "accuracy" if result.labels else "agreement"
+    methods = result.methods
+    lines = [
+        "| sparsity | " + " | ".join(methods) + " |",
+        "|---:|" + "---:|" * len(methods),
+    ]
+    sparsities = list(dict.fromkeys(row.sparsity for row in result.rows))
+    cell = {(row.method, row.sparsity): row for row in result.rows}
+    dense = result.reference.accuracy if result.labels else 1.0
+    lines.append("| 0 (dense) | " + " | ".join(_pct(dense) for _ in methods) + " |")
+    for s in sparsities:
+        values = []
+        for m in methods:
+            row = cell.get((m, s))
+            if row is None or row.error:
+                values.append("infeasible")
+            else:
+                values.append(_pct(getattr(row, metric)))
+        lines.append(f"| {s:g} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def check_plotting() -> None:
+    """Fail before a long sweep, not after it, when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot
+    except ImportError:
+        raise InvalidArgumentError(
+            "--plot needs matplotlib: pip install 'onnxprune[plot]' (or pip install matplotlib)"
+        ) from None
+
+
+def plot_sweep(result: Sweep, path: str | os.PathLike) -> Path:
+    """Accuracy (or agreement without labels) against sparsity, one line per method."""
+    check_plotting()
+    import matplotlib.pyplot as plt
+
+    metric = "accuracy" if result.labels else "agreement"
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for method in result.methods:
+        points = [
+            (row.sparsity, 100 * getattr(row, metric))
+            for row in result.rows
+            if row.method == method and not row.error and getattr(row, metric) is not None
+        ]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=method)
+    if result.labels and result.reference.accuracy is not None:
+        ax.axhline(100 * result.reference.accuracy, color="gray", linestyle="--", label="dense")
+    ax.set_xlabel("sparsity (fraction of prunable weights set to zero)")
+    ax.set_ylabel(f"top-1 {metric} (%)")
+    ax.set_title(f"{Path(result.reference.path).name}: {metric} against sparsity")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

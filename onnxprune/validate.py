@@ -1,0 +1,605 @@
+"""Validate: run two models on the same inputs in ONNX Runtime and say what pruning cost.
+
+The reference and the candidate run in the same runtime (CUDA when it works, else CPU, and the
+provider that really ran is what gets reported), on the same batches: the user's data or generated
+inputs. The result holds accuracy, agreement, per-output errors, latency and the models' costs;
+`check_gates` turns it into pass or fail for CI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import importlib.util
+import io as _io
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxprune import inputs as _inputs
+from onnxprune import io
+from onnxprune.errors import (
+    DataError,
+    DeviceError,
+    InvalidArgumentError,
+    ModelLoadError,
+    ValidationFailed,
+)
+from onnxprune.metrics import (
+    DiffAccumulator,
+    Latency,
+    ModelCost,
+    OutputDiff,
+    model_cost,
+    top1,
+)
+from onnxprune.report import _shorten, format_table, human_bytes, human_count
+
+log = logging.getLogger("onnxprune")
+
+DEVICES = ("auto", "cuda", "cpu")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+WARMUP = 3
+REPEATS = 20
+# Latency stops early after this long (at least MIN_REPEATS runs), so big models stay usable.
+LATENCY_BUDGET_S = 5.0
+MIN_REPEATS = 3
+
+ModelSource = str | os.PathLike | ir.Model
+IN_MEMORY = "(in memory)"
+
+
+# ---------------------------------------------------------------------------------------------
+# runtime
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence ONNX Runtime's own C++ log lines (they go to fd 2) while probing CUDA."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _tiny_model() -> bytes:
+    """A one-node model to try the CUDA provider on, built without touching the user's model."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+    return model.SerializeToString()
+
+
+@functools.cache
+def cuda_problem() -> str | None:
+    """Why the CUDA provider cannot run here, or None when it can.
+
+    onnxruntime-gpu lists CUDA as available whether or not the CUDA libraries load, and a session
+    then falls back to CPU silently; so load the provider library and start a session to know.
+    """
+    if CUDA not in ort.get_available_providers():
+        return "this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
+    if importlib.util.find_spec("nvidia") is not None and hasattr(ort, "preload_dlls"):
+        # CUDA and cuDNN from PyPI (onnxprune[cuda]) are found only once preloaded
+        with (
+            contextlib.redirect_stdout(_io.StringIO()),
+            _quiet_stderr(),
+            contextlib.suppress(Exception),
+        ):
+            ort.preload_dlls()
+    name = (
+        "onnxruntime_providers_cuda.dll" if os.name == "nt" else "libonnxruntime_providers_cuda.so"
+    )
+    library = Path(ort.__file__).parent / "capi" / name
+    if library.exists():
+        try:
+            ctypes.CDLL(str(library))
+        except OSError as exc:
+            reason = str(exc).split(": cannot open")[0]
+            return (
+                f"the CUDA provider cannot load ({reason} is missing; "
+                "pip install 'onnxprune[cuda]' installs CUDA and cuDNN)"
+            )
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        with _quiet_stderr():
+            session = ort.InferenceSession(_tiny_model(), options, providers=[CUDA, CPU])
+    except Exception as exc:
+        return f"the CUDA provider failed to start ({str(exc).splitlines()[0]})"
+    if CUDA not in session.get_providers():
+        return "the CUDA provider did not start (no usable GPU or driver)"
+    return None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Which providers sessions get, and why CUDA is not among them when it is not."""
+
+    device: str
+    providers: tuple[str, ...]
+    note: str | None = None
+
+
+def select_runtime(device: str = "auto") -> Runtime:
+    """auto: CUDA if it can run, else CPU with the reason; cuda: CUDA or a DeviceError."""
+    if device not in DEVICES:
+        raise InvalidArgumentError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return Runtime("cpu", (CPU,))
+    problem = cuda_problem()
+    if device == "cuda":
+        if problem:
+            raise DeviceError(f"--device cuda: {problem}; use --device auto or cpu")
+        return Runtime("cuda", (CUDA,))
+    if problem:
+        return Runtime("auto", (CPU,), f"running on CPU: {problem}")
+    return Runtime("auto", (CUDA, CPU))
+
+
+def open_session(path: str | os.PathLike, runtime: Runtime) -> ort.InferenceSession:
+    """A session on the runtime's providers; with --device cuda no node may fall back to CPU."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if runtime.device == "cuda":
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=list(runtime.providers))
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if runtime.device == "cuda":
+            raise DeviceError(
+                f"--device cuda: ONNX Runtime cannot run {path} on CUDA alone ({reason}); "
+                "--device auto lets the CPU run the nodes CUDA has no kernel for"
+            ) from None
+        raise ModelLoadError(f"{path}: ONNX Runtime cannot load it ({reason})") from None
+    if runtime.device == "cuda" and session.get_providers()[0] != CUDA:
+        raise DeviceError(f"--device cuda: the session for {path} did not start on CUDA")
+    return session
+
+
+def measure_latency(
+    session: ort.InferenceSession,
+    feeds: dict[str, np.ndarray],
+    *,
+    warmup: int = WARMUP,
+    repeats: int = REPEATS,
+    budget_s: float = LATENCY_BUDGET_S,
+) -> Latency:
+    """Milliseconds per run on one batch after warm-up; on CUDA inputs and outputs stay on the
+    device (IO binding), so host-device copies are not timed."""
+    names = [o.name for o in session.get_outputs()]
+    if session.get_providers()[0] == CUDA:
+        binding = session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+        for name in names:
+            binding.bind_output(name, "cuda")
+
+        def once() -> None:
+            session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+    else:
+
+        def once() -> None:
+            session.run(names, feeds)
+
+    for _ in range(warmup):
+        once()
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < repeats and (len(times) < MIN_REPEATS or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - start)
+    first = next(iter(feeds.values()))
+    return Latency.from_seconds(times, int(first.shape[0]) if first.ndim else 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# one model
+
+
+@dataclass
+class ModelResult:
+    """One model's own numbers."""
+
+    path: str
+    providers: list[str]
+    cost: ModelCost
+    latency: Latency | None = None
+    accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "providers": self.providers,
+            "accuracy": self.accuracy,
+            "latency_ms": None
+            if self.latency is None
+            else {
+                "median": self.latency.median_ms,
+                "p90": self.latency.p90_ms,
+                "runs": self.latency.runs,
+                "batch_size": self.latency.batch_size,
+            },
+            **self.cost.to_dict(),
+        }
+
+
+@dataclass
+class Run:
+    """A model's result plus its raw outputs, kept so that a sweep runs the reference once."""
+
+    result: ModelResult
+    output_names: list[str]
+    outputs: list[list[np.ndarray]]
+    predictions: np.ndarray | None
+
+
+def run_model(
+    path: str | os.PathLike,
+    data: _inputs.Inputs,
+    runtime: Runtime,
+    specs: Sequence[_inputs.InputSpec],
+    *,
+    latency: bool = True,
+    session: ort.InferenceSession | None = None,
+) -> Run:
+    """Run every batch, time one, and read the model's costs."""
+    session = session or open_session(path, runtime)
+    needed = {arg.name for arg in session.get_inputs()}
+    missing = sorted(needed - {s.name for s in specs})
+    if missing:
+        raise DataError(
+            f"{path} needs input {missing[0]!r}, which the reference model does not have: "
+            "the models are not comparable"
+        )
+    names = [o.name for o in session.get_outputs()]
+    outputs = []
+    for i, batch in enumerate(data.batches):
+        feeds = {k: v for k, v in batch.items() if k in needed}
+        try:
+            outputs.append(session.run(names, feeds))
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(f"{path}: ONNX Runtime failed on batch {i + 1}: {reason}") from None
+    heads = [top1(np.asarray(out[0])) for out in outputs]
+    predictions = None if any(h is None for h in heads) else np.concatenate(heads)
+    accuracy = None
+    if predictions is not None and data.labels is not None:
+        accuracy = float(np.mean(predictions == data.labels))
+    result = ModelResult(
+        path=str(path),
+        providers=list(session.get_providers()),
+        cost=model_cost(path, data.sample_shapes(specs)),
+        accuracy=accuracy,
+    )
+    if latency:
+        first = {k: v for k, v in data.batches[0].items() if k in needed}
+        result.latency = measure_latency(session, first)
+    return Run(result, names, outputs, predictions)
+
+
+@contextlib.contextmanager
+def model_file(model: ModelSource, name: str = "model.onnx") -> Iterator[Path]:
+    """A path ONNX Runtime can open: the file itself, or an in-memory model saved to a temp dir."""
+    if not isinstance(model, ir.Model):
+        path = Path(model)
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: no such file")
+        yield path
+        return
+    tmp = tempfile.mkdtemp(prefix="onnxprune-")
+    try:
+        yield io.save_model(model, Path(tmp) / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_inputs(
+    session: ort.InferenceSession,
+    *,
+    data: str | os.PathLike | dict[str, np.ndarray] | None = None,
+    batch_size: int | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+) -> tuple[list[_inputs.InputSpec], _inputs.Inputs]:
+    """The reference session's input specs, and the batches: the user's data or generated ones."""
+    if batch_size is not None and batch_size < 1:
+        raise InvalidArgumentError(f"--batch-size {batch_size}: must be at least 1")
+    specs = _inputs.input_specs(session)
+    if data is None:
+        return specs, _inputs.generate(specs, shapes=input_shapes, batch_size=batch_size, seed=seed)
+    if isinstance(data, dict):
+        arrays, source = data, "data"
+    else:
+        arrays, source = _inputs.load_npz(data), str(data)
+    prepared = _inputs.from_arrays(arrays, specs, batch_size=batch_size, source=source)
+    if input_shapes:
+        prepared.notices.append("--input-shape is ignored: the shapes come from --data")
+    return specs, prepared
+
+
+# ---------------------------------------------------------------------------------------------
+# two models
+
+
+@dataclass
+class Validation:
+    """Reference against candidate on the same inputs and runtime."""
+
+    reference: ModelResult
+    candidate: ModelResult
+    outputs: list[OutputDiff]
+    agreement: float | None
+    samples: int
+    batch_size: int
+    inputs: str
+    labels: bool
+    device: str
+    note: str | None = None
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        if self.reference.accuracy is None or self.candidate.accuracy is None:
+            return None
+        return self.reference.accuracy - self.candidate.accuracy
+
+    @property
+    def min_cosine(self) -> float | None:
+        return min((o.cosine for o in self.outputs), default=None)
+
+    @property
+    def provider(self) -> str:
+        return self.candidate.providers[0] if self.candidate.providers else "?"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "provider": self.provider,
+            "note": self.note,
+            "inputs": self.inputs,
+            "samples": self.samples,
+            "batch_size": self.batch_size,
+            "labels": self.labels,
+            "accuracy_drop": self.accuracy_drop,
+            "top1_agreement": self.agreement,
+            "min_cosine": self.min_cosine,
+            "outputs": [asdict(o) for o in self.outputs],
+            "reference": self.reference.to_dict(),
+            "candidate": self.candidate.to_dict(),
+            "notices": self.notices,
+        }
+
+
+def compare(reference: Run, candidate: Run) -> list[OutputDiff]:
+    """Per-output differences; outputs pair by name, or by position when the names differ."""
+    ref_names, cand_names = reference.output_names, candidate.output_names
+    if set(ref_names) == set(cand_names):
+        where = {n: j for j, n in enumerate(cand_names)}
+        pairs = [(i, where[n]) for i, n in enumerate(ref_names)]
+    elif len(ref_names) == len(cand_names):
+        pairs = [(i, i) for i in range(len(ref_names))]
+    else:
+        raise DataError(
+            f"the models have {len(ref_names)} and {len(cand_names)} outputs: not comparable"
+        )
+    diffs = []
+    for i, j in pairs:
+        acc = DiffAccumulator(reference.output_names[i])
+        for ref_out, cand_out in zip(reference.outputs, candidate.outputs, strict=True):
+            acc.update(np.asarray(ref_out[i]), np.asarray(cand_out[j]))
+        diffs.append(acc.result())
+    return diffs
+
+
+def _agreement(reference: Run, candidate: Run) -> float | None:
+    if reference.predictions is None or candidate.predictions is None:
+        return None
+    return float(np.mean(reference.predictions == candidate.predictions))
+
+
+def validate(
+    reference: ModelSource,
+    candidate: ModelSource,
+    *,
+    data: str | os.PathLike | dict[str, np.ndarray] | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+    latency: bool = True,
+) -> Validation:
+    """Run both models on the same inputs and compare; either may be a path or an `ir.Model`."""
+    runtime = select_runtime(device)
+    if runtime.note:
+        log.info("%s", runtime.note)
+    with model_file(reference, "reference.onnx") as ref_path:
+        session = open_session(ref_path, runtime)
+        specs, data_ = prepare_inputs(
+            session, data=data, batch_size=batch_size, input_shapes=input_shapes, seed=seed
+        )
+        for notice in data_.notices:
+            log.info("%s", notice)
+        ref_run = run_model(ref_path, data_, runtime, specs, latency=latency, session=session)
+        del session
+    with model_file(candidate, "candidate.onnx") as cand_path:
+        cand_run = run_model(cand_path, data_, runtime, specs, latency=latency)
+    for run, source in ((ref_run, reference), (cand_run, candidate)):
+        if isinstance(source, ir.Model):
+            run.result.path = IN_MEMORY
+    return Validation(
+        reference=ref_run.result,
+        candidate=cand_run.result,
+        outputs=compare(ref_run, cand_run),
+        agreement=_agreement(ref_run, cand_run),
+        samples=data_.samples,
+        batch_size=data_.batch_size,
+        inputs=data_.source,
+        labels=data_.labels is not None,
+        device=runtime.device,
+        note=runtime.note,
+        notices=list(data_.notices),
+    )
+
+
+def check_gates(
+    result: Validation,
+    *,
+    max_accuracy_drop: float | None = None,
+    min_agreement: float | None = None,
+    min_cosine: float | None = None,
+) -> None:
+    """Raise `ValidationFailed` with one line naming every gate that failed."""
+    failures = []
+    if max_accuracy_drop is not None:
+        drop = result.accuracy_drop
+        if drop is None:
+            raise DataError(
+                "--max-accuracy-drop needs labels: add a 'labels' array to --data "
+                "(and a [batch, classes] first output)"
+            )
+        if drop > max_accuracy_drop:
+            failures.append(
+                f"accuracy dropped by {drop:.4f} ({result.reference.accuracy:.4f} -> "
+                f"{result.candidate.accuracy:.4f}), more than --max-accuracy-drop "
+                f"{max_accuracy_drop:g}"
+            )
+    if min_agreement is not None:
+        if result.agreement is None:
+            raise DataError("--min-agreement needs a first output shaped [batch, classes]")
+        if result.agreement < min_agreement:
+            failures.append(
+                f"top-1 agreement {result.agreement:.4f} is below --min-agreement {min_agreement:g}"
+            )
+    if min_cosine is not None and result.min_cosine is not None and result.min_cosine < min_cosine:
+        worst = min(result.outputs, key=lambda o: o.cosine)
+        failures.append(
+            f"cosine similarity of output {worst.name!r} is {worst.cosine:.6f}, below "
+            f"--min-cosine {min_cosine:g}"
+        )
+    if failures:
+        raise ValidationFailed("validation failed: " + "; ".join(failures))
+
+
+# ---------------------------------------------------------------------------------------------
+# terminal
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _ms(latency: Latency | None, p90: bool = False) -> str:
+    if latency is None:
+        return "-"
+    return f"{latency.p90_ms if p90 else latency.median_ms:.3f} ms"
+
+
+def _ratio(before: float | None, after: float | None) -> str:
+    if not before or after is None:
+        return ""
+    return f"x{after / before:.3f}"
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else human_count(n)
+
+
+def format_validation(result: Validation) -> str:
+    """The terminal table: each model's numbers side by side, then the per-output errors."""
+    ref, cand = result.reference, result.candidate
+    drop = result.accuracy_drop
+    rows = [
+        ["model", _shorten(Path(ref.path).name, 40), _shorten(Path(cand.path).name, 40), ""],
+        ["provider", ref.providers[0], cand.providers[0], ""],
+        [
+            "top-1 accuracy",
+            _pct(ref.accuracy),
+            _pct(cand.accuracy),
+            "" if drop is None else f"{-100 * drop:+.2f} pts",
+        ],
+        ["top-1 agreement", "", _pct(result.agreement), ""],
+        [
+            "latency median",
+            _ms(ref.latency),
+            _ms(cand.latency),
+            _ratio(ref.latency and ref.latency.median_ms, cand.latency and cand.latency.median_ms),
+        ],
+        ["latency p90", _ms(ref.latency, True), _ms(cand.latency, True), ""],
+        [
+            "file size",
+            human_bytes(ref.cost.file_bytes),
+            human_bytes(cand.cost.file_bytes),
+            _ratio(ref.cost.file_bytes, cand.cost.file_bytes),
+        ],
+        [
+            "gzip size",
+            human_bytes(ref.cost.gzip_bytes),
+            human_bytes(cand.cost.gzip_bytes),
+            _ratio(ref.cost.gzip_bytes, cand.cost.gzip_bytes),
+        ],
+        ["parameters", _count(ref.cost.params), _count(cand.cost.params), ""],
+        [
+            "non-zero params",
+            _count(ref.cost.nonzero_params),
+            _count(cand.cost.nonzero_params),
+            _ratio(ref.cost.nonzero_params, cand.cost.nonzero_params),
+        ],
+        ["MACs (dense)", _count(ref.cost.macs), _count(cand.cost.macs), ""],
+        [
+            "MACs (non-zero)",
+            _count(ref.cost.nonzero_macs),
+            _count(cand.cost.nonzero_macs),
+            _ratio(ref.cost.nonzero_macs, cand.cost.nonzero_macs),
+        ],
+    ]
+    lines = [format_table(["", "reference", "candidate", "change"], rows)]
+    lines.append(
+        format_table(
+            ["output", "max abs err", "mean abs err", "max rel err", "cosine"],
+            [
+                [
+                    o.name,
+                    f"{o.max_abs:.4g}",
+                    f"{o.mean_abs:.4g}",
+                    f"{o.max_rel:.4g}",
+                    f"{o.cosine:.6f}",
+                ]
+                for o in result.outputs
+            ],
+        )
+    )
+    batch = ref.latency.batch_size if ref.latency else result.batch_size
+    lines.append(
+        f"{result.samples} samples from {result.inputs}, batch {result.batch_size}; "
+        f"latency per batch of {batch} on {result.provider}; MACs per inference at "
+        + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in ref.cost.macs_at.items())
+    )
+    return "\n".join(lines)
