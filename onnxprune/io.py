@@ -13,12 +13,15 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from onnxprune import wire
 from onnxprune.errors import ModelLoadError, OutputError
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with a margin.
 PROTO_LIMIT_BYTES = 2**31 - 2**27
 # model.meta key: names the input's main graph had value_info for.
 VALUE_INFO_KEY = "onnxprune.value_info"
+# model.meta key: the memory map the weights of a single-file model are read from.
+MAPPED_KEY = "onnxprune.mapped"
 # Offsets of big external tensors are aligned so that runtimes can memory-map them directly.
 EXTERNAL_ALIGNMENT = 65536
 
@@ -57,9 +60,10 @@ def file_size(path: str | os.PathLike) -> int:
     path = Path(path)
     total = path.stat().st_size
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return total
+        proto, _, mapped = wire.load_mapped(str(path))
+        mapped.close()
+    except (ValueError, OSError, DecodeError):
+        return total  # the size of an unreadable file is just its bytes
     locations = set()
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -108,8 +112,10 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(f"{path}: no such file")
     if not path.is_file():
         raise ModelLoadError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: not an ONNX model (the file is empty)")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto, payloads, mapped = wire.load_mapped(str(path))
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(
@@ -126,6 +132,17 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     # onnx-ir writes value_info for every initializer; remember what the input had, to keep it so
     model.meta[VALUE_INFO_KEY] = frozenset(vi.name for vi in proto.graph.value_info)
     del proto
+    for name, (offset, length) in payloads.items():
+        stripped = model.graph.initializers[name].const_value
+        assert stripped is not None
+        try:
+            mapped_tensor = wire.mapped_tensor(
+                mapped, offset, length, stripped.dtype, stripped.shape, name
+            )
+        except wire.WireError as exc:
+            raise ModelLoadError(f"{path}: malformed ONNX model ({exc})") from None
+        model.graph.initializers[name].const_value = mapped_tensor
+    model.meta[MAPPED_KEY] = mapped
     ir.external_data.set_base_dir(model.graph, path.parent)
     for graph in all_graphs(model)[1:]:
         ir.external_data.set_base_dir(graph, path.parent)
@@ -252,12 +269,41 @@ def _write_inline(model: ir.Model, path: Path) -> None:
         f.write(header.SerializeToString())
         del header
         for v, tensor in zip(values, tensors, strict=True):
-            chunk = onnx.ModelProto()
-            tensor.name = v.name
-            ir.serde.serialize_tensor_into(chunk.graph.initializer.add(), from_=tensor)
-            f.write(chunk.SerializeToString())
+            wire.write_initializer(f, tensor, v.name)
 
 
 def check_model_file(path: str | os.PathLike) -> None:
-    """onnx.checker with full shape inference, by path so that models over 2 GB work too."""
-    onnx.checker.check_model(str(path), full_check=True)
+    """onnx.checker with full shape inference, without loading the weights into memory.
+
+    A model with external data is checked by path (which also works over 2 GB). A single-file
+    model is checked as a skeleton whose weights are described as external data inside the file
+    itself, after checking that each payload has exactly the bytes its shape and type need.
+    """
+    path = Path(path)
+    proto, payloads, mapped = wire.load_mapped(str(path), as_external=True)
+    try:
+        external = any(
+            t.data_location == onnx.TensorProto.EXTERNAL and t.name not in payloads
+            for t in proto.graph.initializer
+        )
+        if external:
+            onnx.checker.check_model(str(path), full_check=True)
+            return
+        for tensor in proto.graph.initializer:
+            if tensor.name in payloads:
+                dtype = ir.DataType(tensor.data_type)
+                expected = int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+                if payloads[tensor.name][1] != expected:
+                    raise onnx.checker.ValidationError(
+                        f"tensor {tensor.name!r} holds {payloads[tensor.name][1]} bytes, "
+                        f"its shape and type need {expected}"
+                    )
+        # the checker resolves external data relative to the checked file: put it beside the model
+        skeleton = path.with_name(f".{path.name}.skeleton")
+        try:
+            onnx.save(proto, str(skeleton))
+            onnx.checker.check_model(str(skeleton), full_check=True)
+        finally:
+            skeleton.unlink(missing_ok=True)
+    finally:
+        mapped.close()

@@ -14,7 +14,9 @@ once, so models bigger than memory take the very same path as small ones.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +27,10 @@ from onnxprune.weights import PRUNABLE_OPS, Weight
 
 METHODS = ("global", "uniform")
 DIGIT_BITS = 16
+# Weights are read in flat chunks of this many elements, bounding temporary memory.
+CHUNK = 1 << 20
+# Threads reading layers at once; bounded so temporary memory stays a few chunks.
+WORKERS = min(4, os.cpu_count() or 1)
 # A layer left with fewer than this share of its weights is reported as collapsed.
 COLLAPSE_KEEP = 0.01
 
@@ -171,13 +177,11 @@ def cut_for_count(keys: np.ndarray, count: int) -> Cut:
     return Cut(int(threshold), count - below)
 
 
-def cut_mask(keys: np.ndarray, cut: Cut) -> np.ndarray:
-    """Boolean mask (flat) of the weights a cut prunes."""
-    threshold = keys.dtype.type(cut.threshold)
-    mask = keys < threshold
-    if cut.ties:
-        mask[np.flatnonzero(keys == threshold)[: cut.ties]] = True
-    return mask
+def chunks(array: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+    """Flat slices of at most CHUNK elements: temporaries stay small however big a tensor is."""
+    flat = array.reshape(-1)
+    for start in range(0, flat.size, CHUNK):
+        yield slice(start, start + CHUNK), flat[start : start + CHUNK]
 
 
 def pattern_mask(keys: np.ndarray, shape: Sequence[int], axis: int, n: int, m: int) -> np.ndarray:
@@ -191,61 +195,135 @@ def pattern_mask(keys: np.ndarray, shape: Sequence[int], axis: int, n: int, m: i
     return np.moveaxis(mask.reshape(moved_shape), -1, axis).reshape(-1)
 
 
-def layer_mask(layer: LayerPlan, keys: np.ndarray) -> np.ndarray:
-    """The weights of one layer to set to zero; the single place rewrite and counting agree on."""
+def layer_masks(
+    layer: LayerPlan, array: np.ndarray, keys: np.dtype
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """Which weights of one layer become zero, chunk by chunk over the flat array.
+
+    The single place the rewrite and the counting agree on.
+    """
     if layer.pattern is not None:
         n, m = layer.pattern
         assert layer.weight.in_axis is not None
-        return pattern_mask(keys, layer.weight.shape, layer.weight.in_axis, n, m)
+        k = magnitude_keys(array, keys)
+        yield slice(None), pattern_mask(k, layer.weight.shape, layer.weight.in_axis, n, m)
+        return
     assert layer.cut is not None
-    return cut_mask(keys, layer.cut)
+    threshold = keys.type(layer.cut.threshold)
+    ties = layer.cut.ties
+    for where, chunk in chunks(array):
+        k = magnitude_keys(chunk, keys)
+        mask = k < threshold
+        if ties:
+            equal = np.flatnonzero(k == threshold)[:ties]
+            mask[equal] = True
+            ties -= equal.size
+        yield where, mask
 
 
 def _count_zeros(weights: Sequence[Weight], keys: np.dtype) -> list[int]:
-    return [int(np.count_nonzero(magnitude_keys(w.numpy(), keys) == 0)) for w in weights]
+    return [
+        sum(int(np.count_nonzero(magnitude_keys(c, keys) == 0)) for _, c in chunks(w.numpy()))
+        for w in weights
+    ]
 
 
-def _global_counts(
-    weights: Sequence[Weight], target: int, caps: np.ndarray, keys: np.dtype
-) -> tuple[np.ndarray, list[Cut]]:
-    """Radix selection of the capped global threshold; returns per-layer counts and cuts."""
-    bits = keys.itemsize * 8
-    bins = 1 << DIGIT_BITS
-    below = np.zeros(len(weights), dtype=np.int64)  # keys < prefix, per layer
-    equal = np.zeros(len(weights), dtype=np.int64)
-    prefix = 0
-    for shift in range(bits - DIGIT_BITS, -1, -DIGIT_BITS):
-        hist = np.zeros((len(weights), bins), dtype=np.int64)
-        for i, weight in enumerate(weights):
-            k = magnitude_keys(weight.numpy(), keys)
-            if shift + DIGIT_BITS < bits:
-                k = k[(k >> keys.type(shift + DIGIT_BITS)) == keys.type(prefix)]
+class _GlobalSelection:
+    """Radix selection of the capped global threshold, one streamed pass per 16-bit digit.
+
+    Each pass histograms one digit of every layer's keys (among the keys whose higher digits
+    match the prefix found so far) and folds it at once into `reached[d]`, the number of weights
+    the capped walk has pruned once it passes digit d. Only a sparse copy of each histogram is
+    kept, so memory stays small however many layers there are. The first pass also counts zeros.
+    """
+
+    def __init__(
+        self, weights: Sequence[Weight], keys: np.dtype, sizes: np.ndarray, keep: np.ndarray
+    ) -> None:
+        self.weights, self.keys = weights, keys
+        self.bits = keys.itemsize * 8
+        n = len(weights)
+        self.below = np.zeros(n, dtype=np.int64)  # keys below the current prefix, per layer
+        self.equal = np.zeros(n, dtype=np.int64)
+        self.zeros = np.zeros(n, dtype=np.int64)
+        self.sizes, self.keep = sizes, keep
+        self.caps = sizes.copy()
+        self.prefix = 0
+        self.shift = self.bits - DIGIT_BITS
+        self._pending = self._histogram(first=True)
+
+    def _layer_histogram(self, i: int, first: bool) -> tuple[int, np.ndarray, int]:
+        """(layer, histogram of the current digit, zeros) for one layer, read chunk by chunk."""
+        bins = 1 << DIGIT_BITS
+        keys, shift = self.keys, self.shift
+        hist = np.zeros(bins, dtype=np.int64)
+        zeros = 0
+        for _, chunk in chunks(self.weights[i].numpy()):
+            k = magnitude_keys(chunk, keys)
+            if first:
+                zeros += int(np.count_nonzero(k == 0))
+            else:
+                k = k[(k >> keys.type(shift + DIGIT_BITS)) == keys.type(self.prefix)]
             digits = ((k >> keys.type(shift)) & keys.type(bins - 1)).astype(np.intp)
-            hist[i] = np.bincount(digits, minlength=bins)
-            del k, digits
-        inclusive = np.cumsum(hist, axis=1)
-        inclusive += below[:, None]
-        reached = np.minimum(inclusive, caps[:, None]).sum(axis=0)
-        digit = int(np.searchsorted(reached, target, side="left"))
-        below = inclusive[:, digit] - hist[:, digit]
-        equal = hist[:, digit]
-        prefix = (prefix << DIGIT_BITS) | digit
-        del hist, inclusive, reached
-    counts = np.minimum(below, caps)
-    remaining = target - int(counts.sum())
-    cuts: list[Cut] = []
-    for i, weight in enumerate(weights):
-        if below[i] >= caps[i]:
-            # the layer filled up before the global threshold: its own cut at its cap
-            k = magnitude_keys(weight.numpy(), keys)
-            cuts.append(cut_for_count(k, int(caps[i])))
-            continue
-        ties = int(min(remaining, equal[i], caps[i] - below[i]))
-        remaining -= ties
-        counts[i] += ties
-        cuts.append(Cut(prefix, ties))
-    assert remaining == 0 and int(counts.sum()) == target, "global selection lost count"
-    return counts, cuts
+            hist += np.bincount(digits, minlength=bins)
+        return i, hist, zeros
+
+    def _histogram(self, first: bool) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        bins = 1 << DIGIT_BITS
+        reached = np.zeros(bins, dtype=np.int64)
+        free = np.zeros(bins, dtype=np.int64)  # layers whose cap cannot bind: summed plainly
+        sparse: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.intp),) * 2] * len(
+            self.weights
+        )
+        # numpy releases the GIL in the per-chunk work, so layers are read in parallel; the
+        # folding below is integer addition, so the order layers finish in does not matter
+        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+            jobs = [pool.submit(self._layer_histogram, i, first) for i in range(len(self.weights))]
+            for job in as_completed(jobs):
+                i, hist, zeros = job.result()
+                if first:
+                    self.zeros[i] = zeros
+                    self.caps[i] = max(self.sizes[i] - self.keep[i], zeros)
+                nonzero = np.flatnonzero(hist)
+                sparse[i] = (nonzero, hist[nonzero])
+                if self.below[i] + int(sparse[i][1].sum()) > self.caps[i]:
+                    reached += np.minimum(np.cumsum(hist) + self.below[i], self.caps[i])
+                else:
+                    free += hist
+                    reached += self.below[i]
+        reached += np.cumsum(free)
+        return reached, sparse
+
+    def select(self, target: int) -> tuple[np.ndarray, list[Cut]]:
+        """Per-layer counts summing to `target`, and the cut that prunes each layer's count."""
+        while True:
+            reached, sparse = self._pending
+            digit = int(np.searchsorted(reached, target, side="left"))
+            for i, (nonzero, counts) in enumerate(sparse):
+                j = int(np.searchsorted(nonzero, digit))
+                self.below[i] += int(counts[:j].sum())
+                hit = j < len(nonzero) and nonzero[j] == digit
+                self.equal[i] = counts[j] if hit else 0
+            self.prefix = (self.prefix << DIGIT_BITS) | digit
+            if self.shift == 0:
+                break
+            self.shift -= DIGIT_BITS
+            self._pending = self._histogram(first=False)
+        caps, below = self.caps, self.below
+        counts = np.minimum(below, caps)
+        remaining = target - int(counts.sum())
+        cuts: list[Cut] = []
+        for i, weight in enumerate(self.weights):
+            if below[i] >= caps[i]:
+                # the layer filled up before the global threshold: its own cut at its cap
+                cuts.append(cut_for_count(magnitude_keys(weight.numpy(), self.keys), int(caps[i])))
+                continue
+            ties = int(min(remaining, self.equal[i], caps[i] - below[i]))
+            remaining -= ties
+            counts[i] += ties
+            cuts.append(Cut(self.prefix, ties))
+        assert remaining == 0 and int(counts.sum()) == target, "global selection lost count"
+        return counts, cuts
 
 
 def _apportion(target: int, sizes: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -298,8 +376,12 @@ def plan(
         return _plan_pattern(weights, nm, keys)
 
     sizes = np.array([w.size for w in weights], dtype=np.int64)
-    zeros = np.array(_count_zeros(weights, keys), dtype=np.int64)
     keep = np.array([min_keep.for_layer(int(n)) if min_keep else 0 for n in sizes], dtype=np.int64)
+    if method == "global":
+        selection = _GlobalSelection(weights, keys, sizes, keep)
+        zeros = selection.zeros
+    else:
+        zeros = np.array(_count_zeros(weights, keys), dtype=np.int64)
     caps = np.maximum(sizes - keep, zeros)
     total = int(sizes.sum())
     target = round(sparsity * total)
@@ -318,7 +400,7 @@ def plan(
         target = int(zeros.sum())
 
     if method == "global":
-        counts, cuts = _global_counts(weights, target, caps, keys)
+        counts, cuts = selection.select(target)
     else:
         counts = _apportion(target, sizes, zeros, caps)
         cuts = []
@@ -364,6 +446,7 @@ def _plan_pattern(weights: Sequence[Weight], nm: tuple[int, int], keys: np.dtype
             )
         else:
             layer.pattern = nm
-            layer.prune = int(np.count_nonzero(layer_mask(layer, k) | (k == 0)))
+            ((_, mask),) = layer_masks(layer, weight.numpy(), keys)
+            layer.prune = int(np.count_nonzero(mask | (k == 0)))
         result.layers.append(layer)
     return result

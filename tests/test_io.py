@@ -212,3 +212,27 @@ def test_nothing_to_prune(tmp_path) -> None:
     with pytest.raises(onnxprune.OnnxPruneError, match="no prunable weights"):
         onnxprune.prune(src, 0.5, output=tmp_path / "o.onnx")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_tensors_stored_as_typed_fields_load_too(tmp_path) -> None:
+    """Not every exporter writes raw_data; float_data tensors stay in the parsed message."""
+    model = mlp(dims=(16, 64, 8))
+    for t in model.graph.initializer:
+        arr = onnx.numpy_helper.to_array(t)
+        t.ClearField("raw_data")
+        t.float_data.extend(arr.ravel().tolist())
+    src = save(model, tmp_path / "m.onnx")
+    out = tmp_path / "o.onnx"
+    _, report = onnxprune.prune(src, 0.5, output=out)
+    w = initializers(out)
+    assert sum(int((w[layer.weight.name] == 0).sum()) for layer in report.plan.layers) == (
+        report.plan.pruned
+    )
+    np.testing.assert_array_equal(run(out, {"x": np.zeros((1, 16), np.float32)})[0].shape, (1, 8))
+
+
+def test_weights_are_memory_mapped_not_copied(tmp_path) -> None:
+    src = save(mlp(dims=(16, 64, 8)), tmp_path / "m.onnx")
+    model = load_model(src)
+    arr = next(iter(model.graph.initializers.values())).const_value.numpy()
+    assert not arr.flags.owndata and not arr.flags.writeable  # a read-only view of the file

@@ -237,3 +237,18 @@ def test_min_keep_parse(spec, expected) -> None:
 def test_min_keep_parse_errors(spec) -> None:
     with pytest.raises(InvalidArgumentError, match="--min-keep"):
         MinKeep.parse(spec)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_reads_give_the_same_masks(monkeypatch, chunk) -> None:
+    """Ties and thresholds must carry across chunk boundaries exactly."""
+    import onnxprune.selection as selection
+
+    arrays = random_arrays(11, 4, ties=True)
+    expected = masks(plan(weights_of(arrays), 0.55, min_keep=3))
+    monkeypatch.setattr(selection, "CHUNK", chunk)
+    got = masks(plan(weights_of(arrays), 0.55, min_keep=3))
+    for x, y in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(got, reference_global(arrays, 0.55, [3] * 4), strict=True):
+        np.testing.assert_array_equal(x, y)

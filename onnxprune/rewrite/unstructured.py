@@ -10,15 +10,18 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.scoring import magnitude_keys
-from onnxprune.selection import LayerPlan, Plan, layer_mask
+from onnxprune.selection import LayerPlan, Plan, layer_masks
 
 
 def pruned_array(layer: LayerPlan, source: ir.TensorProtocol, keys: np.dtype) -> np.ndarray:
     """The layer's weights with the planned elements set to zero, in the original dtype."""
     array = source.numpy()
-    mask = layer_mask(layer, magnitude_keys(array, keys)).reshape(array.shape)
-    return np.where(mask, np.zeros((), dtype=array.dtype), array)
+    flat = array.reshape(-1)
+    out = np.empty_like(flat)
+    zero = np.zeros((), dtype=array.dtype)
+    for where, mask in layer_masks(layer, array, keys):
+        out[where] = np.where(mask, zero, flat[where])
+    return out.reshape(array.shape)
 
 
 def apply_plan(model: ir.Model, plan: Plan) -> ir.Model:
