@@ -17,7 +17,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	@mkdir -p build
-	$(VENV)/bin/onnxprune models/digits_cnn.onnx --sparsity 0.9 --output build/digits_cnn.pruned.onnx --force --report build/digits_cnn.report.json
+	$(VENV)/bin/onnxprune models/digits_cnn.onnx --sparsity 0.9 --output build/digits_cnn.pruned.onnx --force --report build/digits_cnn.report.json \
+		--validate --data models/digits_val.npz
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not zoo"
