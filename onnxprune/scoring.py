@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxprune.weights import Weight
+
+if TYPE_CHECKING:
+    from onnxprune.channels import ChannelGraph
 
 
 def key_dtype(weights: Iterable[Weight]) -> np.dtype:
@@ -57,3 +61,37 @@ def magnitude_stats(array: np.ndarray) -> MagnitudeStats:
         max=float(magnitude.max()) if magnitude.size else 0.0,
         std=float(magnitude.std()) if magnitude.size else 0.0,
     )
+
+
+# Normalisations of a member's per-channel magnitudes before they are summed into a group score.
+# "mean" (the default) divides each member by its own mean channel norm, so every layer's average
+# channel weighs 1 whatever the layer's size, fan-in or weight scale; see selection_channels.py for
+# the measurement that chose it.
+CHANNEL_NORMS = ("mean", "rms", "none")
+
+
+def channel_scores(graph: ChannelGraph, normalize: str = "mean") -> np.ndarray:
+    """Importance per channel class: the sum over its weight members (the producers' output
+    channels and the consumers' input channels) of each member's normalised L2 norm."""
+    from onnxprune.channels import const_tensor
+
+    if normalize not in CHANNEL_NORMS:
+        raise ValueError(f"normalize={normalize!r}: choose one of {CHANNEL_NORMS}")
+    scores = np.zeros(graph.n_classes, dtype=np.float64)
+    for member in graph.members:
+        if member.role not in ("out", "in"):
+            continue
+        tensor = const_tensor(member.value)
+        assert tensor is not None
+        array = np.moveaxis(np.asarray(tensor.numpy(), dtype=np.float64), member.axis, 0)
+        squares = np.square(array.reshape(len(member.ids), -1)).sum(axis=1)
+        per_class = np.bincount(member.ids, weights=squares, minlength=graph.n_classes)
+        present = np.unique(member.ids)
+        norms = np.sqrt(per_class[present])
+        if normalize == "mean":
+            norms = norms / max(float(norms.mean()), np.finfo(np.float64).tiny)
+        elif normalize == "rms":
+            counts = np.bincount(member.ids, minlength=graph.n_classes)[present]
+            norms = norms / np.sqrt(counts * max(1, array[0].size))
+        scores[present] += norms
+    return scores

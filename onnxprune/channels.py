@@ -1,0 +1,412 @@
+"""Channel groups: which channel indices of which tensors must be removed together.
+
+Every (value, axis) that carries channels gets an array of integer ids, one per index along that
+axis. The rules of `oprules.py` link ids (residual Adds), place them at offsets (Concat), cut them
+(Split, Slice) or repeat them (a Flatten output repeats a channel's id over its block of rows), and
+record the constants to slice (members) and the attributes or shape constants to recompute (fixes).
+The graph is walked once in topological order; the union-find is resolved at the end in one
+vectorised pass, so a *class* is every index, anywhere in the model, that stands for one channel.
+Working per index rather than per whole axis is what lets Concat offsets, Split and Slice compose.
+
+A class can be removed when some producer (a Conv, Gemm or MatMul weight whose output channels it
+names) makes it and nothing froze it. An op with no rule freezes every class it touches, with the
+reason; so do model inputs and outputs, which keep their shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.oprules import RULES, Unsupported
+
+# Member roles. out/in: a weight's output/input-channel axis; bias: the producer's bias; scale and
+# shift: per-channel carrier parameters (a dead channel has its shifts zero); param: anything else.
+ROLES = ("out", "in", "bias", "scale", "shift", "param")
+
+
+@dataclass(frozen=True, eq=False)
+class Member:
+    """A stored tensor sliced along `axis`: index i goes when id `ids[i]` is removed."""
+
+    role: str
+    value: ir.Value  # an initializer, or the output of a Constant node
+    axis: int
+    ids: np.ndarray
+    node: ir.Node  # the node that reads it
+
+
+@dataclass(eq=False)
+class Fix:
+    """A node whose attributes or shape constants depend on how many channels are kept."""
+
+    kind: str
+    node: ir.Node
+    ids: dict[str, np.ndarray] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Layer:
+    """One producer: a weight's output-channel axis. The unit of --min-keep and of the report."""
+
+    member: Member
+
+    @property
+    def name(self) -> str:
+        return self.member.node.name or self.member.value.name or "?"
+
+    @property
+    def op_type(self) -> str:
+        return self.member.node.op_type
+
+    @property
+    def classes(self) -> np.ndarray:
+        return self.member.ids
+
+
+@dataclass
+class Group:
+    """Layers that share channel classes: what the report shows and --round-to rounds together."""
+
+    layers: list[int]
+    classes: np.ndarray
+    frozen: int  # frozen classes among `classes`
+    reasons: list[str]
+
+
+@dataclass
+class ChannelGraph:
+    """The analysis result. After `build`, every ids array holds class labels 0..n_classes-1."""
+
+    n_classes: int
+    spaces: dict[ir.Value, dict[int, np.ndarray]]
+    members: list[Member]
+    fixes: list[Fix]
+    frozen: np.ndarray  # bool per class
+    reason: np.ndarray  # index into `reasons` per class, -1 when not frozen
+    reasons: list[str]
+    layers: list[Layer]
+    groups: list[Group]
+
+    @property
+    def produced(self) -> np.ndarray:
+        """Bool per class: some producer makes it (so zeroing its weights kills the channel)."""
+        mask = np.zeros(self.n_classes, dtype=bool)
+        for layer in self.layers:
+            mask[layer.classes] = True
+        return mask
+
+    @property
+    def prunable(self) -> np.ndarray:
+        return self.produced & ~self.frozen
+
+
+def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of n nodes and edges (a[i], b[i]): the smallest node id per node.
+
+    Hooking roots to the smaller root and pointer jumping, all in numpy: O(log n) rounds.
+    """
+    label = np.arange(n, dtype=np.int64)
+    if len(a) == 0:
+        return label
+    while True:
+        la, lb = label[a], label[b]
+        if np.array_equal(la, lb):
+            return label
+        low = np.minimum(la, lb)
+        np.minimum.at(label, la, low)
+        np.minimum.at(label, lb, low)
+        while True:
+            jumped = label[label]
+            if np.array_equal(jumped, label):
+                break
+            label = jumped
+
+
+def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The stored tensor of an initializer or a Constant node's output; None otherwise."""
+    if value is None:
+        return None
+    if value.const_value is not None and value.producer() is None and not value.is_graph_input():
+        return value.const_value
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        attr = node.attributes.get("value")
+        if attr is not None:
+            return attr.value
+    return None
+
+
+# Ops through which a stored tensor is still "the same constant" (weights.PASS_THROUGH).
+_CONST_VIEWS = ("Transpose", "Cast", "Identity")
+
+
+class Walk:
+    """The context the rules of oprules.py work on: spaces, links, members, fixes, freezes."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.count = 0
+        self.spaces: dict[ir.Value, dict[int, np.ndarray]] = {}
+        self.links: list[tuple[np.ndarray, np.ndarray]] = []
+        self.freezes: list[tuple[np.ndarray, str]] = []
+        self.members: list[Member] = []
+        self.fixes: list[Fix] = []
+        self.no_rule: dict[ir.Value, str] = {}
+        self.journal: list[tuple[ir.Value, int]] = []  # spaces made, so a failed rule is undone
+
+    # -- reading the graph -------------------------------------------------------------------
+    def const(self, value: ir.Value | None) -> np.ndarray | None:
+        tensor = const_tensor(value)
+        return None if tensor is None else tensor.numpy()
+
+    def is_const(self, value: ir.Value | None) -> bool:
+        return self._const_view(value, 0) is not None
+
+    def shape(self, value: ir.Value | None) -> list[int | None] | None:
+        """Static dims (None where symbolic or unknown); None if the rank is unknown."""
+        if value is None:
+            return None
+        tensor = const_tensor(value)
+        if tensor is not None:
+            return [int(d) for d in tensor.shape]
+        if value.shape is None:
+            return None
+        return [d if isinstance(d, int) else None for d in value.shape]
+
+    def rank(self, value: ir.Value | None) -> int | None:
+        shape = self.shape(value)
+        return None if shape is None else len(shape)
+
+    def dim(self, value: ir.Value, axis: int) -> int | None:
+        shape = self.shape(value)
+        return None if shape is None or not 0 <= axis < len(shape) else shape[axis]
+
+    def ids(self, value: ir.Value | None, axis: int) -> np.ndarray | None:
+        if value is None:
+            return None
+        return self.spaces.get(value, {}).get(axis)
+
+    def spaces_of(self, value: ir.Value | None) -> dict[int, np.ndarray]:
+        return {} if value is None else dict(self.spaces.get(value, {}))
+
+    # -- building --------------------------------------------------------------------------
+    def new(self, n: int) -> np.ndarray:
+        ids = np.arange(self.count, self.count + n, dtype=np.int64)
+        self.count += n
+        return ids
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        if len(a) != len(b):
+            raise Unsupported(f"channel counts {len(a)} and {len(b)} do not match")
+        self.links.append((a, b))
+
+    def set(self, value: ir.Value, axis: int, ids: np.ndarray) -> None:
+        """Give `value` a channel space on `axis` (linking it if it has one already)."""
+        current = self.ids(value, axis)
+        if current is not None:
+            self.union(current, ids)
+        else:
+            self._put(value, axis, ids)
+
+    def _put(self, value: ir.Value, axis: int, ids: np.ndarray) -> None:
+        self.spaces.setdefault(value, {})[axis] = ids
+        self.journal.append((value, axis))
+
+    def carry(self, src: ir.Value, dst: ir.Value, axis_map: dict[int, int] | None = None) -> None:
+        """Copy the spaces of `src` to `dst`, same axes or through `axis_map` (src -> dst)."""
+        for axis, ids in self.spaces_of(src).items():
+            target = axis if axis_map is None else axis_map.get(axis)
+            if target is None:
+                raise Unsupported(f"axis {axis} of {src.name!r} carries channels and is dropped")
+            self.set(dst, target, ids)
+
+    def freeze(self, ids: np.ndarray, reason: str) -> None:
+        self.freezes.append((ids, reason))
+
+    def freeze_value(self, value: ir.Value | None, reason: str) -> None:
+        for ids in self.spaces_of(value).values():
+            self.freeze(ids, reason)
+
+    def member(self, role: str, value: ir.Value, axis: int, ids: np.ndarray, node: ir.Node) -> None:
+        self.members.append(Member(role, value, axis, ids, node))
+
+    def fix(self, kind: str, node: ir.Node, ids: dict[str, np.ndarray] | None = None, **data: Any):
+        self.fixes.append(Fix(kind, node, ids or {}, data))
+
+    def _const_view(self, value: ir.Value | None, axis: int) -> tuple[ir.Value, int] | None:
+        """(stored constant, its axis) that `value`'s axis is, through Transpose/Cast/Identity."""
+        seen = 0
+        while value is not None and seen < 16:
+            if const_tensor(value) is not None:
+                return value, axis
+            node = value.producer()
+            if node is None or node.domain not in ("", "ai.onnx"):
+                return None
+            if node.op_type not in _CONST_VIEWS:
+                return None
+            if node.op_type == "Transpose":
+                rank = self.rank(node.inputs[0])
+                if rank is None:
+                    return None
+                perm_attr = node.attributes.get("perm")
+                perm = list(perm_attr.value) if perm_attr else list(range(rank))[::-1]
+                axis = perm[axis]
+            value = node.inputs[0]
+            seen += 1
+        return None
+
+    def space(self, value: ir.Value, axis: int, role: str, node: ir.Node) -> np.ndarray:
+        """The space on `value`'s axis, made if missing: a constant becomes a sliced member; any
+        other value gets frozen ids (a model input, or the output of an op with no rule)."""
+        ids = self.ids(value, axis)
+        if ids is not None:
+            return ids
+        view = self._const_view(value, axis)
+        if view is not None and view[0] is not value:
+            ids = self.space(view[0], view[1], role, node)
+            self._put(value, axis, ids)
+            return ids
+        n = self.dim(value, axis)
+        if n is None:
+            raise Unsupported(f"axis {axis} of {value.name!r} has no static size")
+        ids = self.new(n)
+        self._put(value, axis, ids)
+        if view is not None:
+            self.member(role, value, axis, ids, node)
+        else:
+            self.freeze(ids, self._origin(value, axis))
+        return ids
+
+    def _origin(self, value: ir.Value, axis: int) -> str:
+        if value.is_graph_input():
+            return f"meets model input {value.name!r}, which keeps its shape"
+        if value in self.no_rule:
+            return self.no_rule[value]
+        producer = value.producer()
+        op = producer.op_type if producer is not None else "?"
+        return f"meets axis {axis} of {value.name!r} ({op} output), which is no channel axis"
+
+    # -- the walk --------------------------------------------------------------------------
+    def visit(self, node: ir.Node) -> None:
+        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        name = f"{node.op_type} {node.name or node.outputs[0].name!r}"
+        if rule is None:
+            reason = f"{name} has no channel rule"
+        elif any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values()):
+            reason = f"{name} has a subgraph"
+        else:
+            mark = (len(self.links), len(self.members), len(self.fixes), len(self.journal))
+            try:
+                rule(node, self)
+                return
+            except Unsupported as exc:
+                self._rollback(mark)
+                reason = f"{name}: {exc}"
+        for value in node.inputs:
+            self.freeze_value(value, reason)
+        for value in node.outputs:
+            self.no_rule[value] = reason
+            self.freeze_value(value, reason)
+        for sub in _subgraph_inputs(node):
+            self.freeze_value(sub, reason)
+
+    def _rollback(self, mark: tuple[int, int, int, int]) -> None:
+        links, members, fixes, journal = mark
+        del self.links[links:]
+        del self.members[members:]
+        del self.fixes[fixes:]
+        # spaces made by the failed rule go; its freezes stay but name ids nothing links to
+        while len(self.journal) > journal:
+            value, axis = self.journal.pop()
+            self.spaces[value].pop(axis, None)
+
+
+def _subgraph_inputs(node: ir.Node) -> Iterator[ir.Value]:
+    """Values an If/Loop/Scan body reads, outer-scope values included."""
+    for attr in node.attributes.values():
+        graphs = []
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs = [attr.value]
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs = list(attr.value)
+        for graph in graphs:
+            for inner in graph.all_nodes():
+                yield from (v for v in inner.inputs if v is not None)
+
+
+def build(model: ir.Model) -> ChannelGraph:
+    """Channel classes, members, fixes, layers and groups of the main graph."""
+    walk = Walk(model)
+    for node in model.graph:
+        walk.visit(node)
+    for value in model.graph.outputs:
+        walk.freeze_value(value, f"reaches model output {value.name!r}, which keeps its shape")
+    return _resolve(walk)
+
+
+def _resolve(walk: Walk) -> ChannelGraph:
+    n = walk.count
+    if walk.links:
+        a = np.concatenate([x for x, _ in walk.links])
+        b = np.concatenate([y for _, y in walk.links])
+    else:
+        a = b = np.zeros(0, dtype=np.int64)
+    root = components(n, a, b)
+    _, label = np.unique(root, return_inverse=True)
+    label = label.astype(np.int64).reshape(-1)
+    n_classes = int(label.max()) + 1 if n else 0
+
+    frozen = np.zeros(n_classes, dtype=bool)
+    reason = np.full(n_classes, -1, dtype=np.int64)
+    reasons: list[str] = []
+    for ids, text in walk.freezes:
+        classes = np.unique(label[ids])
+        new = classes[reason[classes] < 0]
+        if len(new):
+            if text not in reasons:
+                reasons.append(text)
+            reason[new] = reasons.index(text)
+        frozen[classes] = True
+
+    spaces = {v: {ax: label[ids] for ax, ids in s.items()} for v, s in walk.spaces.items()}
+    members = [Member(m.role, m.value, m.axis, label[m.ids], m.node) for m in walk.members]
+    fixes = [
+        Fix(f.kind, f.node, {k: label[i] for k, i in f.ids.items()}, f.data) for f in walk.fixes
+    ]
+    seen: set[tuple[ir.Value, int]] = set()
+    layers = []
+    for m in members:
+        if m.role == "out" and (m.value, m.axis) not in seen:
+            seen.add((m.value, m.axis))
+            layers.append(Layer(m))
+    graph = ChannelGraph(n_classes, spaces, members, fixes, frozen, reason, reasons, layers, [])
+    graph.groups = _groups(graph)
+    return graph
+
+
+def _groups(graph: ChannelGraph) -> list[Group]:
+    """Layers joined when they share a class: the coupled units the report lists."""
+    if not graph.layers:
+        return []
+    layer_of = np.concatenate(
+        [np.full(len(layer.classes), i, dtype=np.int64) for i, layer in enumerate(graph.layers)]
+    )
+    classes = np.concatenate([layer.classes for layer in graph.layers])
+    order = np.lexsort((layer_of, classes))
+    same = classes[order][1:] == classes[order][:-1]
+    a, b = layer_of[order][:-1][same], layer_of[order][1:][same]
+    root = components(len(graph.layers), a, b)
+    groups = []
+    for r in np.unique(root):
+        members = np.flatnonzero(root == r)
+        cls = np.unique(np.concatenate([graph.layers[i].classes for i in members]))
+        frozen = graph.frozen[cls]
+        texts = [graph.reasons[i] for i in np.unique(graph.reason[cls]) if i >= 0]
+        groups.append(Group([int(i) for i in members], cls, int(frozen.sum()), texts))
+    return groups

@@ -1,0 +1,696 @@
+"""How a channel axis flows through each op: one small rule per op, all in the table `RULES`.
+
+A rule reads its node's inputs' channel spaces from the walk (`channels.Walk`) and says:
+- which output axes carry which channels (`carry`, `set`),
+- which channels must go together (`union`: residual Adds, grouped Conv, a shared weight),
+- which stored tensors are sliced along which axis (`space` on a constant makes a member),
+- which attributes or shape constants the rewrite must recompute (`fix`).
+A rule that meets a case it does not understand raises `Unsupported`; the walk then freezes every
+channel the node touches and reports the reason. Never guess.
+
+Known approximations, by design: LayerNormalization over a pruned axis renormalises over the
+channels left (as Torch-Pruning does), so removing an all-zero channel changes its statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+
+if TYPE_CHECKING:
+    from onnxprune.channels import Walk
+
+
+class Unsupported(Exception):
+    """The rule cannot follow channels through this node; the message says why."""
+
+
+Rule = Callable[[ir.Node, "Walk"], None]
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _ints(ctx: Walk, node: ir.Node, index: int, attr: str) -> list[int] | None:
+    """Integers given as an input constant (newer opsets) or an attribute (older ones)."""
+    if len(node.inputs) > index and node.inputs[index] is not None:
+        array = ctx.const(node.inputs[index])
+        if array is None:
+            raise Unsupported(f"input {index} is computed, not a constant")
+        return [int(x) for x in np.asarray(array).reshape(-1)]
+    value = _attr(node, attr, None)
+    return None if value is None else [int(x) for x in value]
+
+
+def _axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _only_axes(ctx: Walk, value: ir.Value, allowed: set[int], why: str) -> None:
+    for axis in ctx.spaces_of(value):
+        if axis not in allowed:
+            raise Unsupported(f"channels on axis {axis} {why}")
+
+
+# -- ops that leave the channel axis alone ------------------------------------------------------
+def unary(node: ir.Node, ctx: Walk) -> None:
+    """Element-wise on one tensor: every output has the input's channels on the same axes."""
+    for out in node.outputs:
+        if out is not None:
+            ctx.carry(node.inputs[0], out)
+
+
+def constant(node: ir.Node, ctx: Walk) -> None:
+    """A Constant's output is a stored tensor: rules that read it slice it."""
+
+
+def elementwise(node: ir.Node, ctx: Walk) -> None:
+    """Broadcasting ops: inputs' channels on aligned axes are the same channels.
+
+    A constant operand with that many entries is sliced with them; one with a single entry
+    broadcasts. A computed operand without channels there (a model input) freezes them.
+    """
+    role = {"Add": "shift", "Sub": "shift", "Mul": "scale", "Div": "scale", "PRelu": "scale"}
+    inputs = [v for v in node.inputs if v is not None]
+    ranks = [ctx.rank(v) for v in inputs]
+    if any(r is None for r in ranks):
+        if any(ctx.spaces_of(v) for v in inputs):
+            raise Unsupported("an operand has unknown rank")
+        return
+    rank = max(ranks)  # type: ignore[type-var]
+    out = node.outputs[0]
+    for k in range(rank):
+        aligned = [(v, k - (rank - r)) for v, r in zip(inputs, ranks, strict=True) if k >= rank - r]
+        found = [ctx.ids(v, a) for v, a in aligned]
+        base = next((ids for ids in found if ids is not None and len(ids) > 1), None)
+        if base is None:
+            base = next((ids for ids in found if ids is not None), None)
+            if base is not None:
+                ctx.set(out, k, base)
+            continue
+        for (v, a), ids in zip(aligned, found, strict=True):
+            if ids is None:
+                if ctx.dim(v, a) == 1:
+                    continue
+                ids = ctx.space(v, a, role.get(node.op_type, "param"), node)
+            if len(ids) == 1 and len(base) > 1:
+                continue  # a one-channel space broadcasts; it is never emptied (min keep 1)
+            ctx.union(base, ids)
+        ctx.set(out, k, base)
+
+
+def transpose(node: ir.Node, ctx: Walk) -> None:
+    rank = ctx.rank(node.inputs[0])
+    if rank is None:
+        raise Unsupported("unknown rank")
+    perm = list(_attr(node, "perm", list(range(rank))[::-1]))
+    ctx.carry(node.inputs[0], node.outputs[0], {p: j for j, p in enumerate(perm)})
+
+
+def squeeze(node: ir.Node, ctx: Walk) -> None:
+    x = node.inputs[0]
+    shape = ctx.shape(x)
+    if shape is None:
+        raise Unsupported("unknown rank")
+    axes = _ints(ctx, node, 1, "axes")
+    if axes is None:
+        if any(d is None for d in shape):
+            raise Unsupported("squeezes unknown dims")
+        axes = [i for i, d in enumerate(shape) if d == 1]
+    axes = {_axis(a, len(shape)) for a in axes}
+    kept = [i for i in range(len(shape)) if i not in axes]
+    ctx.carry(x, node.outputs[0], {i: j for j, i in enumerate(kept)})
+
+
+def unsqueeze(node: ir.Node, ctx: Walk) -> None:
+    x = node.inputs[0]
+    rank = ctx.rank(x)
+    axes = _ints(ctx, node, 1, "axes")
+    if rank is None or axes is None:
+        raise Unsupported("unknown rank or axes")
+    out_rank = rank + len(axes)
+    new = {_axis(a, out_rank) for a in axes}
+    old = [j for j in range(out_rank) if j not in new]
+    ctx.carry(x, node.outputs[0], dict(enumerate(old)))
+
+
+# -- producers and consumers --------------------------------------------------------------------
+def conv(node: ir.Node, ctx: Walk) -> None:
+    """Conv and ConvTranspose. Grouped ones prune whole groups: a group's input and output
+    channels become one class, so depthwise Conv ties its input and output channels."""
+    x, w = node.inputs[0], node.inputs[1]
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    if not ctx.is_const(w) or (b is not None and not ctx.is_const(b)):
+        raise Unsupported("weight or bias is computed, not stored")
+    wshape = ctx.shape(w)
+    assert wshape is not None
+    groups = int(_attr(node, "group", 1))
+    transposed = node.op_type == "ConvTranspose"
+    out_axis, in_axis = (1, 0) if transposed else (0, 1)
+    _only_axes(ctx, x, {1}, "other than 1 would be mixed by a convolution")
+    if transposed and groups > 1:
+        raise Unsupported("grouped ConvTranspose is not pruned")
+    xi = ctx.space(x, 1, "in", node)
+    if groups == 1:
+        o = ctx.space(w, out_axis, "out", node)
+        ctx.union(xi, ctx.space(w, in_axis, "in", node))
+    else:
+        c = len(xi)
+        m = wshape[0]
+        if c % groups or m % groups:
+            raise Unsupported(f"{c} in / {m} out channels do not divide into {groups} groups")
+        per_group = xi.reshape(groups, c // groups)
+        gid = per_group[:, 0]
+        ctx.union(per_group.reshape(-1), np.repeat(gid, c // groups))
+        o = ctx.space(w, 0, "out", node)
+        ctx.union(o, np.repeat(gid, m // groups))
+        ctx.fix("group", node, ids={"groups": gid})
+    if b is not None:
+        ctx.union(o, ctx.space(b, 0, "bias", node))
+    ctx.set(node.outputs[0], 1, o)
+
+
+def gemm(node: ir.Node, ctx: Walk) -> None:
+    a, w = node.inputs[0], node.inputs[1]
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if not ctx.is_const(w) or ctx.is_const(a):
+        raise Unsupported("only activation x stored weight is pruned")
+    ka = 0 if _attr(node, "transA", 0) else 1
+    kw = 1 if _attr(node, "transB", 0) else 0
+    o = ctx.space(w, 1 - kw, "out", node)
+    ctx.union(ctx.space(a, ka, "in", node), ctx.space(w, kw, "in", node))
+    out = node.outputs[0]
+    ctx.set(out, 1, o)
+    rows = ctx.ids(a, 1 - ka)
+    if rows is not None:
+        ctx.set(out, 0, rows)
+    if c is not None:
+        if not ctx.is_const(c):
+            raise Unsupported("bias is computed, not stored")
+        cshape = ctx.shape(c) or []
+        if cshape and cshape[-1] == len(o) and len(o) > 1:
+            ctx.union(o, ctx.space(c, len(cshape) - 1, "bias", node))
+        if len(cshape) == 2 and cshape[0] != 1:
+            raise Unsupported("a full-matrix bias is not pruned")
+
+
+def matmul(node: ir.Node, ctx: Walk) -> None:
+    """x @ W with W stored: W's rows are input channels, its columns output channels. Between two
+    computed tensors (attention), the contracted axes are one space and the rest carry over."""
+    a, b = node.inputs
+    ra, rb = ctx.rank(a), ctx.rank(b)
+    out = node.outputs[0]
+    ro = ctx.rank(out)
+    if ra is None or rb is None or ra < 2 or rb < 2:
+        raise Unsupported("unknown or vector rank")
+    ro = max(ra, rb) if ro is None else ro
+    if ctx.is_const(b) and rb == 2 and not ctx.is_const(a):
+        ctx.union(ctx.space(a, ra - 1, "in", node), ctx.space(b, 0, "in", node))
+        ctx.set(out, ro - 1, ctx.space(b, 1, "out", node))
+        for axis, ids in ctx.spaces_of(a).items():
+            if axis < ra - 1:
+                ctx.set(out, axis + ro - ra, ids)
+        return
+    if ctx.is_const(a) or ctx.is_const(b):
+        raise Unsupported("a stored left operand or batched stored weight is not pruned")
+    ka, kb = ctx.ids(a, ra - 1), ctx.ids(b, rb - 2)
+    if ka is not None or kb is not None:
+        ctx.union(ctx.space(a, ra - 1, "in", node), ctx.space(b, rb - 2, "in", node))
+    rows, cols = ctx.ids(a, ra - 2), ctx.ids(b, rb - 1)
+    if rows is not None:
+        ctx.set(out, ro - 2, rows)
+    if cols is not None:
+        ctx.set(out, ro - 1, cols)
+    for v, r in ((a, ra), (b, rb)):
+        for axis, ids in ctx.spaces_of(v).items():
+            if axis < r - 2:
+                ctx.set(out, axis + ro - r, ids)
+
+
+# -- carriers with per-channel parameters --------------------------------------------------------
+def batchnorm(node: ir.Node, ctx: Walk) -> None:
+    if any(o is not None and o.uses() for o in node.outputs[1:]):
+        raise Unsupported("training-mode outputs are used")
+    x = node.inputs[0]
+    c = ctx.space(x, 1, "in", node)
+    for value, role in zip(node.inputs[1:5], ("scale", "shift", "shift", "param"), strict=False):
+        if value is not None:
+            if not ctx.is_const(value):
+                raise Unsupported("parameters are computed, not stored")
+            ctx.union(c, ctx.space(value, 0, role, node))
+    ctx.carry(x, node.outputs[0])
+
+
+def instancenorm(node: ir.Node, ctx: Walk) -> None:
+    x, scale, bias = node.inputs
+    c = ctx.space(x, 1, "in", node)
+    ctx.union(c, ctx.space(scale, 0, "scale", node))
+    ctx.union(c, ctx.space(bias, 0, "shift", node))
+    ctx.carry(x, node.outputs[0])
+
+
+def layernorm(node: ir.Node, ctx: Walk) -> None:
+    """Normalised axes may be pruned (scale and bias sliced); the statistics then cover the
+    channels left. See the module docstring."""
+    if any(o is not None and o.uses() for o in node.outputs[1:]):
+        raise Unsupported("mean / inverse std outputs are used")
+    x = node.inputs[0]
+    rank = ctx.rank(x)
+    if rank is None:
+        raise Unsupported("unknown rank")
+    start = _axis(int(_attr(node, "axis", -1)), rank)
+    for axis, ids in ctx.spaces_of(x).items():
+        if axis < start:
+            continue
+        for value, role in zip(node.inputs[1:3], ("scale", "shift"), strict=False):
+            if value is None:
+                continue
+            r = ctx.rank(value) or 0
+            k = axis - (rank - r)
+            if k >= 0 and ctx.dim(value, k) != 1:
+                ctx.union(ids, ctx.space(value, k, role, node))
+    ctx.carry(x, node.outputs[0])
+
+
+def softmax(node: ir.Node, ctx: Walk) -> None:
+    x = node.inputs[0]
+    rank = ctx.rank(x)
+    if rank is None:
+        raise Unsupported("unknown rank")
+    opset = ctx.model.opset_imports.get("", 17)
+    axis = _axis(int(_attr(node, "axis", -1 if opset >= 13 else 1)), rank)
+    normalised = {axis} if opset >= 13 else set(range(axis, rank))
+    if normalised & set(ctx.spaces_of(x)):
+        raise Unsupported("normalises over channels")
+    ctx.carry(x, node.outputs[0])
+
+
+# -- placing and cutting channels ----------------------------------------------------------------
+def concat(node: ir.Node, ctx: Walk) -> None:
+    out = node.outputs[0]
+    inputs = [v for v in node.inputs if v is not None]
+    rank = ctx.rank(out) or ctx.rank(inputs[0])
+    if rank is None:
+        raise Unsupported("unknown rank")
+    axis = _axis(int(_attr(node, "axis", 0)), rank)
+    for k in range(rank):
+        found = [ctx.ids(v, k) for v in inputs]
+        if all(ids is None for ids in found):
+            continue
+        parts = [
+            ctx.space(v, k, "param", node) if ids is None else ids
+            for v, ids in zip(inputs, found, strict=True)
+        ]
+        if k == axis:
+            ctx.set(out, k, np.concatenate(parts))
+        else:
+            for ids in parts[1:]:
+                ctx.union(parts[0], ids)
+            ctx.set(out, k, parts[0])
+
+
+def split(node: ir.Node, ctx: Walk) -> None:
+    x = node.inputs[0]
+    rank = ctx.rank(x)
+    if rank is None:
+        raise Unsupported("unknown rank")
+    axis = _axis(int(_attr(node, "axis", 0)), rank)
+    outs = list(node.outputs)
+    ids = ctx.ids(x, axis)
+    if ids is not None:
+        sizes = _ints(ctx, node, 1, "split")
+        if sizes is None:
+            n = len(ids)
+            count = len(outs)
+            step = -(-n // count)
+            sizes = [min(step, n - i * step) for i in range(count)]
+        if sum(sizes) != len(ids):
+            raise Unsupported("split sizes do not add up")
+        for out, start, size in zip(outs, np.cumsum([0, *sizes[:-1]]), sizes, strict=True):
+            ctx.set(out, axis, ids[start : start + size])
+        ctx.fix("split", node, axis=axis)
+    for out in outs:
+        ctx.carry(x, out, {a: a for a in ctx.spaces_of(x) if a != axis})
+
+
+def slice_(node: ir.Node, ctx: Walk) -> None:
+    x = node.inputs[0]
+    shape = ctx.shape(x)
+    if shape is None:
+        raise Unsupported("unknown rank")
+    rank = len(shape)
+    starts = _ints(ctx, node, 1, "starts")
+    ends = _ints(ctx, node, 2, "ends")
+    axes = _ints(ctx, node, 3, "axes")
+    steps = _ints(ctx, node, 4, "steps")
+    if starts is None or ends is None:
+        raise Unsupported("no starts/ends")
+    axes = [_axis(a, rank) for a in (axes or range(len(starts)))]
+    steps = steps or [1] * len(starts)
+    spaces = ctx.spaces_of(x)
+    out = node.outputs[0]
+    for j, axis in enumerate(axes):
+        ids = spaces.pop(axis, None)
+        if ids is None:
+            continue
+        if steps[j] != 1:
+            raise Unsupported("slices channels with a step")
+        start, end, _ = slice(starts[j], ends[j]).indices(len(ids))
+        end = max(start, end)
+        ctx.set(out, axis, ids[start:end])
+        ctx.fix("slice", node, ids={"in": ids}, position=j, start=start, end=end)
+    for axis, ids in spaces.items():
+        ctx.set(out, axis, ids)
+
+
+def gather(node: ir.Node, ctx: Walk) -> None:
+    x, idx = node.inputs
+    rank = ctx.rank(x)
+    if rank is None:
+        raise Unsupported("unknown rank")
+    if ctx.spaces_of(idx):
+        raise Unsupported("indices carry channels")
+    axis = _axis(int(_attr(node, "axis", 0)), rank)
+    indices = ctx.const(idx)
+    spaces = ctx.spaces_of(x)
+    q = ctx.rank(idx)
+    if q is None:
+        raise Unsupported("indices of unknown rank")
+    out = node.outputs[0]
+    ids = spaces.pop(axis, None)
+    if ids is not None:
+        if indices is None or q > 1:
+            raise Unsupported("gathers channels with computed or multi-dimensional indices")
+        picked = ids[np.asarray(indices).reshape(-1) % len(ids)]
+        if q == 0:
+            ctx.freeze(picked, f"{node.op_type} {node.name!r} picks one channel by index")
+        else:
+            ctx.set(out, axis, picked)
+        ctx.fix("gather", node, ids={"in": ids})
+    for a, s in spaces.items():
+        ctx.set(out, a if a < axis else a - 1 + q, s)
+
+
+def flatten(node: ir.Node, ctx: Walk) -> None:
+    x = node.inputs[0]
+    shape = ctx.shape(x)
+    if shape is None:
+        raise Unsupported("unknown rank")
+    axis = _axis(int(_attr(node, "axis", 1)), len(shape))
+    out_shape = [_prod(shape[:axis]), _prod(shape[axis:])]
+    _reshape_spaces(ctx, x, shape, node.outputs[0], out_shape, [None, None])
+
+
+def reshape(node: ir.Node, ctx: Walk) -> None:
+    """One channel becomes a block of rows when merged with the axes after it; a split channel
+    axis keeps its channels on the one output axis that still tells them apart."""
+    x = node.inputs[0]
+    shape = ctx.shape(x)
+    if not ctx.spaces_of(x):
+        return
+    target = ctx.const(node.inputs[1])
+    if shape is None or target is None:
+        raise Unsupported("computed target shape or unknown input shape")
+    target = [int(t) for t in np.asarray(target).reshape(-1)]
+    out_shape: list[int | None] = []
+    for i, t in enumerate(target):
+        if t == 0 and not _attr(node, "allowzero", 0):
+            out_shape.append(shape[i] if i < len(shape) else None)
+        else:
+            out_shape.append(None if t == -1 else t)
+    if -1 in target:
+        known = [d for k, d in enumerate(out_shape) if k != target.index(-1)]
+        if None not in shape and None not in known:
+            out_shape[target.index(-1)] = _prod(shape) // max(1, _prod(known) or 1)
+    inferred = ctx.shape(node.outputs[0])
+    if inferred is not None and len(inferred) == len(out_shape):
+        out_shape = [d if d is not None else o for d, o in zip(inferred, out_shape, strict=True)]
+    moved = _reshape_spaces(ctx, x, shape, node.outputs[0], out_shape, target)
+    if moved:
+        ctx.fix("reshape", node, axes=moved)
+
+
+def _prod(dims: list[int | None]) -> int | None:
+    if any(d is None for d in dims):
+        return None
+    return int(np.prod(dims, dtype=np.int64))
+
+
+def _reshape_spaces(
+    ctx: Walk,
+    x: ir.Value,
+    shape: list[int | None],
+    out: ir.Value,
+    out_shape: list[int | None],
+    target: list[int | None],
+) -> list[int]:
+    """Map x's spaces through a reshape; returns the output axes whose literal size must change."""
+    groups = _align(shape, out_shape)
+    if groups is None:
+        raise Unsupported(f"cannot align shapes {shape} and {out_shape}")
+    spaces = ctx.spaces_of(x)
+    moved = []
+    for ins, outs in groups:
+        here = [a for a in ins if a in spaces]
+        if not here:
+            continue
+        if len(here) > 1:
+            raise Unsupported("merges two channel axes")
+        if ins == outs == [here[0]] or (len(ins) == 1 and len(outs) == 1):
+            ctx.set(out, outs[0], spaces[here[0]])
+            if shape[ins[0]] is not None and target[outs[0]] not in (0, -1, None):
+                moved.append(outs[0])
+            continue
+        dims = [shape[a] for a in ins]
+        odims = [out_shape[a] for a in outs]
+        if any(d is None for d in dims + odims):
+            raise Unsupported("channel axis reshaped with unknown sizes")
+        view = [1] * len(ins)
+        view[ins.index(here[0])] = -1
+        grid = np.broadcast_to(spaces[here[0]].reshape(view), dims).reshape(odims)
+        carrier = None
+        for j in range(len(outs)):
+            line = grid[tuple(slice(None) if i == j else 0 for i in range(len(outs)))]
+            shaped = [1] * len(outs)
+            shaped[j] = -1
+            if np.array_equal(np.broadcast_to(line.reshape(shaped), grid.shape), grid):
+                carrier = (j, line)
+                break
+        if carrier is None:
+            raise Unsupported("splits a channel axis across several axes (attention heads)")
+        j, line = carrier
+        ctx.set(out, outs[j], line)
+        if target[outs[j]] not in (0, -1, None):
+            moved.append(outs[j])
+    return moved
+
+
+def _align(a: list[int | None], b: list[int | None]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of axes with equal products. Unknown dims pair one-to-one, only where the known
+    dims after them multiply to the same on both sides; trailing 1s join the last run."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i] is None or b[j] is None:
+            if a[i] is not None or b[j] is not None:
+                return None
+            rest_a, rest_b = _prod(a[i + 1 :]), _prod(b[j + 1 :])
+            if rest_a is None or rest_a != rest_b:
+                return None
+            groups.append(([i], [j]))
+            i, j = i + 1, j + 1
+            continue
+        ins, outs, pa, pb = [i], [j], a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(a) or a[i] is None:
+                    return None
+                pa *= a[i]
+                ins.append(i)
+                i += 1
+            else:
+                if j >= len(b) or b[j] is None:
+                    return None
+                pb *= b[j]
+                outs.append(j)
+                j += 1
+        groups.append((ins, outs))
+    if any(d != 1 for d in a[i:]) or any(d != 1 for d in b[j:]):
+        return None
+    if groups:
+        groups[-1][0].extend(range(i, len(a)))
+        groups[-1][1].extend(range(j, len(b)))
+    return groups
+
+
+def expand(node: ir.Node, ctx: Walk) -> None:
+    x = node.inputs[0]
+    target = ctx.const(node.inputs[1])
+    rank = ctx.rank(x)
+    spaces = ctx.spaces_of(x)
+    if not spaces:
+        return
+    if target is None or rank is None:
+        raise Unsupported("computed target shape")
+    out_rank = max(rank, len(np.asarray(target).reshape(-1)))
+    moved = []
+    for axis, ids in spaces.items():
+        ctx.set(node.outputs[0], axis + out_rank - rank, ids)
+        moved.append(axis + out_rank - rank)
+    ctx.fix("expand", node, axes=moved)
+
+
+# -- spatial ops ---------------------------------------------------------------------------------
+def pool(node: ir.Node, ctx: Walk) -> None:
+    if len(node.outputs) > 1 and node.outputs[1] is not None and node.outputs[1].uses():
+        raise Unsupported("its indices output counts channels")
+    _only_axes(ctx, node.inputs[0], {0, 1}, "are pooled over")
+    ctx.carry(node.inputs[0], node.outputs[0])
+
+
+def pad(node: ir.Node, ctx: Walk) -> None:
+    x = node.inputs[0]
+    rank = ctx.rank(x)
+    pads = _ints(ctx, node, 1, "pads")
+    if rank is None or pads is None:
+        raise Unsupported("unknown pads")
+    axes = _ints(ctx, node, 3, "axes") or list(range(rank))
+    axes = [_axis(a, rank) for a in axes]
+    for j, axis in enumerate(axes):
+        if axis in ctx.spaces_of(x) and (pads[j] or pads[j + len(axes)]):
+            raise Unsupported("pads the channel axis")
+    ctx.carry(x, node.outputs[0])
+
+
+def resize(node: ir.Node, ctx: Walk) -> None:
+    x = node.inputs[0]
+    spaces = ctx.spaces_of(x)
+    rank = ctx.rank(x)
+    if rank is None:
+        raise Unsupported("unknown rank")
+    opset = ctx.model.opset_imports.get("", 17)
+    scale_index = 1 if node.op_type == "Upsample" or opset < 11 else 2
+    scales = _ints_float(ctx, node, scale_index, "scales")
+    sizes = _ints(ctx, node, 3, "sizes") if node.op_type == "Resize" and opset >= 11 else None
+    axes = _attr(node, "axes", None)
+    axes = [_axis(int(a), rank) for a in axes] if axes is not None else list(range(rank))
+    for axis in spaces:
+        if axis not in axes:
+            continue
+        j = axes.index(axis)
+        if scales and scales[j] != 1.0:
+            raise Unsupported("resizes the channel axis")
+        if sizes and sizes[j] != ctx.dim(x, axis):
+            raise Unsupported("resizes the channel axis")
+    if sizes and spaces:
+        ctx.fix("sizes", node, entries=[(axes.index(a), a) for a in spaces if a in axes])
+    ctx.carry(x, node.outputs[0])
+
+
+def _ints_float(ctx: Walk, node: ir.Node, index: int, attr: str) -> list[float] | None:
+    if len(node.inputs) > index and node.inputs[index] is not None:
+        array = ctx.const(node.inputs[index])
+        if array is None:
+            raise Unsupported(f"input {index} is computed, not a constant")
+        return [float(v) for v in np.asarray(array).reshape(-1)]
+    value = _attr(node, attr, None)
+    return None if value is None else [float(v) for v in value]
+
+
+REDUCE_SUMS = ("ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2")
+
+
+def reduce(node: ir.Node, ctx: Walk) -> None:
+    """Reducing other axes keeps channels. Summing over channels drops them (a zero adds
+    nothing); a mean or max over channels depends on their count and freezes."""
+    x = node.inputs[0]
+    rank = ctx.rank(x)
+    if rank is None:
+        raise Unsupported("unknown rank")
+    axes = _ints(ctx, node, 1, "axes")
+    if not axes:
+        if _attr(node, "noop_with_empty_axes", 0):
+            ctx.carry(x, node.outputs[0])
+            return
+        axes = list(range(rank))
+    reduced = {_axis(a, rank) for a in axes}
+    keep = _attr(node, "keepdims", 1)
+    mapping = {}
+    out_axis = 0
+    for axis in range(rank):
+        if axis in reduced:
+            out_axis += 1 if keep else 0
+            continue
+        mapping[axis] = out_axis
+        out_axis += 1
+    if reduced & set(ctx.spaces_of(x)) and node.op_type not in REDUCE_SUMS:
+        raise Unsupported("reduces over channels")
+    ctx.carry(x, node.outputs[0], {a: mapping[a] for a in ctx.spaces_of(x) if a in mapping})
+
+
+def shape_op(node: ir.Node, ctx: Walk) -> None:
+    """Shape reads the channel count of the axes it covers: those channels are frozen."""
+    x = node.inputs[0]
+    rank = ctx.rank(x)
+    if rank is None:
+        raise Unsupported("unknown rank")
+    start = _axis(int(_attr(node, "start", 0)), rank)
+    end = _axis(int(_attr(node, "end", rank)), rank)
+    for axis, ids in ctx.spaces_of(x).items():
+        if start <= axis < end:
+            ctx.freeze(ids, f"Shape {node.name!r} reads the channel count")
+
+
+UNARY = (
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
+    "Gelu", "Erf", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Clip", "Exp", "Log", "Sqrt",
+    "Reciprocal", "Neg", "Abs", "Sign", "Floor", "Ceil", "Round", "Sin", "Cos", "Identity", "Cast",
+    "CastLike", "Dropout", "Not", "IsNaN", "IsInf", "Swish",
+)  # fmt: skip
+BINARY = (
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu", "Equal",
+    "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "BitShift",
+)  # fmt: skip
+
+RULES: dict[str, Rule] = {
+    **dict.fromkeys(UNARY, unary),
+    **dict.fromkeys(BINARY, elementwise),
+    "Constant": constant,
+    "Conv": conv,
+    "ConvTranspose": conv,
+    "Gemm": gemm,
+    "MatMul": matmul,
+    "BatchNormalization": batchnorm,
+    "InstanceNormalization": instancenorm,
+    "LayerNormalization": layernorm,
+    "Softmax": softmax,
+    "LogSoftmax": softmax,
+    "Concat": concat,
+    "Split": split,
+    "Slice": slice_,
+    "Gather": gather,
+    "Flatten": flatten,
+    "Reshape": reshape,
+    "Expand": expand,
+    "Transpose": transpose,
+    "Squeeze": squeeze,
+    "Unsqueeze": unsqueeze,
+    **dict.fromkeys(
+        ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"),
+        pool,
+    ),
+    "Pad": pad,
+    "Resize": resize,
+    "Upsample": resize,
+    **dict.fromkeys(
+        ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceLogSumExp", *REDUCE_SUMS),
+        reduce,
+    ),
+    "Shape": shape_op,
+}

@@ -1,0 +1,257 @@
+"""Decide which channels go: a global ranking over channel classes, like selection.py over weights.
+
+Classes are ranked by importance (scoring.channel_scores), lowest first, ties by class number, so
+the same model always gives the same file. The walk skips a class whose removal would leave some
+layer with fewer channels than --min-keep (and never fewer than one). With --round-to N, the classes
+of a group whose layers all share the same channels go in units that keep the count a multiple of
+N. The accepted order is then cut at the shortest prefix that removes the target share of the
+prunable weights' parameters (or of their multiply-accumulates with target="macs"), counted
+exactly: removing an output and an input channel of one weight does not count their overlap twice.
+
+Normalisation, measured on models/digits_cnn.onnx (held-out accuracy, no fine-tuning; see
+bench/channel_norms.py): "mean" keeps the most accuracy at every sparsity tried, because the
+layers of that model differ by 9x in fan-in and raw norms would empty the small-fan-in stem first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.channels import ChannelGraph, const_tensor
+from onnxprune.errors import InfeasibleError, InvalidArgumentError
+from onnxprune.scoring import channel_scores
+from onnxprune.selection import MinKeep, check_sparsity
+from onnxprune.weights import PRUNABLE_OPS
+
+TARGETS = ("params", "macs")
+
+
+@dataclass(eq=False)
+class Counted:
+    """A weight tensor whose parameters (and MACs per parameter) the target counts."""
+
+    value: ir.Value
+    shape: tuple[int, ...]
+    macs_per_param: int
+    axes: dict[int, np.ndarray] = field(default_factory=dict)  # axis -> classes along it
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def kept(self, removed: np.ndarray) -> int:
+        size = self.size
+        for axis, ids in self.axes.items():
+            size = size * int(np.count_nonzero(~removed[ids])) // self.shape[axis]
+        return size
+
+
+@dataclass
+class ChannelPlan:
+    """Which channel classes go, and what that does to parameters and MACs."""
+
+    graph: ChannelGraph
+    removed: np.ndarray  # bool per class
+    counted: list[Counted]
+    target: float = 0.0
+    metric: str = "params"
+    min_keep: MinKeep | None = None
+    round_to: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def kept_of(self, ids: np.ndarray) -> int:
+        return int(np.count_nonzero(~self.removed[ids]))
+
+    @property
+    def params(self) -> tuple[int, int]:
+        """(before, after) over the counted weights."""
+        return (
+            sum(c.size for c in self.counted),
+            sum(c.kept(self.removed) for c in self.counted),
+        )
+
+    @property
+    def macs(self) -> tuple[int, int]:
+        return (
+            sum(c.size * c.macs_per_param for c in self.counted),
+            sum(c.kept(self.removed) * c.macs_per_param for c in self.counted),
+        )
+
+    @property
+    def achieved(self) -> float:
+        before, after = self.macs if self.metric == "macs" else self.params
+        return 1 - after / before if before else 0.0
+
+
+def _static(shape: ir.Shape | None) -> list[int]:
+    """Dims of an activation, symbolic ones (the batch) counted as 1."""
+    return [d if isinstance(d, int) else 1 for d in (shape or [])]
+
+
+def _macs_per_param(node: ir.Node) -> int:
+    """Multiply-accumulates one weight element costs in this node, for one sample."""
+    out = _static(node.outputs[0].shape)
+    if node.op_type == "Conv":
+        return int(np.prod(out[2:], dtype=np.int64)) if len(out) > 2 else 1
+    if node.op_type == "ConvTranspose":
+        x = _static(node.inputs[0].shape)
+        return int(np.prod(x[2:], dtype=np.int64)) if len(x) > 2 else 1
+    if node.op_type == "MatMul":
+        return int(np.prod(out[:-1], dtype=np.int64)) if len(out) > 1 else 1
+    return int(out[0]) if out else 1  # Gemm: one MAC per row
+
+
+def counted_weights(model: ir.Model, graph: ChannelGraph) -> list[Counted]:
+    """Every stored weight of Conv, ConvTranspose, Gemm and MatMul, with the sliced axes."""
+    found: dict[ir.Value, Counted] = {}
+    for node in model.graph:
+        if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        for value in node.inputs[:2]:
+            tensor = const_tensor(value)
+            if tensor is None or value is None or len(tensor.shape) < 2:
+                continue
+            if value in found:
+                found[value].macs_per_param += _macs_per_param(node)
+                continue
+            shape = tuple(int(d) for d in tensor.shape)
+            found[value] = Counted(value, shape, _macs_per_param(node))
+    for member in graph.members:
+        if member.role in ("out", "in"):
+            counted = found.get(member.value)
+            if counted is None:  # a weight reached through Transpose/Cast: count its source
+                tensor = const_tensor(member.value)
+                assert tensor is not None
+                shape = tuple(int(d) for d in tensor.shape)
+                counted = found.setdefault(member.value, Counted(member.value, shape, 1))
+            counted.axes[member.axis] = member.ids
+    return list(found.values())
+
+
+def _units(
+    graph: ChannelGraph, scores: np.ndarray, round_to: int | None
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Removal units (arrays of classes) and their scores, in the order they are tried."""
+    prunable = graph.prunable
+    units: list[np.ndarray] = []
+    unit_scores: list[float] = []
+    grouped = np.zeros(graph.n_classes, dtype=bool)
+    if round_to and round_to > 1:
+        for group in graph.groups:
+            sets = {tuple(np.unique(graph.layers[i].classes)) for i in group.layers}
+            if len(sets) != 1:
+                continue
+            classes = np.asarray(sets.pop(), dtype=np.int64)
+            free = classes[prunable[classes]]
+            free = free[np.lexsort((free, scores[free]))]
+            first = len(classes) % round_to
+            bounds = [first] if first else []
+            bounds += list(range(first + round_to, len(free) + 1, round_to))
+            start = 0
+            for end in bounds:
+                if end > len(free):
+                    break
+                units.append(free[start:end])
+                unit_scores.append(float(scores[free[start:end]].mean()))
+                start = end
+            grouped[classes] = True
+    rest = np.flatnonzero(prunable & ~grouped)
+    units += [rest[i : i + 1] for i in range(len(rest))]
+    unit_scores += scores[rest].tolist()
+    order = np.lexsort(([int(u[0]) for u in units], unit_scores)) if units else np.zeros(0, int)
+    return [units[i] for i in order], np.asarray(unit_scores)[order]
+
+
+def plan_channels(
+    model: ir.Model,
+    graph: ChannelGraph,
+    sparsity: float,
+    *,
+    min_keep: MinKeep | str | float | int | None = None,
+    round_to: int | None = None,
+    target: str = "params",
+    normalize: str = "mean",
+) -> ChannelPlan:
+    """Choose the channel classes to remove so that `sparsity` of the target metric goes."""
+    sparsity = check_sparsity(sparsity)
+    if target not in TARGETS:
+        raise InvalidArgumentError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
+    if round_to is not None and (int(round_to) != round_to or round_to < 1):
+        raise InvalidArgumentError(f"--round-to {round_to!r}: must be a positive whole number")
+    if not isinstance(min_keep, MinKeep):
+        min_keep = MinKeep.parse(min_keep)
+    counted = counted_weights(model, graph)
+    plan = ChannelPlan(
+        graph, np.zeros(graph.n_classes, dtype=bool), counted, sparsity, target, min_keep, round_to
+    )
+    before = (plan.macs if target == "macs" else plan.params)[0]
+    goal = round(sparsity * before)
+    if goal == 0:
+        return plan
+    scores = channel_scores(graph, normalize)
+    units, _ = _units(graph, scores, round_to)
+    accepted = _accept(graph, units, min_keep, round_to)
+
+    def removed_by(count: int) -> tuple[np.ndarray, int]:
+        removed = np.zeros(graph.n_classes, dtype=bool)
+        if count:
+            removed[np.concatenate(accepted[:count])] = True
+        kept = sum(c.kept(removed) * (c.macs_per_param if target == "macs" else 1) for c in counted)
+        return removed, before - kept
+
+    lo, hi = 0, len(accepted)
+    most = removed_by(hi)[1]
+    if most < goal:
+        best = math.floor(most / before * 10000) / 10000
+        raise InfeasibleError(
+            f"only {most} of {before} {target} can be removed by whole channels (sparsity "
+            f"{best:.4f}): the rest is frozen or held by --min-keep; lower --sparsity or "
+            "--min-keep, and see the frozen groups in `onnxprune inspect --structured`"
+        )
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if removed_by(mid)[1] >= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    plan.removed = removed_by(lo)[0]
+    return plan
+
+
+def _accept(
+    graph: ChannelGraph,
+    units: Sequence[np.ndarray],
+    min_keep: MinKeep | None,
+    round_to: int | None,
+) -> list[np.ndarray]:
+    """Units in ranking order that every layer's minimum retention allows."""
+    distinct = [np.unique(layer.classes) for layer in graph.layers]
+    keep = []
+    for classes in distinct:
+        n = len(classes)
+        k = max(1, min_keep.for_layer(n) if min_keep else 0)
+        if round_to and round_to > 1 and n >= round_to:
+            k = min(n, -(-k // round_to) * round_to)
+        keep.append(k)
+    left = np.array([len(c) for c in distinct], dtype=np.int64)
+    floor = np.array(keep, dtype=np.int64)
+    # class -> layers that hold it, as a sparse incidence list
+    layer_of = np.concatenate([np.full(len(c), i) for i, c in enumerate(distinct)] or [[]])
+    classes = np.concatenate(distinct or [np.zeros(0, np.int64)]).astype(np.int64)
+    order = np.argsort(classes, kind="stable")
+    classes, layer_of = classes[order], layer_of[order].astype(np.int64)
+    accepted = []
+    for unit in units:
+        lo = np.searchsorted(classes, unit, side="left")
+        hi = np.searchsorted(classes, unit, side="right")
+        hit = np.concatenate([layer_of[a:b] for a, b in zip(lo, hi, strict=True)])
+        layers, counts = np.unique(hit, return_counts=True)
+        if np.all(left[layers] - counts >= floor[layers]):
+            left[layers] -= counts
+            accepted.append(unit)
+    return accepted
