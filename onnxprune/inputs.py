@@ -163,7 +163,7 @@ def from_arrays(
     source: str = "data",
 ) -> Inputs:
     """Match arrays to inputs by name (one unnamed array is fine for one input), check, batch."""
-    arrays = dict(arrays)
+    arrays = {key: np.asarray(value) for key, value in arrays.items()}
     labels = arrays.pop(LABELS, None)
     notices: list[str] = []
     by_input: dict[str, tuple[str, np.ndarray]] = {}

@@ -259,7 +259,10 @@ def plot_sweep(result: Sweep, path: str | os.PathLike) -> Path:
 
     metric = "accuracy" if result.labels else "agreement"
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for method in result.methods:
+    # distinct markers and dashes: lines that coincide (min-keep not binding) stay visible
+    styles = [("o", "-", 7), ("s", "--", 5), ("^", ":", 6), ("D", "-.", 5)]
+    for i, method in enumerate(result.methods):
+        marker, dashes, size = styles[i % len(styles)]
         points = [
             (row.sparsity, 100 * getattr(row, metric))
             for row in result.rows
@@ -267,7 +270,7 @@ def plot_sweep(result: Sweep, path: str | os.PathLike) -> Path:
         ]
         if points:
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", label=method)
+            ax.plot(xs, ys, marker=marker, linestyle=dashes, markersize=size, label=method)
     if result.labels and result.reference.accuracy is not None:
         ax.axhline(100 * result.reference.accuracy, color="gray", linestyle="--", label="dense")
     ax.set_xlabel("sparsity (fraction of prunable weights set to zero)")

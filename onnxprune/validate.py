@@ -196,7 +196,8 @@ def measure_latency(
     if session.get_providers()[0] == CUDA:
         binding = session.io_binding()
         for name, array in feeds.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
+            binding.bind_ortvalue_input(name, value)
         for name in names:
             binding.bind_output(name, "cuda")
 
