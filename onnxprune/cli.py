@@ -58,6 +58,9 @@ def main() -> None:
     \b
       onnxprune model.onnx --sparsity 0.9            writes model.pruned.onnx, prints a table
       onnxprune inspect model.onnx --sparsity 0.9    what would be pruned; writes nothing
+      onnxprune model.onnx -s 0.9 --data val.npz     prune, then compare both in ONNX Runtime
+      onnxprune validate a.onnx b.onnx               compare any two models (--data optional)
+      onnxprune sweep model.onnx --data val.npz      accuracy of each method at each sparsity
     """
 
 
