@@ -481,11 +481,10 @@ def check_gates(
     failures = []
     if max_accuracy_drop is not None:
         drop = result.accuracy_drop
+        if drop is None and not result.labels:
+            raise DataError("--max-accuracy-drop needs labels: add a 'labels' array to --data")
         if drop is None:
-            raise DataError(
-                "--max-accuracy-drop needs labels: add a 'labels' array to --data "
-                "(and a [batch, classes] first output)"
-            )
+            raise DataError("--max-accuracy-drop needs a first output shaped [batch, classes]")
         if drop > max_accuracy_drop:
             failures.append(
                 f"accuracy dropped by {drop:.4f} ({result.reference.accuracy:.4f} -> "
@@ -601,6 +600,6 @@ def format_validation(result: Validation) -> str:
     lines.append(
         f"{result.samples} samples from {result.inputs}, batch {result.batch_size}; "
         f"latency per batch of {batch} on {result.provider}; MACs per inference at "
-        + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in ref.cost.macs_at.items())
+        + ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in ref.cost.macs_at.items())
     )
     return "\n".join(lines)

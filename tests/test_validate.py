@@ -394,3 +394,38 @@ def test_input_specs_refuse_non_tensor_types() -> None:
     with pytest.raises(DataError, match="seq"):
         inputs.input_specs(Session())
     assert TensorProto.FLOAT  # builders use TensorProto; keep the import honest
+
+
+def test_accuracy_gate_needs_a_class_output(tmp_path) -> None:
+    b = GraphBuilder()
+    x = b.input("x", ["N", 2, 3])
+    b.node("Relu", [x], out="y")
+    b.output("y", shape=["N", 2, 3])
+    path = save(b.model(), tmp_path / "m.onnx")
+    data = {"x": np.ones((4, 2, 3), np.float32), "labels": np.zeros(4, np.int64)}
+    v = validate.validate(path, path, data=data, device="cpu", latency=False)
+    assert v.labels and v.reference.accuracy is None and v.agreement is None
+    assert v.outputs[0].cosine == 1.0
+    with pytest.raises(DataError, match=r"needs a first output shaped \[batch, classes\]"):
+        validate.check_gates(v, max_accuracy_drop=0.01)
+    with pytest.raises(DataError, match="--min-agreement needs"):
+        validate.check_gates(v, min_agreement=0.9)
+
+
+def test_every_output_is_compared(tmp_path) -> None:
+    def two_outputs(scale: float):
+        b = GraphBuilder()
+        x = b.input("x", ["N", 2])
+        b.node("MatMul", [x, b.weight((2, 3), array=W_REF)], out="logits")
+        b.node("Mul", [x, b.weight((1,), array=np.array([scale], np.float32))], out="aux")
+        b.output("logits", shape=["N", 3])
+        b.output("aux", shape=["N", 2])
+        return b.model()
+
+    a = save(two_outputs(1.0), tmp_path / "a.onnx")
+    c = save(two_outputs(2.0), tmp_path / "c.onnx")
+    v = validate.validate(a, c, data={"x": X}, device="cpu", latency=False)
+    assert [o.name for o in v.outputs] == ["logits", "aux"]
+    assert v.outputs[0].max_abs == 0 and v.outputs[1].max_abs == 1.0  # aux doubles the eye
+    assert v.outputs[1].max_rel == 1.0 and v.outputs[1].cosine == pytest.approx(1.0)
+    assert v.min_cosine == pytest.approx(1.0) and v.agreement == 1.0
