@@ -284,10 +284,18 @@ class Walk:
         return ids
 
     def _origin(self, value: ir.Value, axis: int) -> str:
-        if value.is_graph_input():
-            return f"meets model input {value.name!r}, which keeps its shape"
-        if value in self.no_rule:
-            return self.no_rule[value]
+        """Why a value has no channels here, for the report: where its data comes from."""
+        source, hops = value, 0
+        while source is not None and hops < 64:
+            if source.is_graph_input():
+                via = f" (through {hops} ops)" if hops else ""
+                return f"meets model input {source.name!r}{via}, which keeps its shape"
+            if source in self.no_rule:
+                return self.no_rule[source]
+            producer = source.producer()
+            if producer is None or not producer.inputs:
+                break
+            source, hops = producer.inputs[0], hops + 1
         producer = value.producer()
         op = producer.op_type if producer is not None else "?"
         return f"meets axis {axis} of {value.name!r} ({op} output), which is no channel axis"

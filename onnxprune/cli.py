@@ -202,6 +202,26 @@ def with_options(options: list[Callable[..., Any]]) -> Callable[..., Any]:
 )
 @with_options(selection_options)
 @click.option(
+    "--structured",
+    is_flag=True,
+    help="Remove whole channels (smaller, faster dense model) instead of zeroing weights.",
+)
+@click.option(
+    "--round-to",
+    "round_to",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="With --structured: keep channel counts multiples of N where a layer allows.",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["params", "macs"]),
+    default="params",
+    show_default=True,
+    help="With --structured: --sparsity counts removed parameters or multiply-accumulates.",
+)
+@click.option(
     "--pattern",
     default=None,
     metavar="N:M",
@@ -253,6 +273,9 @@ def prune_command(
     min_keep: str | None,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
+    structured: bool,
+    round_to: int | None,
+    target: str,
     pattern: str | None,
     output: str | None,
     force: bool,
@@ -288,6 +311,9 @@ def prune_command(
         force=force,
         external_data=external_data,
         check=check,
+        structured=structured,
+        round_to=round_to,
+        target=target,
     )
     if not quiet:
         click.echo(format_report(report))

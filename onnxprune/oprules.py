@@ -335,7 +335,9 @@ def split(node: ir.Node, ctx: Walk) -> None:
             ctx.set(out, axis, ids[start : start + size])
         ctx.fix("split", node, axis=axis)
     for out in outs:
-        ctx.carry(x, out, {a: a for a in ctx.spaces_of(x) if a != axis})
+        for a, others in ctx.spaces_of(x).items():
+            if a != axis:
+                ctx.set(out, a, others)
 
 
 def slice_(node: ir.Node, ctx: Walk) -> None:

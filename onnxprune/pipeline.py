@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnxprune import io, rewrite, selection, weights
+from onnxprune.errors import InvalidArgumentError
 from onnxprune.report import Report, step
 from onnxprune.scoring import MagnitudeStats, magnitude_stats
 
@@ -33,9 +34,15 @@ def prune(
     force: bool = False,
     external_data: bool | None = None,
     check: bool = True,
+    structured: bool = False,
+    round_to: int | None = None,
+    target: str = "params",
 ) -> tuple[ir.Model, Report]:
     """Prune a model (a path or an `ir.Model`, changed in place) and, if `output` is given, save it.
 
+    `structured=True` removes whole channels instead of zeroing weights: `sparsity` is then the
+    share of the weights' parameters (target="params") or MACs (target="macs") removed, and
+    `round_to` keeps channel counts multiples of N where a layer allows.
     Returns the pruned model and the report. Errors a user can cause raise `OnnxPruneError`.
     """
     start = time.perf_counter()
@@ -47,14 +54,12 @@ def prune(
         with step(f"loading {input_path}"):
             model = io.load_model(input_path)
     assert isinstance(model, ir.Model)
-    with step("finding weights"):
-        found = weights.find_weights(model, include=include, exclude=exclude)
-    with step(f"ranking {found.total:,} weights"):
-        plan = selection.plan(
-            found.weights, sparsity, method=method, min_keep=min_keep, pattern=pattern
+    if structured:
+        report = _prune_channels(
+            model, sparsity, method, min_keep, pattern, include, exclude, round_to, target
         )
-    rewrite.apply_plan(model, plan)
-    report = Report(plan=plan, skipped=found.skipped)
+    else:
+        report = _prune_weights(model, sparsity, method, min_keep, pattern, include, exclude)
     if input_path is not None:
         report.input_path = str(input_path)
         report.size_before = io.file_size(input_path)
@@ -72,6 +77,62 @@ def prune(
         report.size_after = io.file_size(out)
     report.seconds = round(time.perf_counter() - start, 3)
     return model, report
+
+
+def _prune_weights(
+    model: ir.Model,
+    sparsity: float,
+    method: str,
+    min_keep: str | float | int | None,
+    pattern: str | tuple[int, int] | None,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+) -> Report:
+    with step("finding weights"):
+        found = weights.find_weights(model, include=include, exclude=exclude)
+    with step(f"ranking {found.total:,} weights"):
+        plan = selection.plan(
+            found.weights, sparsity, method=method, min_keep=min_keep, pattern=pattern
+        )
+    rewrite.apply_plan(model, plan)
+    report = Report(plan=plan, skipped=found.skipped)
+    return report
+
+
+def _prune_channels(
+    model: ir.Model,
+    sparsity: float,
+    method: str,
+    min_keep: str | float | int | None,
+    pattern: str | tuple[int, int] | None,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    round_to: int | None,
+    target: str,
+) -> Report:
+    """Structured: trace channel groups, rank channels globally, slice them out."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    from onnxprune import channels, selection_channels
+    from onnxprune.rewrite.structured import apply_channel_plan
+
+    if pattern is not None:
+        raise InvalidArgumentError("--pattern and --structured exclude each other")
+    if method != "global" or include or exclude:
+        raise InvalidArgumentError(
+            "--structured ranks channels globally; --method, --include and --exclude "
+            "are not supported with it yet"
+        )
+    with step("tracing channels"):
+        ShapeInferencePass()(model)
+        graph = channels.build(model)
+    with step("ranking channels"):
+        plan = selection_channels.plan_channels(
+            model, graph, sparsity, min_keep=min_keep, round_to=round_to, target=target
+        )
+    with step("removing channels"):
+        apply_channel_plan(model, plan)
+    return Report(plan=None, channels=plan)
 
 
 def inspect(

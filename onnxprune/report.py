@@ -43,7 +43,7 @@ def step(message: str) -> Iterator[None]:
 class Report:
     """Everything a prune run decided and measured."""
 
-    plan: Plan
+    plan: Plan | None  # None for structured runs, which fill `channels` instead
     input_path: str | None = None
     output_path: str | None = None
     size_before: int | None = None
@@ -51,12 +51,24 @@ class Report:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    channels: Any = None  # a selection_channels.ChannelPlan for structured runs
 
     @property
     def warnings(self) -> list[str]:
-        return self.plan.warnings
+        return (self.channels or self.plan).warnings
 
     def to_dict(self) -> dict[str, Any]:
+        if self.channels is not None:
+            from onnxprune.report_channels import channel_dict
+
+            return {
+                "input": self.input_path,
+                "output": self.output_path,
+                **channel_dict(self.channels),
+                "size_bytes": {"before": self.size_before, "after": self.size_after},
+                "seconds": self.seconds,
+                **self.extra,
+            }
         plan = self.plan
         return {
             "input": self.input_path,
@@ -155,6 +167,16 @@ NAME_WIDTH = 44
 
 def format_report(report: Report) -> str:
     """The terminal table of a prune run, in graph order, with totals and sizes."""
+    if report.channels is not None:
+        from onnxprune.report_channels import format_channels
+
+        lines = [format_channels(report.channels)]
+        if report.size_before is not None:
+            lines.append(
+                f"size: {human_bytes(report.size_before)} -> {human_bytes(report.size_after)}"
+                + (f"  written to {report.output_path}" if report.output_path else "")
+            )
+        return "\n".join(lines)
     plan = report.plan
     rows = [
         [

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from onnxprune.channels import Fix, const_tensor
 from onnxprune.selection_channels import ChannelPlan
@@ -182,5 +182,6 @@ def apply_channel_plan(model: ir.Model, plan: ChannelPlan) -> ir.Model:
     for fix in plan.graph.fixes:
         FIXES[fix.kind](plan, fix, consts)
     _set_dims(plan)
+    RemoveUnusedNodesPass()(model)  # the shape constants the fixes replaced
     ShapeInferencePass()(model)
     return model

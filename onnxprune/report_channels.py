@@ -1,0 +1,85 @@
+"""The structured-pruning part of a report: channels per layer, frozen groups and why, totals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from onnxprune.report import format_table, human_count
+from onnxprune.selection_channels import ChannelPlan
+
+NAME_WIDTH = 44
+SHOWN_LAYERS = 3
+
+
+def _names(plan: ChannelPlan, layers: list[int]) -> str:
+    names = [plan.graph.layers[i].name for i in layers[:SHOWN_LAYERS]]
+    more = len(layers) - SHOWN_LAYERS
+    return ", ".join(names) + (f" and {more} more" if more > 0 else "")
+
+
+def channel_dict(plan: ChannelPlan) -> dict[str, Any]:
+    """The numbers of a structured run, as JSON-ready data (the same the table shows)."""
+    graph = plan.graph
+    params, macs = plan.params, plan.macs
+    return {
+        "structured": True,
+        "target_metric": plan.metric,
+        "target_sparsity": plan.target,
+        "achieved_sparsity": plan.achieved,
+        "min_keep": None if plan.min_keep is None else str(plan.min_keep),
+        "round_to": plan.round_to,
+        "params": {"before": params[0], "after": params[1]},
+        "macs": {"before": macs[0], "after": macs[1]},
+        "channels_removed": int(plan.removed.sum()),
+        "layers": [
+            {
+                "name": layer.name,
+                "op": layer.op_type,
+                "weight": layer.member.value.name,
+                "channels": len(layer.classes),
+                "kept": plan.kept_of(layer.classes),
+            }
+            for layer in graph.layers
+        ],
+        "frozen_groups": [
+            {
+                "layers": [graph.layers[i].name for i in group.layers],
+                "channels": len(group.classes),
+                "frozen": group.frozen,
+                "reasons": group.reasons,
+            }
+            for group in graph.groups
+            if group.frozen
+        ],
+        "warnings": list(plan.warnings),
+    }
+
+
+def format_channels(plan: ChannelPlan) -> str:
+    """Per-layer channels before/after, then the frozen groups with their reasons."""
+    graph = plan.graph
+    rows = []
+    for layer in graph.layers:
+        before, after = len(layer.classes), plan.kept_of(layer.classes)
+        name = layer.name
+        if len(name) > NAME_WIDTH:
+            name = name[: NAME_WIDTH // 2 - 1] + "…" + name[-(NAME_WIDTH - NAME_WIDTH // 2) :]
+        rows.append([name, layer.op_type, str(before), str(after), f"{100 * after / before:.1f}%"])
+    params, macs = plan.params, plan.macs
+    lines = [format_table(["layer", "op", "channels", "kept", "kept %"], rows)]
+    lines.append(
+        f"params {human_count(params[0])} -> {human_count(params[1])}, "
+        f"MACs {human_count(macs[0])} -> {human_count(macs[1])}: target {plan.metric} "
+        f"sparsity {plan.target:g}, achieved {plan.achieved:.4f}"
+        + (f", min-keep {plan.min_keep}" if plan.min_keep else "")
+        + (f", round-to {plan.round_to}" if plan.round_to else "")
+    )
+    for group in graph.groups:
+        if group.frozen:
+            why = "; ".join(group.reasons) or "no reason recorded"
+            lines.append(
+                f"frozen: {group.frozen} of {len(group.classes)} channels of "
+                f"{_names(plan, group.layers)}: {why}"
+            )
+    lines += [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)

@@ -1,0 +1,338 @@
+"""Hand-built models, one per family of channel rules, and the zero-channel invariant check."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto
+from onnx_ir.passes.common import ShapeInferencePass
+
+from onnxprune import channels, io
+from onnxprune.rewrite.structured import apply_channel_plan
+from onnxprune.selection_channels import ChannelPlan, _accept, counted_weights
+from tests.builders import GraphBuilder, run
+
+
+def _conv(b: GraphBuilder, x: str, c_in: int, c_out: int, k: int = 3, **attrs) -> str:
+    pads = [k // 2] * 4
+    return b.node(
+        "Conv",
+        [x, b.weight((c_out, c_in, k, k), scale=0.3), b.weight((c_out,))],
+        pads=pads,
+        **attrs,
+    )
+
+
+def _bn(b: GraphBuilder, x: str, c: int) -> str:
+    return b.node(
+        "BatchNormalization",
+        [
+            x,
+            b.weight((c,)),
+            b.weight((c,)),
+            b.weight((c,)),
+            b.weight((c,), array=np.abs(b.rng.standard_normal(c)).astype(np.float32) + 0.5),
+        ],
+    )
+
+
+def _head(b: GraphBuilder, x: str, c: int, n: int = 5) -> None:
+    """GlobalAveragePool, Flatten, Gemm: the classifier every CNN here ends with."""
+    pooled = b.node("GlobalAveragePool", [x])
+    flat = b.node("Flatten", [pooled])
+    b.node("Gemm", [flat, b.weight((n, c)), b.weight((n,))], out="y", transB=1)
+    b.output("y", shape=["N", n])
+
+
+def conv_bn_act() -> onnx.ModelProto:
+    """Conv, BatchNorm and the zero-preserving element-wise activations, MaxPool, Gemm head."""
+    b = GraphBuilder(1)
+    h = b.input("x", ["N", 3, 8, 8])
+    h = b.node("Relu", [_bn(b, _conv(b, h, 3, 8), 8)])
+    for op, attrs in (
+        ("LeakyRelu", {"alpha": 0.1}),
+        ("Tanh", {}),
+        ("Elu", {}),
+        ("Selu", {}),
+        ("HardSwish", {}),
+        ("Softsign", {}),
+        ("Neg", {}),
+        ("Abs", {}),
+    ):
+        h = b.node(op, [h], **attrs)
+    h = b.node(
+        "Clip", [h, b.constant(np.array(-2, np.float32)), b.constant(np.array(2, np.float32))]
+    )
+    h = b.node("MaxPool", [_conv(b, h, 8, 12)], kernel_shape=[2, 2], strides=[2, 2])
+    h = b.node("AveragePool", [b.node("Relu", [h])], kernel_shape=[2, 2], strides=[2, 2])
+    _head(b, h, 12)
+    return b.model()
+
+
+def grouped() -> onnx.ModelProto:
+    """Depthwise Conv (multiplier 1 and 2) and a grouped Conv: groups pruned whole."""
+    b = GraphBuilder(2)
+    h = b.node("Relu", [_conv(b, b.input("x", ["N", 3, 8, 8]), 3, 8)])
+    h = b.node(
+        "Relu",
+        [b.node("Conv", [h, b.weight((8, 1, 3, 3)), b.weight((8,))], pads=[1, 1, 1, 1], group=8)],
+    )
+    h = b.node(
+        "Relu",
+        [b.node("Conv", [h, b.weight((16, 1, 3, 3)), b.weight((16,))], pads=[1, 1, 1, 1], group=8)],
+    )
+    h = b.node("Relu", [b.node("Conv", [h, b.weight((8, 4, 1, 1))], group=4)])
+    _head(b, _conv(b, h, 8, 6), 6)
+    return b.model()
+
+
+def conv_transpose() -> onnx.ModelProto:
+    b = GraphBuilder(3)
+    h = b.node("Relu", [_conv(b, b.input("x", ["N", 3, 6, 6]), 3, 8)])
+    h = b.node("ConvTranspose", [h, b.weight((8, 6, 2, 2)), b.weight((6,))], strides=[2, 2])
+    h = b.node("Relu", [h])
+    b.node("Conv", [h, b.weight((2, 6, 1, 1))], out="y")
+    b.output("y", shape=["N", 2, 12, 12])
+    return b.model()
+
+
+def per_channel_constants() -> onnx.ModelProto:
+    """InstanceNorm, per-channel Mul/Add/Sub/Div constants (several broadcast forms), PRelu."""
+    b = GraphBuilder(4)
+    h = _conv(b, b.input("x", ["N", 3, 6, 6]), 3, 8)
+    h = b.node("InstanceNormalization", [h, b.weight((8,)), b.weight((8,))])
+    h = b.node("Mul", [h, b.weight((8, 1, 1))])
+    h = b.node("Add", [b.weight((1, 8, 1, 1)), h])
+    h = b.node("Sub", [h, b.weight((8, 1, 1))])
+    h = b.node("Div", [h, b.weight((8, 1, 1), array=np.full((8, 1, 1), 2.0, np.float32))])
+    h = b.node("Mul", [h, b.weight((1,), array=np.array([0.5], np.float32))])
+    h = b.node("PRelu", [h, b.weight((8, 1, 1))])
+    _head(b, _conv(b, h, 8, 4), 4)
+    return b.model()
+
+
+def elementwise_between() -> onnx.ModelProto:
+    """Add/Sub/Mul/Max/Min/Where between activations: all of them couple one group."""
+    b = GraphBuilder(5)
+    x = b.input("x", ["N", 3, 6, 6])
+    a = b.node("Relu", [_conv(b, x, 3, 8)])
+    c = b.node("Relu", [_conv(b, x, 3, 8)])
+    d = b.node("Relu", [_conv(b, a, 8, 8)])
+    h = b.node("Add", [a, c])
+    h = b.node("Sub", [h, d])
+    h = b.node("Mul", [h, b.node("Relu", [_conv(b, x, 3, 8)])])
+    h = b.node("Max", [h, b.node("Relu", [_conv(b, x, 3, 8)])])
+    h = b.node("Min", [h, b.node("Relu", [_conv(b, x, 3, 8)])])
+    e = b.node("Relu", [_conv(b, x, 3, 8)])
+    h = b.node("Where", [b.node("Greater", [h, e]), h, e])
+    _head(b, _conv(b, h, 8, 4), 4)
+    return b.model()
+
+
+def concat_split_slice() -> onnx.ModelProto:
+    """Concat places channels at offsets; Split and Slice cut them again."""
+    b = GraphBuilder(6)
+    x = b.input("x", ["N", 3, 6, 6])
+    a = b.node("Relu", [_conv(b, x, 3, 6)])
+    c = b.node("Relu", [_conv(b, x, 3, 10)])
+    cat = b.node("Concat", [a, c], axis=1)
+    s1, s2 = b.node("Split", [cat, b.constant(np.array([4, 12], np.int64))], n_out=2, axis=1)
+    bounds = [b.constant(np.array([v], np.int64)) for v in (3, 11, 1)]
+    sl = b.node("Slice", [cat, *bounds])
+    h = b.node("Add", [_conv(b, s1, 4, 5), _conv(b, s2, 12, 5)])
+    h = b.node("Add", [h, _conv(b, sl, 8, 5)])
+    h = b.node("Concat", [h, cat], axis=1)
+    _head(b, b.node("Relu", [h]), 21)
+    return b.model()
+
+
+def mlp_transformer() -> onnx.ModelProto:
+    """Transformer MLP block: LayerNorm, MatMul, bias, Gelu, MatMul, residual; hidden dim pruned."""
+    b = GraphBuilder(7)
+    x = b.input("x", ["N", 4, 8])
+    h = b.node("LayerNormalization", [x, b.weight((8,)), b.weight((8,))], axis=-1)
+    h = b.node("MatMul", [h, b.weight((8, 32), scale=0.3)])
+    h = b.node("Relu", [b.node("Add", [h, b.weight((32,))])])
+    h = b.node("MatMul", [h, b.weight((32, 8), scale=0.3)])
+    h = b.node("Add", [h, b.weight((8,))])
+    b.node("Add", [h, x], out="y")
+    b.output("y", shape=["N", 4, 8])
+    return b.model()
+
+
+def gemm_mlp() -> onnx.ModelProto:
+    """Gemm with transB 0 and 1, MatMul+Add: the fully connected family."""
+    b = GraphBuilder(8)
+    h = b.input("x", ["N", 10])
+    h = b.node("Relu", [b.node("Gemm", [h, b.weight((10, 16)), b.weight((16,))])])
+    h = b.node("Relu", [b.node("Gemm", [h, b.weight((12, 16)), b.weight((1, 12))], transB=1)])
+    h = b.node("MatMul", [h, b.weight((12, 6))])
+    b.node("Add", [h, b.weight((6,))], out="y")
+    b.output("y", shape=["N", 6])
+    return b.model()
+
+
+def pool_reduce_resize() -> onnx.ModelProto:
+    """Resize (scales and sizes), Pad, GlobalMaxPool, ReduceMean/ReduceMax over space, Gemm."""
+    b = GraphBuilder(9)
+    x = b.input("x", [1, 3, 4, 4])
+    h = b.node("Relu", [_conv(b, x, 3, 8)])
+    empty = b.constant(np.zeros(0, np.float32))
+    h = b.node("Resize", [h, empty, b.constant(np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    h = b.node(
+        "Resize", [h, empty, empty, b.constant(np.array([1, 8, 6, 6], np.int64))], mode="nearest"
+    )
+    h = b.node("Pad", [h, b.constant(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))])
+    h = _conv(b, h, 8, 10)
+    g = b.node("Flatten", [b.node("GlobalMaxPool", [h])])
+    m = b.node("ReduceMean", [h], axes=[2, 3], keepdims=0)
+    r = b.node("ReduceMax", [h], axes=[2, 3], keepdims=0)
+    s = b.node("Add", [b.node("Add", [g, m]), r])
+    b.node("Gemm", [s, b.weight((3, 10))], out="y", transB=1)
+    b.output("y", shape=[1, 3])
+    return b.model(opset=17)
+
+
+def shape_ops() -> onnx.ModelProto:
+    """Identity, Dropout, Transpose, Squeeze/Unsqueeze, Reshape into MatMul, Gather, Expand."""
+    b = GraphBuilder(10)
+    x = b.input("x", [2, 3, 4, 4])
+    h = b.node("Relu", [_conv(b, x, 3, 6)])
+    h = b.node("Dropout", [b.node("Identity", [h])])
+    t = b.node("Transpose", [h], perm=[0, 2, 3, 1])  # NHWC: channels last
+    t = b.node("MatMul", [t, b.weight((6, 5))])  # per-pixel linear over channels
+    t = b.node("Transpose", [b.node("Relu", [t])], perm=[0, 3, 1, 2])
+    flat = b.node("Reshape", [t, b.constant(np.array([2, 80], np.int64))])
+    a = b.node("MatMul", [flat, b.weight((80, 4))])
+    p = b.node("GlobalAveragePool", [t])
+    p = b.node("Squeeze", [p, b.constant(np.array([2, 3], np.int64))])
+    p = b.node("Unsqueeze", [p, b.constant(np.array([1], np.int64))])
+    p = b.node("Expand", [p, b.constant(np.array([2, 3, 5], np.int64))])
+    p = b.node("Gather", [p, b.constant(np.array(1, np.int64))], axis=1)
+    pick = b.node("Gather", [p, b.constant(np.array([4, 0, 2], np.int64))], axis=1)
+    c = b.node("MatMul", [p, b.weight((5, 4))])
+    c = b.node("Add", [c, b.node("MatMul", [pick, b.weight((3, 4))])])
+    b.node("Add", [a, c], out="y")
+    b.output("y", shape=[2, 4])
+    return b.model()
+
+
+def squeeze_excite() -> onnx.ModelProto:
+    """Squeeze-and-excitation: pooled, squeezed, expanded, Sigmoid gate multiplied back in."""
+    b = GraphBuilder(11)
+    h = b.node("Relu", [_conv(b, b.input("x", ["N", 3, 6, 6]), 3, 8)])
+    s = b.node("GlobalAveragePool", [h])
+    s = b.node("Relu", [_conv(b, s, 8, 4, k=1)])
+    s = b.node("Sigmoid", [_conv(b, s, 4, 8, k=1)])
+    h = b.node("Mul", [h, s])
+    _head(b, _conv(b, h, 8, 4), 4)
+    return b.model()
+
+
+def combined() -> onnx.ModelProto:
+    """Residual Add, Concat and a Flatten head in one CNN."""
+    b = GraphBuilder(12)
+    x = b.input("x", ["N", 3, 8, 8])
+    h = b.node("Relu", [_bn(b, _conv(b, x, 3, 8), 8)])
+    r = b.node("Relu", [_conv(b, h, 8, 8)])
+    h = b.node("Add", [h, _conv(b, r, 8, 8)])
+    cat = b.node("Concat", [_conv(b, h, 8, 4, k=1), _conv(b, h, 8, 6)], axis=1)
+    h = b.node("MaxPool", [b.node("Relu", [_bn(b, cat, 10)])], kernel_shape=[2, 2], strides=[2, 2])
+    flat = b.node("Flatten", [h])
+    b.node("Gemm", [flat, b.weight((5, 160)), b.weight((5,))], out="y", transB=1)
+    b.output("y", shape=["N", 5])
+    return b.model()
+
+
+def unknown_op() -> onnx.ModelProto:
+    """LRN mixes neighbouring channels and has no rule: its groups must be frozen and reported."""
+    b = GraphBuilder(13)
+    x = b.input("x", ["N", 3, 6, 6])
+    h = b.node("Relu", [_conv(b, x, 3, 8)])
+    h = b.node("LRN", [h], size=3)
+    h = b.node("Relu", [_conv(b, h, 8, 8)])
+    _head(b, _conv(b, h, 8, 4), 4)
+    return b.model()
+
+
+MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
+    f.__name__: f
+    for f in (conv_bn_act, grouped, conv_transpose, per_channel_constants, elementwise_between,
+              concat_split_slice, mlp_transformer, gemm_mlp, pool_reduce_resize, shape_ops,
+              squeeze_excite, combined, unknown_op)
+}  # fmt: skip
+
+
+def feeds(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for value in proto.graph.input:
+        dims = [
+            d.dim_value if d.HasField("dim_value") else 2 for d in value.type.tensor_type.shape.dim
+        ]
+        assert value.type.tensor_type.elem_type == TensorProto.FLOAT
+        out[value.name] = rng.standard_normal(dims).astype(np.float32)
+    return out
+
+
+def analyse(proto: onnx.ModelProto) -> tuple[ir.Model, channels.ChannelGraph]:
+    model = ir.serde.deserialize_model(proto)
+    ShapeInferencePass()(model)
+    return model, channels.build(model)
+
+
+# Roles whose entries are zero in a dead channel: its producers and its additive carriers.
+# Divisors stay (0 / c is 0); LayerNorm is excluded (it renormalises, see oprules.py).
+_DEAD_ROLES = ("out", "bias", "shift", "scale")
+
+
+def kill(graph: channels.ChannelGraph, removed: np.ndarray) -> None:
+    """Zero every producer weight, bias and per-channel shift/scale of the removed classes."""
+    for m in graph.members:
+        if m.role not in _DEAD_ROLES or (m.role == "scale" and m.node.op_type == "Div"):
+            continue
+        tensor = channels.const_tensor(m.value)
+        array = np.array(tensor.numpy(), copy=True)
+        index = [slice(None)] * array.ndim
+        index[m.axis] = removed[m.ids]
+        array[tuple(index)] = 0
+        new = ir.Tensor(array, name=m.value.name)
+        node = m.value.producer()
+        if node is not None and node.op_type == "Constant":
+            node.attributes["value"] = ir.AttrTensor("value", new)
+        else:
+            m.value.const_value = new
+
+
+def choose(graph: channels.ChannelGraph, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
+    """A random set of removable classes that leaves every layer at least one channel."""
+    rng = np.random.default_rng(seed)
+    candidates = rng.permutation(np.flatnonzero(graph.prunable))
+    accepted = _accept(graph, [candidates[i : i + 1] for i in range(len(candidates))], None, None)
+    removed = np.zeros(graph.n_classes, dtype=bool)
+    take = accepted[: max(1, int(len(accepted) * fraction))] if accepted else []
+    if take:
+        removed[np.concatenate(take)] = True
+    return removed
+
+
+def check_invariant(proto: onnx.ModelProto, tmp: Path, seed: int = 0) -> ChannelPlan:
+    """Zero some channels, remove exactly them, and require the same outputs (1e-5 relative)."""
+    model, graph = analyse(proto)
+    removed = choose(graph, seed=seed)
+    kill(graph, removed)
+    data = feeds(proto, seed)
+    expected = run(ir.serde.serialize_model(model), data)
+    plan = ChannelPlan(graph, removed, counted_weights(model, graph))
+    apply_channel_plan(model, plan)
+    path = io.save_model(model, tmp / f"pruned_{seed}.onnx", force=True, check=True)
+    got = run(path, data)
+    for e, g in zip(expected, got, strict=True):
+        assert e.shape == g.shape
+        scale = max(float(np.abs(e).max()), 1e-30)
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * scale)
+    return plan

@@ -1,0 +1,166 @@
+"""Structured pruning end to end: the zero-channel invariant on every model, targets, rounding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from onnxprune import pipeline
+from onnxprune.cli import main
+from onnxprune.errors import InfeasibleError, InvalidArgumentError
+from onnxprune.rewrite.structured import apply_channel_plan
+from onnxprune.selection_channels import plan_channels
+from tests.builders import GraphBuilder, run, save
+from tests.channel_models import MODELS, analyse, check_invariant, combined, feeds
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_removing_dead_channels_keeps_outputs(name: str, seed: int, tmp_path: Path) -> None:
+    plan = check_invariant(MODELS[name](), tmp_path, seed)
+    assert plan.removed.any(), "the model has channels to remove"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_pruned_model_is_smaller_checked_and_runs(name: str, tmp_path: Path) -> None:
+    proto = MODELS[name]()
+    source = save(proto, tmp_path / "in.onnx")
+    _, report = pipeline.prune(source, 0.3, structured=True, output=tmp_path / "out.onnx")
+    plan = report.channels
+    assert plan.achieved >= 0.3
+    before, after = plan.params
+    assert after < before
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert [o.type for o in out.graph.output] == [o.type for o in proto.graph.output]
+    assert [i.type for i in out.graph.input] == [i.type for i in proto.graph.input]
+    stored = sum(int(np.prod(t.dims)) for t in out.graph.initializer)
+    assert stored < sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    expected = run(proto, feeds(proto))
+    got = run(tmp_path / "out.onnx", feeds(proto))
+    assert [e.shape for e in expected] == [g.shape for g in got]
+
+
+def test_layernorm_over_pruned_axis_renormalises_over_kept_channels(tmp_path: Path) -> None:
+    """LayerNorm over a pruned hidden axis: scale and bias are sliced, statistics cover what is
+    left. The output equals LayerNorm computed on the kept channels only."""
+    b = GraphBuilder(20)
+    x = b.input("x", ["N", 6])
+    w1, gamma, beta, w2 = b.weight((6, 8)), b.weight((8,)), b.weight((8,)), b.weight((8, 3))
+    ln = b.node("LayerNormalization", [b.node("MatMul", [x, w1]), gamma, beta], axis=-1)
+    b.node("MatMul", [ln, w2], out="y")
+    b.output("y", shape=["N", 3])
+    proto = b.model()
+    model, graph = analyse(proto)
+    plan = plan_channels(model, graph, 0.3)
+    kept = ~plan.removed[graph.layers[0].classes]
+    apply_channel_plan(model, plan)
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    data = feeds(proto)
+    hidden = data["x"] @ arrays[w1][:, kept]
+    mean = hidden.mean(-1, keepdims=True)
+    var = hidden.var(-1, keepdims=True)
+    normed = (hidden - mean) / np.sqrt(var + 1e-5) * arrays[gamma][kept] + arrays[beta][kept]
+    expected = normed @ arrays[w2][kept]
+    import onnx_ir as ir
+
+    got = run(ir.serde.serialize_model(model), data)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_round_to_keeps_multiples(tmp_path: Path) -> None:
+    b = GraphBuilder(21)
+    h = b.input("x", ["N", 3, 6, 6])
+    for c_in, c_out in ((3, 32), (32, 24), (24, 16)):
+        h = b.node("Relu", [b.node("Conv", [h, b.weight((c_out, c_in, 3, 3))], pads=[1] * 4)])
+    b.node("Conv", [h, b.weight((2, 16, 1, 1))], out="y")
+    b.output("y", shape=["N", 2, 6, 6])
+    source = save(b.model(), tmp_path / "in.onnx")
+    _, report = pipeline.prune(source, 0.5, structured=True, round_to=8)
+    plan = report.channels
+    kept = [plan.kept_of(layer.classes) for layer in plan.graph.layers]
+    assert all(k % 8 == 0 and k > 0 for k in kept[:3]), kept
+    assert plan.achieved >= 0.5
+    _, plain = pipeline.prune(source, 0.5, structured=True)
+    assert any(plain.channels.kept_of(layer.classes) % 8 for layer in plain.channels.graph.layers)
+
+
+def test_mac_target_counts_macs(tmp_path: Path) -> None:
+    source = save(combined(), tmp_path / "in.onnx")
+    _, by_params = pipeline.prune(source, 0.4, structured=True)
+    _, by_macs = pipeline.prune(source, 0.4, structured=True, target="macs")
+    params, macs = by_macs.channels.params, by_macs.channels.macs
+    assert 1 - macs[1] / macs[0] >= 0.4
+    assert by_macs.channels.achieved == pytest.approx(1 - macs[1] / macs[0])
+    assert by_params.channels.achieved == pytest.approx(
+        1 - by_params.channels.params[1] / by_params.channels.params[0]
+    )
+    assert params[0] == by_params.channels.params[0]
+    # the first (MAC-heavy, parameter-light) layers are hit harder when MACs count
+    assert (
+        by_macs.channels.removed.sum() != by_params.channels.removed.sum()
+        or macs[1] != by_params.channels.macs[1]
+    )
+
+
+def test_min_keep_is_respected_and_infeasible_is_an_error(tmp_path: Path) -> None:
+    source = save(combined(), tmp_path / "in.onnx")
+    _, report = pipeline.prune(source, 0.3, structured=True, min_keep=0.75)
+    plan = report.channels
+    for layer in plan.graph.layers:
+        n = len(np.unique(layer.classes))
+        assert plan.kept_of(np.unique(layer.classes)) >= min(n, int(np.ceil(0.75 * n)))
+    with pytest.raises(InfeasibleError, match="whole channels"):
+        pipeline.prune(source, 0.95, structured=True, min_keep=0.75)
+    with pytest.raises(InvalidArgumentError):
+        pipeline.prune(source, 0.3, structured=True, pattern="2:4")
+    with pytest.raises(InvalidArgumentError):
+        pipeline.prune(source, 0.3, structured=True, target="flops")
+
+
+def test_selection_is_deterministic(tmp_path: Path) -> None:
+    source = save(combined(), tmp_path / "in.onnx")
+    first = pipeline.prune(source, 0.4, structured=True)[1].channels.removed
+    second = pipeline.prune(source, 0.4, structured=True)[1].channels.removed
+    assert np.array_equal(first, second)
+
+
+def test_zero_sparsity_changes_nothing(tmp_path: Path) -> None:
+    proto = combined()
+    source = save(proto, tmp_path / "in.onnx")
+    pipeline.prune(source, 0.0, structured=True, output=tmp_path / "out.onnx")
+    np.testing.assert_array_equal(
+        run(proto, feeds(proto))[0], run(tmp_path / "out.onnx", feeds(proto))[0]
+    )
+
+
+def test_cli_structured_prints_channels_and_frozen_groups(tmp_path: Path) -> None:
+    source = save(MODELS["unknown_op"](), tmp_path / "in.onnx")
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = CliRunner().invoke(
+        main,
+        [str(source), "--structured", "--sparsity", "0.3", "--round-to", "2", "--target", "macs",
+         "-o", str(out), "--report", str(report)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "channels" in result.output and "kept" in result.output
+    assert "frozen:" in result.output and "LRN" in result.output
+    data = json.loads(report.read_text())
+    assert data["structured"] and data["target_metric"] == "macs" and data["round_to"] == 2
+    assert any("LRN" in r for g in data["frozen_groups"] for r in g["reasons"])
+    assert data["macs"]["after"] < data["macs"]["before"]
+    assert out.exists()
+
+
+def test_digits_model(tmp_path: Path) -> None:
+    """The bundled demo model: residual, depthwise Conv, Concat, Flatten head."""
+    source = Path(__file__).parent.parent / "models" / "digits_cnn.onnx"
+    if not source.exists():
+        pytest.skip("models/digits_cnn.onnx is not there")
+    check_invariant(onnx.load(str(source)), tmp_path)
+    _, report = pipeline.prune(source, 0.5, structured=True, output=tmp_path / "o.onnx")
+    assert report.channels.achieved >= 0.5
