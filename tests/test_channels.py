@@ -1,0 +1,171 @@
+"""Channel groups: which channels are coupled, which are frozen and why."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxprune.channels import components
+from tests.builders import GraphBuilder
+from tests.channel_models import analyse, combined, concat_split_slice, grouped, unknown_op
+
+
+def _layer(graph, name):
+    return next(layer for layer in graph.layers if layer.name == name)
+
+
+def _groups_by_layer(graph):
+    return {graph.layers[i].name: g for g in graph.groups for i in g.layers}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_components_match_a_plain_union_find(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 200
+    a, b = rng.integers(0, n, 150), rng.integers(0, n, 150)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for x, y in zip(a, b, strict=True):
+        rx, ry = find(int(x)), find(int(y))
+        parent[max(rx, ry)] = min(rx, ry)
+    expected = [min(j for j in range(n) if find(j) == find(i)) for i in range(n)]
+    assert components(n, a, b).tolist() == expected
+
+
+def test_residual_add_couples_layers_into_one_group() -> None:
+    _, graph = analyse(combined())
+    groups = _groups_by_layer(graph)
+    # stem Conv (+BN) and the residual branch's last Conv feed the same Add
+    stem, branch_end = graph.layers[0].name, graph.layers[2].name
+    assert groups[stem] is groups[branch_end]
+    assert np.array_equal(np.sort(graph.layers[0].classes), np.sort(graph.layers[2].classes))
+    assert groups[graph.layers[1].name] is not groups[stem]
+
+
+def test_concat_places_groups_at_offsets_and_split_slice_cut_them() -> None:
+    model, graph = analyse(concat_split_slice())
+    a, c = graph.layers[0], graph.layers[1]
+    cat = next(n for n in model.graph if n.op_type == "Concat").outputs[0]
+    assert np.array_equal(graph.spaces[cat][1], np.concatenate([a.classes, c.classes]))
+    split = next(n for n in model.graph if n.op_type == "Split")
+    assert np.array_equal(graph.spaces[split.outputs[0]][1], a.classes[:4])
+    assert np.array_equal(
+        graph.spaces[split.outputs[1]][1], np.concatenate([a.classes[4:], c.classes])
+    )
+    sliced = next(n for n in model.graph if n.op_type == "Slice").outputs[0]
+    assert np.array_equal(graph.spaces[sliced][1], np.concatenate([a.classes[3:], c.classes[:5]]))
+    assert graph.prunable[a.classes].all() and graph.prunable[c.classes].all()
+
+
+def test_depthwise_ties_input_and_output_and_grouped_prunes_whole_groups() -> None:
+    _, graph = analyse(grouped())
+    first, depthwise, multiplier, group4 = graph.layers[:4]
+    assert np.array_equal(depthwise.classes, first.classes)
+    assert np.array_equal(multiplier.classes, np.repeat(first.classes, 2))
+    # group=4 over 16 inputs: each group of 4 input channels is one class with its 2 outputs
+    assert len(np.unique(group4.classes)) == 4
+    assert len(np.unique(first.classes)) == 4  # 8 channels, paired by the grouped Conv
+    fixes = [f for f in graph.fixes if f.kind == "group"]
+    assert len(fixes) == 3
+
+
+def test_flatten_turns_a_channel_into_a_block_of_rows() -> None:
+    _, graph = analyse(combined())
+    gemm_in = next(m for m in graph.members if m.node.op_type == "Gemm" and m.role == "in")
+    blocks = gemm_in.ids.reshape(10, 16)
+    assert (blocks == blocks[:, :1]).all()
+    assert len(np.unique(gemm_in.ids)) == 10
+
+
+def test_op_without_rule_freezes_what_it_touches_with_the_reason() -> None:
+    _, graph = analyse(unknown_op())
+    groups = _groups_by_layer(graph)
+    before_lrn, after_lrn = graph.layers[0].name, graph.layers[1].name
+    assert groups[before_lrn].frozen == len(groups[before_lrn].classes)
+    assert any("LRN" in r and "no channel rule" in r for r in groups[before_lrn].reasons)
+    assert groups[after_lrn].frozen == 0
+    head = graph.layers[-1].name
+    assert any("model output" in r for r in groups[head].reasons)
+
+
+def _single(op: str, *extra_nodes, **attrs):
+    """Conv -> op -> Conv: is the first Conv's group frozen, and why?"""
+    b = GraphBuilder(0)
+    x = b.input("x", [1, 3, 4, 4])
+    h = b.node("Conv", [x, b.weight((8, 3, 1, 1))])
+    h = b.node(op, [h, *extra_nodes], **attrs) if not callable(op) else op(b, h)
+    b.node("Conv", [h, b.weight((2, 8, 1, 1))], out="y")
+    b.output("y", shape=[1, 2, 4, 4])
+    return analyse(b.model())[1]
+
+
+def test_attention_head_split_is_frozen_not_guessed() -> None:
+    def heads(b, h):
+        r = b.node("Reshape", [h, b.constant(np.array([1, 2, 4, 16], np.int64))])
+        t = b.node("Transpose", [r], perm=[0, 1, 3, 2])  # mixes channels within heads
+        return b.node("Reshape", [t, b.constant(np.array([1, 8, 4, 4], np.int64))])
+
+    graph = _single(heads)
+    assert graph.frozen[graph.layers[0].classes].all()
+    assert any("Reshape" in r for r in graph.reasons)
+
+
+@pytest.mark.parametrize(
+    ("op", "needle"),
+    [("Softmax", "normalises over channels"), ("ReduceMean", "reduces over channels")],
+)
+def test_ops_that_mix_channels_freeze(op: str, needle: str) -> None:
+    attrs = {"axis": 1} if op == "Softmax" else {"axes": [1], "keepdims": 1}
+
+    def mix(b, h):
+        m = b.node(op, [h], **attrs)
+        return b.node("Mul", [h, m])
+
+    graph = _single(mix)
+    assert graph.frozen[graph.layers[0].classes].all()
+    assert any(needle in r for r in graph.reasons)
+
+
+def test_shape_of_channels_freezes_and_slice_with_step_freezes() -> None:
+    def shape(b, h):
+        b.node("Shape", [h])
+        return h
+
+    graph = _single(shape)
+    assert graph.frozen[graph.layers[0].classes].all()
+
+    def stepped(b, h):
+        s = b.node("Slice", [h, *(b.constant(np.array([v], np.int64)) for v in (0, 8, 1, 2))])
+        return b.node("Concat", [s, s], axis=1)
+
+    graph = _single(stepped)
+    assert graph.frozen[graph.layers[0].classes].all()
+    assert any("step" in r for r in graph.reasons)
+
+
+def test_constant_operand_broadcast_shapes() -> None:
+    def consts(b, h):
+        h = b.node("Add", [h, b.weight((1, 8, 1, 1))])  # sliced
+        h = b.node("Mul", [h, b.weight((1,))])  # broadcasts
+        return b.node("Div", [h, b.weight((8, 1, 1))])  # sliced
+
+    graph = _single(consts)
+    assert graph.prunable[graph.layers[0].classes].all()
+    roles = sorted(m.role for m in graph.members if m.node.op_type in ("Add", "Div"))
+    assert roles == ["scale", "shift"]
+
+
+def test_model_input_added_to_channels_freezes_them() -> None:
+    b = GraphBuilder(0)
+    x = b.input("x", [1, 8, 4, 4])
+    h = b.node("Add", [b.node("Conv", [x, b.weight((8, 8, 1, 1))]), x])
+    b.node("Conv", [h, b.weight((2, 8, 1, 1))], out="y")
+    b.output("y", shape=[1, 2, 4, 4])
+    graph = analyse(b.model())[1]
+    assert graph.frozen[graph.layers[0].classes].all()
+    assert any("model input 'x'" in r for r in graph.reasons)
