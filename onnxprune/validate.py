@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,7 +232,7 @@ class ModelResult:
 
     path: str
     providers: list[str]
-    cost: ModelCost
+    cost: ModelCost | None
     latency: Latency | None = None
     accuracy: float | None = None
 
@@ -248,7 +249,7 @@ class ModelResult:
                 "runs": self.latency.runs,
                 "batch_size": self.latency.batch_size,
             },
-            **self.cost.to_dict(),
+            **(self.cost.to_dict() if self.cost else {}),
         }
 
 
@@ -269,9 +270,10 @@ def run_model(
     specs: Sequence[_inputs.InputSpec],
     *,
     latency: bool = True,
+    cost: bool = True,
     session: ort.InferenceSession | None = None,
 ) -> Run:
-    """Run every batch, time one, and read the model's costs."""
+    """Run every batch; then read the model's costs and time one batch unless told not to."""
     session = session or open_session(path, runtime)
     needed = {arg.name for arg in session.get_inputs()}
     missing = sorted(needed - {s.name for s in specs})
@@ -297,13 +299,17 @@ def run_model(
     result = ModelResult(
         path=str(path),
         providers=list(session.get_providers()),
-        cost=model_cost(path, data.sample_shapes(specs)),
+        cost=model_cost(path, data.sample_shapes(specs)) if cost else None,
         accuracy=accuracy,
     )
     if latency:
-        first = {k: v for k, v in data.batches[0].items() if k in needed}
-        result.latency = measure_latency(session, first)
+        result.latency = measure_latency(session, _first_batch(session, data))
     return Run(result, names, outputs, predictions)
+
+
+def _first_batch(session: ort.InferenceSession, data: _inputs.Inputs) -> dict[str, np.ndarray]:
+    needed = {arg.name for arg in session.get_inputs()}
+    return {k: v for k, v in data.batches[0].items() if k in needed}
 
 
 @contextlib.contextmanager
@@ -441,17 +447,31 @@ def validate(
     runtime = select_runtime(device)
     if runtime.note:
         log.info("%s", runtime.note)
-    with model_file(reference, "reference.onnx") as ref_path:
+    with contextlib.ExitStack() as stack:
+        ref_path = stack.enter_context(model_file(reference, "reference.onnx"))
+        cand_path = stack.enter_context(model_file(candidate, "candidate.onnx"))
         session = open_session(ref_path, runtime)
         specs, data_ = prepare_inputs(
             session, data=data, batch_size=batch_size, input_shapes=input_shapes, seed=seed
         )
         for notice in data_.notices:
             log.info("%s", notice)
-        ref_run = run_model(ref_path, data_, runtime, specs, latency=latency, session=session)
-        del session
-    with model_file(candidate, "candidate.onnx") as cand_path:
-        cand_run = run_model(cand_path, data_, runtime, specs, latency=latency)
+        # Costs (gzip of both files, zero counts) are read in threads while the models run;
+        # latency is timed only after they are done, with nothing else busy.
+        shapes = data_.sample_shapes(specs)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            costs = [pool.submit(model_cost, p, shapes) for p in (ref_path, cand_path)]
+            ref_run = run_model(
+                ref_path, data_, runtime, specs, latency=False, cost=False, session=session
+            )
+            del session
+            cand_run = run_model(cand_path, data_, runtime, specs, latency=False, cost=False)
+            ref_run.result.cost, cand_run.result.cost = (c.result() for c in costs)
+        if latency:
+            for run, path in ((ref_run, ref_path), (cand_run, cand_path)):
+                session = open_session(path, runtime)
+                run.result.latency = measure_latency(session, _first_batch(session, data_))
+                del session
     for run, source in ((ref_run, reference), (cand_run, candidate)):
         if isinstance(source, ir.Model):
             run.result.path = IN_MEMORY
