@@ -30,5 +30,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_prune.py
 
+# Writes about 17 GB under bench/out/large (removed afterwards); takes a few minutes.
+bench-large: $(STAMP)
+	$(PY) bench/bench_large.py
+
 clean:
 	rm -rf build .pytest_cache

@@ -1,9 +1,11 @@
 """Importance scores. Magnitude first, as integer keys that order exactly like |w|.
 
-Non-negative IEEE floats order like their bit patterns read as unsigned integers, so |w| viewed as
-uint32 (uint64 for float64 models) gives keys that compare, histogram and tie-break exactly, in
+Non-negative IEEE floats order like their bit patterns read as unsigned integers, so the bits of
+w with the sign bit cleared are keys that compare, histogram and tie-break exactly like |w|, in
 memory or streamed tensor by tensor. NaN sorts above every number and so is never pruned first.
-float16 and bfloat16 widen to float32 exactly, so mixed-precision models share one key space.
+A model whose weights are all float16 (or all bfloat16) uses its own 16-bit keys: one histogram
+pass then finds the exact threshold. Mixed precisions widen to float32 keys (exact for both),
+float64 models use 64-bit keys.
 """
 
 from __future__ import annotations
@@ -22,20 +24,26 @@ if TYPE_CHECKING:
 
 
 def key_dtype(weights: Iterable[Weight]) -> np.dtype:
-    """uint64 keys if any weight is float64 (no precision lost), else uint32."""
-    if any(w.dtype == ir.DataType.DOUBLE for w in weights):
+    """The narrowest key type that orders every weight's magnitude exactly."""
+    dtypes = {w.dtype for w in weights}
+    if ir.DataType.DOUBLE in dtypes:
         return np.dtype(np.uint64)
+    if dtypes == {ir.DataType.FLOAT16} or dtypes == {ir.DataType.BFLOAT16}:
+        return np.dtype(np.uint16)
     return np.dtype(np.uint32)
 
 
 UINT32 = np.dtype(np.uint32)
+_FLOAT_OF_KEY = {2: np.float16, 4: np.float32, 8: np.float64}
 
 
 def magnitude_keys(array: np.ndarray, keys: np.dtype = UINT32) -> np.ndarray:
     """Flat integer keys of |array|, ordered exactly as the magnitudes are."""
-    floats = np.float64 if keys == np.uint64 else np.float32
-    magnitude = np.abs(np.asarray(array).astype(floats, copy=False).reshape(-1))
-    return magnitude.view(keys)
+    array = np.asarray(array).reshape(-1)
+    if array.dtype.itemsize != keys.itemsize:  # widen, exactly, to the key's float width
+        array = array.astype(_FLOAT_OF_KEY[keys.itemsize])
+    sign_cleared = keys.type(np.iinfo(keys).max >> 1)
+    return array.view(keys) & sign_cleared
 
 
 @dataclass(frozen=True)

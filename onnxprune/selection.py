@@ -20,10 +20,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx_ir as ir
 
 from onnxprune.errors import InfeasibleError, InvalidArgumentError, NothingToPruneError
 from onnxprune.scoring import key_dtype, magnitude_keys
-from onnxprune.weights import PRUNABLE_OPS, Weight
+from onnxprune.weights import PRUNABLE_OPS, Weight, tensor_chunks
 
 METHODS = ("global", "uniform")
 DIGIT_BITS = 16
@@ -177,13 +178,6 @@ def cut_for_count(keys: np.ndarray, count: int) -> Cut:
     return Cut(int(threshold), count - below)
 
 
-def chunks(array: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
-    """Flat slices of at most CHUNK elements: temporaries stay small however big a tensor is."""
-    flat = array.reshape(-1)
-    for start in range(0, flat.size, CHUNK):
-        yield slice(start, start + CHUNK), flat[start : start + CHUNK]
-
-
 def pattern_mask(keys: np.ndarray, shape: Sequence[int], axis: int, n: int, m: int) -> np.ndarray:
     """Boolean mask (flat) pruning the M-N smallest of every M consecutive weights along `axis`."""
     grouped = np.moveaxis(keys.reshape(shape), axis, -1)
@@ -196,34 +190,38 @@ def pattern_mask(keys: np.ndarray, shape: Sequence[int], axis: int, n: int, m: i
 
 
 def layer_masks(
-    layer: LayerPlan, array: np.ndarray, keys: np.dtype
-) -> Iterator[tuple[slice, np.ndarray]]:
-    """Which weights of one layer become zero, chunk by chunk over the flat array.
+    layer: LayerPlan, tensor: ir.TensorProtocol, keys: np.dtype
+) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """(flat slice, values, zero mask) of one layer, chunk by chunk.
 
-    The single place the rewrite and the counting agree on.
+    The single place the rewrite and the counting agree on which weights become zero.
     """
     if layer.pattern is not None:
         n, m = layer.pattern
         assert layer.weight.in_axis is not None
-        k = magnitude_keys(array, keys)
-        yield slice(None), pattern_mask(k, layer.weight.shape, layer.weight.in_axis, n, m)
+        flat = tensor.numpy().reshape(-1)
+        k = magnitude_keys(flat, keys)
+        yield slice(None), flat, pattern_mask(k, layer.weight.shape, layer.weight.in_axis, n, m)
         return
     assert layer.cut is not None
     threshold = keys.type(layer.cut.threshold)
     ties = layer.cut.ties
-    for where, chunk in chunks(array):
+    for where, chunk in tensor_chunks(tensor, CHUNK):
         k = magnitude_keys(chunk, keys)
         mask = k < threshold
         if ties:
             equal = np.flatnonzero(k == threshold)[:ties]
             mask[equal] = True
             ties -= equal.size
-        yield where, mask
+        yield where, chunk, mask
 
 
 def _count_zeros(weights: Sequence[Weight], keys: np.dtype) -> list[int]:
     return [
-        sum(int(np.count_nonzero(magnitude_keys(c, keys) == 0)) for _, c in chunks(w.numpy()))
+        sum(
+            int(np.count_nonzero(magnitude_keys(c, keys) == 0))
+            for _, c in tensor_chunks(w.tensor(), CHUNK)
+        )
         for w in weights
     ]
 
@@ -258,7 +256,7 @@ class _GlobalSelection:
         keys, shift = self.keys, self.shift
         hist = np.zeros(bins, dtype=np.int64)
         zeros = 0
-        for _, chunk in chunks(self.weights[i].numpy()):
+        for _, chunk in tensor_chunks(self.weights[i].tensor(), CHUNK):
             k = magnitude_keys(chunk, keys)
             if first:
                 zeros += int(np.count_nonzero(k == 0))
@@ -316,7 +314,8 @@ class _GlobalSelection:
         for i, weight in enumerate(self.weights):
             if below[i] >= caps[i]:
                 # the layer filled up before the global threshold: its own cut at its cap
-                cuts.append(cut_for_count(magnitude_keys(weight.numpy(), self.keys), int(caps[i])))
+                k = magnitude_keys(weight.numpy(), self.keys)
+                cuts.append(cut_for_count(k, int(caps[i])))
                 continue
             ties = int(min(remaining, self.equal[i], caps[i] - below[i]))
             remaining -= ties
@@ -446,7 +445,7 @@ def _plan_pattern(weights: Sequence[Weight], nm: tuple[int, int], keys: np.dtype
             )
         else:
             layer.pattern = nm
-            ((_, mask),) = layer_masks(layer, weight.numpy(), keys)
+            ((_, _, mask),) = layer_masks(layer, weight.tensor(), keys)
             layer.prune = int(np.count_nonzero(mask | (k == 0)))
         result.layers.append(layer)
     return result

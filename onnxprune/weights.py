@@ -8,7 +8,7 @@ which axis of the stored tensor carries output channels and which carries input 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,6 +86,38 @@ class Weight:
         else:
             assert self.constant is not None
             self.constant.attributes["value"] = ir.AttrTensor("value", tensor)
+
+
+# Weights are read in flat chunks of this many elements, bounding temporary memory.
+CHUNK = 1 << 20
+
+
+def tensor_chunks(
+    tensor: ir.TensorProtocol, size: int | None = None
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """(flat slice, values) chunks of a tensor, in order; temporaries stay chunk-sized.
+
+    External data is read with plain file reads into one reused buffer, which costs far less than
+    faulting in a memory map page by page, and leaves no pages of the model mapped. A yielded
+    chunk is only valid until the next one is requested.
+    """
+    size = size or CHUNK
+    if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth % 8 == 0:
+        dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+        count = int(np.prod(tensor.shape.numpy(), dtype=np.int64))
+        buffer = np.empty(min(size, count), dtype=dtype)
+        with open(tensor.path, "rb", buffering=0) as f:
+            f.seek(tensor.offset or 0)
+            for start in range(0, count, size):
+                n = min(size, count - start)
+                view = buffer[:n]
+                if f.readinto(memoryview(view.view(np.uint8))) != view.nbytes:
+                    raise OSError(f"short read of external data for tensor {tensor.name!r}")
+                yield slice(start, start + n), view
+        return
+    flat = tensor.numpy().reshape(-1)
+    for start in range(0, flat.size, size):
+        yield slice(start, start + size), flat[start : start + size]
 
 
 @dataclass

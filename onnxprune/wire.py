@@ -173,9 +173,10 @@ def mapped_tensor(
 def write_initializer(file: BinaryIO, tensor: ir.TensorProtocol, name: str) -> None:
     """Append one initializer to a model file as `graph { initializer { ... } }`.
 
-    The payload goes from the array's own buffer straight to the file: no bytes object, no
-    protobuf copy, no serialised copy. Tensors whose bytes are not a plain little-endian array
-    (strings, sub-byte types) go through onnx-ir's serialiser instead.
+    The payload goes to the file through the tensor's own `tofile` (a view of an array, or a
+    pruned tensor streaming chunk by chunk): no bytes object, no protobuf copy, no serialised
+    copy. Tensors whose bytes are not a plain little-endian array (strings, sub-byte types) go
+    through onnx-ir's serialiser instead.
     """
     dtype = tensor.dtype
     plain = dtype.bitwidth % 8 == 0 and dtype != ir.DataType.STRING and sys.byteorder == "little"
@@ -185,20 +186,22 @@ def write_initializer(file: BinaryIO, tensor: ir.TensorProtocol, name: str) -> N
         ir.serde.serialize_tensor_into(chunk.graph.initializer.add(), from_=tensor)
         file.write(chunk.SerializeToString())
         return
-    array = np.ascontiguousarray(tensor.numpy())
-    payload = memoryview(array.reshape(-1).view(np.uint8))
-    header = onnx.TensorProto(name=name, dims=array.shape, data_type=int(dtype))
+    length = tensor.nbytes
+    header = onnx.TensorProto(name=name, dims=tensor.shape.numpy(), data_type=int(dtype))
     if tensor.doc_string:
         header.doc_string = tensor.doc_string
     for key, value in (tensor.metadata_props or {}).items():
         header.metadata_props.add(key=key, value=value)
-    raw_key = _encode_varint(TENSOR_RAW_DATA << 3 | LENGTH_DELIMITED) + _encode_varint(len(payload))
+    raw_key = _encode_varint(TENSOR_RAW_DATA << 3 | LENGTH_DELIMITED) + _encode_varint(length)
     tensor_head = header.SerializeToString() + raw_key
-    tensor_len = len(tensor_head) + len(payload)
+    tensor_len = len(tensor_head) + length
     init_head = _encode_varint(GRAPH_INITIALIZER << 3 | LENGTH_DELIMITED) + _encode_varint(
         tensor_len
     )
     graph_len = len(init_head) + tensor_len
     file.write(_encode_varint(MODEL_GRAPH << 3 | LENGTH_DELIMITED) + _encode_varint(graph_len))
     file.write(init_head + tensor_head)
-    file.write(payload)
+    start = file.tell()
+    tensor.tofile(file)
+    if file.tell() - start != length:
+        raise ValueError(f"tensor {name!r} wrote {file.tell() - start} bytes, expected {length}")

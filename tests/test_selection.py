@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -252,3 +253,28 @@ def test_chunked_reads_give_the_same_masks(monkeypatch, chunk) -> None:
         np.testing.assert_array_equal(x, y)
     for x, y in zip(got, reference_global(arrays, 0.55, [3] * 4), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "keys"),
+    [
+        ((np.float16, np.float16), np.uint16),
+        ((ml_dtypes.bfloat16, ml_dtypes.bfloat16), np.uint16),
+        ((np.float16, np.float32), np.uint32),
+        ((np.float16, ml_dtypes.bfloat16), np.uint32),
+        ((np.float32, np.float64), np.uint64),
+    ],
+    ids=["fp16", "bf16", "fp16+fp32", "fp16+bf16", "fp32+fp64"],
+)
+def test_key_width_per_precision_mix_matches_reference(dtypes, keys) -> None:
+    rng = np.random.default_rng(5)
+    arrays = [
+        (rng.standard_normal((9, 7)) * s).astype(d) for d, s in zip(dtypes, (0.5, 2), strict=True)
+    ]
+    arrays[0][0, :3] = 0  # existing zeros, and ties among them
+    for sparsity, keep in ((0.3, None), (0.8, 4)):
+        p = plan(weights_of(arrays), sparsity, min_keep=keep)
+        assert p.keys == keys
+        expected = reference_global(arrays, sparsity, [keep or 0] * 2)
+        for got, want in zip(masks(p), expected, strict=True):
+            np.testing.assert_array_equal(got, want)
