@@ -50,10 +50,6 @@ class InputSpec:
     dtype: np.dtype
     shape: tuple[Dim, ...]
 
-    def describe(self) -> str:
-        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name!r} {self.dtype.name}[{dims}]"
-
 
 def input_specs(session: object) -> list[InputSpec]:
     """The inputs an ONNX Runtime session needs (initializers with defaults are not among them)."""

@@ -21,6 +21,7 @@ from onnxprune.errors import InfeasibleError, InvalidArgumentError
 from onnxprune.report import format_table, human_bytes, human_count, step
 from onnxprune.validate import (
     ModelResult,
+    agreement,
     compare,
     model_file,
     open_session,
@@ -146,8 +147,7 @@ def sweep(
                 row.achieved = report.plan.sparsity
                 row.accuracy = run.result.accuracy
                 row.min_cosine = min((d.cosine for d in compare(reference, run)), default=None)
-                if reference.predictions is not None and run.predictions is not None:
-                    row.agreement = float(np.mean(reference.predictions == run.predictions))
+                row.agreement = agreement(reference, run)
                 row.gzip_bytes = run.result.cost.gzip_bytes
                 row.nonzero_macs = run.result.cost.nonzero_macs
                 row.collapsed = sum(1 for w in report.warnings if w.startswith("layer collapse"))

@@ -30,7 +30,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxprune import inputs as _inputs
-from onnxprune import io
+from onnxprune import io, metrics
 from onnxprune.errors import (
     DataError,
     DeviceError,
@@ -295,7 +295,7 @@ def run_model(
     predictions = None if any(h is None for h in heads) else np.concatenate(heads)
     accuracy = None
     if predictions is not None and data.labels is not None:
-        accuracy = float(np.mean(predictions == data.labels))
+        accuracy = metrics.accuracy(predictions, data.labels)
     result = ModelResult(
         path=str(path),
         providers=list(session.get_providers()),
@@ -426,10 +426,11 @@ def compare(reference: Run, candidate: Run) -> list[OutputDiff]:
     return diffs
 
 
-def _agreement(reference: Run, candidate: Run) -> float | None:
+def agreement(reference: Run, candidate: Run) -> float | None:
+    """Top-1 agreement of two runs on the same inputs; None without a [batch, classes] output."""
     if reference.predictions is None or candidate.predictions is None:
         return None
-    return float(np.mean(reference.predictions == candidate.predictions))
+    return metrics.agreement(reference.predictions, candidate.predictions)
 
 
 def validate(
@@ -479,7 +480,7 @@ def validate(
         reference=ref_run.result,
         candidate=cand_run.result,
         outputs=compare(ref_run, cand_run),
-        agreement=_agreement(ref_run, cand_run),
+        agreement=agreement(ref_run, cand_run),
         samples=data_.samples,
         batch_size=data_.batch_size,
         inputs=data_.source,
