@@ -242,7 +242,8 @@ def count_macs(
     """(dense, non-zero) MACs of Conv, Gemm and MatMul in the main graph, and nodes not counted.
 
     Non-zero MACs scale each node's dense count by the density of its constant operand: a zero
-    weight multiplies nothing, whatever the activation.
+    weight multiplies nothing, whatever the activation. Sets the model's value shapes to those
+    at `input_shapes` (load a copy to keep the original's).
     """
     infer_shapes(model, input_shapes)
     found = weights.find_weights(model)

@@ -429,3 +429,12 @@ def test_every_output_is_compared(tmp_path) -> None:
     assert v.outputs[0].max_abs == 0 and v.outputs[1].max_abs == 1.0  # aux doubles the eye
     assert v.outputs[1].max_rel == 1.0 and v.outputs[1].cosine == pytest.approx(1.0)
     assert v.min_cosine == pytest.approx(1.0) and v.agreement == 1.0
+
+
+def test_latency_with_io_binding(pair) -> None:
+    # the CUDA path's IO binding, exercised on the CPU
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(pair[0]), providers=["CPUExecutionProvider"])
+    lat = validate.measure_latency(session, {"x": X}, warmup=1, repeats=4, io_binding=True)
+    assert lat.runs == 4 and lat.batch_size == 2 and lat.median_ms > 0
