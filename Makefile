@@ -30,6 +30,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_prune.py
 
+# torchvision's classification models, exported randomly initialised, pruned at 0.5 structured.
+# Needs torch and torchvision (installed into the venv here, never a package dependency).
+zoo: $(STAMP)
+	$(PY) -c "import torch, torchvision, onnxscript" 2>/dev/null || $(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 onnxscript
+	$(PY) bench/zoo.py
+
 # Writes about 17 GB under bench/out/large (removed afterwards); takes a few minutes.
 bench-large: $(STAMP)
 	$(PY) bench/bench_large.py
