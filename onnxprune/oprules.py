@@ -484,7 +484,18 @@ def _reshape_spaces(
                 carrier = (j, line)
                 break
         if carrier is None:
-            raise Unsupported("splits a channel axis across several axes (attention heads)")
+            # A channel axis split over several axes (channel shuffle's (groups, C/groups),
+            # attention's (heads, head_dim)): keep the largest as the channel axis and couple
+            # the channels along the others, so pruning index d removes it in every group or
+            # head alike. Only coupling is added, so this is conservative, never a guess.
+            j = len(odims) - 1 - int(np.argmax(odims[::-1]))
+            line = grid[tuple(slice(None) if i == j else 0 for i in range(len(outs)))]
+            shaped = [1] * len(outs)
+            shaped[j] = -1
+            ctx.union(
+                grid.reshape(-1), np.broadcast_to(line.reshape(shaped), grid.shape).reshape(-1)
+            )
+            carrier = (j, line)
         j, line = carrier
         ctx.set(out, outs[j], line)
         if target[outs[j]] not in (0, -1, None):

@@ -228,6 +228,16 @@ def plan_channels(
         else:
             lo = mid + 1
     plan.removed = removed_by(lo)[0]
+    normed = {
+        m.node.name or m.node.op_type
+        for m in graph.members
+        if m.node.op_type == "LayerNormalization" and plan.removed[m.ids].any()
+    }
+    if normed:
+        plan.warnings.append(
+            f"{len(normed)} LayerNormalization nodes lose channels: their mean and variance then "
+            "cover the channels left, an approximation (even an all-zero channel counted)"
+        )
     return plan
 
 

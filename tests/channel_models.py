@@ -248,6 +248,18 @@ def combined() -> onnx.ModelProto:
     return b.model()
 
 
+def channel_shuffle() -> onnx.ModelProto:
+    """ShuffleNet's channel shuffle: Reshape (groups, C/groups), Transpose, Reshape back."""
+    b = GraphBuilder(14)
+    x = b.input("x", ["N", 3, 4, 4])
+    h = b.node("Relu", [_conv(b, x, 3, 8)])
+    h = b.node("Reshape", [h, b.constant(np.array([-1, 2, 4, 4, 4], np.int64))])
+    h = b.node("Transpose", [h], perm=[0, 2, 1, 3, 4])
+    h = b.node("Reshape", [h, b.constant(np.array([-1, 8, 4, 4], np.int64))])
+    _head(b, _conv(b, h, 8, 4), 4)
+    return b.model()
+
+
 def unknown_op() -> onnx.ModelProto:
     """LRN mixes neighbouring channels and has no rule: its groups must be frozen and reported."""
     b = GraphBuilder(13)
@@ -263,7 +275,7 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     f.__name__: f
     for f in (conv_bn_act, grouped, conv_transpose, per_channel_constants, elementwise_between,
               concat_split_slice, mlp_transformer, gemm_mlp, pool_reduce_resize, shape_ops,
-              squeeze_excite, combined, unknown_op)
+              squeeze_excite, combined, channel_shuffle, unknown_op)
 }  # fmt: skip
 
 

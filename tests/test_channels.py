@@ -7,7 +7,14 @@ import pytest
 
 from onnxprune.channels import components
 from tests.builders import GraphBuilder
-from tests.channel_models import analyse, combined, concat_split_slice, grouped, unknown_op
+from tests.channel_models import (
+    analyse,
+    channel_shuffle,
+    combined,
+    concat_split_slice,
+    grouped,
+    unknown_op,
+)
 
 
 def _layer(graph, name):
@@ -104,15 +111,24 @@ def _single(op: str, *extra_nodes, **attrs):
     return analyse(b.model())[1]
 
 
-def test_attention_head_split_is_frozen_not_guessed() -> None:
-    def heads(b, h):
+def test_reshape_moving_channels_onto_a_spatial_axis_freezes() -> None:
+    def scramble(b, h):
         r = b.node("Reshape", [h, b.constant(np.array([1, 2, 4, 16], np.int64))])
-        t = b.node("Transpose", [r], perm=[0, 1, 3, 2])  # mixes channels within heads
+        t = b.node("Transpose", [r], perm=[0, 1, 3, 2])
         return b.node("Reshape", [t, b.constant(np.array([1, 8, 4, 4], np.int64))])
 
-    graph = _single(heads)
+    graph = _single(scramble)
     assert graph.frozen[graph.layers[0].classes].all()
-    assert any("Reshape" in r for r in graph.reasons)
+    assert any("mixed by a convolution" in r for r in graph.reasons)
+
+
+def test_channel_shuffle_couples_channels_across_groups() -> None:
+    _, graph = analyse(channel_shuffle())
+    first = graph.layers[0].classes
+    assert graph.prunable[first].all()
+    # channel d of both groups is one class: 8 channels, 4 classes
+    assert len(np.unique(first)) == 4
+    assert np.array_equal(first[:4], first[4:])
 
 
 @pytest.mark.parametrize(
