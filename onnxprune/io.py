@@ -24,6 +24,9 @@ VALUE_INFO_KEY = "onnxprune.value_info"
 MAPPED_KEY = "onnxprune.mapped"
 # Offsets of big external tensors are aligned so that runtimes can memory-map them directly.
 EXTERNAL_ALIGNMENT = 65536
+# Threads writing external data: pruning one tensor overlaps writing another (onnx-ir bounds the
+# bytes in flight, 1 GiB by default).
+SAVE_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def all_graphs(model: ir.Model) -> list[ir.Graph]:
@@ -213,7 +216,13 @@ def save_model(
         tmp_model = Path(tmp) / out.name
         try:
             if external_data:
-                ir.save(model, tmp_model, external_data=data_name, alignment=EXTERNAL_ALIGNMENT)
+                ir.save(
+                    model,
+                    tmp_model,
+                    external_data=data_name,
+                    alignment=EXTERNAL_ALIGNMENT,
+                    max_workers=SAVE_WORKERS,
+                )
                 header = onnx.load(str(tmp_model), load_external_data=False)
                 _keep_value_info_as_loaded(header, model)
                 onnx.save(header, str(tmp_model))

@@ -258,12 +258,18 @@ class _GlobalSelection:
         zeros = 0
         for _, chunk in tensor_chunks(self.weights[i].tensor(), CHUNK):
             k = magnitude_keys(chunk, keys)
-            if first:
+            if first and shift:
                 zeros += int(np.count_nonzero(k == 0))
-            else:
+            elif not first:
                 k = k[(k >> keys.type(shift + DIGIT_BITS)) == keys.type(self.prefix)]
-            digits = ((k >> keys.type(shift)) & keys.type(bins - 1)).astype(np.intp)
-            hist += np.bincount(digits, minlength=bins)
+            if shift:
+                k >>= keys.type(shift)
+            if not first:
+                k &= keys.type(bins - 1)
+            # the sign bit is cleared, so a first digit is already below 2**15
+            hist += np.bincount(k, minlength=bins)
+        if first and not shift:  # one digit is the whole key: digit 0 is exactly the zeros
+            zeros = int(hist[0])
         return i, hist, zeros
 
     def _histogram(self, first: bool) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
