@@ -236,3 +236,39 @@ def test_weights_are_memory_mapped_not_copied(tmp_path) -> None:
     model = load_model(src)
     arr = next(iter(model.graph.initializers.values())).const_value.numpy()
     assert not arr.flags.owndata and not arr.flags.writeable  # a read-only view of the file
+
+
+def test_language_model_shapes_with_tied_embedding_fp16(tmp_path) -> None:
+    """[in, out] MatMul weights pruned; the embedding shared with the output head left alone."""
+    b = GraphBuilder()
+    ids = b.input("ids", [1, 4], onnx.TensorProto.INT64)
+    emb = b.weight((50, 16), name="embed", dtype=np.float16)
+    h = b.node("Gather", [emb, ids])
+    h = b.node("MatMul", [h, b.weight((16, 32), name="up", dtype=np.float16)])
+    h = b.node("Relu", [h])
+    h = b.node("MatMul", [h, b.weight((32, 16), name="down", dtype=np.float16)])
+    t = b.node("Transpose", [emb], perm=[1, 0])
+    b.node("MatMul", [h, t], out="logits")
+    b.output("logits", onnx.TensorProto.FLOAT16)
+    src = tmp_path / "lm.onnx"
+    onnx.save(b.model(), str(src), save_as_external_data=True, location="lm.data", size_threshold=0)
+    out = tmp_path / "lm.pruned.onnx"
+    _, report = onnxprune.prune(src, 0.5, output=out)
+    assert [layer.weight.name for layer in report.plan.layers] == ["up", "down"]
+    assert report.skipped[0][0] == "embed" and "Gather" in report.skipped[0][1]
+    assert report.plan.keys == np.uint16  # one exact pass for an all-float16 model
+    before, after = initializers(src), initializers(out)
+    np.testing.assert_array_equal(after["embed"], before["embed"])
+    assert int((after["up"] == 0).sum()) + int((after["down"] == 0).sum()) == 512
+    assert run(out, {"ids": np.array([[1, 2, 3, 4]], np.int64)})[0].shape == (1, 4, 50)
+
+
+def test_tensors_too_big_for_one_protobuf_go_external(tmp_path, monkeypatch) -> None:
+    import onnxprune.io as io_module
+
+    monkeypatch.setattr(io_module, "PROTO_LIMIT_BYTES", 1000)
+    src = save(mlp(dims=(16, 64, 8)), tmp_path / "m.onnx")
+    onnxprune.prune(src, 0.5, output=tmp_path / "o.onnx")
+    assert (tmp_path / "o.onnx.data").is_file()
+    assert (tmp_path / "o.onnx").stat().st_size < 2000
+    onnx.checker.check_model(str(tmp_path / "o.onnx"), full_check=True)
