@@ -146,3 +146,33 @@ def test_report_json_numbers(tmp_path) -> None:
     assert sum(layer["params"] - layer["kept"] for layer in data["layers"]) == data["zeros_after"]
     assert data["size_bytes"]["before"] == src.stat().st_size
     assert data["size_bytes"]["after"] == (tmp_path / "o.onnx").stat().st_size
+
+
+def test_weights_inside_if_branches_are_pruned_and_run(tmp_path) -> None:
+    then_b = GraphBuilder(1)
+    then_b.node("MatMul", ["x", then_b.weight((4, 3), name="then_w")], out="t")
+    then_b.output("t", shape=["N", 3])
+    then_g = helper.make_graph(then_b.nodes, "then", [], then_b.outputs, then_b.initializers)
+    else_b = GraphBuilder(2)
+    else_b.node("MatMul", ["x", "outer_w"], out="e")
+    else_b.output("e", shape=["N", 3])
+    else_g = helper.make_graph(else_b.nodes, "else", [], else_b.outputs, [])
+    b = GraphBuilder()
+    b.input("x", ["N", 4])
+    cond = b.input("cond", [], onnx.TensorProto.BOOL)
+    b.weight((4, 3), name="outer_w")
+    b.node("If", [cond], out="y", then_branch=then_g, else_branch=else_g)
+    b.output("y", shape=["N", 3])
+    src = save(b.model(), tmp_path / "if.onnx")
+    out = tmp_path / "o.onnx"
+    _, report = onnxprune.prune(src, 0.5, output=out)
+    assert {layer.weight.name for layer in report.plan.layers} == {"then_w", "outer_w"}
+    proto = onnx.load(str(out))
+    branch = next(a.g for a in proto.graph.node[0].attribute if a.name == "then_branch")
+    then_w = onnx.numpy_helper.to_array(branch.initializer[0])
+    outer_w = initializers(out)["outer_w"]
+    assert int((then_w == 0).sum()) + int((outer_w == 0).sum()) == 12
+    x = np.ones((2, 4), np.float32)
+    for flag in (True, False):
+        w = then_w if flag else outer_w
+        np.testing.assert_allclose(run(out, {"x": x, "cond": np.array(flag)})[0], x @ w, rtol=1e-6)
