@@ -232,6 +232,29 @@ def matmul(node: ir.Node, ctx: Walk) -> None:
                 ctx.set(out, axis + ro - r, ids)
 
 
+def einsum(node: ir.Node, ctx: Walk) -> None:
+    """Each letter is one space: its axes in every operand are linked, and it carries into the
+    output when the output names it; a summed letter only links (a zero channel adds nothing)."""
+    equation = str(_attr(node, "equation", "")).replace(" ", "")
+    if "->" not in equation or "." in equation:
+        raise Unsupported(f"equation {equation!r} is implicit or uses an ellipsis")
+    lhs, rhs = equation.split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(node.inputs) or any(len(set(t)) != len(t) for t in [*terms, rhs]):
+        raise Unsupported(f"equation {equation!r} repeats a letter within an operand")
+    for letter in dict.fromkeys(lhs.replace(",", "")):
+        places = [
+            (v, t.index(letter)) for v, t in zip(node.inputs, terms, strict=True) if letter in t
+        ]
+        if all(ctx.ids(v, a) is None for v, a in places):
+            continue
+        spaces = [ctx.space(v, a, "in", node) for v, a in places if ctx.dim(v, a) != 1]
+        for ids in spaces[1:]:
+            ctx.union(spaces[0], ids)
+        if letter in rhs:
+            ctx.set(node.outputs[0], rhs.index(letter), spaces[0])
+
+
 # -- carriers with per-channel parameters --------------------------------------------------------
 def batchnorm(node: ir.Node, ctx: Walk) -> None:
     if any(o is not None and o.uses() for o in node.outputs[1:]):
@@ -386,16 +409,34 @@ def gather(node: ir.Node, ctx: Walk) -> None:
     out = node.outputs[0]
     ids = spaces.pop(axis, None)
     if ids is not None:
-        if indices is None or q > 1:
-            raise Unsupported("gathers channels with computed or multi-dimensional indices")
-        picked = ids[np.asarray(indices).reshape(-1) % len(ids)]
+        if indices is None:
+            raise Unsupported("gathers channels with computed indices")
+        picked = ids[np.asarray(indices) % len(ids)]
         if q == 0:
-            ctx.freeze(picked, f"{node.op_type} {node.name!r} picks one channel by index")
+            ctx.freeze(picked.reshape(-1), f"{node.op_type} {node.name!r} picks one channel")
+            ctx.fix("gather", node, ids={"in": ids}, carrier=None)
         else:
-            ctx.set(out, axis, picked)
-        ctx.fix("gather", node, ids={"in": ids})
+            # indices of any rank (exporters write as_strided this way): the channels must vary
+            # along one index axis only, which then carries them
+            j = _carrier(picked)
+            if j is None:
+                raise Unsupported("gathers channels into several axes")
+            line = picked[tuple(slice(None) if i == j else 0 for i in range(q))]
+            ctx.set(out, axis + j, line)
+            ctx.fix("gather", node, ids={"in": ids}, carrier=j)
     for a, s in spaces.items():
         ctx.set(out, a if a < axis else a - 1 + q, s)
+
+
+def _carrier(grid: np.ndarray) -> int | None:
+    """The one axis of `grid` along which its values vary (they are constant along the rest)."""
+    for j in range(grid.ndim):
+        line = grid[tuple(slice(None) if i == j else 0 for i in range(grid.ndim))]
+        shaped = [1] * grid.ndim
+        shaped[j] = -1
+        if np.array_equal(np.broadcast_to(line.reshape(shaped), grid.shape), grid):
+            return j
+    return None
 
 
 def flatten(node: ir.Node, ctx: Walk) -> None:
@@ -475,28 +516,18 @@ def _reshape_spaces(
         view = [1] * len(ins)
         view[ins.index(here[0])] = -1
         grid = np.broadcast_to(spaces[here[0]].reshape(view), dims).reshape(odims)
-        carrier = None
-        for j in range(len(outs)):
-            line = grid[tuple(slice(None) if i == j else 0 for i in range(len(outs)))]
-            shaped = [1] * len(outs)
-            shaped[j] = -1
-            if np.array_equal(np.broadcast_to(line.reshape(shaped), grid.shape), grid):
-                carrier = (j, line)
-                break
-        if carrier is None:
+        found = _carrier(grid)
+        j = found if found is not None else len(odims) - 1 - int(np.argmax(odims[::-1]))
+        line = grid[tuple(slice(None) if i == j else 0 for i in range(len(outs)))]
+        if found is None:
             # A channel axis split over several axes (channel shuffle's (groups, C/groups),
             # attention's (heads, head_dim)): keep the largest as the channel axis and couple
             # the channels along the others, so pruning index d removes it in every group or
             # head alike. Only coupling is added, so this is conservative, never a guess.
-            j = len(odims) - 1 - int(np.argmax(odims[::-1]))
-            line = grid[tuple(slice(None) if i == j else 0 for i in range(len(outs)))]
             shaped = [1] * len(outs)
             shaped[j] = -1
-            ctx.union(
-                grid.reshape(-1), np.broadcast_to(line.reshape(shaped), grid.shape).reshape(-1)
-            )
-            carrier = (j, line)
-        j, line = carrier
+            spread = np.broadcast_to(line.reshape(shaped), grid.shape)
+            ctx.union(grid.reshape(-1), spread.reshape(-1))
         ctx.set(out, outs[j], line)
         if target[outs[j]] not in (0, -1, None):
             moved.append(outs[j])
@@ -679,6 +710,7 @@ RULES: dict[str, Rule] = {
     "ConvTranspose": conv,
     "Gemm": gemm,
     "MatMul": matmul,
+    "Einsum": einsum,
     "BatchNormalization": batchnorm,
     "InstanceNormalization": instancenorm,
     "LayerNormalization": layernorm,

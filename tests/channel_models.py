@@ -260,6 +260,31 @@ def channel_shuffle() -> onnx.ModelProto:
     return b.model()
 
 
+def einsum_attention() -> onnx.ModelProto:
+    """Attention written with Einsum (as MaxViT exports): q.k contracts the projected dim."""
+    b = GraphBuilder(15)
+    x = b.input("x", ["N", 4, 6])
+    q, k, v = (b.node("MatMul", [x, b.weight((6, 8), scale=0.4)]) for _ in range(3))
+    s = b.node("Softmax", [b.node("Einsum", [q, k], equation="bid,bjd->bij")], axis=-1)
+    o = b.node("Einsum", [s, v], equation="bij, bjd -> bid")
+    b.node("MatMul", [o, b.weight((8, 3))], out="y")
+    b.output("y", shape=["N", 4, 3])
+    return b.model()
+
+
+def strided_gather() -> onnx.ModelProto:
+    """as_strided as exporters write it: flatten, Gather with 4-d indices, back to NCHW."""
+    b = GraphBuilder(16)
+    h = b.node("Relu", [_conv(b, b.input("x", [1, 3, 4, 4]), 3, 8)])
+    h = b.node("Reshape", [b.node("GlobalAveragePool", [h]), b.constant(np.array([-1]))])
+    index = b.constant(np.arange(8, dtype=np.int64).reshape(1, 8, 1, 1))
+    h = b.node("Gather", [h, index], axis=0)
+    flat = b.node("Flatten", [h])
+    b.node("Gemm", [flat, b.weight((4, 8)), b.weight((4,))], out="y", transB=1)
+    b.output("y", shape=[1, 4])
+    return b.model()
+
+
 def unknown_op() -> onnx.ModelProto:
     """LRN mixes neighbouring channels and has no rule: its groups must be frozen and reported."""
     b = GraphBuilder(13)
@@ -275,7 +300,8 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     f.__name__: f
     for f in (conv_bn_act, grouped, conv_transpose, per_channel_constants, elementwise_between,
               concat_split_slice, mlp_transformer, gemm_mlp, pool_reduce_resize, shape_ops,
-              squeeze_excite, combined, channel_shuffle, unknown_op)
+              squeeze_excite, combined, channel_shuffle, einsum_attention, strided_gather,
+              unknown_op)
 }  # fmt: skip
 
 

@@ -117,11 +117,12 @@ def _fix_gather(plan: ChannelPlan, fix: Fix, consts: _Consts) -> None:
     assert tensor is not None
     indices = np.asarray(tensor.numpy()) % len(keep)
     position = np.cumsum(keep) - 1
-    if indices.ndim == 0:
-        new = np.asarray(position[indices], dtype=indices.dtype)
-    else:
-        new = position[indices[keep[indices]]].astype(indices.dtype)
-    consts.replace(node, 1, new)
+    j = fix.data["carrier"]
+    new = position[indices].astype(indices.dtype)
+    if j is not None:  # drop the removed channels along the axis that carries them
+        line = keep[indices[tuple(slice(None) if i == j else 0 for i in range(indices.ndim))]]
+        new = np.compress(line, new, axis=j)
+    consts.replace(node, 1, np.ascontiguousarray(new))
 
 
 def _fix_shape(plan: ChannelPlan, fix: Fix, consts: _Consts, index: int, align: bool) -> None:
