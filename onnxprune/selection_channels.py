@@ -247,7 +247,8 @@ def _accept(
     min_keep: MinKeep | None,
     round_to: int | None,
 ) -> list[np.ndarray]:
-    """Units in ranking order that every layer's minimum retention allows."""
+    """Units in ranking order that every layer's minimum retention allows, and that leave every
+    channel space (a Split or Slice part, a head's share of a packed projection) non-empty."""
     distinct = [np.unique(layer.classes) for layer in graph.layers]
     keep = []
     for classes in distinct:
@@ -256,6 +257,16 @@ def _accept(
         if round_to and round_to > 1 and n >= round_to:
             k = min(n, -(-k // round_to) * round_to)
         keep.append(k)
+    seen = {c.tobytes() for c in distinct}
+    prunable = graph.prunable
+    for spaces in graph.spaces.values():
+        for ids in spaces.values():
+            classes = np.unique(ids)
+            key = classes.tobytes()
+            if key not in seen and prunable[classes].any():
+                seen.add(key)
+                distinct.append(classes)
+                keep.append(1)
     left = np.array([len(c) for c in distinct], dtype=np.int64)
     floor = np.array(keep, dtype=np.int64)
     # class -> layers that hold it, as a sparse incidence list

@@ -272,6 +272,19 @@ def einsum_attention() -> onnx.ModelProto:
     return b.model()
 
 
+def packed_qkv() -> onnx.ModelProto:
+    """One MatMul makes q, k and v (as MaxViT and ViT export it), split three ways."""
+    b = GraphBuilder(17)
+    x = b.input("x", ["N", 4, 6])
+    qkv = b.node("MatMul", [x, b.weight((6, 24), scale=0.4)])
+    q, k, v = b.node("Split", [qkv, b.constant(np.array([8, 8, 8]))], n_out=3, axis=-1)
+    s = b.node("Softmax", [b.node("Einsum", [q, k], equation="bid,bjd->bij")], axis=-1)
+    o = b.node("Einsum", [s, v], equation="bij,bjd->bid")
+    b.node("MatMul", [o, b.weight((8, 3))], out="y")
+    b.output("y", shape=["N", 4, 3])
+    return b.model()
+
+
 def strided_gather() -> onnx.ModelProto:
     """as_strided as exporters write it: flatten, Gather with 4-d indices, back to NCHW."""
     b = GraphBuilder(16)
@@ -300,8 +313,8 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     f.__name__: f
     for f in (conv_bn_act, grouped, conv_transpose, per_channel_constants, elementwise_between,
               concat_split_slice, mlp_transformer, gemm_mlp, pool_reduce_resize, shape_ops,
-              squeeze_excite, combined, channel_shuffle, einsum_attention, strided_gather,
-              unknown_op)
+              squeeze_excite, combined, channel_shuffle, einsum_attention, packed_qkv,
+              strided_gather, unknown_op)
 }  # fmt: skip
 
 

@@ -45,6 +45,31 @@ def test_pruned_model_is_smaller_checked_and_runs(name: str, tmp_path: Path) -> 
     assert [e.shape for e in expected] == [g.shape for g in got]
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_high_sparsity_leaves_no_empty_tensor(name: str, tmp_path: Path) -> None:
+    """Every layer and every channel space (a Split part, q and k of a packed projection) keeps a
+    channel, so no tensor is ever empty, however hard the model is pruned."""
+    proto = MODELS[name]()
+    source = save(proto, tmp_path / "in.onnx")
+    for sparsity in (0.9, 0.7, 0.5):
+        try:
+            pipeline.prune(
+                source, sparsity, structured=True, output=tmp_path / "o.onnx", force=True
+            )
+            break
+        except InfeasibleError:
+            continue
+    out = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "o.onnx")))
+    constants = {n.output[0] for n in out.graph.node if n.op_type == "Constant"}
+    for info in [*out.graph.value_info, *out.graph.output]:
+        if info.name in constants:
+            continue
+        assert all(
+            d.dim_value != 0 for d in info.type.tensor_type.shape.dim if d.HasField("dim_value")
+        ), info.name
+    run(tmp_path / "o.onnx", feeds(proto))
+
+
 def test_layernorm_over_pruned_axis_renormalises_over_kept_channels(tmp_path: Path) -> None:
     """LayerNorm over a pruned hidden axis: scale and bias are sliced, statistics cover what is
     left. The output equals LayerNorm computed on the kept channels only."""
