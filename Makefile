@@ -29,6 +29,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_prune.py
+	$(PY) bench/bench_structured.py
 
 # torchvision's classification models, exported randomly initialised, pruned at 0.5 structured.
 # Needs torch and torchvision (installed into the venv here, never a package dependency).
