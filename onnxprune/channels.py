@@ -418,3 +418,16 @@ def _groups(graph: ChannelGraph) -> list[Group]:
         texts = [graph.reasons[i] for i in np.unique(graph.reason[cls]) if i >= 0]
         groups.append(Group([int(i) for i in members], cls, int(frozen.sum()), texts))
     return groups
+
+
+def freeze_layers(graph: ChannelGraph, layers: list[int], reason: str) -> None:
+    """Freeze the channels of these layers (e.g. --exclude), recording why, and regroup."""
+    if not layers:
+        return
+    classes = np.unique(np.concatenate([graph.layers[i].classes for i in layers]))
+    if reason not in graph.reasons:
+        graph.reasons.append(reason)
+    fresh = classes[graph.reason[classes] < 0]
+    graph.reason[fresh] = graph.reasons.index(reason)
+    graph.frozen[classes] = True
+    graph.groups = _groups(graph)

@@ -118,14 +118,23 @@ def _prune_channels(
 
     if pattern is not None:
         raise InvalidArgumentError("--pattern and --structured exclude each other")
-    if method != "global" or include or exclude:
-        raise InvalidArgumentError(
-            "--structured ranks channels globally; --method, --include and --exclude "
-            "are not supported with it yet"
-        )
+    if method != "global":
+        raise InvalidArgumentError("--structured ranks channels globally; leave out --method")
+    includes = weights._compile(include, "--include")
+    excludes = weights._compile(exclude, "--exclude")
     with step("tracing channels"):
         ShapeInferencePass()(model)
         graph = channels.build(model)
+
+    def named(layer: channels.Layer, patterns: list) -> bool:
+        return any(p.search(n) for p in patterns for n in (layer.name, layer.member.value.name))
+
+    if includes:
+        hit = [i for i, layer in enumerate(graph.layers) if not named(layer, includes)]
+        channels.freeze_layers(graph, hit, "not matched by --include")
+    if excludes:
+        hit = [i for i, layer in enumerate(graph.layers) if named(layer, excludes)]
+        channels.freeze_layers(graph, hit, "matched by --exclude")
     with step("ranking channels"):
         plan = selection_channels.plan_channels(
             model, graph, sparsity, min_keep=min_keep, round_to=round_to, target=target

@@ -189,3 +189,17 @@ def test_digits_model(tmp_path: Path) -> None:
     check_invariant(onnx.load(str(source)), tmp_path)
     _, report = pipeline.prune(source, 0.5, structured=True, output=tmp_path / "o.onnx")
     assert report.channels.achieved >= 0.5
+
+
+def test_exclude_and_include_freeze_layers_with_the_reason(tmp_path: Path) -> None:
+    source = save(combined(), tmp_path / "in.onnx")
+    _, report = pipeline.prune(source, 0.2, structured=True, exclude=["Conv32"])
+    plan = report.channels
+    layer = next(layer for layer in plan.graph.layers if layer.name == "Conv32")
+    assert plan.kept_of(layer.classes) == len(layer.classes)
+    assert any("--exclude" in r for g in plan.graph.groups for r in g.reasons)
+    _, report = pipeline.prune(source, 0.1, structured=True, include=["Conv32"])
+    plan = report.channels
+    for other in plan.graph.layers:
+        if other.name != "Conv32" and not np.isin(other.classes, layer.classes).any():
+            assert plan.kept_of(other.classes) == len(other.classes)
