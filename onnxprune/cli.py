@@ -182,6 +182,30 @@ def _run_validation(
     )
 
 
+structured_options = [
+    click.option(
+        "--structured",
+        is_flag=True,
+        help="Remove whole channels (smaller, faster dense model) instead of zeroing weights.",
+    ),
+    click.option(
+        "--round-to",
+        "round_to",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="With --structured: keep channel counts multiples of N where a layer allows.",
+    ),
+    click.option(
+        "--target",
+        type=click.Choice(["params", "macs"]),
+        default="params",
+        show_default=True,
+        help="With --structured: --sparsity counts removed parameters or multiply-accumulates.",
+    ),
+]
+
+
 def with_options(options: list[Callable[..., Any]]) -> Callable[..., Any]:
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         for option in reversed(options):
@@ -201,26 +225,7 @@ def with_options(options: list[Callable[..., Any]]) -> Callable[..., Any]:
     help="Fraction of prunable weights to set to zero, in [0, 1).",
 )
 @with_options(selection_options)
-@click.option(
-    "--structured",
-    is_flag=True,
-    help="Remove whole channels (smaller, faster dense model) instead of zeroing weights.",
-)
-@click.option(
-    "--round-to",
-    "round_to",
-    type=click.IntRange(min=1),
-    default=None,
-    metavar="N",
-    help="With --structured: keep channel counts multiples of N where a layer allows.",
-)
-@click.option(
-    "--target",
-    type=click.Choice(["params", "macs"]),
-    default="params",
-    show_default=True,
-    help="With --structured: --sparsity counts removed parameters or multiply-accumulates.",
-)
+@with_options(structured_options)
 @click.option(
     "--pattern",
     default=None,
@@ -366,6 +371,7 @@ def prune_command(
     type=click.Path(path_type=str),
     help="Write the same numbers as JSON to this file.",
 )
+@with_options(structured_options)
 @user_errors
 def inspect_command(
     model: str,
@@ -375,9 +381,31 @@ def inspect_command(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     report_path: str | None,
+    structured: bool,
+    round_to: int | None,
+    target: str,
 ) -> None:
-    """List MODEL's prunable layers, magnitudes and what pruning would keep; writes nothing."""
+    """List MODEL's prunable layers, magnitudes and what pruning would keep; writes nothing.
+
+    With --structured: the channels per layer, the frozen channel groups and why, and (with
+    --sparsity) how many channels each layer would keep.
+    """
     _setup_logging(False)
+    if structured:
+        _, report = pipeline.prune(
+            model,
+            sparsity or 0.0,
+            min_keep=min_keep,
+            include=include,
+            exclude=exclude,
+            structured=True,
+            round_to=round_to,
+            target=target,
+        )
+        click.echo(format_report(report))
+        if report_path:
+            write_json(report.to_dict(), report_path)
+        return
     found, stats = pipeline.inspect(model, include=include, exclude=exclude)
     plan = None
     if sparsity is not None:

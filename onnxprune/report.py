@@ -171,7 +171,7 @@ def format_report(report: Report) -> str:
         from onnxprune.report_channels import format_channels
 
         lines = [format_channels(report.channels)]
-        if report.size_before is not None:
+        if report.size_after is not None:
             lines.append(
                 f"size: {human_bytes(report.size_before)} -> {human_bytes(report.size_after)}"
                 + (f"  written to {report.output_path}" if report.output_path else "")

@@ -203,3 +203,11 @@ def test_exclude_and_include_freeze_layers_with_the_reason(tmp_path: Path) -> No
     for other in plan.graph.layers:
         if other.name != "Conv32" and not np.isin(other.classes, layer.classes).any():
             assert plan.kept_of(other.classes) == len(other.classes)
+
+
+def test_cli_inspect_structured_writes_nothing(tmp_path: Path) -> None:
+    source = save(MODELS["unknown_op"](), tmp_path / "in.onnx")
+    result = CliRunner().invoke(main, ["inspect", str(source), "--structured", "-s", "0.2"])
+    assert result.exit_code == 0, result.output
+    assert "frozen:" in result.output and "LRN" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
