@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import TensorProto
+from onnx import TensorProto, helper
 from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxprune import channels, io
@@ -298,6 +298,31 @@ def strided_gather() -> onnx.ModelProto:
     return b.model()
 
 
+def constant_nodes() -> onnx.ModelProto:
+    """The combined CNN with every weight held in a Constant node instead of an initializer."""
+    proto = combined()
+    constants = [
+        helper.make_node("Constant", [], [t.name], value=t) for t in proto.graph.initializer
+    ]
+    del proto.graph.initializer[:]
+    nodes = [*constants, *proto.graph.node]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return proto
+
+
+def shared_weight() -> onnx.ModelProto:
+    """One weight read by two Convs: their output channels are one class."""
+    b = GraphBuilder(18)
+    x = b.input("x", ["N", 3, 6, 6])
+    w = b.weight((8, 3, 3, 3))
+    a = b.node("Relu", [b.node("Conv", [x, w], pads=[1] * 4)])
+    c = b.node("Relu", [b.node("Conv", [b.node("Neg", [x]), w], pads=[1] * 4)])
+    h = b.node("Concat", [a, c], axis=1)
+    _head(b, _conv(b, h, 16, 4), 4)
+    return b.model()
+
+
 def unknown_op() -> onnx.ModelProto:
     """LRN mixes neighbouring channels and has no rule: its groups must be frozen and reported."""
     b = GraphBuilder(13)
@@ -314,7 +339,7 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     for f in (conv_bn_act, grouped, conv_transpose, per_channel_constants, elementwise_between,
               concat_split_slice, mlp_transformer, gemm_mlp, pool_reduce_resize, shape_ops,
               squeeze_excite, combined, channel_shuffle, einsum_attention, packed_qkv,
-              strided_gather, unknown_op)
+              strided_gather, constant_nodes, shared_weight, unknown_op)
 }  # fmt: skip
 
 

@@ -211,3 +211,15 @@ def test_cli_inspect_structured_writes_nothing(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "frozen:" in result.output and "LRN" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+def test_external_data_model(tmp_path: Path) -> None:
+    proto = combined()
+    source = tmp_path / "in.onnx"
+    onnx.save(proto, str(source), save_as_external_data=True, location="in.onnx.data",
+              size_threshold=0)  # fmt: skip
+    out = tmp_path / "out.onnx"
+    _, report = pipeline.prune(source, 0.4, structured=True, output=out)
+    assert (tmp_path / "out.onnx.data").exists()
+    assert report.channels.achieved >= 0.4
+    assert run(out, feeds(proto))[0].shape == run(proto, feeds(proto))[0].shape
