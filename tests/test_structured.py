@@ -38,8 +38,7 @@ def test_pruned_model_is_smaller_checked_and_runs(name: str, tmp_path: Path) -> 
     out = onnx.load(str(tmp_path / "out.onnx"))
     assert [o.type for o in out.graph.output] == [o.type for o in proto.graph.output]
     assert [i.type for i in out.graph.input] == [i.type for i in proto.graph.input]
-    stored = sum(int(np.prod(t.dims)) for t in out.graph.initializer)
-    assert stored < sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    assert _stored(out) < _stored(proto)
     expected = run(proto, feeds(proto))
     got = run(tmp_path / "out.onnx", feeds(proto))
     assert [e.shape for e in expected] == [g.shape for g in got]
@@ -68,6 +67,13 @@ def test_high_sparsity_leaves_no_empty_tensor(name: str, tmp_path: Path) -> None
             d.dim_value != 0 for d in info.type.tensor_type.shape.dim if d.HasField("dim_value")
         ), info.name
     run(tmp_path / "o.onnx", feeds(proto))
+
+
+def _stored(proto: onnx.ModelProto) -> int:
+    """Elements of all stored tensors: initializers and Constant nodes."""
+    tensors = [*proto.graph.initializer]
+    tensors += [a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute]
+    return sum(int(np.prod(t.dims)) for t in tensors)
 
 
 def test_layernorm_over_pruned_axis_renormalises_over_kept_channels(tmp_path: Path) -> None:
@@ -216,7 +222,7 @@ def test_cli_inspect_structured_writes_nothing(tmp_path: Path) -> None:
 def test_external_data_model(tmp_path: Path) -> None:
     proto = combined()
     source = tmp_path / "in.onnx"
-    onnx.save(proto, str(source), save_as_external_data=True, location="in.onnx.data",
+    onnx.save(combined(), str(source), save_as_external_data=True, location="in.onnx.data",
               size_threshold=0)  # fmt: skip
     out = tmp_path / "out.onnx"
     _, report = pipeline.prune(source, 0.4, structured=True, output=out)
