@@ -78,6 +78,25 @@ def magnitude_stats(array: np.ndarray) -> MagnitudeStats:
 CHANNEL_NORMS = ("mean", "rms", "none")
 
 
+# Elements read at once when summing squares, so a huge layer never needs a float64 copy.
+SQUARES_CHUNK = 1 << 22
+
+
+def channel_squares(array: np.ndarray, axis: int) -> np.ndarray:
+    """Sum of squares of each index along `axis`, in float64, reading slabs of leading rows."""
+    totals = np.zeros(array.shape[axis], dtype=np.float64)
+    row = int(np.prod(array.shape[1:], dtype=np.int64))
+    step = max(1, SQUARES_CHUNK // max(1, row))
+    others = tuple(a for a in range(array.ndim) if a != axis)
+    for start in range(0, array.shape[0], step):
+        block = np.square(np.asarray(array[start : start + step], dtype=np.float64))
+        if axis == 0:
+            totals[start : start + len(block)] = block.sum(axis=others)
+        else:
+            totals += block.sum(axis=others)
+    return totals
+
+
 def channel_scores(graph: ChannelGraph, normalize: str = "mean") -> np.ndarray:
     """Importance per channel class: the sum over its weight members (the producers' output
     channels and the consumers' input channels) of each member's normalised L2 norm."""
@@ -91,8 +110,7 @@ def channel_scores(graph: ChannelGraph, normalize: str = "mean") -> np.ndarray:
             continue
         tensor = const_tensor(member.value)
         assert tensor is not None
-        array = np.moveaxis(np.asarray(tensor.numpy(), dtype=np.float64), member.axis, 0)
-        squares = np.square(array.reshape(len(member.ids), -1)).sum(axis=1)
+        squares = channel_squares(tensor.numpy(), member.axis)
         per_class = np.bincount(member.ids, weights=squares, minlength=graph.n_classes)
         present = np.unique(member.ids)
         norms = np.sqrt(per_class[present])
@@ -100,6 +118,7 @@ def channel_scores(graph: ChannelGraph, normalize: str = "mean") -> np.ndarray:
             norms = norms / max(float(norms.mean()), np.finfo(np.float64).tiny)
         elif normalize == "rms":
             counts = np.bincount(member.ids, minlength=graph.n_classes)[present]
-            norms = norms / np.sqrt(counts * max(1, array[0].size))
+            per_index = int(np.prod(tensor.shape)) // max(1, len(member.ids))
+            norms = norms / np.sqrt(counts * max(1, per_index))
         scores[present] += norms
     return scores
