@@ -334,6 +334,47 @@ def unknown_op() -> onnx.ModelProto:
     return b.model()
 
 
+def random_cnn(seed: int) -> onnx.ModelProto:
+    """A random stack of the blocks real CNNs are made of, to shake out rule interactions."""
+    b = GraphBuilder(100 + seed)
+    rng = np.random.default_rng(seed)
+    h = b.node("Relu", [_conv(b, b.input("x", ["N", 3, 8, 8]), 3, 8)])
+    c = 8
+    for _ in range(int(rng.integers(3, 7))):
+        kind = rng.choice(["conv", "depthwise", "residual", "concat", "split", "se", "shuffle"])
+        if kind == "conv":
+            out = int(rng.integers(4, 12))
+            h, c = b.node("Relu", [_bn(b, _conv(b, h, c, out), out)]), out
+        elif kind == "depthwise":
+            w = b.weight((c, 1, 3, 3))
+            h = b.node("Relu", [b.node("Conv", [h, w], pads=[1] * 4, group=c)])
+        elif kind == "residual":
+            h = b.node("Add", [h, _conv(b, b.node("Relu", [_conv(b, h, c, c)]), c, c)])
+        elif kind == "concat":
+            extra = int(rng.integers(2, 6))
+            h, c = b.node("Concat", [h, b.node("Relu", [_conv(b, h, c, extra)])], axis=1), c + extra
+        elif kind == "split" and c >= 4:
+            first = int(rng.integers(1, c))
+            parts = b.node("Split", [h, b.constant(np.array([first, c - first]))], n_out=2, axis=1)
+            h = b.node("Concat", [_conv(b, parts[1], c - first, 4), parts[0]], axis=1)
+            c = 4 + first
+        elif kind == "se":
+            s = b.node("Relu", [_conv(b, b.node("GlobalAveragePool", [h]), c, 2, k=1)])
+            h = b.node("Mul", [h, b.node("Sigmoid", [_conv(b, s, 2, c, k=1)])])
+        elif kind == "shuffle" and c % 2 == 0:
+            h = b.node("Reshape", [h, b.constant(np.array([-1, 2, c // 2, 8, 8]))])
+            h = b.node("Transpose", [h], perm=[0, 2, 1, 3, 4])
+            h = b.node("Reshape", [h, b.constant(np.array([-1, c, 8, 8]))])
+    if rng.random() < 0.5:
+        _head(b, h, c)
+    else:
+        pooled = b.node("MaxPool", [h], kernel_shape=[4, 4], strides=[4, 4])
+        flat = b.node("Flatten", [pooled])
+        b.node("Gemm", [flat, b.weight((3, 4 * c)), b.weight((3,))], out="y", transB=1)
+        b.output("y", shape=["N", 3])
+    return b.model()
+
+
 MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     f.__name__: f
     for f in (conv_bn_act, grouped, conv_transpose, per_channel_constants, elementwise_between,

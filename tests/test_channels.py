@@ -185,3 +185,13 @@ def test_model_input_added_to_channels_freezes_them() -> None:
     graph = analyse(b.model())[1]
     assert graph.frozen[graph.layers[0].classes].all()
     assert any("model input 'x'" in r for r in graph.reasons)
+
+
+@pytest.mark.parametrize("axis", range(4))
+def test_channel_squares_match_a_plain_sum(axis: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxprune import scoring
+
+    monkeypatch.setattr(scoring, "SQUARES_CHUNK", 7)  # several slabs even for a tiny tensor
+    array = np.random.default_rng(axis).standard_normal((7, 5, 3, 2)).astype(np.float32)
+    moved = np.moveaxis(array.astype(np.float64), axis, 0).reshape(array.shape[axis], -1)
+    np.testing.assert_allclose(scoring.channel_squares(array, axis), np.square(moved).sum(1))

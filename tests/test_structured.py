@@ -16,7 +16,7 @@ from onnxprune.errors import InfeasibleError, InvalidArgumentError
 from onnxprune.rewrite.structured import apply_channel_plan
 from onnxprune.selection_channels import plan_channels
 from tests.builders import GraphBuilder, run, save
-from tests.channel_models import MODELS, analyse, check_invariant, combined, feeds
+from tests.channel_models import MODELS, analyse, check_invariant, combined, feeds, random_cnn
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -229,3 +229,8 @@ def test_external_data_model(tmp_path: Path) -> None:
     assert (tmp_path / "out.onnx.data").exists()
     assert report.channels.achieved >= 0.4
     assert run(out, feeds(proto))[0].shape == run(proto, feeds(proto))[0].shape
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_invariant_on_random_cnns(seed: int, tmp_path: Path) -> None:
+    assert check_invariant(random_cnn(seed), tmp_path, seed).removed.any()
