@@ -118,7 +118,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: not an ONNX model (the file is empty)")
     try:
-        proto, payloads, mapped = wire.load_mapped(str(path))
+        proto, payloads, mapped = wire.load_mapped(str(path), populate=True)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(

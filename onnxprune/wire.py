@@ -115,17 +115,20 @@ def _external_fields(location: str, offset: int, length: int) -> bytes:
 
 
 def load_mapped(
-    path: str, *, as_external: bool = False
+    path: str, *, as_external: bool = False, populate: bool = False
 ) -> tuple[onnx.ModelProto, dict[str, tuple[int, int]], mmap.mmap]:
     """Parse a model whose main-graph initializer payloads stay in the mapped file.
 
     Returns the parsed message (payloads removed), the (offset, length) of each removed payload
     by initializer name, and the mapping they live in. With `as_external`, each removed payload
     is described as external data in the file itself, which is what onnx.checker needs to check
-    the model without reading its weights.
+    the model without reading its weights. `populate` maps all pages up front, for callers that
+    are about to read every weight.
     """
     with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # MAP_POPULATE maps every page in one call instead of one page fault at a time
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        mapped = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
     payloads: dict[str, tuple[int, int]] = {}
     skeleton = bytearray()
     for number, wire_type, field_start, value_start, value_end in fields(mapped, 0, len(mapped)):
