@@ -375,6 +375,47 @@ def random_cnn(seed: int) -> onnx.ModelProto:
     return b.model()
 
 
+def random_transformer(seed: int) -> onnx.ModelProto:
+    """Random MLP and attention blocks (single-head, or split into heads by Reshape/Transpose)
+    on a residual stream; no LayerNorm, which renormalises and so is not exact by nature."""
+    b = GraphBuilder(200 + seed)
+    rng = np.random.default_rng(seed)
+    t, e = 4, 12
+    h = b.node("MatMul", [b.input("x", ["N", t, 6]), b.weight((6, e), scale=0.4)])
+
+    def proj(x: str, d_in: int, d_out: int) -> str:
+        return b.node("MatMul", [x, b.weight((d_in, d_out), scale=1 / np.sqrt(d_in))])
+
+    for _ in range(int(rng.integers(2, 5))):
+        kind = rng.choice(["mlp", "attention", "heads"])
+        if kind == "mlp":
+            hidden = int(rng.integers(8, 24))
+            inner = b.node("Relu", [b.node("Add", [proj(h, e, hidden), b.weight((hidden,))])])
+            h = b.node("Add", [h, b.node("Add", [proj(inner, hidden, e), b.weight((e,))])])
+        elif kind == "attention":
+            d = int(rng.integers(4, 10))
+            q, k, v = proj(h, e, d), proj(h, e, d), proj(h, e, d)
+            scores = b.node("MatMul", [q, b.node("Transpose", [k], perm=[0, 2, 1])])
+            mixed = b.node("MatMul", [b.node("Softmax", [scores], axis=-1), v])
+            h = b.node("Add", [h, proj(mixed, d, e)])
+        else:
+            heads, dh = 2, int(rng.integers(2, 5))
+            split = b.constant(np.array([-1, t, heads, dh]))
+
+            def to_heads(x: str) -> str:
+                return b.node("Transpose", [b.node("Reshape", [x, split])], perm=[0, 2, 1, 3])
+
+            q, k, v = (to_heads(proj(h, e, heads * dh)) for _ in range(3))
+            scores = b.node("MatMul", [q, b.node("Transpose", [k], perm=[0, 1, 3, 2])])
+            mixed = b.node("MatMul", [b.node("Softmax", [scores], axis=-1), v])
+            merged = b.node("Transpose", [mixed], perm=[0, 2, 1, 3])
+            merged = b.node("Reshape", [merged, b.constant(np.array([-1, t, heads * dh]))])
+            h = b.node("Add", [h, proj(merged, heads * dh, e)])
+    b.node("MatMul", [h, b.weight((e, 3))], out="y")
+    b.output("y", shape=["N", t, 3])
+    return b.model()
+
+
 MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     f.__name__: f
     for f in (conv_bn_act, grouped, conv_transpose, per_channel_constants, elementwise_between,

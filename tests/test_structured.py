@@ -16,7 +16,15 @@ from onnxprune.errors import InfeasibleError, InvalidArgumentError
 from onnxprune.rewrite.structured import apply_channel_plan
 from onnxprune.selection_channels import plan_channels
 from tests.builders import GraphBuilder, run, save
-from tests.channel_models import MODELS, analyse, check_invariant, combined, feeds, random_cnn
+from tests.channel_models import (
+    MODELS,
+    analyse,
+    check_invariant,
+    combined,
+    feeds,
+    random_cnn,
+    random_transformer,
+)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -234,3 +242,8 @@ def test_external_data_model(tmp_path: Path) -> None:
 @pytest.mark.parametrize("seed", range(24))
 def test_invariant_on_random_cnns(seed: int, tmp_path: Path) -> None:
     assert check_invariant(random_cnn(seed), tmp_path, seed).removed.any()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_invariant_on_random_transformers(seed: int, tmp_path: Path) -> None:
+    assert check_invariant(random_transformer(seed), tmp_path, seed).removed.any()
