@@ -402,7 +402,7 @@ def random_transformer(seed: int) -> onnx.ModelProto:
             heads, dh = 2, int(rng.integers(2, 5))
             split = b.constant(np.array([-1, t, heads, dh]))
 
-            def to_heads(x: str) -> str:
+            def to_heads(x: str, split: str = split) -> str:
                 return b.node("Transpose", [b.node("Reshape", [x, split])], perm=[0, 2, 1, 3])
 
             q, k, v = (to_heads(proj(h, e, heads * dh)) for _ in range(3))
