@@ -323,6 +323,20 @@ def shared_weight() -> onnx.ModelProto:
     return b.model()
 
 
+def old_opset() -> onnx.ModelProto:
+    """Opset 11: Split sizes, Squeeze/Unsqueeze axes and ReduceMean axes are attributes."""
+    b = GraphBuilder(19)
+    h = b.node("Relu", [_conv(b, b.input("x", ["N", 3, 4, 4]), 3, 10)])
+    a, c = b.node("Split", [h], n_out=2, axis=1, split=[4, 6])
+    h = b.node("Concat", [_conv(b, c, 6, 5), a], axis=1)
+    p = b.node("ReduceMean", [h], axes=[2, 3], keepdims=1)
+    p = b.node("Unsqueeze", [b.node("Squeeze", [p], axes=[2, 3])], axes=[2])
+    p = b.node("Flatten", [p])
+    b.node("Gemm", [p, b.weight((3, 9)), b.weight((3,))], out="y", transB=1)
+    b.output("y", shape=["N", 3])
+    return b.model(opset=11)
+
+
 def unknown_op() -> onnx.ModelProto:
     """LRN mixes neighbouring channels and has no rule: its groups must be frozen and reported."""
     b = GraphBuilder(13)
@@ -421,7 +435,7 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     for f in (conv_bn_act, grouped, conv_transpose, per_channel_constants, elementwise_between,
               concat_split_slice, mlp_transformer, gemm_mlp, pool_reduce_resize, shape_ops,
               squeeze_excite, combined, channel_shuffle, einsum_attention, packed_qkv,
-              strided_gather, constant_nodes, shared_weight, unknown_op)
+              strided_gather, constant_nodes, shared_weight, old_opset, unknown_op)
 }  # fmt: skip
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 
 from onnxprune.channels import components
 from tests.builders import GraphBuilder
@@ -195,3 +196,34 @@ def test_channel_squares_match_a_plain_sum(axis: int, monkeypatch: pytest.Monkey
     array = np.random.default_rng(axis).standard_normal((7, 5, 3, 2)).astype(np.float32)
     moved = np.moveaxis(array.astype(np.float64), axis, 0).reshape(array.shape[axis], -1)
     np.testing.assert_allclose(scoring.channel_squares(array, axis), np.square(moved).sum(1))
+
+
+def test_intermediate_graph_output_keeps_its_channels() -> None:
+    b = GraphBuilder(0)
+    x = b.input("x", [1, 3, 4, 4])
+    h = b.node("Conv", [x, b.weight((8, 3, 1, 1))], out="mid")
+    b.node("Conv", [b.node("Relu", [h]), b.weight((2, 8, 1, 1))], out="y")
+    b.output("mid", shape=[1, 8, 4, 4])
+    b.output("y", shape=[1, 2, 4, 4])
+    graph = analyse(b.model())[1]
+    assert graph.frozen[graph.layers[0].classes].all()
+    assert any("model output 'mid'" in r for r in graph.reasons)
+
+
+def test_subgraph_reading_channels_freezes_them() -> None:
+    b = GraphBuilder(0)
+    x = b.input("x", [1, 3, 4, 4])
+    h = b.node("Relu", [b.node("Conv", [x, b.weight((8, 3, 1, 1))])])
+    branch = helper.make_graph(
+        [helper.make_node("Neg", [h], ["inner"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("inner", TensorProto.FLOAT, [1, 8, 4, 4])],
+    )
+    cond = b.constant(np.array(True))
+    picked = b.node("If", [cond], then_branch=branch, else_branch=branch)
+    b.node("Conv", [picked, b.weight((2, 8, 1, 1))], out="y")
+    b.output("y", shape=[1, 2, 4, 4])
+    graph = analyse(b.model())[1]
+    assert graph.frozen[graph.layers[0].classes].all()
+    assert any("If" in r for r in graph.reasons)
