@@ -250,16 +250,22 @@ class Walk:
                 return None
             if node.op_type not in _CONST_VIEWS:
                 return None
-            if node.op_type == "Transpose":
-                rank = self.rank(node.inputs[0])
-                if rank is None:
-                    return None
-                perm_attr = node.attributes.get("perm")
-                perm = list(perm_attr.value) if perm_attr else list(range(rank))[::-1]
-                axis = perm[axis]
+            axis = self._input_axis(node, axis)
+            if axis is None:
+                return None
             value = node.inputs[0]
             seen += 1
         return None
+
+    def _input_axis(self, view: ir.Node, axis: int) -> int | None:
+        """The input axis a Transpose/Cast/Identity output axis comes from."""
+        if view.op_type != "Transpose":
+            return axis
+        rank = self.rank(view.inputs[0])
+        if rank is None:
+            return None
+        perm_attr = view.attributes.get("perm")
+        return (list(perm_attr.value) if perm_attr else list(range(rank))[::-1])[axis]
 
     def space(self, value: ir.Value, axis: int, role: str, node: ir.Node) -> np.ndarray:
         """The space on `value`'s axis, made if missing: a constant becomes a sliced member; any
@@ -269,7 +275,13 @@ class Walk:
             return ids
         view = self._const_view(value, axis)
         if view is not None and view[0] is not value:
-            ids = self.space(view[0], view[1], role, node)
+            # one hop back at a time, so every Transpose/Cast/Identity output on the way to the
+            # stored tensor gets the space too (and its dims updated by the rewrite)
+            producer = value.producer()
+            assert producer is not None
+            source_axis = self._input_axis(producer, axis)
+            assert source_axis is not None
+            ids = self.space(producer.inputs[0], source_axis, role, node)
             self._put(value, axis, ids)
             return ids
         n = self.dim(value, axis)

@@ -337,6 +337,19 @@ def old_opset() -> onnx.ModelProto:
     return b.model(opset=11)
 
 
+def weight_views() -> onnx.ModelProto:
+    """Weights reached through Transpose, Cast and Identity (as exporters write them)."""
+    b = GraphBuilder(21)
+    h = b.input("x", ["N", 6])
+    w = b.node("Transpose", [b.weight((10, 6))], perm=[1, 0])
+    h = b.node("Relu", [b.node("MatMul", [h, w])])
+    w = b.node("Cast", [b.weight((10, 8), dtype=np.float64)], to=TensorProto.FLOAT)
+    h = b.node("Relu", [b.node("Gemm", [h, b.node("Identity", [w])])])
+    b.node("MatMul", [h, b.weight((8, 3))], out="y")
+    b.output("y", shape=["N", 3])
+    return b.model()
+
+
 def unknown_op() -> onnx.ModelProto:
     """LRN mixes neighbouring channels and has no rule: its groups must be frozen and reported."""
     b = GraphBuilder(13)
@@ -435,7 +448,8 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     for f in (conv_bn_act, grouped, conv_transpose, per_channel_constants, elementwise_between,
               concat_split_slice, mlp_transformer, gemm_mlp, pool_reduce_resize, shape_ops,
               squeeze_excite, combined, channel_shuffle, einsum_attention, packed_qkv,
-              strided_gather, constant_nodes, shared_weight, old_opset, unknown_op)
+              strided_gather, constant_nodes, shared_weight, old_opset, weight_views,
+              unknown_op)
 }  # fmt: skip
 
 
