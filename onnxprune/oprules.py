@@ -89,8 +89,10 @@ def elementwise(node: ir.Node, ctx: Walk) -> None:
         found = [ctx.ids(v, a) for v, a in aligned]
         base = next((ids for ids in found if ids is not None and len(ids) > 1), None)
         if base is None:
+            # only one-channel spaces here: they carry on unless another operand broadcasts
+            # them out to more entries (that axis of the output is then no channel space)
             base = next((ids for ids in found if ids is not None), None)
-            if base is not None:
+            if base is not None and all(ctx.dim(v, a) in (1, None) for v, a in aligned):
                 ctx.set(out, k, base)
             continue
         for (v, a), ids in zip(aligned, found, strict=True):

@@ -227,3 +227,15 @@ def test_subgraph_reading_channels_freezes_them() -> None:
     graph = analyse(b.model())[1]
     assert graph.frozen[graph.layers[0].classes].all()
     assert any("If" in r for r in graph.reasons)
+
+
+def test_one_channel_broadcast_against_many_is_no_space_of_the_output() -> None:
+    b = GraphBuilder(0)
+    x = b.input("x", [1, 8, 4, 4])
+    gate = b.node("Sigmoid", [b.node("Conv", [x, b.weight((1, 8, 1, 1))])])
+    h = b.node("Mul", [x, gate])  # [1, 8, 4, 4]: the gate's single channel is broadcast
+    b.node("Conv", [h, b.weight((2, 8, 1, 1))], out="y")
+    b.output("y", shape=[1, 2, 4, 4])
+    model, graph = analyse(b.model())
+    mul = next(n for n in model.graph if n.op_type == "Mul").outputs[0]
+    assert len(graph.spaces[mul][1]) == 8
