@@ -16,11 +16,9 @@ from onnxprune.selection import LayerPlan, Plan, layer_masks
 
 
 def zeroed(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """`values` with +0.0 where `mask` is set, as an AND on the bits: ten times np.where's speed."""
+    """`values` with +0.0 where `mask` is set: the bits times 0 or 1, ten times np.where's speed."""
     bits = np.dtype(f"u{values.dtype.itemsize}")
-    keep = mask.view(np.uint8).astype(bits)
-    keep -= bits.type(1)  # 1 -> 0 (clear every bit), 0 -> all ones (keep every bit)
-    return (values.view(bits) & keep).view(values.dtype)
+    return np.multiply(values.view(bits), ~mask, dtype=bits).view(values.dtype)
 
 
 def pruned_array(layer: LayerPlan, source: ir.TensorProtocol, keys: np.dtype) -> np.ndarray:
