@@ -251,6 +251,8 @@ def einsum(node: ir.Node, ctx: Walk) -> None:
         if all(ctx.ids(v, a) is None for v, a in places):
             continue
         spaces = [ctx.space(v, a, "in", node) for v, a in places if ctx.dim(v, a) != 1]
+        if not spaces:
+            continue
         for ids in spaces[1:]:
             ctx.union(spaces[0], ids)
         if letter in rhs:
@@ -273,6 +275,7 @@ def batchnorm(node: ir.Node, ctx: Walk) -> None:
 
 def instancenorm(node: ir.Node, ctx: Walk) -> None:
     x, scale, bias = node.inputs
+    _only_axes(ctx, x, {0, 1}, "are normalised over")
     c = ctx.space(x, 1, "in", node)
     ctx.union(c, ctx.space(scale, 0, "scale", node))
     ctx.union(c, ctx.space(bias, 0, "shift", node))
