@@ -155,6 +155,8 @@ def _units(
             if len(sets) != 1:
                 continue
             classes = np.asarray(sets.pop(), dtype=np.int64)
+            if len(classes) < round_to:
+                continue  # too narrow to round: its channels go one by one
             free = classes[prunable[classes]]
             free = free[np.lexsort((free, scores[free]))]
             first = len(classes) % round_to
