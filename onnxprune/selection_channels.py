@@ -230,6 +230,18 @@ def plan_channels(
         else:
             lo = mid + 1
     plan.removed = removed_by(lo)[0]
+    if not round_to:
+        ragged = [
+            layer.name
+            for layer in graph.layers
+            if len(layer.classes) % 8 == 0 and plan.kept_of(layer.classes) % 8
+        ]
+        if ragged:
+            plan.warnings.append(
+                f"{len(ragged)} layers keep channel counts that are no longer multiples of 8 "
+                f"(e.g. {ragged[0]}): ONNX Runtime's blocked (NCHWc) CPU kernels then fall back "
+                "to slower ones; --round-to 8 (16 on AVX-512) avoids that"
+            )
     normed = {
         m.node.name or m.node.op_type
         for m in graph.members
