@@ -221,7 +221,7 @@ def plan_channels(
         raise InfeasibleError(
             f"only {most} of {before} {target} can be removed by whole channels (sparsity "
             f"{best:.4f}): the rest is frozen or held by --min-keep; lower --sparsity or "
-            "--min-keep; a run at a lower --sparsity lists the frozen groups and why"
+            "--min-keep; `onnxprune inspect MODEL --structured` lists the frozen groups and why"
         )
     while lo < hi:
         mid = (lo + hi) // 2
