@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxprune import channels, io
 from onnxprune.rewrite.structured import apply_channel_plan
@@ -36,7 +35,7 @@ def main(path: str = "models/digits_cnn.onnx", data: str = "models/digits_val.np
         row = []
         for norm in CHANNEL_NORMS:
             model = io.load_model(path)
-            ShapeInferencePass()(model)
+            channels.prepare(model)
             graph = channels.build(model)
             plan = plan_channels(model, graph, sparsity, normalize=norm)
             apply_channel_plan(model, plan)

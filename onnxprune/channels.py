@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from onnxprune.oprules import RULES, Unsupported
+from onnxprune.oprules import RULES, Unsupported, shape_value, static_target
 
 # Member roles. out/in: a weight's output/input-channel axis; bias: the producer's bias; scale and
 # shift: per-channel carrier parameters (a dead channel has its shifts zero); param: anything else.
@@ -358,6 +359,65 @@ def _subgraph_inputs(node: ir.Node) -> Iterator[ir.Value]:
         for graph in graphs:
             for inner in graph.all_nodes():
                 yield from (v for v in inner.inputs if v is not None)
+
+
+# Integer inputs that older exporters compute from Shape ops and that the walk needs constant.
+FOLDED_INPUTS = {
+    "Split": (1,), "Slice": (1, 2, 3, 4), "Expand": (1,), "Unsqueeze": (1,), "Squeeze": (1,),
+    "Pad": (1,), "Resize": (3,),
+}  # fmt: skip
+
+
+def prepare(model: ir.Model, rounds: int = 64) -> ir.Model:
+    """Shapes for the walk (in place): infer them, and fold the shape arithmetic that older
+    exporters write (Shape -> Gather -> Div -> Concat -> Reshape) into constants where it does
+    not depend on the model's symbolic dims (a Reshape's batch-following entry becomes -1), so
+    channels reshaped, split or sliced that way stay prunable. Folding one node can make a later
+    shape known, so it repeats until nothing more folds. Returns `model`."""
+    ShapeInferencePass()(model)
+    for _ in range(rounds):
+        if not _fold(model):
+            break
+        RemoveUnusedNodesPass()(model)
+        ShapeInferencePass()(model)
+    return model
+
+
+def _fold(model: ir.Model) -> int:
+    walk = Walk(model)
+    folded = 0
+    for node in list(model.graph):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Reshape" and len(node.inputs) > 1:
+            slots = {1: None}
+        else:
+            slots = dict.fromkeys(FOLDED_INPUTS.get(node.op_type, ()))
+        for index in slots:
+            value = node.inputs[index] if index < len(node.inputs) else None
+            if value is None or walk.const(value) is not None:
+                continue
+            if node.op_type == "Reshape":
+                target = static_target(walk, node)
+                array = None if target is None else np.array(target, dtype=np.int64)
+            else:
+                first, second = (shape_value(walk, value, u, {}) for u in (7, 11))
+                same = first is not None and second is not None and np.array_equal(first, second)
+                array = first if same else None
+            if array is None:
+                continue
+            name = f"{node.name or node.op_type}_input{index}"
+            while name in model.graph.initializers:
+                name += "_"
+            tensor = ir.Tensor(np.ascontiguousarray(array), name=name)
+            const = ir.Value(
+                name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype)
+            )
+            const.const_value = tensor
+            model.graph.register_initializer(const)
+            node.replace_input_with(index, const)
+            folded += 1
+    return folded
 
 
 def build(model: ir.Model) -> ChannelGraph:

@@ -330,8 +330,10 @@ def concat(node: ir.Node, ctx: Walk) -> None:
         found = [ctx.ids(v, k) for v in inputs]
         if all(ids is None for ids in found):
             continue
+        # a stored part joined along another axis (a class token) feeds these very channels
+        role = "param" if k == axis else "shift"
         parts = [
-            ctx.space(v, k, "param", node) if ids is None else ids
+            ctx.space(v, k, role, node) if ids is None else ids
             for v, ids in zip(inputs, found, strict=True)
         ]
         if k == axis:
@@ -462,8 +464,10 @@ def reshape(node: ir.Node, ctx: Walk) -> None:
     if not ctx.spaces_of(x):
         return
     target = ctx.const(node.inputs[1])
-    if shape is None or target is None:
-        raise Unsupported("computed target shape or unknown input shape")
+    if target is None:
+        raise Unsupported("computed target shape (not static but for one dim)")
+    if shape is None:
+        raise Unsupported("unknown input shape")
     target = [int(t) for t in np.asarray(target).reshape(-1)]
     out_shape: list[int | None] = []
     for i, t in enumerate(target):
@@ -579,20 +583,40 @@ def _align(a: list[int | None], b: list[int | None]) -> list[tuple[list[int], li
 
 
 def expand(node: ir.Node, ctx: Walk) -> None:
-    x = node.inputs[0]
-    target = ctx.const(node.inputs[1])
+    """Channels of the input stay on their (right-aligned) axes. A stored input (a class token)
+    gets its channels here, so that what it meets later slices it. A target entry of 1 keeps
+    the input's size; one equal to it is rewritten, which needs the target stored."""
+    x, shape_input = node.inputs
     rank = ctx.rank(x)
-    spaces = ctx.spaces_of(x)
-    if not spaces:
-        return
-    if target is None or rank is None:
-        raise Unsupported("computed target shape")
-    out_rank = max(rank, len(np.asarray(target).reshape(-1)))
+    stored = ctx.const(shape_input)
+    if stored is not None:
+        target = [int(t) for t in np.asarray(stored).reshape(-1)]
+    else:  # computed: entries that differ with the model's symbolic dims are unknown (None)
+        first, second = (shape_value(ctx, shape_input, u, {}) for u in (7, 11))
+        if first is None or second is None:
+            if ctx.spaces_of(x):
+                raise Unsupported("computed target shape")
+            return
+        target = [int(a) if a == b else None for a, b in zip(first, second, strict=True)]
+    if rank is None:
+        raise Unsupported("unknown rank")
+    out_rank = max(rank, len(target))
     moved = []
-    for axis, ids in spaces.items():
-        ctx.set(node.outputs[0], axis + out_rank - rank, ids)
-        moved.append(axis + out_rank - rank)
-    ctx.fix("expand", node, axes=moved)
+    for axis in range(rank):
+        ids = ctx.ids(x, axis)
+        if ids is None and ctx.is_const(x) and (ctx.dim(x, axis) or 1) > 1:
+            ids = ctx.space(x, axis, "shift", node)
+        if ids is None:
+            continue
+        j = axis + out_rank - rank
+        entry = target[j - (out_rank - len(target))] if j >= out_rank - len(target) else 1
+        if entry != 1:
+            if stored is None or entry is None:
+                raise Unsupported("computed target shape names the channel count")
+            moved.append(j)
+        ctx.set(node.outputs[0], j, ids)
+    if moved:
+        ctx.fix("expand", node, axes=moved)
 
 
 # -- spatial ops ---------------------------------------------------------------------------------
@@ -683,17 +707,135 @@ def reduce(node: ir.Node, ctx: Walk) -> None:
     ctx.carry(x, node.outputs[0], {a: mapping[a] for a in ctx.spaces_of(x) if a in mapping})
 
 
+# Integer ops through which a Shape output may flow on its way to a Reshape target.
+SHAPE_MATH = frozenset(
+    {"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Add", "Sub", "Mul",
+     "Div", "Floor", "Ceil", "Equal", "Where", "ConstantOfShape", "Reshape"}
+)  # fmt: skip
+
+
+def shape_value(ctx: Walk, value: ir.Value, unknown: int, memo: dict) -> np.ndarray | None:
+    """An integer tensor computed from Shape ops and constants, unknown dims set to `unknown`."""
+    if value in memo:
+        return memo[value]
+    result = None
+    const = ctx.const(value)
+    node = value.producer()
+    if const is not None:
+        result = np.asarray(const)
+    elif node is not None and node.domain in ("", "ai.onnx"):
+        op = node.op_type
+        if op == "Shape":
+            dims = ctx.shape(node.inputs[0])
+            if dims is not None:
+                full = np.array([unknown if d is None else d for d in dims], dtype=np.int64)
+                rank = len(dims)
+                start = _axis(int(_attr(node, "start", 0)), rank)
+                result = full[start : _axis(int(_attr(node, "end", rank)), rank)]
+        elif op in SHAPE_MATH:
+            args = [None if v is None else shape_value(ctx, v, unknown, memo) for v in node.inputs]
+            present = [a for v, a in zip(node.inputs, args, strict=True) if v is not None]
+            if present and all(a is not None for a in present):
+                result = _shape_math(node, args)
+    memo[value] = result
+    return result
+
+
+def _shape_math(node: ir.Node, args: list) -> np.ndarray | None:
+    """One integer op of a shape computation, in numpy; `args` None where an input is absent."""
+    op = node.op_type
+    a = args[0]
+    if op in ("Cast", "Identity", "Floor", "Ceil"):
+        return a
+    if op == "Equal":
+        return np.equal(a, args[1])
+    if op == "Where":
+        return np.where(a, args[1], args[2])
+    if op == "Reshape":
+        return np.reshape(a, [int(t) for t in args[1]])
+    if op == "ConstantOfShape":
+        fill = _attr(node, "value", None)
+        value = fill.numpy().reshape(-1)[0] if fill is not None else np.float32(0)
+        return np.full([int(t) for t in a], value)
+    if op in ("Add", "Sub", "Mul", "Div"):
+        b = args[1]
+        if op == "Div":
+            return np.floor_divide(a, b) if a.dtype.kind in "iu" else np.floor(a / b)
+        return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op](a, b)
+    if op == "Gather":
+        return np.take(a, args[1], axis=int(_attr(node, "axis", 0)))
+    if op == "Concat":
+        return np.concatenate([np.atleast_1d(x) for x in args], axis=int(_attr(node, "axis", 0)))
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = args[1] if len(args) > 1 and args[1] is not None else _attr(node, "axes", None)
+        if op == "Unsqueeze":
+            return np.expand_dims(a, tuple(int(x) for x in np.asarray(axes).reshape(-1)))
+        return np.squeeze(a) if axes is None else np.squeeze(a, tuple(int(x) for x in axes))
+    if op == "Slice" and len(args) >= 3 and all(x is not None for x in args[:3]):
+        if len(args) > 3 or a.ndim != 1:
+            return None
+        return a[int(args[1][0]) : int(args[2][0])]
+    return None
+
+
+def static_target(ctx: Walk, node: ir.Node) -> list[int] | None:
+    """A Reshape's computed target as a constant: its output dims with every dim that follows
+    the unknown ones (the batch) written -1; None unless exactly that is possible."""
+    x = node.inputs[0]
+    outs = []
+    for unknown in (7, 11):
+        target = shape_value(ctx, node.inputs[1], unknown, {})
+        shape = ctx.shape(x)
+        if target is None or shape is None:
+            return None
+        dims = [unknown if d is None else d for d in shape]
+        target = [int(t) for t in np.asarray(target).reshape(-1)]
+        if not _attr(node, "allowzero", 0):
+            target = [dims[i] if t == 0 and i < len(dims) else t for i, t in enumerate(target)]
+        if target.count(-1) == 1:
+            known = int(np.prod([t for t in target if t != -1], dtype=np.int64))
+            target[target.index(-1)] = int(np.prod(dims, dtype=np.int64)) // max(1, known)
+        outs.append(target)
+    if len(outs[0]) != len(outs[1]):
+        return None
+    static = [a if a == b else -1 for a, b in zip(*outs, strict=True)]
+    return static if static.count(-1) <= 1 else None
+
+
 def shape_op(node: ir.Node, ctx: Walk) -> None:
-    """Shape reads the channel count of the axes it covers: those channels are frozen."""
+    """Shape reads the channel count of the axes it covers: those channels are frozen. (Reshape
+    targets computed from Shape ops are folded to constants before the walk: channels.prepare.)"""
     x = node.inputs[0]
     rank = ctx.rank(x)
     if rank is None:
         raise Unsupported("unknown rank")
     start = _axis(int(_attr(node, "start", 0)), rank)
     end = _axis(int(_attr(node, "end", rank)), rank)
+    read: set[int] = set()
+    for use in node.outputs[0].uses():
+        read |= {start + i for i in _entries_read(ctx, use.node, end - start)}
+    if node.outputs[0].is_graph_output():
+        read |= set(range(start, end))
     for axis, ids in ctx.spaces_of(x).items():
-        if start <= axis < end:
+        if axis in read:
             ctx.freeze(ids, f"Shape {node.name!r} reads the channel count")
+
+
+def _entries_read(ctx: Walk, user: ir.Node, n: int) -> set[int]:
+    """Which entries of an n-long shape vector a node reads: a Gather or Slice with constant
+    indices reads only those (the batch size, say); anything else reads them all."""
+    everything = set(range(n))
+    if user.op_type == "Gather" and int(_attr(user, "axis", 0)) == 0:
+        indices = ctx.const(user.inputs[1])
+        if indices is not None:
+            return {int(i) % n for i in np.asarray(indices).reshape(-1)} if n else set()
+    if user.op_type == "Slice" and len(user.inputs) >= 3:
+        bounds = [ctx.const(v) for v in user.inputs[1:]]
+        if all(b is not None for b in bounds):
+            starts, ends = (int(np.asarray(b).reshape(-1)[0]) for b in bounds[:2])
+            steps = int(np.asarray(bounds[3]).reshape(-1)[0]) if len(bounds) > 3 else 1
+            return set(range(n)[slice(starts, ends, steps)])
+    return everything
 
 
 UNARY = (

@@ -111,8 +111,6 @@ def _prune_channels(
     target: str,
 ) -> Report:
     """Structured: trace channel groups, rank channels globally, slice them out."""
-    from onnx_ir.passes.common import ShapeInferencePass
-
     from onnxprune import channels, selection_channels
     from onnxprune.rewrite.structured import apply_channel_plan
 
@@ -123,7 +121,7 @@ def _prune_channels(
     includes = weights._compile(include, "--include")
     excludes = weights._compile(exclude, "--exclude")
     with step("tracing channels"):
-        ShapeInferencePass()(model)
+        channels.prepare(model)
         graph = channels.build(model)
 
     def named(layer: channels.Layer, patterns: list) -> bool:

@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper
-from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxprune import channels, io
 from onnxprune.rewrite.structured import apply_channel_plan
@@ -350,6 +349,52 @@ def weight_views() -> onnx.ModelProto:
     return b.model()
 
 
+def computed_shapes() -> onnx.ModelProto:
+    """Reshape targets computed from Shape ops (the TorchScript exporter's flatten and channel
+    shuffle): the rewrite writes them as constants, so the channels stay prunable."""
+    b = GraphBuilder(22)
+    h = b.node("Relu", [_conv(b, b.input("x", ["N", 3, 4, 4]), 3, 8)])
+    dims = b.node("Shape", [h])
+    n = b.node("Gather", [dims, b.constant(np.array([0]))], axis=0)
+    c = b.node("Gather", [dims, b.constant(np.array([1]))], axis=0)
+    half = b.node("Div", [c, b.constant(np.array([2]))])
+    spatial = b.node("Slice", [dims, b.constant(np.array([2])), b.constant(np.array([4]))])
+    split = b.node("Concat", [n, b.constant(np.array([2])), half, spatial], axis=0)
+    h = b.node("Transpose", [b.node("Reshape", [h, split])], perm=[0, 2, 1, 3, 4])
+    h = b.node("Reshape", [h, b.node("Concat", [n, c, spatial], axis=0)])
+    h = _conv(b, h, 8, 6)
+    dims = b.node("Shape", [h])
+    flat = b.node("Concat", [b.node("Gather", [dims, b.constant(np.array([0]))], axis=0),
+                             b.constant(np.array([-1]))], axis=0)  # fmt: skip
+    h = b.node("Reshape", [h, flat])
+    b.node("Gemm", [h, b.weight((3, 96)), b.weight((3,))], out="y", transB=1)
+    b.output("y", shape=["N", 3])
+    return b.model()
+
+
+def class_token() -> onnx.ModelProto:
+    """ViT's stem: patches, a stored class token expanded to the batch (target computed from
+    Shape), position embeddings; the embedding channels are sliced in all of them."""
+    b = GraphBuilder(23)
+    x = b.input("x", ["N", 3, 4, 4])
+    patches = _conv(b, x, 3, 8, k=2, strides=[2, 2])  # [N, 8, 2, 2]; pads make it 3x3
+    tokens = b.node("Reshape", [patches, b.constant(np.array([0, 8, -1]))])
+    tokens = b.node("Transpose", [tokens], perm=[0, 2, 1])  # [N, 9, 8]
+    batch = b.node("Gather", [b.node("Shape", [tokens]), b.constant(np.array([0]))], axis=0)
+    target = b.node("Concat", [batch, b.constant(np.array([-1, -1]))], axis=0)
+    ones = b.node("ConstantOfShape", [b.constant(np.array([3]))],
+                  value=helper.make_tensor("one", TensorProto.INT64, [1], [1]))  # fmt: skip
+    target = b.node("Where", [b.node("Equal", [target, b.constant(np.array(-1))]), ones, target])
+    cls = b.node("Expand", [b.weight((1, 1, 8)), target])
+    h = b.node("Concat", [cls, tokens], axis=1)
+    h = b.node("Add", [h, b.weight((1, 10, 8))])
+    h = b.node("Relu", [b.node("MatMul", [h, b.weight((8, 6))])])
+    first = b.node("Gather", [h, b.constant(np.array(0))], axis=1)
+    b.node("MatMul", [first, b.weight((6, 3))], out="y")
+    b.output("y", shape=["N", 3])
+    return b.model()
+
+
 def unknown_op() -> onnx.ModelProto:
     """LRN mixes neighbouring channels and has no rule: its groups must be frozen and reported."""
     b = GraphBuilder(13)
@@ -449,7 +494,7 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
               concat_split_slice, mlp_transformer, gemm_mlp, pool_reduce_resize, shape_ops,
               squeeze_excite, combined, channel_shuffle, einsum_attention, packed_qkv,
               strided_gather, constant_nodes, shared_weight, old_opset, weight_views,
-              unknown_op)
+              computed_shapes, class_token, unknown_op)
 }  # fmt: skip
 
 
@@ -467,7 +512,7 @@ def feeds(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
 
 def analyse(proto: onnx.ModelProto) -> tuple[ir.Model, channels.ChannelGraph]:
     model = ir.serde.deserialize_model(proto)
-    ShapeInferencePass()(model)
+    channels.prepare(model)
     return model, channels.build(model)
 
 

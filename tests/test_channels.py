@@ -150,11 +150,12 @@ def test_ops_that_mix_channels_freeze(op: str, needle: str) -> None:
 
 def test_shape_of_channels_freezes_and_slice_with_step_freezes() -> None:
     def shape(b, h):
-        b.node("Shape", [h])
-        return h
+        size = b.node("ConstantOfShape", [b.node("Shape", [h])])  # the count escapes
+        return b.node("Add", [h, b.node("Cast", [size], to=TensorProto.FLOAT)])
 
     graph = _single(shape)
     assert graph.frozen[graph.layers[0].classes].all()
+    assert any("reads the channel count" in r for r in graph.reasons)
 
     def stepped(b, h):
         s = b.node("Slice", [h, *(b.constant(np.array([v], np.int64)) for v in (0, 8, 1, 2))])
