@@ -9,6 +9,8 @@ one failed row.
 
     python bench/zoo.py                    # all models, table on stdout, JSON in build/zoo/
     python bench/zoo.py resnet18 vit_b_16  # some of them
+    python bench/zoo.py --round-to 8       # the same N for every model
+    python bench/zoo.py --legacy           # TorchScript exporter: dynamic batch, Shape arithmetic
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ MODELS = {
 }  # fmt: skip
 SPARSITY = 0.5
 ROUND_TO = None  # --round-to N on the command line: the same N for every model
+LEGACY = False  # --legacy: the TorchScript exporter (dynamic batch, shapes computed by Shape ops)
 TIMEOUT_S = 900
 
 
 def export(name: str, size: int) -> Path:
-    path = OUT / f"{name}.onnx"
+    path = OUT / f"{name}{'.ts' if LEGACY else ''}.onnx"
     if path.exists():
         return path
     import torch
@@ -47,7 +50,13 @@ def export(name: str, size: int) -> Path:
     model = torchvision.models.get_model(name, weights=None).eval()
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
-        torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=18, verbose=False)
+        if LEGACY:
+            torch.onnx.export(
+                model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                dynamic_axes={"x": {0: "batch"}},
+            )  # fmt: skip
+        else:
+            torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=18)
     return path
 
 
@@ -129,7 +138,7 @@ def one(name: str) -> dict:
         src = export(name, MODELS[name])
         row["export_s"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
-        out = OUT / f"{name}.pruned{ROUND_TO or ''}.onnx"
+        out = OUT / f"{name}{'.ts' if LEGACY else ''}.pruned{ROUND_TO or ''}.onnx"
         _, report = pipeline.prune(
             src, SPARSITY, structured=True, round_to=ROUND_TO, output=out, force=True
         )
@@ -202,6 +211,7 @@ def main(names: list[str]) -> None:
                     "--one",
                     name,
                     *(["--round-to", str(ROUND_TO)] if ROUND_TO else []),
+                    *(["--legacy"] if LEGACY else []),
                 ],
                 capture_output=True,
                 text=True,
@@ -218,7 +228,8 @@ def main(names: list[str]) -> None:
         rows.append(row)
         if row["status"] != "pruned":
             print(f"zoo: {name}: {row.get('reason')}", file=sys.stderr)
-        (OUT / f"results{ROUND_TO or ''}.json").write_text(json.dumps(rows, indent=1))
+        suffix = f"{'.ts' if LEGACY else ''}{ROUND_TO or ''}"
+        (OUT / f"results{suffix}.json").write_text(json.dumps(rows, indent=1))
     headers = ["model", "status", "params", "MACs (ratio)", "ORT CPU latency (ratio)",
                "lat/MAC", "invariant", "frozen groups"]  # fmt: skip
     print(format_table(headers, [_fmt(r) for r in rows]))
@@ -229,7 +240,8 @@ def main(names: list[str]) -> None:
     ]
     median = statistics.median(ratios) if ratios else float("nan")
     print(
-        f"round-to {ROUND_TO}: {len(pruned)} of {len(rows)} pruned, checked and run; "
+        f"{'TorchScript' if LEGACY else 'dynamo'} export, round-to {ROUND_TO}: "
+        f"{len(pruned)} of {len(rows)} pruned, checked and run; "
         f"{len(exact)} exactly invariant (the rest renormalise in LayerNorm); "
         f"median latency ratio / MAC ratio {median:.2f}"
     )
@@ -242,6 +254,9 @@ if __name__ == "__main__":
         at = args.index("--round-to")
         ROUND_TO = int(args[at + 1])
         del args[at : at + 2]
+    if "--legacy" in args:
+        LEGACY = True
+        args.remove("--legacy")
     if len(args) == 2 and args[0] == "--one":
         import warnings
 
