@@ -49,13 +49,13 @@ def export(name: str, size: int) -> Path:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
     x = torch.randn(1, 3, size, size)
-    with torch.no_grad():
-        if LEGACY:
-            torch.onnx.export(
-                model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
-                dynamic_axes={"x": {0: "batch"}},
-            )  # fmt: skip
-        else:
+    if LEGACY:  # with grad on: under no_grad, attention takes a fused path it cannot export
+        torch.onnx.export(
+            model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+            dynamic_axes={"x": {0: "batch"}},
+        )  # fmt: skip
+    else:
+        with torch.no_grad():
             torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=18)
     return path
 

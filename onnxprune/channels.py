@@ -161,6 +161,10 @@ class Walk:
         self.fixes: list[Fix] = []
         self.no_rule: dict[ir.Value, str] = {}
         self.journal: list[tuple[ir.Value, int]] = []  # spaces made, so a failed rule is undone
+        # (node, value) pairs whose rule looked at the value's channels: a stored tensor with
+        # channels must be looked at by every node that reads it (see check_readers)
+        self.current: ir.Node | None = None
+        self.looked: set[tuple[ir.Node, ir.Value]] = set()
 
     # -- reading the graph -------------------------------------------------------------------
     def const(self, value: ir.Value | None) -> np.ndarray | None:
@@ -192,10 +196,18 @@ class Walk:
     def ids(self, value: ir.Value | None, axis: int) -> np.ndarray | None:
         if value is None:
             return None
+        self._look(value)
         return self.spaces.get(value, {}).get(axis)
 
     def spaces_of(self, value: ir.Value | None) -> dict[int, np.ndarray]:
-        return {} if value is None else dict(self.spaces.get(value, {}))
+        if value is None:
+            return {}
+        self._look(value)
+        return dict(self.spaces.get(value, {}))
+
+    def _look(self, value: ir.Value) -> None:
+        if self.current is not None:
+            self.looked.add((self.current, value))
 
     # -- building --------------------------------------------------------------------------
     def new(self, n: int) -> np.ndarray:
@@ -272,6 +284,7 @@ class Walk:
     def space(self, value: ir.Value, axis: int, role: str, node: ir.Node) -> np.ndarray:
         """The space on `value`'s axis, made if missing: a constant becomes a sliced member; any
         other value gets frozen ids (a model input, or the output of an op with no rule)."""
+        self.looked.add((node, value))
         ids = self.ids(value, axis)
         if ids is not None:
             return ids
@@ -324,6 +337,7 @@ class Walk:
             reason = f"{name} has a subgraph"
         else:
             mark = (len(self.links), len(self.members), len(self.fixes), len(self.journal))
+            self.current = node
             try:
                 rule(node, self)
                 return
@@ -332,6 +346,11 @@ class Walk:
                 reason = f"{name}: {exc}"
         for value in node.inputs:
             self.freeze_value(value, reason)
+            # a stored tensor read through Identity/Cast/Transpose is frozen at its source too,
+            # or another reader of that source could still slice it
+            view = self._const_view(value, 0)
+            if view is not None and view[0] is not value:
+                self.freeze_value(view[0], reason)
         for value in node.outputs:
             self.no_rule[value] = reason
             self.freeze_value(value, reason)
@@ -426,9 +445,33 @@ def build(model: ir.Model) -> ChannelGraph:
     walk = Walk(model)
     for node in model.graph:
         walk.visit(node)
+    walk.current = None
     for value in model.graph.outputs:
         walk.freeze_value(value, f"reaches model output {value.name!r}, which keeps its shape")
+    _check_readers(walk)
     return _resolve(walk)
+
+
+def _check_readers(walk: Walk) -> None:
+    """A stored tensor with channels is sliced, so every node reading it (directly or through
+    Identity/Cast/Transpose) must have followed its channels. Exporters share equal tensors
+    (zero biases) between unrelated layers; a reader whose rule never looked at it (a LayerNorm
+    whose input has no channels, say) freezes the tensor's channels instead."""
+    for source in [v for v in walk.spaces if const_tensor(v) is not None]:
+        stack = [source]
+        while stack:
+            value = stack.pop()
+            if value.is_graph_output():
+                walk.freeze_value(source, f"stored tensor {source.name!r} is a model output")
+            for use in value.uses():
+                reader = use.node
+                if reader.op_type in _CONST_VIEWS and reader.domain in ("", "ai.onnx"):
+                    stack.append(reader.outputs[0])
+                elif (reader, value) not in walk.looked:
+                    name = f"{reader.op_type} {reader.name or reader.outputs[0].name!r}"
+                    walk.freeze_value(
+                        source, f"{source.name!r} is also read by {name}, which leaves it whole"
+                    )
 
 
 def _resolve(walk: Walk) -> ChannelGraph:

@@ -240,3 +240,21 @@ def test_one_channel_broadcast_against_many_is_no_space_of_the_output() -> None:
     model, graph = analyse(b.model())
     mul = next(n for n in model.graph if n.op_type == "Mul").outputs[0]
     assert len(graph.spaces[mul][1]) == 8
+
+
+def test_stored_tensor_shared_through_identity_with_a_frozen_reader_is_frozen() -> None:
+    """The TorchScript exporter shares equal initializers through Identity nodes: a zero bias
+    of a prunable layer may also be a LayerNorm's bias elsewhere."""
+    b = GraphBuilder(0)
+    x = b.input("x", [1, 8])
+    bias = b.weight((8,), array=np.zeros(8, np.float32))
+    h = b.node("Relu", [b.node("Add", [b.node("MatMul", [x, b.weight((8, 8))]), bias])])
+    h = b.node("MatMul", [h, b.weight((8, 8))])
+    alias = b.node("Identity", [bias])
+    ln = b.node("LRN", [b.node("Unsqueeze", [h, b.constant(np.array([2, 3]))])], size=3)
+    ln = b.node("Add", [b.node("Squeeze", [ln, b.constant(np.array([2, 3]))]), alias])
+    b.node("MatMul", [ln, b.weight((8, 2))], out="y")
+    b.output("y", shape=[1, 2])
+    graph = analyse(b.model())[1]
+    first = graph.layers[0].classes
+    assert graph.frozen[first].all(), "the shared bias couples the first layer to the frozen one"
