@@ -243,18 +243,18 @@ def test_one_channel_broadcast_against_many_is_no_space_of_the_output() -> None:
 
 
 def test_stored_tensor_shared_through_identity_with_a_frozen_reader_is_frozen() -> None:
-    """The TorchScript exporter shares equal initializers through Identity nodes: a zero bias
-    of a prunable layer may also be a LayerNorm's bias elsewhere."""
+    """The TorchScript exporter shares equal initializers (zero biases) through Identity nodes:
+    a prunable layer's bias may also be a LayerNorm's bias where no channels are followed."""
     b = GraphBuilder(0)
-    x = b.input("x", [1, 8])
-    bias = b.weight((8,), array=np.zeros(8, np.float32))
-    h = b.node("Relu", [b.node("Add", [b.node("MatMul", [x, b.weight((8, 8))]), bias])])
-    h = b.node("MatMul", [h, b.weight((8, 8))])
+    x, u = b.input("x", [1, 8]), b.input("u", [1, 6])
+    bias = b.weight((6,), array=np.zeros(6, np.float32))
+    h = b.node("Relu", [b.node("Add", [b.node("MatMul", [x, b.weight((8, 6))]), bias])])
+    b.node("MatMul", [h, b.weight((6, 4))], out="y")
     alias = b.node("Identity", [bias])
-    ln = b.node("LRN", [b.node("Unsqueeze", [h, b.constant(np.array([2, 3]))])], size=3)
-    ln = b.node("Add", [b.node("Squeeze", [ln, b.constant(np.array([2, 3]))]), alias])
-    b.node("MatMul", [ln, b.weight((8, 2))], out="y")
-    b.output("y", shape=[1, 2])
+    normed = b.node("LayerNormalization", [u, b.weight((6,)), alias])
+    b.node("MatMul", [normed, b.weight((6, 3))], out="z")
+    b.output("y", shape=[1, 4])
+    b.output("z", shape=[1, 3])
     graph = analyse(b.model())[1]
-    first = graph.layers[0].classes
-    assert graph.frozen[first].all(), "the shared bias couples the first layer to the frozen one"
+    assert graph.frozen[graph.layers[0].classes].all()
+    assert any("also read by LayerNormalization" in r for r in graph.reasons)
