@@ -346,6 +346,8 @@ class Walk:
                 reason = f"{name}: {exc}"
         for value in node.inputs:
             self.freeze_value(value, reason)
+            if value is not None:
+                self.looked.add((node, value))
             # a stored tensor read through Identity/Cast/Transpose is frozen at its source too,
             # or another reader of that source could still slice it
             view = self._const_view(value, 0)
@@ -453,11 +455,12 @@ def build(model: ir.Model) -> ChannelGraph:
 
 
 def _check_readers(walk: Walk) -> None:
-    """A stored tensor with channels is sliced, so every node reading it (directly or through
-    Identity/Cast/Transpose) must have followed its channels. Exporters share equal tensors
-    (zero biases) between unrelated layers; a reader whose rule never looked at it (a LayerNorm
-    whose input has no channels, say) freezes the tensor's channels instead."""
-    for source in [v for v in walk.spaces if const_tensor(v) is not None]:
+    """Every node reading a tensor with channels must have followed them: its rule looked at
+    them, or it froze them. A stored tensor is followed through Identity/Cast/Transpose, since
+    exporters share equal tensors (zero biases) between unrelated layers; a reader whose rule
+    never looked (a LayerNorm whose input has no channels, say, or a node inside a subgraph)
+    freezes the channels instead of leaving a sliced tensor where a whole one is read."""
+    for source in list(walk.spaces):
         stack = [source]
         while stack:
             value = stack.pop()
