@@ -24,7 +24,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from onnxprune.oprules import RULES, Unsupported
-from onnxprune.shapemath import shape_value, static_target
+from onnxprune.shapemath import static_target, static_value
 
 # Member roles. out/in: a weight's output/input-channel axis; bias: the producer's bias; scale and
 # shift: per-channel carrier parameters (a dead channel has its shifts zero); param: anything else.
@@ -423,9 +423,7 @@ def _fold(model: ir.Model) -> int:
                 target = static_target(walk, node)
                 array = None if target is None else np.array(target, dtype=np.int64)
             else:
-                first, second = (shape_value(walk, value, u, {}) for u in (7, 11))
-                same = first is not None and second is not None and np.array_equal(first, second)
-                array = first if same else None
+                array = static_value(walk, value)
             if array is None:
                 continue
             name = f"{node.name or node.op_type}_input{index}"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.shapemath import shape_value
+from onnxprune.shapemath import entries
 
 if TYPE_CHECKING:
     from onnxprune.channels import Walk
@@ -594,12 +594,11 @@ def expand(node: ir.Node, ctx: Walk) -> None:
     if stored is not None:
         target = [int(t) for t in np.asarray(stored).reshape(-1)]
     else:  # computed: entries that differ with the model's symbolic dims are unknown (None)
-        first, second = (shape_value(ctx, shape_input, u, {}) for u in (7, 11))
-        if first is None or second is None:
+        target = entries(ctx, shape_input)
+        if target is None:
             if ctx.spaces_of(x):
                 raise Unsupported("computed target shape")
             return
-        target = [int(a) if a == b else None for a, b in zip(first, second, strict=True)]
     if rank is None:
         raise Unsupported("unknown rank")
     out_rank = max(rank, len(target))

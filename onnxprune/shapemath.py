@@ -96,12 +96,44 @@ def _shape_math(node: ir.Node, args: list) -> np.ndarray | None:
     return None
 
 
+# Stand-ins for the symbolic dims: large primes, so that no floor division or remainder of
+# everyday shape arithmetic maps two of them to the same value (7 and 11 both // 7 to 1).
+STAND_INS = (10007, 20011, 30011)
+
+
+def _runs(ctx: Walk, value: ir.Value) -> list[np.ndarray] | None:
+    runs = [shape_value(ctx, value, u, {}) for u in STAND_INS]
+    if any(r is None for r in runs) or len({np.shape(r) for r in runs}) != 1:
+        return None
+    return [np.asarray(r) for r in runs]
+
+
+def static_value(ctx: Walk, value: ir.Value) -> np.ndarray | None:
+    """A computed integer tensor, if it does not depend on the model's symbolic dims."""
+    runs = _runs(ctx, value)
+    if runs is None or not all(np.array_equal(runs[0], r) for r in runs[1:]):
+        return None
+    return runs[0]
+
+
+def entries(ctx: Walk, value: ir.Value) -> list[int | None] | None:
+    """A computed 1-D integer tensor entry by entry: None where it depends on symbolic dims."""
+    runs = _runs(ctx, value)
+    if runs is None:
+        return None
+    flat = [r.reshape(-1) for r in runs]
+    return [
+        int(flat[0][i]) if all(int(f[i]) == int(flat[0][i]) for f in flat) else None
+        for i in range(len(flat[0]))
+    ]
+
+
 def static_target(ctx: Walk, node: ir.Node) -> list[int] | None:
     """A Reshape's computed target as a constant: its output dims with every dim that follows
     the unknown ones (the batch) written -1; None unless exactly that is possible."""
     x = node.inputs[0]
     outs = []
-    for unknown in (7, 11):
+    for unknown in STAND_INS:
         target = shape_value(ctx, node.inputs[1], unknown, {})
         shape = ctx.shape(x)
         if target is None or shape is None:
@@ -114,7 +146,7 @@ def static_target(ctx: Walk, node: ir.Node) -> list[int] | None:
             known = int(np.prod([t for t in target if t != -1], dtype=np.int64))
             target[target.index(-1)] = int(np.prod(dims, dtype=np.int64)) // max(1, known)
         outs.append(target)
-    if len(outs[0]) != len(outs[1]):
+    if len({len(o) for o in outs}) != 1:
         return None
-    static = [a if a == b else -1 for a, b in zip(*outs, strict=True)]
+    static = [column[0] if len(set(column)) == 1 else -1 for column in zip(*outs, strict=True)]
     return static if static.count(-1) <= 1 else None
