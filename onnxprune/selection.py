@@ -256,7 +256,11 @@ class _GlobalSelection:
         keys, shift = self.keys, self.shift
         hist = np.zeros(bins, dtype=np.int64)
         zeros = 0
+        raw = first and not shift and keys.itemsize == 2  # one pass over 16-bit keys
         for _, chunk in tensor_chunks(self.weights[i].tensor(), CHUNK):
+            if raw:  # count the raw bits, fold the two signs together below: one op fewer
+                hist += np.bincount(chunk.view(keys), minlength=bins)
+                continue
             k = magnitude_keys(chunk, keys)
             if first and shift:
                 zeros += int(np.count_nonzero(k == 0))
@@ -268,6 +272,10 @@ class _GlobalSelection:
                 k &= keys.type(bins - 1)
             # the sign bit is cleared, so a first digit is already below 2**15
             hist += np.bincount(k, minlength=bins)
+        if raw:
+            half = bins // 2
+            hist[:half] += hist[half:]
+            hist[half:] = 0
         if first and not shift:  # one digit is the whole key: digit 0 is exactly the zeros
             zeros = int(hist[0])
         return i, hist, zeros
