@@ -272,6 +272,7 @@ def test_key_width_per_precision_mix_matches_reference(dtypes, keys) -> None:
         (rng.standard_normal((9, 7)) * s).astype(d) for d, s in zip(dtypes, (0.5, 2), strict=True)
     ]
     arrays[0][0, :3] = 0  # existing zeros, and ties among them
+    arrays[0][1, 0] = -0.0  # a negative zero is a zero too
     for sparsity, keep in ((0.3, None), (0.8, 4)):
         p = plan(weights_of(arrays), sparsity, min_keep=keep)
         assert p.keys == keys
