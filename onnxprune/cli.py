@@ -37,6 +37,10 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except OnnxPruneError as exc:
             click.echo(f"onnxprune: error: {exc}", err=True)
             sys.exit(getattr(exc, "exit_code", 2))
+        except KeyboardInterrupt:
+            # writes are atomic: whatever was under way left no partial file behind
+            click.echo("onnxprune: interrupted; no output was written", err=True)
+            sys.exit(130)
 
     return wrapper
 

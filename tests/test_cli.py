@@ -168,3 +168,17 @@ def test_installed_entry_point(model, tmp_path) -> None:
     assert bad.stdout == "" and "Traceback" not in bad.stderr
     version = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True)
     assert "onnxprune" in version.stdout
+
+
+def test_interrupt_is_one_line_exit_130_and_no_output(model, tmp_path, monkeypatch) -> None:
+    import onnxprune.io as io_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io_module, "_write_inline", interrupted)
+    out = tmp_path / "o.onnx"
+    result = invoke(model, "-s", "0.5", "-o", out)
+    assert result.exit_code == 130
+    assert result.stderr.strip() == "onnxprune: interrupted; no output was written"
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
