@@ -20,8 +20,6 @@ from onnxprune.errors import ModelLoadError, OutputError
 PROTO_LIMIT_BYTES = 2**31 - 2**27
 # model.meta key: names the input's main graph had value_info for.
 VALUE_INFO_KEY = "onnxprune.value_info"
-# model.meta key: the memory map the weights of a single-file model are read from.
-MAPPED_KEY = "onnxprune.mapped"
 # Offsets of big external tensors are aligned so that runtimes can memory-map them directly.
 EXTERNAL_ALIGNMENT = 65536
 # Threads writing external data: pruning one tensor overlaps writing another (onnx-ir bounds the
@@ -145,7 +143,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         except wire.WireError as exc:
             raise ModelLoadError(f"{path}: malformed ONNX model ({exc})") from None
         model.graph.initializers[name].const_value = mapped_tensor
-    model.meta[MAPPED_KEY] = mapped
+    if not payloads:
+        mapped.close()  # nothing reads from it; mapped tensors keep their own reference
     ir.external_data.set_base_dir(model.graph, path.parent)
     for graph in all_graphs(model)[1:]:
         ir.external_data.set_base_dir(graph, path.parent)
