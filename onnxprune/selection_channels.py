@@ -114,6 +114,18 @@ def _macs_per_param(node: ir.Node) -> int:
     return int(out[0]) if out else 1  # Gemm: one MAC per row
 
 
+def _stored_source(value: ir.Value | None) -> ir.Value | None:
+    """The stored tensor behind Identity/Cast/Transpose (how exporters often hand weights over)."""
+    for _ in range(16):
+        if value is None or const_tensor(value) is not None:
+            return value
+        node = value.producer()
+        if node is None or node.op_type not in ("Identity", "Cast", "Transpose"):
+            return value
+        value = node.inputs[0]
+    return value
+
+
 def counted_weights(model: ir.Model, graph: ChannelGraph) -> list[Counted]:
     """Every stored weight of Conv, ConvTranspose, Gemm and MatMul, with the sliced axes."""
     found: dict[ir.Value, Counted] = {}
@@ -121,6 +133,7 @@ def counted_weights(model: ir.Model, graph: ChannelGraph) -> list[Counted]:
         if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx"):
             continue
         for value in node.inputs[:2]:
+            value = _stored_source(value)
             tensor = const_tensor(value)
             if tensor is None or value is None or len(tensor.shape) < 2:
                 continue
@@ -132,11 +145,11 @@ def counted_weights(model: ir.Model, graph: ChannelGraph) -> list[Counted]:
     for member in graph.members:
         if member.role in ("out", "in"):
             counted = found.get(member.value)
-            if counted is None:  # a weight reached through Transpose/Cast: count its source
+            if counted is None:  # read by something else than a weight slot: no MACs
                 tensor = const_tensor(member.value)
                 assert tensor is not None
                 shape = tuple(int(d) for d in tensor.shape)
-                counted = found.setdefault(member.value, Counted(member.value, shape, 1))
+                counted = found.setdefault(member.value, Counted(member.value, shape, 0))
             counted.axes[member.axis] = member.ids
     return list(found.values())
 
