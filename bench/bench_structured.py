@@ -11,16 +11,14 @@ Issue 4 asks for a latency ratio within 15% of the MAC ratio.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from zoo import latencies_ms  # bench/ is the script's folder
 
 from onnxprune import pipeline
 
@@ -97,23 +95,6 @@ def resnet50(seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, ir_version=10, opset_imports=opset)
 
 
-def latencies(paths: list[Path], repeats: int) -> list[float]:
-    """Median latency per model in ms, runs interleaved so machine load hits all alike."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-                for p in paths]  # fmt: skip
-    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
-    spent: list[list[float]] = [[] for _ in sessions]
-    for i in range(repeats + 3):
-        for session, times in zip(sessions, spent, strict=True):
-            start = time.perf_counter()
-            session.run(None, x)
-            if i >= 3:
-                times.append(time.perf_counter() - start)
-    return [1000 * statistics.median(t) for t in spent]
-
-
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=20)
@@ -129,7 +110,9 @@ def main(argv: list[str]) -> None:
             )
             macs = report.channels.macs
             variants[round_to] = (out, macs[1] / macs[0])
-        times = latencies([dense, *(p for p, _ in variants.values())], args.repeats)
+        feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 224, 224), np.float32)}
+        paths = [dense, *(p for p, _ in variants.values())]
+        times = latencies_ms(paths, feeds, args.repeats)
     print(f"ResNet-50 shape, batch 1, ORT CPU: dense {times[0]:.1f} ms")
     print(f"{'round-to':>8}  {'MAC ratio':>9}  {'latency ratio':>13}  {'speed-up / MAC limit':>20}")
     for (round_to, (_, mac_ratio)), t in zip(variants.items(), times[1:], strict=True):
