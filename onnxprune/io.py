@@ -56,26 +56,34 @@ def tensor_nbytes(model: ir.Model) -> int:
     return sum(t.nbytes for _, t in iter_tensors(model))
 
 
-def file_size(path: str | os.PathLike) -> int:
-    """Size of a model on disk: the .onnx file plus the external data files it references."""
+def model_files(path: str | os.PathLike, model: ir.Model | None = None) -> list[Path]:
+    """The .onnx file and the external data files its tensors live in.
+
+    Read from `model` when it is loaded, else from the file's header (its weights are not read).
+    """
     path = Path(path)
-    total = path.stat().st_size
-    try:
-        proto, _, mapped = wire.load_mapped(str(path))
-        mapped.close()
-    except (ValueError, OSError, DecodeError):
-        return total  # the size of an unreadable file is just its bytes
-    locations = set()
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in tensor.external_data}
-            if "location" in info:
-                locations.add(info["location"])
-    for location in locations:
-        data = path.parent / location
-        if data.is_file():
-            total += data.stat().st_size
-    return total
+    if model is not None:
+        data = [Path(p) for p in sorted(external_data_files(model))]
+    else:
+        try:
+            proto, _, mapped = wire.load_mapped(str(path))
+            mapped.close()
+        except (ValueError, OSError, DecodeError):
+            return [path]  # an unreadable file is just its own bytes
+        locations = {
+            e.value
+            for tensor in onnx.external_data_helper._get_all_tensors(proto)
+            if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for e in tensor.external_data
+            if e.key == "location"
+        }
+        data = [path.parent / location for location in sorted(locations)]
+    return [path, *(p for p in data if p.is_file())]
+
+
+def file_size(path: str | os.PathLike, model: ir.Model | None = None) -> int:
+    """Size of a model on disk: the .onnx file plus the external data files it references."""
+    return sum(p.stat().st_size for p in model_files(path, model))
 
 
 def _check_external_tensor(name: str, tensor: ir.ExternalTensor, model_dir: Path) -> None:

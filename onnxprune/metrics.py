@@ -15,7 +15,6 @@ import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -145,11 +144,6 @@ class ModelCost:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
-
-
-def model_files(model: ir.Model, path: str | os.PathLike) -> list[Path]:
-    """The .onnx file and the external data files its tensors live in."""
-    return [Path(path), *(Path(p) for p in sorted(io.external_data_files(model)))]
 
 
 def _deflated(chunk: bytes) -> int:
@@ -283,11 +277,11 @@ def count_macs(
 def model_cost(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]]) -> ModelCost:
     """File and gzip sizes, parameters and MACs of a saved model."""
     model = io.load_model(path)
-    files = model_files(model, path)
+    files = io.model_files(path, model)
     params, nonzero = count_params(model)
     macs, nonzero_macs, unknown = count_macs(model, input_shapes)
     return ModelCost(
-        file_bytes=sum(os.path.getsize(f) for f in files),
+        file_bytes=sum(f.stat().st_size for f in files),
         gzip_bytes=gzip_size(files),
         params=params,
         nonzero_params=nonzero,
