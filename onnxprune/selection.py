@@ -459,7 +459,7 @@ def _plan_pattern(weights: Sequence[Weight], nm: tuple[int, int], keys: np.dtype
             )
         else:
             layer.pattern = nm
-            ((_, _, mask),) = layer_masks(layer, weight.tensor(), keys)
+            mask = pattern_mask(k, weight.shape, axis, n, m)  # as layer_masks makes it
             layer.prune = int(np.count_nonzero(mask | (k == 0)))
         result.layers.append(layer)
     return result
