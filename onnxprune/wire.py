@@ -85,8 +85,13 @@ def fields(
         pos = value_end
 
 
+def _field_head(number: int, length: int) -> bytes:
+    """Key and length of a length-delimited field whose payload follows."""
+    return _encode_varint(number << 3 | LENGTH_DELIMITED) + _encode_varint(length)
+
+
 def _field(number: int, payload: bytes) -> bytes:
-    return _encode_varint(number << 3 | LENGTH_DELIMITED) + _encode_varint(len(payload)) + payload
+    return _field_head(number, len(payload)) + payload
 
 
 def _strip_tensor(buf: mmap.mmap, start: int, end: int) -> tuple[bytes, tuple[int, int] | None]:
@@ -195,15 +200,10 @@ def write_initializer(file: BinaryIO, tensor: ir.TensorProtocol, name: str) -> N
         header.doc_string = tensor.doc_string
     for key, value in (tensor.metadata_props or {}).items():
         header.metadata_props.add(key=key, value=value)
-    raw_key = _encode_varint(TENSOR_RAW_DATA << 3 | LENGTH_DELIMITED) + _encode_varint(length)
-    tensor_head = header.SerializeToString() + raw_key
-    tensor_len = len(tensor_head) + length
-    init_head = _encode_varint(GRAPH_INITIALIZER << 3 | LENGTH_DELIMITED) + _encode_varint(
-        tensor_len
-    )
-    graph_len = len(init_head) + tensor_len
-    file.write(_encode_varint(MODEL_GRAPH << 3 | LENGTH_DELIMITED) + _encode_varint(graph_len))
-    file.write(init_head + tensor_head)
+    tensor_head = header.SerializeToString() + _field_head(TENSOR_RAW_DATA, length)
+    init_head = _field_head(GRAPH_INITIALIZER, len(tensor_head) + length)
+    graph_head = _field_head(MODEL_GRAPH, len(init_head) + len(tensor_head) + length)
+    file.write(graph_head + init_head + tensor_head)
     start = file.tell()
     tensor.tofile(file)
     if file.tell() - start != length:
