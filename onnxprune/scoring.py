@@ -10,14 +10,14 @@ float64 models use 64-bit keys.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.weights import Weight
+from onnxprune.weights import Weight, tensor_chunks
 
 if TYPE_CHECKING:
     from onnxprune.channels import ChannelGraph
@@ -37,13 +37,39 @@ UINT32 = np.dtype(np.uint32)
 _FLOAT_OF_KEY = {2: np.float16, 4: np.float32, 8: np.float64}
 
 
-def magnitude_keys(array: np.ndarray, keys: np.dtype = UINT32) -> np.ndarray:
-    """Flat integer keys of |array|, ordered exactly as the magnitudes are."""
+def magnitude_keys(
+    array: np.ndarray, keys: np.dtype = UINT32, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Flat integer keys of |array|, ordered exactly as the magnitudes are.
+
+    `out`, a buffer of at least array.size keys, saves an allocation per chunk in hot loops.
+    """
     array = np.asarray(array).reshape(-1)
     if array.dtype.itemsize != keys.itemsize:  # widen, exactly, to the key's float width
         array = array.astype(_FLOAT_OF_KEY[keys.itemsize])
     sign_cleared = keys.type(np.iinfo(keys).max >> 1)
-    return array.view(keys) & sign_cleared
+    return np.bitwise_and(
+        array.view(keys), sign_cleared, out=None if out is None else out[: array.size]
+    )
+
+
+def key_chunks(
+    tensor: ir.TensorProtocol, keys: np.dtype
+) -> Iterator[tuple[slice, np.ndarray, np.ndarray, np.ndarray]]:
+    """(flat slice, values, their keys, a spare bool array of the same length), chunk by chunk.
+
+    Keys and spare live in two buffers reused for every chunk, so a pass over a huge tensor
+    allocates nothing per chunk and its temporaries stay in cache; both are valid until the next
+    chunk is requested.
+    """
+    key_buffer = np.empty(0, dtype=keys)
+    spare_buffer = np.empty(0, dtype=bool)
+    for where, chunk in tensor_chunks(tensor):
+        if key_buffer.size < chunk.size:
+            key_buffer = np.empty(chunk.size, dtype=keys)
+            spare_buffer = np.empty(chunk.size, dtype=bool)
+        k = magnitude_keys(chunk, keys, out=key_buffer)
+        yield where, chunk, k, spare_buffer[: chunk.size]
 
 
 @dataclass(frozen=True)

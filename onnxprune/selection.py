@@ -6,32 +6,26 @@ water-filling: walk the global order, skip a weight whose layer is full, stop af
 round(sparsity x total) weights. Ties in magnitude go to the earlier layer (graph order), then the
 lower flat index, so the same model always gives the same file.
 
-The threshold is found by a radix selection over magnitude keys (see scoring.py): one histogram pass
-per 16 bits of key, each reading the weights one tensor at a time. Nothing holds all weights at
-once, so models bigger than memory take the very same path as small ones.
+The global threshold is found from counts of magnitude keys (scoring.py), gathered by streaming
+the weights one tensor at a time (selection_global.py): nothing holds all weights at once, so
+models bigger than memory get the very same decision as small ones.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxprune.errors import InfeasibleError, InvalidArgumentError, NothingToPruneError
-from onnxprune.scoring import key_dtype, magnitude_keys
+from onnxprune.scoring import key_chunks, key_dtype, magnitude_keys
+from onnxprune.selection_global import Cut, GlobalSelection, cut_for_count
 from onnxprune.weights import PRUNABLE_OPS, Weight, tensor_chunks
 
 METHODS = ("global", "uniform")
-DIGIT_BITS = 16
-# Weights are read in flat chunks of this many elements, bounding temporary memory.
-CHUNK = 1 << 20
-# Threads reading layers at once; bounded so temporary memory stays a few chunks.
-WORKERS = min(4, os.cpu_count() or 1)
 # A layer left with fewer than this share of its weights is reported as collapsed.
 COLLAPSE_KEEP = 0.01
 
@@ -79,14 +73,6 @@ class MinKeep:
 
     def __str__(self) -> str:
         return f"{self.fraction:g}" if self.fraction is not None else str(self.count)
-
-
-@dataclass(frozen=True)
-class Cut:
-    """Prune every key below `threshold`, then the first `ties` keys equal to it in flat order."""
-
-    threshold: int
-    ties: int
 
 
 @dataclass
@@ -169,15 +155,6 @@ def parse_pattern(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
     return int(n), int(m)
 
 
-def cut_for_count(keys: np.ndarray, count: int) -> Cut:
-    """The cut that prunes exactly the `count` smallest keys of one layer (ties by index)."""
-    if count <= 0:
-        return Cut(0, 0)
-    threshold = np.partition(keys, count - 1)[count - 1]
-    below = int(np.count_nonzero(keys < threshold))
-    return Cut(int(threshold), count - below)
-
-
 def pattern_mask(keys: np.ndarray, shape: Sequence[int], axis: int, n: int, m: int) -> np.ndarray:
     """Boolean mask (flat) pruning the M-N smallest of every M consecutive weights along `axis`."""
     grouped = np.moveaxis(keys.reshape(shape), axis, -1)
@@ -194,7 +171,8 @@ def layer_masks(
 ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
     """(flat slice, values, zero mask) of one layer, chunk by chunk.
 
-    The single place the rewrite and the counting agree on which weights become zero.
+    The single place the rewrite and the counting agree on which weights become zero. The mask
+    is only valid until the next chunk is requested (its buffer is reused).
     """
     if layer.pattern is not None:
         n, m = layer.pattern
@@ -206,9 +184,8 @@ def layer_masks(
     assert layer.cut is not None
     threshold = keys.type(layer.cut.threshold)
     ties = layer.cut.ties
-    for where, chunk in tensor_chunks(tensor, CHUNK):
-        k = magnitude_keys(chunk, keys)
-        mask = k < threshold
+    for where, chunk, k, spare in key_chunks(tensor, keys):
+        mask = np.less(k, threshold, out=spare)
         if ties:
             equal = np.flatnonzero(k == threshold)[:ties]
             mask[equal] = True
@@ -220,123 +197,10 @@ def _count_zeros(weights: Sequence[Weight], keys: np.dtype) -> list[int]:
     return [
         sum(
             int(np.count_nonzero(magnitude_keys(c, keys) == 0))
-            for _, c in tensor_chunks(w.tensor(), CHUNK)
+            for _, c in tensor_chunks(w.tensor())
         )
         for w in weights
     ]
-
-
-class _GlobalSelection:
-    """Radix selection of the capped global threshold, one streamed pass per 16-bit digit.
-
-    Each pass histograms one digit of every layer's keys (among the keys whose higher digits
-    match the prefix found so far) and folds it at once into `reached[d]`, the number of weights
-    the capped walk has pruned once it passes digit d. Only a sparse copy of each histogram is
-    kept, so memory stays small however many layers there are. The first pass also counts zeros.
-    """
-
-    def __init__(
-        self, weights: Sequence[Weight], keys: np.dtype, sizes: np.ndarray, keep: np.ndarray
-    ) -> None:
-        self.weights, self.keys = weights, keys
-        self.bits = keys.itemsize * 8
-        n = len(weights)
-        self.below = np.zeros(n, dtype=np.int64)  # keys below the current prefix, per layer
-        self.equal = np.zeros(n, dtype=np.int64)
-        self.zeros = np.zeros(n, dtype=np.int64)
-        self.sizes, self.keep = sizes, keep
-        self.caps = sizes.copy()
-        self.prefix = 0
-        self.shift = self.bits - DIGIT_BITS
-        self._pending = self._histogram(first=True)
-
-    def _layer_histogram(self, i: int, first: bool) -> tuple[int, np.ndarray, int]:
-        """(layer, histogram of the current digit, zeros) for one layer, read chunk by chunk."""
-        bins = 1 << DIGIT_BITS
-        keys, shift = self.keys, self.shift
-        hist = np.zeros(bins, dtype=np.int64)
-        zeros = 0
-        raw = first and not shift and keys.itemsize == 2  # one pass over 16-bit keys
-        for _, chunk in tensor_chunks(self.weights[i].tensor(), CHUNK):
-            if raw:  # count the raw bits, fold the two signs together below: one op fewer
-                hist += np.bincount(chunk.view(keys), minlength=bins)
-                continue
-            k = magnitude_keys(chunk, keys)
-            if first and shift:
-                zeros += int(np.count_nonzero(k == 0))
-            elif not first:
-                k = k[(k >> keys.type(shift + DIGIT_BITS)) == keys.type(self.prefix)]
-            if shift:
-                k >>= keys.type(shift)
-            if not first:
-                k &= keys.type(bins - 1)
-            # the sign bit is cleared, so a first digit is already below 2**15
-            hist += np.bincount(k, minlength=bins)
-        if raw:
-            half = bins // 2
-            hist[:half] += hist[half:]
-            hist[half:] = 0
-        if first and not shift:  # one digit is the whole key: digit 0 is exactly the zeros
-            zeros = int(hist[0])
-        return i, hist, zeros
-
-    def _histogram(self, first: bool) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-        bins = 1 << DIGIT_BITS
-        reached = np.zeros(bins, dtype=np.int64)
-        free = np.zeros(bins, dtype=np.int64)  # layers whose cap cannot bind: summed plainly
-        sparse: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.intp),) * 2] * len(
-            self.weights
-        )
-        # numpy releases the GIL in the per-chunk work, so layers are read in parallel; the
-        # folding below is integer addition, so the order layers finish in does not matter
-        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-            jobs = [pool.submit(self._layer_histogram, i, first) for i in range(len(self.weights))]
-            for job in as_completed(jobs):
-                i, hist, zeros = job.result()
-                if first:
-                    self.zeros[i] = zeros
-                    self.caps[i] = max(self.sizes[i] - self.keep[i], zeros)
-                nonzero = np.flatnonzero(hist)
-                sparse[i] = (nonzero, hist[nonzero])
-                if self.below[i] + int(sparse[i][1].sum()) > self.caps[i]:
-                    reached += np.minimum(np.cumsum(hist) + self.below[i], self.caps[i])
-                else:
-                    free += hist
-                    reached += self.below[i]
-        reached += np.cumsum(free)
-        return reached, sparse
-
-    def select(self, target: int) -> tuple[np.ndarray, list[Cut]]:
-        """Per-layer counts summing to `target`, and the cut that prunes each layer's count."""
-        while True:
-            reached, sparse = self._pending
-            digit = int(np.searchsorted(reached, target, side="left"))
-            for i, (nonzero, counts) in enumerate(sparse):
-                j = int(np.searchsorted(nonzero, digit))
-                self.below[i] += int(counts[:j].sum())
-                hit = j < len(nonzero) and nonzero[j] == digit
-                self.equal[i] = counts[j] if hit else 0
-            self.prefix = (self.prefix << DIGIT_BITS) | digit
-            if self.shift == 0:
-                break
-            self.shift -= DIGIT_BITS
-            self._pending = self._histogram(first=False)
-        caps, below = self.caps, self.below
-        counts = np.minimum(below, caps)
-        remaining = target - int(counts.sum())
-        cuts: list[Cut] = []
-        for i, weight in enumerate(self.weights):
-            if below[i] >= caps[i]:
-                # the layer filled up before the global threshold: its own cut at its cap
-                k = magnitude_keys(weight.numpy(), self.keys)
-                cuts.append(cut_for_count(k, int(caps[i])))
-                continue
-            ties = int(min(remaining, self.equal[i], caps[i] - below[i]))
-            remaining -= ties
-            counts[i] += ties
-            cuts.append(Cut(self.prefix, ties))
-        assert remaining == 0 and int(counts.sum()) == target, "global selection lost count"
-        return counts, cuts
 
 
 def _apportion(target: int, sizes: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -390,14 +254,14 @@ def plan(
 
     sizes = np.array([w.size for w in weights], dtype=np.int64)
     keep = np.array([min_keep.for_layer(int(n)) if min_keep else 0 for n in sizes], dtype=np.int64)
+    total = int(sizes.sum())
+    target = round(sparsity * total)
     if method == "global":
-        selection = _GlobalSelection(weights, keys, sizes, keep)
+        selection = GlobalSelection(weights, keys, sizes, keep, target)
         zeros = selection.zeros
     else:
         zeros = np.array(_count_zeros(weights, keys), dtype=np.int64)
     caps = np.maximum(sizes - keep, zeros)
-    total = int(sizes.sum())
-    target = round(sparsity * total)
     result = Plan(method=method, target=sparsity, layers=[], keys=keys, min_keep=min_keep)
     if target > int(caps.sum()):
         best = math.floor(int(caps.sum()) / total * 10000) / 10000

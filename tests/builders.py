@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune import selection_global
 
 IR_VERSION = 10
 OPSET = 17
@@ -138,3 +142,31 @@ def initializers(path: Path) -> dict[str, np.ndarray]:
     """The stored tensors of a saved model, external data loaded."""
     model = onnx.load(str(path))
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+# Every way the global threshold can be found; each must give the very same masks.
+PATHS = {
+    "radix": {"WINDOW_MIN_WEIGHTS": 1 << 62},
+    # a tiny sample, so the window is narrow and often misplaced: exercises both outcomes
+    "window": {"WINDOW_MIN_WEIGHTS": 0, "SAMPLE_BLOCKS": 4, "SAMPLE_BLOCK": 3},
+    "window-sparse": {
+        "WINDOW_MIN_WEIGHTS": 0,
+        "SAMPLE_BLOCKS": 4,
+        "SAMPLE_BLOCK": 3,
+        "DENSE_WINDOW": 0,
+    },
+    # windows the counts must reject: the threshold is found by digits after all
+    "missed-below": {"WINDOW_MIN_WEIGHTS": 0, "sample_window": lambda *a: (0, 0)},
+    "missed-above": {
+        "WINDOW_MIN_WEIGHTS": 0,
+        "sample_window": lambda w, k, *a: (int(np.iinfo(k).max),) * 2,
+    },
+}
+
+
+@contextlib.contextmanager
+def threshold_path(name: str) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        for attr, value in PATHS[name].items():
+            patch.setattr(selection_global, attr, value)
+        yield

@@ -6,12 +6,14 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import pytest
-from builders import GraphBuilder
+from builders import PATHS, GraphBuilder, threshold_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from onnxprune import selection_global
 from onnxprune.errors import InfeasibleError, InvalidArgumentError, NothingToPruneError
 from onnxprune.rewrite.unstructured import pruned_array
+from onnxprune.scoring import magnitude_keys
 from onnxprune.selection import MinKeep, plan
 from onnxprune.weights import find_weights
 
@@ -90,15 +92,19 @@ def test_global_matches_brute_force_reference(seed, sparsity, ties, keep) -> Non
     arrays = random_arrays(seed, 1 + seed % 5, ties=ties)
     min_keep = None if keep is None else MinKeep.parse(keep)
     keeps = [min_keep.for_layer(a.size) if min_keep else 0 for a in arrays]
-    try:
-        p = plan(weights_of(arrays), sparsity, min_keep=min_keep)
-    except InfeasibleError:
-        caps = sum(max(a.size - k, int((a == 0).sum())) for a, k in zip(arrays, keeps, strict=True))
-        assert round(sparsity * sum(a.size for a in arrays)) > caps
-        return
     expected = reference_global(arrays, sparsity, keeps)
-    for got, want in zip(masks(p), expected, strict=True):
-        np.testing.assert_array_equal(got, want)
+    for path in PATHS:
+        with threshold_path(path):
+            try:
+                p = plan(weights_of(arrays), sparsity, min_keep=min_keep)
+            except InfeasibleError:
+                caps = sum(
+                    max(a.size - k, int((a == 0).sum())) for a, k in zip(arrays, keeps, strict=True)
+                )
+                assert round(sparsity * sum(a.size for a in arrays)) > caps
+                continue
+            for got, want in zip(masks(p), expected, strict=True):
+                np.testing.assert_array_equal(got, want, err_msg=path)
 
 
 def test_float64_weights_use_exact_64_bit_keys() -> None:
@@ -240,15 +246,17 @@ def test_min_keep_parse_errors(spec) -> None:
         MinKeep.parse(spec)
 
 
+@pytest.mark.parametrize("path", ["radix", "window"])
 @pytest.mark.parametrize("chunk", [1, 5, 64])
-def test_chunked_reads_give_the_same_masks(monkeypatch, chunk) -> None:
+def test_chunked_reads_give_the_same_masks(monkeypatch, chunk, path) -> None:
     """Ties and thresholds must carry across chunk boundaries exactly."""
-    import onnxprune.selection as selection
+    import onnxprune.weights as weights
 
     arrays = random_arrays(11, 4, ties=True)
     expected = masks(plan(weights_of(arrays), 0.55, min_keep=3))
-    monkeypatch.setattr(selection, "CHUNK", chunk)
-    got = masks(plan(weights_of(arrays), 0.55, min_keep=3))
+    monkeypatch.setattr(weights, "CHUNK", chunk)
+    with threshold_path(path):
+        got = masks(plan(weights_of(arrays), 0.55, min_keep=3))
     for x, y in zip(got, expected, strict=True):
         np.testing.assert_array_equal(x, y)
     for x, y in zip(got, reference_global(arrays, 0.55, [3] * 4), strict=True):
@@ -266,7 +274,8 @@ def test_chunked_reads_give_the_same_masks(monkeypatch, chunk) -> None:
     ],
     ids=["fp16", "bf16", "fp16+fp32", "fp16+bf16", "fp32+fp64"],
 )
-def test_key_width_per_precision_mix_matches_reference(dtypes, keys) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_key_width_per_precision_mix_matches_reference(dtypes, keys, path) -> None:
     rng = np.random.default_rng(5)
     arrays = [
         (rng.standard_normal((9, 7)) * s).astype(d) for d, s in zip(dtypes, (0.5, 2), strict=True)
@@ -274,8 +283,40 @@ def test_key_width_per_precision_mix_matches_reference(dtypes, keys) -> None:
     arrays[0][0, :3] = 0  # existing zeros, and ties among them
     arrays[0][1, 0] = -0.0  # a negative zero is a zero too
     for sparsity, keep in ((0.3, None), (0.8, 4)):
-        p = plan(weights_of(arrays), sparsity, min_keep=keep)
+        with threshold_path(path):
+            p = plan(weights_of(arrays), sparsity, min_keep=keep)
         assert p.keys == keys
         expected = reference_global(arrays, sparsity, [keep or 0] * 2)
         for got, want in zip(masks(p), expected, strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize(("sparsity", "keep"), [(0.5, None), (0.9, None), (0.97, 0.02)])
+def test_sampled_window_finds_the_threshold_in_one_pass(dtype, sparsity, keep) -> None:
+    """With a real sample the window holds the threshold: one pass, the radix path's very cuts."""
+    rng = np.random.default_rng(3)
+    scales = (0.02, 0.5, 0.05, 3.0)  # layers of very different scale: the floor binds at 0.97
+    arrays = [(rng.standard_normal((300, 200)) * s).astype(dtype) for s in scales]
+    weights = weights_of(arrays)
+    keys = np.dtype(np.uint16 if dtype == np.float16 else np.uint32)
+    sizes = np.array([a.size for a in arrays], dtype=np.int64)
+    min_keep = MinKeep.parse(keep)
+    keep_counts = np.array([min_keep.for_layer(n) if min_keep else 0 for n in sizes])
+    target = round(sparsity * int(sizes.sum()))
+    results = {}
+    for path in ("radix", "window"):
+        with threshold_path(path), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(selection_global, "SAMPLE_BLOCKS", 256)
+            patch.setattr(selection_global, "SAMPLE_BLOCK", 64)
+            found = selection_global.GlobalSelection(weights, keys, sizes, keep_counts, target)
+            results[path] = (*found.select(target), found.passes, found.window)
+    counts, cuts, passes, window = results["window"]
+    assert window is not None and passes == 1
+    every = np.concatenate([magnitude_keys(a, keys) for a in arrays])
+    assert np.mean((every >= window[0]) & (every <= window[1])) < 0.1  # a narrow window
+    np.testing.assert_array_equal(counts, results["radix"][0])
+    assert cuts == results["radix"][1]
+    assert results["radix"][2] == (1 if dtype == np.float16 else 2)
+    if keep:
+        assert (counts == sizes - keep_counts).any()  # the floor did bind somewhere
