@@ -13,18 +13,13 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from onnxprune import wire
+from onnxprune import datafile, wire
 from onnxprune.errors import ModelLoadError, OutputError
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with a margin.
 PROTO_LIMIT_BYTES = 2**31 - 2**27
 # model.meta key: names the input's main graph had value_info for.
 VALUE_INFO_KEY = "onnxprune.value_info"
-# Offsets of big external tensors are aligned so that runtimes can memory-map them directly.
-EXTERNAL_ALIGNMENT = 65536
-# Threads writing external data: pruning one tensor overlaps writing another (onnx-ir bounds the
-# bytes in flight, 1 GiB by default).
-SAVE_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def all_graphs(model: ir.Model) -> list[ir.Graph]:
@@ -223,16 +218,7 @@ def save_model(
         tmp_model = Path(tmp) / out.name
         try:
             if external_data:
-                ir.save(
-                    model,
-                    tmp_model,
-                    external_data=data_name,
-                    alignment=EXTERNAL_ALIGNMENT,
-                    max_workers=SAVE_WORKERS,
-                )
-                header = onnx.load(str(tmp_model), load_external_data=False)
-                _keep_value_info_as_loaded(header, model)
-                onnx.save(header, str(tmp_model))
+                _write_external(model, tmp_model, data_name)
             else:
                 _write_inline(model, tmp_model)
         except OSError as exc:
@@ -259,6 +245,42 @@ def _keep_value_info_as_loaded(proto: onnx.ModelProto, model: ir.Model) -> None:
     if len(kept) != len(proto.graph.value_info):
         del proto.graph.value_info[:]
         proto.graph.value_info.extend(kept)
+
+
+def _write_external(model: ir.Model, path: Path, data_name: str) -> None:
+    """Write the initializers into `data_name` beside `path`, then the model referring to them.
+
+    The model object is left as it was: its initializers point at their sources again after.
+    """
+    values = [
+        v for g in all_graphs(model) for v in g.initializers.values() if v.const_value is not None
+    ]
+    external = [v for v in values if datafile.goes_external(v.const_value)]
+    placed = {id(v) for v in external}
+    placements = datafile.layout(external)
+    datafile.write_data_file(path.parent / data_name, placements)
+    originals = [v.const_value for v in values]
+    try:
+        for p in placements:
+            tensor = p.value.const_value
+            p.value.const_value = ir.ExternalTensor(
+                data_name,
+                p.offset,
+                p.length,
+                tensor.dtype,
+                shape=tensor.shape,
+                name=tensor.name or p.value.name,
+                base_dir=path.parent,
+            )
+        for v in values:  # a small tensor from the input's data file goes inline
+            if id(v) not in placed and isinstance(v.const_value, ir.ExternalTensor):
+                v.const_value = ir.Tensor(v.const_value.numpy(), name=v.const_value.name)
+        header = ir.serde.serialize_model(model)
+    finally:
+        for v, tensor in zip(values, originals, strict=True):
+            v.const_value = tensor
+    _keep_value_info_as_loaded(header, model)
+    onnx.save(header, str(path))
 
 
 def _write_inline(model: ir.Model, path: Path) -> None:

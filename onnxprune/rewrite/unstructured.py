@@ -7,6 +7,8 @@ tensor, is ever held in memory while saving, so external data streams through in
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 import numpy as np
@@ -15,17 +17,21 @@ import onnx_ir as ir
 from onnxprune.selection import LayerPlan, Plan, layer_masks
 
 
-def zeroed(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """`values` with +0.0 where `mask` is set: the bits times 0 or 1, ten times np.where's speed."""
+def zeroed(values: np.ndarray, mask: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """`values` with +0.0 where `mask` is set: the bits times 0 or 1, ten times np.where's speed.
+
+    `out` (same dtype, at least values.size) receives the result without a new allocation.
+    """
     bits = np.dtype(f"u{values.dtype.itemsize}")
-    return np.multiply(values.view(bits), ~mask, dtype=bits).view(values.dtype)
+    target = None if out is None else out[: values.size].view(bits)
+    return np.multiply(values.view(bits), ~mask, dtype=bits, out=target).view(values.dtype)
 
 
 def pruned_array(layer: LayerPlan, source: ir.TensorProtocol, keys: np.dtype) -> np.ndarray:
     """The layer's weights with the planned elements set to zero, in the original dtype."""
     out = np.empty(layer.weight.size, dtype=np.dtype(source.dtype.numpy()))
     for where, values, mask in layer_masks(layer, source, keys):
-        out[where] = zeroed(values, mask)
+        zeroed(values, mask, out=out[where])
     return out.reshape(layer.weight.shape)
 
 
@@ -43,9 +49,36 @@ class PrunedTensor(ir.LazyTensor):
         )
         self._layer, self._source, self._keys = layer, source, keys
 
+    def chunks(self) -> Iterator[np.ndarray]:
+        """The pruned values chunk by chunk, the next one pruned on a helper thread meanwhile.
+
+        Whatever consumes a chunk (a write into the page cache or a staging block) and numpy's
+        work both release the GIL, so the two overlap on two cores. Two chunk buffers alternate,
+        reused throughout; a yielded chunk is valid until the next one is requested.
+        """
+        masks = layer_masks(self._layer, self._source, self._keys)
+        buffers: list[np.ndarray] = []
+
+        def prune_next(slot: int) -> np.ndarray | None:
+            item = next(masks, None)
+            if item is None:
+                return None
+            _, values, mask = item
+            if len(buffers) <= slot:
+                buffers.append(np.empty(values.size, dtype=values.dtype))
+            return zeroed(values, mask, out=buffers[slot])
+
+        with ThreadPoolExecutor(max_workers=1) as helper:
+            slot = 0
+            ahead = helper.submit(prune_next, slot)
+            while (chunk := ahead.result()) is not None:
+                slot ^= 1
+                ahead = helper.submit(prune_next, slot)
+                yield chunk
+
     def tofile(self, file: BinaryIO) -> None:
-        for _, values, mask in layer_masks(self._layer, self._source, self._keys):
-            file.write(zeroed(values, mask).view(np.uint8).data)
+        for chunk in self.chunks():
+            file.write(chunk.view(np.uint8).data)
 
 
 def apply_plan(model: ir.Model, plan: Plan) -> ir.Model:
