@@ -11,6 +11,8 @@ files, and filesystems that refuse O_DIRECT, get plain buffered writes of the sa
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
 from collections.abc import Sequence
@@ -130,7 +132,7 @@ class BlockWriter:
             length = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN
             self._blocks[self._slot][self._fill : length] = 0
         block = memoryview(self._blocks[self._slot])[:length]
-        self._writes[self._slot] = self._helper.submit(_write_all, self._fd, block, self._start)
+        self._writes[self._slot] = self._helper.submit(self._write_block, block, self._start)
         self._start += self._fill
         self._slot = (self._slot + 1) % BLOCKS
         self._fill = 0
@@ -138,6 +140,20 @@ class BlockWriter:
         if pending is not None:  # the next block is free once its last write is done
             pending.result()
             self._writes[self._slot] = None
+
+    def _write_block(self, block: memoryview, offset: int) -> None:
+        """On the helper thread, in file order. A device that takes O_DIRECT at open but not
+        these blocks (EINVAL) gets buffered writes from then on, on the same descriptor."""
+        try:
+            _write_all(self._fd, block, offset)
+        except OSError as exc:
+            if not (self.direct and exc.errno == errno.EINVAL):
+                raise
+            fcntl.fcntl(
+                self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT
+            )
+            self.direct = False
+            _write_all(self._fd, block, offset)
 
     def close(self) -> None:
         """Write what is left, wait for every write, and cut the file to its exact length."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 
 import numpy as np
@@ -54,6 +56,23 @@ def test_direct_io_refused_falls_back_to_buffered(tmp_path, small_blocks, monkey
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", no_direct)
+    data = np.arange(10000, dtype=np.uint16)
+    writer = stream(tmp_path / "d", [data], direct=True)
+    assert not writer.direct
+    assert (tmp_path / "d").read_bytes() == data.tobytes()
+
+
+def test_blocks_the_device_refuses_direct_are_written_buffered(tmp_path, small_blocks, monkeypatch):
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    real_pwrite = os.pwrite
+
+    def picky(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", picky)
     data = np.arange(10000, dtype=np.uint16)
     writer = stream(tmp_path / "d", [data], direct=True)
     assert not writer.direct
