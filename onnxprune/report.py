@@ -137,17 +137,20 @@ def _shorten(text: str, width: int) -> str:
 
 
 def format_table(
-    headers: list[str], rows: list[list[str]], *, footer: list[str] | None = None
+    headers: list[str],
+    rows: list[list[str]],
+    *,
+    footer: list[str] | None = None,
+    left: int = 1,
 ) -> str:
-    """A plain aligned table: first column left-aligned, numbers right-aligned."""
+    """A plain aligned table: the first `left` columns (names) left-aligned, the rest right."""
     all_rows = [headers, *rows, *([footer] if footer else [])]
     widths = [max(len(r[i]) for r in all_rows) for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
-        cells = [row[0].ljust(widths[0])]
-        cells += [
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row[1:], widths[1:], strict=True))
+        cells = [
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
         ]
         return "  ".join(cells).rstrip()
 
@@ -163,6 +166,16 @@ def _pct(x: float) -> str:
 
 
 NAME_WIDTH = 44
+NODE_WIDTH = 32
+
+
+def _consumers(weight: Any) -> str:
+    """The node that uses a weight (exporters often name nodes better than tensors), +N more."""
+    names = [n for n in dict.fromkeys(weight.node_names) if n]
+    if not names:
+        return ""
+    more = f" +{len(names) - 1}" if len(names) > 1 else ""
+    return _shorten(names[0], NODE_WIDTH - len(more)) + more
 
 
 def format_report(report: Report) -> str:
@@ -181,6 +194,7 @@ def format_report(report: Report) -> str:
     rows = [
         [
             _shorten(layer.weight.name, NAME_WIDTH),
+            _consumers(layer.weight),
             layer.weight.op_type,
             "x".join(map(str, layer.weight.shape)),
             human_count(layer.size),
@@ -193,12 +207,18 @@ def format_report(report: Report) -> str:
         f"total ({len(plan.layers)} layers)",
         "",
         "",
+        "",
         human_count(plan.total),
         human_count(plan.total - plan.pruned),
         _pct(plan.sparsity),
     ]
     lines = [
-        format_table(["layer", "op", "shape", "params", "kept", "sparsity"], rows, footer=footer)
+        format_table(
+            ["layer", "node", "op", "shape", "params", "kept", "sparsity"],
+            rows,
+            footer=footer,
+            left=3,
+        )
     ]
     method = plan.method + (f", min-keep {plan.min_keep}" if plan.min_keep else "")
     if plan.pattern is None:
@@ -226,13 +246,15 @@ def format_report(report: Report) -> str:
 def format_inspect(stats: list[tuple[Any, MagnitudeStats]], plan: Plan | None) -> str:
     """Per-layer sizes and magnitude statistics, and what a plan would keep, for `inspect`."""
     kept = {id(layer.weight): layer for layer in plan.layers} if plan else {}
-    headers = ["layer", "op", "shape", "dtype", "params", "zeros", "min|w|", "mean|w|", "max|w|"]
+    headers = ["layer", "node", "op", "shape", "dtype", "params", "zeros"]
+    headers += ["min|w|", "mean|w|", "max|w|"]
     if plan:
         headers += ["would keep", "sparsity"]
     rows = []
     for weight, s in stats:
         row = [
             _shorten(weight.name, NAME_WIDTH),
+            _consumers(weight),
             weight.op_type,
             "x".join(map(str, weight.shape)),
             weight.dtype.name.lower(),
@@ -252,6 +274,7 @@ def format_inspect(stats: list[tuple[Any, MagnitudeStats]], plan: Plan | None) -
         "",
         "",
         "",
+        "",
         human_count(total),
         human_count(sum(s.zeros for _, s in stats)),
         "",
@@ -260,7 +283,7 @@ def format_inspect(stats: list[tuple[Any, MagnitudeStats]], plan: Plan | None) -
     ]
     if plan:
         footer += [human_count(plan.total - plan.pruned), _pct(plan.sparsity)]
-    out = [format_table(headers, rows, footer=footer)]
+    out = [format_table(headers, rows, footer=footer, left=3)]
     if plan:
         out += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(out)

@@ -66,7 +66,7 @@ def format_channels(plan: ChannelPlan) -> str:
             name = name[: NAME_WIDTH // 2 - 1] + "…" + name[-(NAME_WIDTH - NAME_WIDTH // 2) :]
         rows.append([name, layer.op_type, str(before), str(after), f"{100 * after / before:.1f}%"])
     params, macs = plan.params, plan.macs
-    lines = [format_table(["layer", "op", "channels", "kept", "kept %"], rows)]
+    lines = [format_table(["layer", "op", "channels", "kept", "kept %"], rows, left=2)]
     lines.append(
         f"params {human_count(params[0])} -> {human_count(params[1])}, "
         f"MACs {human_count(macs[0])} -> {human_count(macs[1])}: target {plan.metric} "

@@ -182,3 +182,20 @@ def test_interrupt_is_one_line_exit_130_and_no_output(model, tmp_path, monkeypat
     assert result.exit_code == 130
     assert result.stderr.strip() == "onnxprune: interrupted; no output was written"
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_table_names_the_node_that_uses_each_weight(tmp_path) -> None:
+    """Exporters name tensors onnx::Conv_55 but nodes /stem/Conv: the table shows both."""
+    b = GraphBuilder()
+    x = b.input("x", ["N", 4])
+    w = b.weight((4, 4), name="onnx::MatMul_7")
+    y = b.node("MatMul", [x, w], out="y")
+    b.node("MatMul", [y, w], out="z")  # the same weight used twice
+    b.output("z")
+    path = save(b.model(), tmp_path / "m.onnx")
+    for args in ([path, "-s", "0.5"], ["inspect", path]):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        header, _, row = result.stdout.splitlines()[:3]
+        assert header.split()[:3] == ["layer", "node", "op"]
+        assert row.split()[:4] == ["onnx::MatMul_7", "MatMul1", "+1", "MatMul"]
