@@ -79,6 +79,30 @@ def test_external_and_in_memory_paths_give_identical_weights(tmp_path, path) -> 
         assert a[name].tobytes() == b[name].tobytes()
 
 
+@pytest.mark.parametrize("path", ["radix", "window"])
+def test_external_data_in_many_files_is_read_and_written_to_one(tmp_path, path) -> None:
+    inline = save(mlp(dims=(16, 64, 32, 8)), tmp_path / "inline.onnx")
+    many = tmp_path / "many"
+    many.mkdir()
+    onnx.save(
+        mlp(dims=(16, 64, 32, 8)),
+        str(many / "m.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,  # one file per tensor, named after it
+        size_threshold=0,
+    )
+    assert len(list(many.iterdir())) > 4
+    onnxprune.prune(inline, 0.6, output=tmp_path / "a.onnx")
+    (tmp_path / "out").mkdir()
+    with threshold_path(path):
+        onnxprune.prune(many / "m.onnx", 0.6, output=tmp_path / "out" / "b.onnx")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.onnx", "b.onnx.data"]
+    a, b = initializers(tmp_path / "a.onnx"), initializers(tmp_path / "out" / "b.onnx")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].tobytes() == b[name].tobytes()
+
+
 def test_external_data_forced_for_small_model(tmp_path) -> None:
     src = save(small_cnn(), tmp_path / "m.onnx")
     onnxprune.prune(src, 0.5, output=tmp_path / "o.onnx", external_data=True)
