@@ -517,6 +517,7 @@ def validate_command(
     metavar="FRACTION|COUNT",
     help="Minimum retention per layer for the global+min-keep line (0 leaves that line out).",
 )
+@with_options(structured_options)
 @with_options(run_options)
 @click.option(
     "--plot",
@@ -543,6 +544,9 @@ def sweep_command(
     model: str,
     sparsities: str,
     min_keep: str,
+    structured: bool,
+    round_to: int | None,
+    target: str,
     data: str | None,
     batch_size: int | None,
     device: str,
@@ -554,8 +558,11 @@ def sweep_command(
 ) -> None:
     """Prune MODEL at each sparsity with global, global+min-keep and uniform; validate each.
 
+    With --structured: channel removal with and without the minimum retention, timed too.
+
     \b
       onnxprune sweep model.onnx --data val.npz --sparsities 0.5,0.9,0.98 --plot sweep.png
+      onnxprune sweep model.onnx --data val.npz --structured --round-to 8 --sparsities 0.1,0.3
     """
     from onnxprune import inputs, sweep
 
@@ -571,6 +578,9 @@ def sweep_command(
         device=device,
         input_shapes=inputs.parse_input_shapes(input_shape),
         seed=seed,
+        structured=structured,
+        target=target,
+        round_to=round_to,
     )
     click.echo(sweep.format_sweep(result))
     if markdown:

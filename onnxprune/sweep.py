@@ -1,8 +1,10 @@
 """Sweep: prune at several sparsities with each method and validate every result.
 
 Global ranking, global ranking with a per-layer minimum retention, and uniform per-layer pruning,
-on the user's own model and data. The reference runs once; each pruned model runs in memory (saved
-to a temporary folder only so that ONNX Runtime can open it and its file size can be measured).
+on the user's own model and data; or, with `structured=True`, channel removal with and without the
+minimum retention, timed as well, since speed is what removing channels is for. The reference runs
+once; each pruned model runs in memory (saved to a temporary folder only so that ONNX Runtime can
+open it and its file size can be measured).
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ class SweepRow:
     agreement: float | None = None
     min_cosine: float | None = None
     gzip_bytes: int | None = None
+    file_bytes: int | None = None
+    macs: int | None = None
     nonzero_macs: int | None = None
+    latency_ms: float | None = None  # structured sweeps only
     collapsed: int = 0  # layers left with under 1% of their weights
     error: str | None = None
 
@@ -64,6 +69,8 @@ class Sweep:
     samples: int
     labels: bool
     notices: list[str] = field(default_factory=list)
+    structured: bool = False
+    target: str = "params"
 
     @property
     def methods(self) -> list[str]:
@@ -78,6 +85,8 @@ class Sweep:
             "labels": self.labels,
             "rows": [row.to_dict() for row in self.rows],
             "notices": self.notices,
+            "structured": self.structured,
+            "target": self.target,
         }
 
 
@@ -95,12 +104,16 @@ def parse_sparsities(text: str | Sequence[float]) -> list[float]:
     return values
 
 
-def methods_for(min_keep: str | float | None) -> list[tuple[str, str, str | float | None]]:
-    """(label, method, min_keep) for the three lines of the comparison."""
-    methods: list[tuple[str, str, str | float | None]] = [("global", "global", None)]
+def methods_for(
+    min_keep: str | float | None, structured: bool = False
+) -> list[tuple[str, str, str | float | None]]:
+    """(label, method, min_keep) for the lines of the comparison (structured ranks globally)."""
+    name = "structured" if structured else "global"
+    methods: list[tuple[str, str, str | float | None]] = [(name, "global", None)]
     if min_keep not in (None, "", 0, "0"):
-        methods.append((f"global+min-keep {min_keep}", "global", min_keep))
-    methods.append(("uniform", "uniform", None))
+        methods.append((f"{name}+min-keep {min_keep}", "global", min_keep))
+    if not structured:
+        methods.append(("uniform", "uniform", None))
     return methods
 
 
@@ -114,8 +127,15 @@ def sweep(
     device: str = "auto",
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     seed: int = 0,
+    structured: bool = False,
+    target: str = "params",
+    round_to: int | None = None,
 ) -> Sweep:
-    """Prune `model` at each sparsity with each method, validate each against the dense model."""
+    """Prune `model` at each sparsity with each method, validate each against the dense model.
+
+    `structured`, `target` and `round_to` are those of `pipeline.prune`; structured rows are
+    timed too (median latency of one batch), unstructured ones are not (zeros are not faster).
+    """
     sparsities = parse_sparsities(sparsities)
     runtime = select_runtime(device)
     if runtime.note:
@@ -127,15 +147,23 @@ def sweep(
         )
         for notice in inputs.notices:
             log.info("%s", notice)
-        reference = run_model(path, inputs, runtime, specs, latency=False, session=session)
+        reference = run_model(path, inputs, runtime, specs, latency=structured, session=session)
         del session
         rows = []
-        for label, method, keep in methods_for(min_keep):
+        for label, method, keep in methods_for(min_keep, structured):
             for sparsity in sparsities:
                 row = SweepRow(method=label, sparsity=sparsity)
                 rows.append(row)
                 try:
-                    pruned, report = pipeline.prune(path, sparsity, method=method, min_keep=keep)
+                    pruned, report = pipeline.prune(
+                        path,
+                        sparsity,
+                        method=method,
+                        min_keep=keep,
+                        structured=structured,
+                        target=target,
+                        round_to=round_to,
+                    )
                 except InfeasibleError as exc:
                     row.error = str(exc)
                     continue
@@ -143,8 +171,15 @@ def sweep(
                     step(f"validating {label} at {sparsity:g}"),
                     model_file(pruned, "pruned.onnx") as pruned_path,
                 ):
-                    run = run_model(pruned_path, inputs, runtime, specs, latency=False)
-                row.achieved = report.plan.sparsity
+                    run = run_model(pruned_path, inputs, runtime, specs, latency=structured)
+                if report.channels is not None:
+                    row.achieved = report.channels.achieved
+                else:
+                    row.achieved = report.plan.sparsity
+                row.file_bytes = run.result.cost.file_bytes
+                row.macs = run.result.cost.macs
+                if run.result.latency is not None:
+                    row.latency_ms = run.result.latency.median_ms
                 row.accuracy = run.result.accuracy
                 row.min_cosine = min((d.cosine for d in compare(reference, run)), default=None)
                 row.agreement = agreement(reference, run)
@@ -159,6 +194,8 @@ def sweep(
         samples=inputs.samples,
         labels=inputs.labels is not None,
         notices=list(inputs.notices),
+        structured=structured,
+        target=target,
     )
 
 
@@ -166,27 +203,41 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def _count(n: int | None) -> str:
+    return "-" if n is None else human_count(n)
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f} ms"
+
+
 def format_sweep(result: Sweep) -> str:
-    """One row per pruned model, the dense reference first."""
+    """One row per pruned model, the dense reference first.
+
+    Unstructured rows show what zeros buy (gzip size, non-zero MACs); structured rows what
+    removed channels buy (file size, MACs, latency).
+    """
     ref = result.reference
     headers = ["method", "sparsity", "achieved", "accuracy", "agreement", "min cosine"]
-    headers += ["gzip size", "MACs (non-zero)"]
-    rows = [
-        [
-            "dense",
-            "0",
-            "-",
-            _pct(ref.accuracy),
-            "-",
-            "-",
-            human_bytes(ref.cost.gzip_bytes),
-            "-" if ref.cost.nonzero_macs is None else human_count(ref.cost.nonzero_macs),
+    if result.structured:
+        headers += ["file size", "MACs", "latency"]
+        dense = [
+            human_bytes(ref.cost.file_bytes),
+            _count(ref.cost.macs),
+            _ms(ref.latency.median_ms if ref.latency else None),
         ]
-    ]
+    else:
+        headers += ["gzip size", "MACs (non-zero)"]
+        dense = [human_bytes(ref.cost.gzip_bytes), _count(ref.cost.nonzero_macs)]
+    rows = [["dense", "0", "-", _pct(ref.accuracy), "-", "-", *dense]]
     for row in result.rows:
         if row.error:
             rows.append([row.method, f"{row.sparsity:g}", "infeasible", *[""] * 5])
             continue
+        if result.structured:
+            costs = [human_bytes(row.file_bytes), _count(row.macs), _ms(row.latency_ms)]
+        else:
+            costs = [human_bytes(row.gzip_bytes), _count(row.nonzero_macs)]
         rows.append(
             [
                 row.method,
@@ -195,14 +246,12 @@ def format_sweep(result: Sweep) -> str:
                 _pct(row.accuracy),
                 _pct(row.agreement),
                 "-" if row.min_cosine is None else f"{row.min_cosine:.4f}",
-                human_bytes(row.gzip_bytes),
-                "-" if row.nonzero_macs is None else human_count(row.nonzero_macs),
+                *costs,
             ]
         )
     lines = [format_table(headers, rows)]
     lines.append(
-        f"{result.samples} samples from {result.inputs} on {ref.providers[0]}; sparsity counts "
-        "prunable weights (Conv, Gemm, MatMul)"
+        f"{result.samples} samples from {result.inputs} on {ref.providers[0]}; {_meaning(result)}"
     )
     for row in result.rows:
         if row.collapsed:
@@ -213,6 +262,14 @@ def format_sweep(result: Sweep) -> str:
         if row.error:
             lines.append(f"{row.method} at {row.sparsity:g}: {row.error}")
     return "\n".join(lines)
+
+
+def _meaning(result: Sweep) -> str:
+    """What the sparsity column counts."""
+    if result.structured:
+        what = "parameters" if result.target == "params" else "multiply-accumulates"
+        return f"sparsity counts the {what} of prunable layers removed with their channels"
+    return "sparsity counts prunable weights (Conv, Gemm, MatMul) set to zero"
 
 
 def format_markdown(result: Sweep) -> str:
@@ -273,7 +330,7 @@ def plot_sweep(result: Sweep, path: str | os.PathLike) -> Path:
             ax.plot(xs, ys, marker=marker, linestyle=dashes, markersize=size, label=method)
     if result.labels and result.reference.accuracy is not None:
         ax.axhline(100 * result.reference.accuracy, color="gray", linestyle="--", label="dense")
-    ax.set_xlabel("sparsity (fraction of prunable weights set to zero)")
+    ax.set_xlabel(f"sparsity: {_meaning(result).removeprefix('sparsity counts ')}")
     ax.set_ylabel(f"top-1 {metric} (%)")
     ax.set_title(f"{Path(result.reference.path).name}: {metric} against sparsity")
     ax.grid(True, alpha=0.3)

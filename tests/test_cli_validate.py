@@ -214,6 +214,17 @@ def test_sweep_command(model, data, tmp_path) -> None:
     assert len(rows) == 6 and {r["sparsity"] for r in rows} == {0.5, 0.9}
 
 
+def test_sweep_command_structured(model, data, tmp_path) -> None:
+    rep = tmp_path / "s.json"
+    args = ["sweep", model, "--data", data, "--sparsities", "0.3", "--device", "cpu"]
+    result = invoke(*args, "--structured", "--round-to", "2", "--min-keep", "0", "--report", rep)
+    assert result.exit_code == 0, result.output
+    assert "structured" in result.stdout and "uniform" not in result.stdout
+    report = json.loads(rep.read_text())
+    assert report["structured"] and len(report["rows"]) == 1
+    assert report["rows"][0]["latency_ms"] > 0
+
+
 def test_sweep_plot(model, data, tmp_path) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "s.png"

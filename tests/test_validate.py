@@ -13,7 +13,7 @@ from onnx import TensorProto
 
 from onnxprune import inputs, metrics, validate
 from onnxprune.errors import DataError, DeviceError, InvalidArgumentError, ValidationFailed
-from onnxprune.sweep import format_markdown, parse_sparsities, sweep
+from onnxprune.sweep import format_markdown, format_sweep, parse_sparsities, sweep
 
 W_REF = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.float32)
 W_PRUNED = np.array([[1, 0, 3], [4, 5, 0]], dtype=np.float32)
@@ -374,6 +374,29 @@ def test_sweep_rows(tmp_path) -> None:
     table = format_markdown(result)
     assert table.splitlines()[0] == "| sparsity | global | global+min-keep 0.2 | uniform |"
     assert "| 0.9 |" in table and "infeasible" in table
+
+
+def test_structured_sweep_removes_channels_and_times_each_model(tmp_path) -> None:
+    path = save(mlp(dims=(16, 64, 8)), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((20, 16)).astype(np.float32), "labels": np.arange(20) % 8}
+    result = sweep(path, [0.25, 0.5], data=data, min_keep="0.1", device="cpu", structured=True)
+    assert result.structured and result.target == "params"
+    assert [(r.method, r.sparsity) for r in result.rows] == [
+        ("structured", 0.25),
+        ("structured", 0.5),
+        ("structured+min-keep 0.1", 0.25),
+        ("structured+min-keep 0.1", 0.5),
+    ]
+    dense = result.reference
+    assert dense.latency is not None and dense.latency.median_ms > 0
+    for row in result.rows:
+        assert row.error is None and row.latency_ms > 0
+        assert abs(row.achieved - row.sparsity) < 0.05  # hidden channels of 25 params each
+        assert row.macs < dense.cost.macs and row.file_bytes < dense.cost.file_bytes
+    assert result.rows[1].macs < result.rows[0].macs
+    text = format_sweep(result)
+    assert "latency" in text.splitlines()[0] and "removed with their channels" in text
 
 
 def test_parse_sparsities() -> None:
