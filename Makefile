@@ -37,7 +37,8 @@ zoo: $(STAMP)
 	$(PY) -c "import torch, torchvision, onnxscript" 2>/dev/null || $(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 onnxscript
 	$(PY) bench/zoo.py
 
-# Writes about 17 GB under bench/out/large (removed afterwards); takes a few minutes.
+# Needs about 17 GB free under bench/out/large (the model plus one output at a time; removed
+# afterwards); takes about 5 minutes.
 bench-large: $(STAMP)
 	$(PY) bench/bench_large.py
 
