@@ -176,3 +176,36 @@ def test_weights_inside_if_branches_are_pruned_and_run(tmp_path) -> None:
     for flag in (True, False):
         w = then_w if flag else outer_w
         np.testing.assert_allclose(run(out, {"x": x, "cond": np.array(flag)})[0], x @ w, rtol=1e-6)
+
+
+def test_subgraph_weights_go_to_the_external_data_file_too(tmp_path) -> None:
+    then_b = GraphBuilder(1)
+    then_b.node("MatMul", ["x", then_b.weight((16, 8), name="then_w")], out="t")
+    then_b.output("t", shape=["N", 8])
+    then_g = helper.make_graph(then_b.nodes, "then", [], then_b.outputs, then_b.initializers)
+    else_b = GraphBuilder(2)
+    else_b.node("MatMul", ["x", "outer_w"], out="e")
+    else_b.output("e", shape=["N", 8])
+    else_g = helper.make_graph(else_b.nodes, "else", [], else_b.outputs, [])
+    b = GraphBuilder()
+    b.input("x", ["N", 16])
+    cond = b.input("cond", [], onnx.TensorProto.BOOL)
+    b.weight((16, 8), name="outer_w")
+    b.node("If", [cond], out="y", then_branch=then_g, else_branch=else_g)
+    b.output("y", shape=["N", 8])
+    src = save(b.model(), tmp_path / "if.onnx")
+    out = tmp_path / "o.onnx"
+    onnxprune.prune(src, 0.5, output=out, external_data=True)
+    header = onnx.load(str(out), load_external_data=False)
+    branch = next(a.g for a in header.graph.node[0].attribute if a.name == "then_branch")
+    for tensor in (header.graph.initializer[0], branch.initializer[0]):
+        assert tensor.data_location == onnx.TensorProto.EXTERNAL
+    proto = onnx.load(str(out))
+    branch = next(a.g for a in proto.graph.node[0].attribute if a.name == "then_branch")
+    then_w = onnx.numpy_helper.to_array(branch.initializer[0])
+    outer_w = onnx.numpy_helper.to_array(proto.graph.initializer[0])
+    assert int((then_w == 0).sum()) + int((outer_w == 0).sum()) == 128
+    x = np.ones((2, 16), np.float32)
+    for flag in (True, False):
+        w = then_w if flag else outer_w
+        np.testing.assert_allclose(run(out, {"x": x, "cond": np.array(flag)})[0], x @ w, rtol=1e-5)
