@@ -155,4 +155,4 @@ def inspect(
     if not found.weights:
         # the same error as pruning would give, so inspect answers "can this be pruned?"
         selection.plan(found.weights)
-    return found, [(w, magnitude_stats(w.numpy())) for w in found.weights]
+    return found, [(w, magnitude_stats(w.tensor())) for w in found.weights]

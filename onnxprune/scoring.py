@@ -10,6 +10,7 @@ float64 models use 64-bit keys.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -84,16 +85,48 @@ class MagnitudeStats:
     std: float
 
 
-def magnitude_stats(array: np.ndarray) -> MagnitudeStats:
-    """Summary of |w| computed in float64 so small layers and big ones are equally exact."""
-    magnitude = np.abs(np.asarray(array, dtype=np.float64).reshape(-1))
+# Elements summarised at once by magnitude_stats for in-memory arrays.
+CHUNK_STATS = 1 << 20
+
+
+def magnitude_stats(source: ir.TensorProtocol | np.ndarray) -> MagnitudeStats:
+    """Summary of |w| in float64, so small layers and big ones are equally exact.
+
+    Read chunk by chunk (means and variances merged exactly, Chan et al.), so a layer of billions
+    of weights needs no float64 copy of itself.
+    """
+    if isinstance(source, np.ndarray):
+        flat = source.reshape(-1)
+        chunks = (flat[i : i + CHUNK_STATS] for i in range(0, flat.size, CHUNK_STATS))
+    else:
+        chunks = (chunk for _, chunk in tensor_chunks(source))
+    size = zeros = 0
+    mean = m2 = 0.0
+    lows, highs = [], []
+    for chunk in chunks:
+        magnitude = np.abs(chunk.astype(np.float64))
+        n = magnitude.size
+        if not n:
+            continue
+        zeros += n - int(np.count_nonzero(magnitude))
+        lows.append(magnitude.min())
+        highs.append(magnitude.max())
+        chunk_mean = float(magnitude.mean())
+        chunk_m2 = float(np.square(magnitude - chunk_mean).sum())
+        delta = chunk_mean - mean
+        total = size + n
+        mean += delta * n / total
+        m2 += chunk_m2 + delta * delta * size * n / total
+        size = total
+    if not size:
+        return MagnitudeStats(size=0, zeros=0, min=0.0, mean=0.0, max=0.0, std=0.0)
     return MagnitudeStats(
-        size=int(magnitude.size),
-        zeros=int(magnitude.size - np.count_nonzero(magnitude)),
-        min=float(magnitude.min()) if magnitude.size else 0.0,
-        mean=float(magnitude.mean()) if magnitude.size else 0.0,
-        max=float(magnitude.max()) if magnitude.size else 0.0,
-        std=float(magnitude.std()) if magnitude.size else 0.0,
+        size=size,
+        zeros=zeros,
+        min=float(np.min(lows)),  # np.min and np.max keep a NaN, as the magnitudes would
+        mean=mean,
+        max=float(np.max(highs)),
+        std=math.sqrt(m2 / size) if math.isfinite(m2) else float("nan"),
     )
 
 

@@ -301,3 +301,17 @@ def test_tensors_too_big_for_one_protobuf_go_external(tmp_path, monkeypatch) -> 
     assert (tmp_path / "o.onnx.data").is_file()
     assert (tmp_path / "o.onnx").stat().st_size < 2000
     onnx.checker.check_model(str(tmp_path / "o.onnx"), full_check=True)
+
+
+def test_inspect_statistics_stream_external_weights_exactly(tmp_path, monkeypatch) -> None:
+    """inspect summarises each layer chunk by chunk: the same numbers as the whole array."""
+    import onnxprune.weights as weights_module
+
+    src = external_model(tmp_path, big=True)
+    monkeypatch.setattr(weights_module, "CHUNK", 1000)  # many chunks per layer
+    _, stats = onnxprune.inspect(src)
+    for weight, s in stats:
+        m = np.abs(weight.numpy().astype(np.float64)).reshape(-1)
+        assert (s.size, s.zeros, s.min, s.max) == (m.size, int((m == 0).sum()), m.min(), m.max())
+        assert s.mean == pytest.approx(m.mean(), rel=1e-12)
+        assert s.std == pytest.approx(m.std(), rel=1e-9)
