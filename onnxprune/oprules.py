@@ -157,12 +157,23 @@ def conv(node: ir.Node, ctx: Walk) -> None:
     transposed = node.op_type == "ConvTranspose"
     out_axis, in_axis = (1, 0) if transposed else (0, 1)
     _only_axes(ctx, x, {1}, "other than 1 would be mixed by a convolution")
-    if transposed and groups > 1:
-        raise Unsupported("grouped ConvTranspose is not pruned")
     xi = ctx.space(x, 1, "in", node)
     if groups == 1:
         o = ctx.space(w, out_axis, "out", node)
         ctx.union(xi, ctx.space(w, in_axis, "in", node))
+    elif transposed:
+        # W is [C_in, C_out / groups, ...]: its rows are the input channels, group by group, and
+        # its second axis, shared by every group, is never cut. Output channel j belongs to group
+        # j // (C_out / groups); a group goes whole: its input rows, outputs and bias entries.
+        c = len(xi)
+        if c % groups:
+            raise Unsupported(f"{c} input channels do not divide into {groups} groups")
+        per_group = xi.reshape(groups, c // groups)
+        gid = per_group[:, 0]
+        ctx.union(per_group.reshape(-1), np.repeat(gid, c // groups))
+        ctx.union(xi, ctx.space(w, 0, "in", node))
+        o = np.repeat(gid, wshape[1])
+        ctx.fix("group", node, ids={"groups": gid})
     else:
         c = len(xi)
         m = wshape[0]

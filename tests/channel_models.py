@@ -99,6 +99,19 @@ def conv_transpose() -> onnx.ModelProto:
     return b.model()
 
 
+def grouped_conv_transpose() -> onnx.ModelProto:
+    """Grouped and depthwise ConvTranspose: whole groups go, with their inputs and bias."""
+    b = GraphBuilder(13)
+    h = b.node("Relu", [_conv(b, b.input("x", ["N", 3, 6, 6]), 3, 8)])
+    w = b.weight((8, 3, 2, 2))  # 4 groups: 2 input rows and 3 outputs each, 12 outputs
+    h = b.node("ConvTranspose", [h, w, b.weight((12,))], strides=[2, 2], group=4)
+    h = b.node("Relu", [h])
+    h = b.node("ConvTranspose", [h, b.weight((12, 1, 3, 3))], pads=[1, 1, 1, 1], group=12)
+    b.node("Conv", [b.node("Relu", [h]), b.weight((2, 12, 1, 1))], out="y")
+    b.output("y", shape=["N", 2, 12, 12])
+    return b.model()
+
+
 def per_channel_constants() -> onnx.ModelProto:
     """InstanceNorm, per-channel Mul/Add/Sub/Div constants (several broadcast forms), PRelu."""
     b = GraphBuilder(4)
@@ -490,7 +503,8 @@ def random_transformer(seed: int) -> onnx.ModelProto:
 
 MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     f.__name__: f
-    for f in (conv_bn_act, grouped, conv_transpose, per_channel_constants, elementwise_between,
+    for f in (conv_bn_act, grouped, conv_transpose, grouped_conv_transpose, per_channel_constants,
+              elementwise_between,
               concat_split_slice, mlp_transformer, gemm_mlp, pool_reduce_resize, shape_ops,
               squeeze_excite, combined, channel_shuffle, einsum_attention, packed_qkv,
               strided_gather, constant_nodes, shared_weight, old_opset, weight_views,
