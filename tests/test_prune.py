@@ -148,22 +148,27 @@ def test_report_json_numbers(tmp_path) -> None:
     assert data["size_bytes"]["after"] == (tmp_path / "o.onnx").stat().st_size
 
 
-def test_weights_inside_if_branches_are_pruned_and_run(tmp_path) -> None:
+def if_model(rows: int, cols: int) -> onnx.ModelProto:
+    """y = x @ then_w (initializer of the then branch) or x @ outer_w (main graph's)."""
     then_b = GraphBuilder(1)
-    then_b.node("MatMul", ["x", then_b.weight((4, 3), name="then_w")], out="t")
-    then_b.output("t", shape=["N", 3])
+    then_b.node("MatMul", ["x", then_b.weight((rows, cols), name="then_w")], out="t")
+    then_b.output("t", shape=["N", cols])
     then_g = helper.make_graph(then_b.nodes, "then", [], then_b.outputs, then_b.initializers)
     else_b = GraphBuilder(2)
     else_b.node("MatMul", ["x", "outer_w"], out="e")
-    else_b.output("e", shape=["N", 3])
+    else_b.output("e", shape=["N", cols])
     else_g = helper.make_graph(else_b.nodes, "else", [], else_b.outputs, [])
     b = GraphBuilder()
-    b.input("x", ["N", 4])
+    b.input("x", ["N", rows])
     cond = b.input("cond", [], onnx.TensorProto.BOOL)
-    b.weight((4, 3), name="outer_w")
+    b.weight((rows, cols), name="outer_w")
     b.node("If", [cond], out="y", then_branch=then_g, else_branch=else_g)
-    b.output("y", shape=["N", 3])
-    src = save(b.model(), tmp_path / "if.onnx")
+    b.output("y", shape=["N", cols])
+    return b.model()
+
+
+def test_weights_inside_if_branches_are_pruned_and_run(tmp_path) -> None:
+    src = save(if_model(4, 3), tmp_path / "if.onnx")
     out = tmp_path / "o.onnx"
     _, report = onnxprune.prune(src, 0.5, output=out)
     assert {layer.weight.name for layer in report.plan.layers} == {"then_w", "outer_w"}
@@ -179,21 +184,7 @@ def test_weights_inside_if_branches_are_pruned_and_run(tmp_path) -> None:
 
 
 def test_subgraph_weights_go_to_the_external_data_file_too(tmp_path) -> None:
-    then_b = GraphBuilder(1)
-    then_b.node("MatMul", ["x", then_b.weight((16, 8), name="then_w")], out="t")
-    then_b.output("t", shape=["N", 8])
-    then_g = helper.make_graph(then_b.nodes, "then", [], then_b.outputs, then_b.initializers)
-    else_b = GraphBuilder(2)
-    else_b.node("MatMul", ["x", "outer_w"], out="e")
-    else_b.output("e", shape=["N", 8])
-    else_g = helper.make_graph(else_b.nodes, "else", [], else_b.outputs, [])
-    b = GraphBuilder()
-    b.input("x", ["N", 16])
-    cond = b.input("cond", [], onnx.TensorProto.BOOL)
-    b.weight((16, 8), name="outer_w")
-    b.node("If", [cond], out="y", then_branch=then_g, else_branch=else_g)
-    b.output("y", shape=["N", 8])
-    src = save(b.model(), tmp_path / "if.onnx")
+    src = save(if_model(16, 8), tmp_path / "if.onnx")  # 512-byte weights: big enough to go out
     out = tmp_path / "o.onnx"
     onnxprune.prune(src, 0.5, output=out, external_data=True)
     header = onnx.load(str(out), load_external_data=False)
