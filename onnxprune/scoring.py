@@ -85,25 +85,17 @@ class MagnitudeStats:
     std: float
 
 
-# Elements summarised at once by magnitude_stats for in-memory arrays.
-CHUNK_STATS = 1 << 20
-
-
 def magnitude_stats(source: ir.TensorProtocol | np.ndarray) -> MagnitudeStats:
     """Summary of |w| in float64, so small layers and big ones are equally exact.
 
     Read chunk by chunk (means and variances merged exactly, Chan et al.), so a layer of billions
     of weights needs no float64 copy of itself.
     """
-    if isinstance(source, np.ndarray):
-        flat = source.reshape(-1)
-        chunks = (flat[i : i + CHUNK_STATS] for i in range(0, flat.size, CHUNK_STATS))
-    else:
-        chunks = (chunk for _, chunk in tensor_chunks(source))
+    tensor = ir.Tensor(source) if isinstance(source, np.ndarray) else source
     size = zeros = 0
     mean = m2 = 0.0
     lows, highs = [], []
-    for chunk in chunks:
+    for _, chunk in tensor_chunks(tensor):
         magnitude = np.abs(chunk.astype(np.float64))
         n = magnitude.size
         if not n:

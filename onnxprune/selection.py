@@ -23,7 +23,7 @@ import onnx_ir as ir
 from onnxprune.errors import InfeasibleError, InvalidArgumentError, NothingToPruneError
 from onnxprune.scoring import key_chunks, key_dtype, magnitude_keys
 from onnxprune.selection_global import Cut, GlobalSelection, cut_for_count
-from onnxprune.weights import PRUNABLE_OPS, Weight, tensor_chunks
+from onnxprune.weights import PRUNABLE_OPS, Weight
 
 METHODS = ("global", "uniform")
 # A layer left with fewer than this share of its weights is reported as collapsed.
@@ -195,10 +195,7 @@ def layer_masks(
 
 def _count_zeros(weights: Sequence[Weight], keys: np.dtype) -> list[int]:
     return [
-        sum(
-            int(np.count_nonzero(magnitude_keys(c, keys) == 0))
-            for _, c in tensor_chunks(w.tensor())
-        )
+        sum(k.size - int(np.count_nonzero(k)) for _, _, k, _ in key_chunks(w.tensor(), keys))
         for w in weights
     ]
 
