@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune import wire
 from onnxprune.errors import InvalidArgumentError
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -94,8 +95,6 @@ class Weight:
 # million keeps a chunk and its temporaries in a core's L2 cache (measured: 0.48 ms per million
 # fp16 weights for the counting pass, against 0.80 ms with chunks of a million).
 CHUNK = 1 << 18
-# Maps every page of a mapping in one call where the OS has it (Linux).
-MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def tensor_chunks(
@@ -132,7 +131,7 @@ def _map_external(tensor: ir.ExternalTensor) -> np.ndarray:
             f.fileno(),
             offset - aligned + count * dtype.itemsize,
             offset=aligned,
-            flags=mmap.MAP_SHARED | MAP_POPULATE,
+            flags=mmap.MAP_SHARED | wire.MAP_POPULATE,
             prot=mmap.PROT_READ,
         )
     return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset - aligned)

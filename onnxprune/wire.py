@@ -28,6 +28,8 @@ TENSOR_DATA_LOCATION = 14
 LENGTH_DELIMITED = 2
 # Payloads smaller than this stay in the parsed message: mapping them buys nothing.
 MAP_MIN_BYTES = 1024
+# Maps every page of a mapping in one call, not one page fault at a time, where the OS has it.
+MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 class WireError(ValueError):
@@ -131,8 +133,7 @@ def load_mapped(
     are about to read every weight.
     """
     with open(path, "rb") as f:
-        # MAP_POPULATE maps every page in one call instead of one page fault at a time
-        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        flags = mmap.MAP_SHARED | (MAP_POPULATE if populate else 0)
         mapped = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
     payloads: dict[str, tuple[int, int]] = {}
     skeleton = bytearray()
