@@ -12,6 +12,7 @@ from builders import GraphBuilder, mlp, save, small_cnn
 from onnx import TensorProto
 
 from onnxprune import inputs, metrics, validate
+from onnxprune import runtime as runtime_module
 from onnxprune.errors import DataError, DeviceError, InvalidArgumentError, ValidationFailed
 from onnxprune.sweep import format_markdown, format_sweep, parse_sparsities, sweep
 
@@ -281,7 +282,7 @@ def test_cpu_device_never_probes_cuda() -> None:
 
 
 def test_auto_falls_back_to_cpu_with_a_reason(monkeypatch) -> None:
-    monkeypatch.setattr(validate, "cuda_problem", lambda: "no GPU here")
+    monkeypatch.setattr(runtime_module, "cuda_problem", lambda: "no GPU here")
     runtime = validate.select_runtime("auto")
     assert runtime.providers == (validate.CPU,) and runtime.note == "running on CPU: no GPU here"
     with pytest.raises(DeviceError, match="--device cuda: no GPU here"):
