@@ -210,6 +210,75 @@ structured_options = [
 ]
 
 
+calibration_options = [
+    click.option(
+        "--calibration",
+        default=None,
+        type=click.Path(dir_okay=False, path_type=str),
+        help="Calibration samples: .npz with one array per model input, like --data (labels "
+        "ignored). Weights are then ranked by what they do on these samples, and the kept ones "
+        "repaired (SparseGPT updates, bias correction).",
+    ),
+    click.option(
+        "--criterion",
+        type=click.Choice(["magnitude", "wanda", "sparsegpt"]),
+        default=None,
+        help="How weights are ranked: magnitude (default without --calibration); with "
+        "--calibration: sparsegpt (default; OBS scores and weight updates), wanda "
+        "(|w| x input norm, no update) or magnitude.",
+    ),
+    click.option(
+        "--calibration-mode",
+        "calibration_mode",
+        type=click.Choice(["one-pass", "sequential"]),
+        default="one-pass",
+        show_default=True,
+        help="one-pass: every layer measured on the dense model; sequential: layer by layer "
+        "on the model pruned so far, re-solved against the dense outputs (slower).",
+    ),
+    click.option(
+        "--calibration-samples",
+        "calibration_samples",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="Use the first N calibration samples (default: all).",
+    ),
+    click.option(
+        "--bias-correction/--no-bias-correction",
+        "bias_correction",
+        default=True,
+        show_default=True,
+        help="With --calibration: fold each pruned layer's mean output shift into its bias.",
+    ),
+]
+
+
+def _calibration(
+    path: str | None,
+    criterion: str | None,
+    mode: str,
+    samples: int | None,
+    bias_correction: bool,
+    batch_size: int | None,
+    device: str,
+) -> Any:
+    """The Calibration settings the options ask for (None without --calibration)."""
+    if path is None:
+        return pipeline.calibration_options(None, criterion)
+    from onnxprune.calibration import Calibration
+
+    return Calibration(
+        data=path,
+        criterion=criterion or "sparsegpt",
+        mode=mode,
+        samples=samples,
+        batch_size=batch_size,
+        device=device,
+        bias_correction=bias_correction,
+    )
+
+
 def with_options(options: list[Callable[..., Any]]) -> Callable[..., Any]:
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         for option in reversed(options):
@@ -229,6 +298,7 @@ def with_options(options: list[Callable[..., Any]]) -> Callable[..., Any]:
     help="Fraction of prunable weights to set to zero, in [0, 1).",
 )
 @with_options(selection_options)
+@with_options(calibration_options)
 @with_options(structured_options)
 @click.option(
     "--pattern",
@@ -282,6 +352,11 @@ def prune_command(
     min_keep: str | None,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
+    calibration: str | None,
+    criterion: str | None,
+    calibration_mode: str,
+    calibration_samples: int | None,
+    bias_correction: bool,
     structured: bool,
     round_to: int | None,
     target: str,
@@ -308,6 +383,15 @@ def prune_command(
         raise click.UsageError("give --sparsity (e.g. --sparsity 0.9) or --pattern (e.g. 2:4)")
     if sparsity is not None and pattern is not None:
         raise click.UsageError("--sparsity and --pattern exclude each other")
+    options = _calibration(
+        calibration,
+        criterion,
+        calibration_mode,
+        calibration_samples,
+        bias_correction,
+        batch_size,
+        device,
+    )
     _, report = pipeline.prune(
         model,
         sparsity or 0.0,
@@ -323,6 +407,7 @@ def prune_command(
         structured=structured,
         round_to=round_to,
         target=target,
+        calibration=options,
     )
     if not quiet:
         click.echo(format_report(report))

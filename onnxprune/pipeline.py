@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -10,6 +11,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnxprune import io, rewrite, selection, weights
+from onnxprune.calibration import Calibration
 from onnxprune.errors import InvalidArgumentError
 from onnxprune.report import Report, step
 from onnxprune.scoring import MagnitudeStats, magnitude_stats
@@ -37,17 +39,28 @@ def prune(
     structured: bool = False,
     round_to: int | None = None,
     target: str = "params",
+    calibration: Calibration | str | os.PathLike | None = None,
+    criterion: str | None = None,
 ) -> tuple[ir.Model, Report]:
     """Prune a model (a path or an `ir.Model`, changed in place) and, if `output` is given, save it.
 
     `structured=True` removes whole channels instead of zeroing weights: `sparsity` is then the
     share of the weights' parameters (target="params") or MACs (target="macs") removed, and
     `round_to` keeps channel counts multiples of N where a layer allows.
+    `calibration` (an .npz of input samples, or a `Calibration`) ranks weights by what they do on
+    those samples and repairs what is left: `criterion` sparsegpt (the default with data), wanda
+    or magnitude.
     Returns the pruned model and the report. Errors a user can cause raise `OnnxPruneError`.
     """
     start = time.perf_counter()
     input_path = None if isinstance(model, ir.Model) else Path(model)
     sparsity = selection.check_sparsity(sparsity)
+    options = calibration_options(calibration, criterion)
+    if options is not None and structured:
+        raise InvalidArgumentError(
+            "--calibration with --structured is not available yet: calibrate unstructured or "
+            "N:M pruning, or prune channels by magnitude"
+        )
     if output is not None:
         io.check_output_path(output, input_path=input_path, force=force)
     if input_path is not None:
@@ -59,7 +72,9 @@ def prune(
             model, sparsity, method, min_keep, pattern, include, exclude, round_to, target
         )
     else:
-        report = _prune_weights(model, sparsity, method, min_keep, pattern, include, exclude)
+        report = _prune_weights(
+            model, sparsity, method, min_keep, pattern, include, exclude, options
+        )
     if input_path is not None:
         report.input_path = str(input_path)
         report.size_before = io.file_size(input_path)
@@ -87,16 +102,48 @@ def _prune_weights(
     pattern: str | tuple[int, int] | None,
     include: Sequence[str] | None,
     exclude: Sequence[str] | None,
+    options: Calibration | None = None,
 ) -> Report:
     with step("finding weights"):
         found = weights.find_weights(model, include=include, exclude=exclude)
     with step(f"ranking {found.total:,} weights"):
+        # by magnitude first, also with calibration: every argument error and an infeasible
+        # minimum surface before the samples run
         plan = selection.plan(
             found.weights, sparsity, method=method, min_keep=min_keep, pattern=pattern
+        )
+    if options is not None:
+        from onnxprune.calibration.prune import calibrated_plan
+
+        plan = calibrated_plan(
+            model,
+            found.weights,
+            sparsity,
+            options,
+            method=method,
+            min_keep=min_keep,
+            pattern=pattern,
         )
     rewrite.apply_plan(model, plan)
     report = Report(plan=plan, skipped=found.skipped)
     return report
+
+
+def calibration_options(
+    calibration: Calibration | str | os.PathLike | None, criterion: str | None
+) -> Calibration | None:
+    """The calibration settings from the API's shorthand: a path, or a `Calibration`."""
+    if calibration is None:
+        if criterion not in (None, "magnitude"):
+            raise InvalidArgumentError(
+                f"--criterion {criterion} needs calibration samples: give --calibration FILE.npz"
+            )
+        return None
+    if isinstance(calibration, Calibration):
+        if criterion is not None and criterion != calibration.criterion:
+            return dataclasses.replace(calibration, criterion=criterion)
+        return calibration
+    return Calibration(data=calibration, criterion=criterion or "sparsegpt")
 
 
 def _prune_channels(

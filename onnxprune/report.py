@@ -78,6 +78,8 @@ class Report:
             "achieved_sparsity": plan.sparsity,
             "min_keep": None if plan.min_keep is None else str(plan.min_keep),
             "pattern": None if plan.pattern is None else "{}:{}".format(*plan.pattern),
+            "criterion": plan.criterion,
+            "calibration": None if plan.calibration is None else plan.calibration.to_dict(),
             "prunable_weights": plan.total,
             "zeros_before": plan.zeros_before,
             "zeros_after": plan.pruned,
@@ -96,6 +98,7 @@ class Report:
                     "min_keep": layer.keep_min,
                     "kept": layer.kept,
                     "sparsity": layer.sparsity,
+                    "output_error": layer.error,
                 }
                 for layer in plan.layers
             ],
@@ -178,6 +181,22 @@ def _consumers(weight: Any) -> str:
     return _shorten(names[0], NODE_WIDTH - len(more)) + more
 
 
+def _error(error: float | None) -> str:
+    return "-" if error is None else f"{error:.4f}"
+
+
+def _calibration_line(plan: Plan) -> str:
+    summary = plan.calibration
+    errors = [layer.error for layer in plan.layers if layer.error is not None]
+    worst = f", worst output error {max(errors):.4f}" if errors else ""
+    provider = summary.providers[0].replace("ExecutionProvider", "") if summary.providers else "?"
+    return (
+        f"criterion {summary.criterion} ({summary.mode}), {summary.samples} calibration samples "
+        f"on {provider}, bias corrected in {summary.bias_corrected} layers{worst}; out error = "
+        "||W x - W' x'|| / ||W x|| on the calibration samples"
+    )
+
+
 def format_report(report: Report) -> str:
     """The terminal table of a prune run, in graph order, with totals and sizes."""
     if report.channels is not None:
@@ -191,6 +210,7 @@ def format_report(report: Report) -> str:
             )
         return "\n".join(lines)
     plan = report.plan
+    calibrated = plan.calibration is not None
     rows = [
         [
             _shorten(layer.weight.name, NAME_WIDTH),
@@ -200,6 +220,7 @@ def format_report(report: Report) -> str:
             human_count(layer.size),
             human_count(layer.kept),
             _pct(layer.sparsity),
+            *([_error(layer.error)] if calibrated else []),
         ]
         for layer in plan.layers
     ]
@@ -211,16 +232,20 @@ def format_report(report: Report) -> str:
         human_count(plan.total),
         human_count(plan.total - plan.pruned),
         _pct(plan.sparsity),
+        *([""] if calibrated else []),
     ]
     lines = [
         format_table(
-            ["layer", "node", "op", "shape", "params", "kept", "sparsity"],
+            ["layer", "node", "op", "shape", "params", "kept", "sparsity"]
+            + (["out error"] if calibrated else []),
             rows,
             footer=footer,
             left=3,
         )
     ]
     method = plan.method + (f", min-keep {plan.min_keep}" if plan.min_keep else "")
+    if calibrated:
+        lines.append(_calibration_line(plan))
     if plan.pattern is None:
         lines.append(
             f"method {method}: target sparsity {plan.target:g}, achieved {plan.sparsity:.6f} "
@@ -238,6 +263,11 @@ def format_report(report: Report) -> str:
         )
     for name, reason in report.skipped:
         lines.append(f"skipped {name}: {reason}")
+    if calibrated:
+        for name, reason in plan.calibration.fallback:
+            lines.append(f"ranked by magnitude, not repaired: {name}: {reason}")
+        for notice in plan.calibration.notices:
+            lines.append(f"calibration: {notice}")
     for warning in plan.warnings:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -86,6 +87,8 @@ class LayerPlan:
     prune: int  # zeros after pruning, the zeros already there included
     cut: Cut | None = None  # None: the tensor is left exactly as it was
     pattern: tuple[int, int] | None = None  # N:M, keep N of every M along the input axis
+    values: np.ndarray | None = None  # calibrated: the new weights, as stored (zeros pruned)
+    error: float | None = None  # calibrated: relative output error on the calibration data
 
     @property
     def kept(self) -> int:
@@ -97,7 +100,7 @@ class LayerPlan:
 
     @property
     def changed(self) -> bool:
-        return self.cut is not None or self.pattern is not None
+        return self.cut is not None or self.pattern is not None or self.values is not None
 
 
 @dataclass
@@ -111,6 +114,8 @@ class Plan:
     min_keep: MinKeep | None = None
     pattern: tuple[int, int] | None = None
     warnings: list[str] = field(default_factory=list)
+    criterion: str = "magnitude"
+    calibration: Any = None  # a calibration.CalibrationSummary when calibration data was used
 
     @property
     def total(self) -> int:

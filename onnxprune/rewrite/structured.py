@@ -16,6 +16,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from onnxprune.channels import Fix, const_tensor
+from onnxprune.rewrite.constants import NodeConstants
 from onnxprune.selection_channels import ChannelPlan
 
 
@@ -52,31 +53,6 @@ def _slice_members(plan: ChannelPlan) -> None:
         _set_tensor(value, ir.LazyTensor(compute, dtype=source.dtype, shape=ir.Shape(shape)))
 
 
-class _Consts:
-    """New per-node constants, uniquely named."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.graph = model.graph
-        self.count = 0
-
-    def replace(self, node: ir.Node, index: int, array: np.ndarray) -> None:
-        while True:
-            self.count += 1
-            name = f"{node.name or node.op_type}_pruned_{index}_{self.count}"
-            if name not in self.graph.initializers:
-                break
-        value = ir.Value(
-            name=name,
-            shape=ir.Shape(array.shape),
-            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        )
-        value.const_value = ir.Tensor(array, name=name)
-        self.graph.register_initializer(value)
-        if index >= len(node.inputs):
-            node.resize_inputs(index + 1)
-        node.replace_input_with(index, value)
-
-
 def _kept(plan: ChannelPlan, value: ir.Value, axis: int) -> int:
     return plan.kept_of(plan.graph.spaces[value][axis])
 
@@ -87,11 +63,11 @@ def _ints_input(node: ir.Node, index: int) -> np.ndarray:
     return np.array(tensor.numpy(), copy=True).reshape(-1)
 
 
-def _fix_group(plan: ChannelPlan, fix: Fix, consts: _Consts) -> None:
+def _fix_group(plan: ChannelPlan, fix: Fix, consts: NodeConstants) -> None:
     fix.node.attributes["group"] = ir.AttrInt64("group", plan.kept_of(fix.ids["groups"]))
 
 
-def _fix_split(plan: ChannelPlan, fix: Fix, consts: _Consts) -> None:
+def _fix_split(plan: ChannelPlan, fix: Fix, consts: NodeConstants) -> None:
     node, axis = fix.node, fix.data["axis"]
     sizes = np.array([_kept(plan, out, axis) for out in node.outputs], dtype=np.int64)
     node.attributes.pop("num_outputs", None)
@@ -101,7 +77,7 @@ def _fix_split(plan: ChannelPlan, fix: Fix, consts: _Consts) -> None:
         consts.replace(node, 1, sizes)
 
 
-def _fix_slice(plan: ChannelPlan, fix: Fix, consts: _Consts) -> None:
+def _fix_slice(plan: ChannelPlan, fix: Fix, consts: NodeConstants) -> None:
     node, j = fix.node, fix.data["position"]
     keep = ~plan.removed[fix.ids["in"]]
     for index, bound in ((1, fix.data["start"]), (2, fix.data["end"])):
@@ -110,7 +86,7 @@ def _fix_slice(plan: ChannelPlan, fix: Fix, consts: _Consts) -> None:
         consts.replace(node, index, array)
 
 
-def _fix_gather(plan: ChannelPlan, fix: Fix, consts: _Consts) -> None:
+def _fix_gather(plan: ChannelPlan, fix: Fix, consts: NodeConstants) -> None:
     node = fix.node
     keep = ~plan.removed[fix.ids["in"]]
     tensor = const_tensor(node.inputs[1])
@@ -125,7 +101,7 @@ def _fix_gather(plan: ChannelPlan, fix: Fix, consts: _Consts) -> None:
     consts.replace(node, 1, np.ascontiguousarray(new))
 
 
-def _fix_shape(plan: ChannelPlan, fix: Fix, consts: _Consts, index: int, align: bool) -> None:
+def _fix_shape(plan: ChannelPlan, fix: Fix, consts: NodeConstants, index: int, align: bool) -> None:
     """Reshape/Expand target shapes and Resize sizes: literal dims of channel axes get the count
     kept. Expand aligns its target to the right and leaves 1s (broadcast) alone."""
     node = fix.node
@@ -139,7 +115,7 @@ def _fix_shape(plan: ChannelPlan, fix: Fix, consts: _Consts, index: int, align: 
     consts.replace(node, index, array)
 
 
-def _fix_sizes(plan: ChannelPlan, fix: Fix, consts: _Consts) -> None:
+def _fix_sizes(plan: ChannelPlan, fix: Fix, consts: NodeConstants) -> None:
     node = fix.node
     array = _ints_input(node, 3)
     for position, axis in fix.data["entries"]:
@@ -147,7 +123,7 @@ def _fix_sizes(plan: ChannelPlan, fix: Fix, consts: _Consts) -> None:
     consts.replace(node, 3, array)
 
 
-FIXES: dict[str, Callable[[ChannelPlan, Fix, _Consts], None]] = {
+FIXES: dict[str, Callable[[ChannelPlan, Fix, NodeConstants], None]] = {
     "group": _fix_group,
     "split": _fix_split,
     "slice": _fix_slice,
@@ -179,7 +155,7 @@ def apply_channel_plan(model: ir.Model, plan: ChannelPlan) -> ir.Model:
     if not plan.removed.any():
         return model
     _slice_members(plan)
-    consts = _Consts(model)
+    consts = NodeConstants(model)
     for fix in plan.graph.fixes:
         FIXES[fix.kind](plan, fix, consts)
     _set_dims(plan)

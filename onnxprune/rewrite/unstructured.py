@@ -84,6 +84,8 @@ class PrunedTensor(ir.LazyTensor):
 def apply_plan(model: ir.Model, plan: Plan) -> ir.Model:
     """Replace every changed weight of `model` (in place) by its pruned version; returns `model`."""
     for layer in plan.layers:
-        if layer.changed:
+        if layer.values is not None:  # calibrated: the repaired weights were computed already
+            layer.weight.set_tensor(ir.Tensor(layer.values, dtype=layer.weight.dtype))
+        elif layer.changed:
             layer.weight.set_tensor(PrunedTensor(layer, layer.weight.tensor(), plan.keys))
     return model

@@ -1,0 +1,305 @@
+"""Capture: run the model on the calibration samples and sum, per layer, what reconstruction needs.
+
+A copy of the graph exposes every prunable layer's input as an extra output; ONNX Runtime (CUDA
+when usable) runs it batch by batch, each layer's rows X are built by its design (design.py) and
+only the sums are kept: X^T X and the column sums, in float64. Layers that read the same tensor
+the same way (attention's Q, K and V) share one set of sums. When the sums of all layers would
+not fit the memory budget, the layers are split into several passes over the data.
+
+Sequential calibration pairs two models on the same samples: the dense one (the target) and the
+one pruned so far (what the layer will really see); then it also sums X_pruned^T X_dense.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxprune.calibration.design import Design, design_of
+from onnxprune.calibration.reconstruct import damped_inverse
+from onnxprune.errors import DataError
+from onnxprune.inputs import Inputs
+from onnxprune.runtime import Runtime, open_session
+from onnxprune.weights import Weight
+
+log = logging.getLogger("onnxprune")
+
+
+@dataclass
+class LayerStats:
+    """Sums over the calibration rows of one layer's design, per group.
+
+    gram = X^T X [G, K, K], sums = column sums of X [G, K], rows = how many rows were summed.
+    In sequential calibration X is what the pruned model feeds the layer, and `cross` =
+    X^T X_dense, `dense_gram` = X_dense^T X_dense and `dense_sums` describe the dense target.
+    """
+
+    gram: np.ndarray
+    sums: np.ndarray
+    rows: int = 0
+    cross: np.ndarray | None = None
+    dense_gram: np.ndarray | None = None
+    dense_sums: np.ndarray | None = None
+    _inverses: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def empty(cls, design: Design, paired: bool = False) -> LayerStats:
+        g, k = design.groups, design.in_features
+        return cls(
+            gram=np.zeros((g, k, k)),
+            sums=np.zeros((g, k)),
+            cross=np.zeros((g, k, k)) if paired else None,
+            dense_gram=np.zeros((g, k, k)) if paired else None,
+            dense_sums=np.zeros((g, k)) if paired else None,
+        )
+
+    def add(self, rows: np.ndarray, dense: np.ndarray | None = None) -> None:
+        """Add a chunk of rows [G, n, K] (and the dense model's rows of the same samples)."""
+        x = rows.astype(np.float64, copy=False)
+        self.gram += np.matmul(x.transpose(0, 2, 1), x)
+        self.sums += x.sum(axis=1)
+        self.rows += x.shape[1]
+        if dense is not None:
+            assert self.cross is not None and self.dense_sums is not None
+            assert self.dense_gram is not None
+            xd = dense.astype(np.float64, copy=False)
+            self.cross += np.matmul(x.transpose(0, 2, 1), xd)
+            self.dense_gram += np.matmul(xd.transpose(0, 2, 1), xd)
+            self.dense_sums += xd.sum(axis=1)
+
+    def merged(self, other: LayerStats) -> LayerStats:
+        """The sums of two uses of one weight: their errors add up."""
+
+        def plus(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None or b is None else a + b
+
+        return LayerStats(
+            self.gram + other.gram,
+            self.sums + other.sums,
+            self.rows + other.rows,
+            plus(self.cross, other.cross),
+            plus(self.dense_gram, other.dense_gram),
+            plus(self.dense_sums, other.dense_sums),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.gram, self.sums, self.cross, self.dense_gram, self.dense_sums)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    def inverse(self, group: int, damp: float) -> np.ndarray:
+        """The damped inverse of one group's Hessian, computed once (scoring and SparseGPT both
+        need it, and it is the costliest step for wide layers)."""
+        key = (group, damp)
+        if key not in self._inverses:
+            self._inverses[key] = damped_inverse(self.hessian[group], damp)
+        return self._inverses[key]
+
+    @property
+    def hessian(self) -> np.ndarray:
+        """E[x x^T] per group (the layer-wise Hessian of the squared output error, halved)."""
+        return self.gram / max(1, self.rows)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sums / max(1, self.rows)
+
+    @property
+    def dense_mean(self) -> np.ndarray:
+        return self.mean if self.dense_sums is None else self.dense_sums / max(1, self.rows)
+
+    @property
+    def dense_hessian(self) -> np.ndarray:
+        return self.hessian if self.dense_gram is None else self.dense_gram / max(1, self.rows)
+
+    @property
+    def cross_hessian(self) -> np.ndarray:
+        """E[x_pruned x_dense^T]; E[x x^T] when unpaired."""
+        return self.hessian if self.cross is None else self.cross / max(1, self.rows)
+
+
+@dataclass
+class Statistics:
+    """What calibration measured: each weight's summed statistics and designs, by weight name,
+    and the weights it could not measure, with the reason."""
+
+    layers: dict[str, LayerStats] = field(default_factory=dict)
+    uses: dict[str, list[LayerStats]] = field(default_factory=dict)  # per use, for biases
+    designs: dict[str, list[Design]] = field(default_factory=dict)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+    samples: int = 0
+    providers: list[str] = field(default_factory=list)
+    passes: int = 0
+
+
+def plan_designs(
+    model: ir.Model, weights: Sequence[Weight]
+) -> tuple[dict[str, list[Design]], list[tuple[str, str]]]:
+    """Each weight's designs, or why it gets no statistics."""
+    designs: dict[str, list[Design]] = {}
+    missing: list[tuple[str, str]] = []
+    for weight in weights:
+        found, why = design_of(weight)
+        if why is None and any(d.activation.graph is not model.graph for d in found):
+            why = "it sits inside a subgraph (If/Loop/Scan body), which calibration cannot reach"
+        if why is None and any(d.activation.const_value is not None for d in found):
+            why = "both operands are constants"
+        if why is not None:
+            missing.append((weight.name, why))
+        else:
+            designs[weight.name] = found
+    return designs, missing
+
+
+Key = tuple[int, tuple]  # (id of the activation value, design signature)
+
+
+def _key(design: Design) -> Key:
+    return id(design.activation), design.signature
+
+
+def exposed_model(model: ir.Model, values: Sequence[ir.Value]) -> bytes:
+    """The model serialized with `values` added as graph outputs (graph inputs need no output)."""
+    proto = ir.serde.serialize_model(model)
+    have = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
+    for value in values:
+        if value.name not in have:
+            proto.graph.output.append(onnx.ValueInfoProto(name=value.name))
+            have.add(value.name)
+    return proto.SerializeToString()
+
+
+def _chunks(design: Design, activation: np.ndarray) -> list[np.ndarray]:
+    if activation.dtype != np.float32 and activation.dtype != np.float64:
+        activation = activation.astype(np.float32)
+    return design.rows(activation)
+
+
+class Runner:
+    """One session of a model that returns the activations of chosen values for a batch."""
+
+    def __init__(self, model: ir.Model, values: Sequence[ir.Value], runtime: Runtime, label: str):
+        self.session = open_session(exposed_model(model, values), runtime, label=label)
+        self.inputs = {arg.name for arg in self.session.get_inputs()}
+        self.names = list(dict.fromkeys(v.name for v in values if v.name not in self.inputs))
+        self.label = label
+
+    def run(self, batch: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+        feeds = {k: v for k, v in batch.items() if k in self.inputs}
+        try:
+            outputs = self.session.run(self.names, feeds) if self.names else []
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(
+                f"calibration: ONNX Runtime failed on batch {index + 1}: {reason}"
+            ) from None
+        found = dict(zip(self.names, outputs, strict=True))
+        for name in self.inputs:
+            found.setdefault(name, feeds[name])
+        for name, array in found.items():
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise DataError(
+                    f"calibration: tensor {name!r} holds NaN or Inf on batch {index + 1} "
+                    "(check the calibration data's scaling and dtype)"
+                )
+        return found
+
+
+def split_passes(sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices grouped into passes whose sizes each fit the budget (one item at least each)."""
+    passes: list[list[int]] = [[]]
+    used = 0
+    for i, size in enumerate(sizes):
+        if passes[-1] and used + size > budget:
+            passes.append([])
+            used = 0
+        passes[-1].append(i)
+        used += size
+    return passes
+
+
+def collect(
+    model: ir.Model,
+    weights: Sequence[Weight],
+    data: Inputs,
+    runtime: Runtime,
+    *,
+    budget_bytes: int,
+    dense: ir.Model | None = None,
+    aliases: dict[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Statistics:
+    """Run `model` over every batch of `data` and sum each weight's statistics.
+
+    With `dense`, the same samples also run through the dense model, and each layer's sums pair
+    its input in `model` with its input in `dense` (sequential calibration); tensors are matched
+    by name, through `aliases` (new name -> dense name) where a rewrite inserted a node.
+    """
+    stats = Statistics(samples=data.samples)
+    stats.designs, stats.missing = plan_designs(model, weights)
+    keys: dict[Key, Design] = {}
+    for designs in stats.designs.values():
+        for design in designs:
+            keys.setdefault(_key(design), design)
+    order = list(keys)
+    sizes = [
+        keys[k].groups * keys[k].in_features ** 2 * 8 * (3 if dense is not None else 1)
+        for k in order
+    ]
+    passes = split_passes(sizes, budget_bytes)
+    sums: dict[Key, LayerStats] = {}
+    dense_values = _values_by_name(dense) if dense is not None else {}
+    for number, chosen in enumerate(passes):
+        pass_keys = [order[i] for i in chosen]
+        values = [keys[k].activation for k in pass_keys]
+        if progress is not None and len(passes) > 1:
+            progress(f"calibration pass {number + 1} of {len(passes)} ({len(values)} layers)")
+        runner = Runner(model, values, runtime, "the calibration copy")
+        stats.providers = list(runner.session.get_providers())
+        dense_runner = None
+        if dense is not None:
+            dense_runner = Runner(
+                dense,
+                [dense_values[(aliases or {}).get(v.name, v.name)] for v in values],
+                runtime,
+                "the dense model",
+            )
+        partial = {k: LayerStats.empty(keys[k], paired=dense is not None) for k in pass_keys}
+        for index, batch in enumerate(data.batches):
+            found = runner.run(batch, index)
+            target = dense_runner.run(batch, index) if dense_runner is not None else None
+            for k in pass_keys:
+                design = keys[k]
+                name = design.activation.name
+                rows = _chunks(design, found[name])
+                dense_name = (aliases or {}).get(name, name)
+                paired = (
+                    _chunks(design, target[dense_name])
+                    if target is not None
+                    else [None] * len(rows)
+                )
+                for chunk, dense_chunk in zip(rows, paired, strict=True):
+                    partial[k].add(chunk, dense_chunk)
+        sums.update(partial)
+    stats.passes = len(passes)
+    for name, designs in stats.designs.items():
+        per_use = [sums[_key(design)] for design in designs]
+        total = per_use[0]
+        for other in per_use[1:]:
+            total = total.merged(other)
+        stats.layers[name] = total
+        stats.uses[name] = per_use
+    return stats
+
+
+def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
+    found: dict[str, ir.Value] = {v.name: v for v in model.graph.inputs}
+    for node in model.graph:
+        for out in node.outputs:
+            found[out.name] = out
+    return found

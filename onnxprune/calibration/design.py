@@ -1,0 +1,271 @@
+"""Per-op design matrices: how one use of a weight turns its input activation into rows X.
+
+For every use of a weight the table below gives a `Design`: the weight as matrices W [G, O, K]
+(G groups, O output features per group, K input features per group) and, for a batch of the
+layer's input activation, rows X [G, n, K] such that X[g] @ W[g].T is the layer's output for
+group g (bias left out). Conv uses im2col patches honouring strides, pads (explicit or auto_pad),
+dilations and groups; Gemm honours transA/transB; MatMul flattens every leading dimension.
+Calibration statistics (X^T X, row sums) and every reconstruction work in this layout, so the
+solvers never need to know which op they serve.
+
+Conv columns are ordered (kernel position, channel): M consecutive columns are M consecutive input
+channels at one kernel position, so an N:M pattern along the input-channel axis is a pattern over
+consecutive columns, as it is for Gemm and MatMul.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.weights import Use, Weight
+
+# Elements of im2col patches built at once; bounds the temporary memory of a Conv's rows.
+PATCH_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class Design:
+    """One use of a weight seen as a (grouped) matrix product.
+
+    `signature` identifies designs that give the same rows from the same activation, so layers
+    that read one tensor the same way (attention's Q, K and V) share one set of statistics.
+    """
+
+    activation: ir.Value  # the layer's input that X is built from
+    groups: int
+    out_features: int  # per group
+    in_features: int  # per group
+    signature: tuple
+    rows: Callable[[np.ndarray], list[np.ndarray]]  # activation -> chunks of X [G, n, K]
+    to_matrix: Callable[[np.ndarray], np.ndarray]  # stored weight -> [G, O, K]
+    from_matrix: Callable[[np.ndarray], np.ndarray]  # [G, O, K] -> stored layout
+    out_axis: int  # axis of the node's output that carries the G*O output features (bias axis)
+    layout: tuple  # what to_matrix does; uses of one shared weight must agree on it
+
+
+def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
+    attr = node.attributes.get(name)
+    return [int(v) for v in attr.value] if attr is not None else list(default)
+
+
+def _str(node: ir.Node, name: str, default: str) -> str:
+    attr = node.attributes.get(name)
+    if attr is None:
+        return default
+    value = attr.value
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return int(attr.value) if attr is not None else default
+
+
+def conv_pads(
+    spatial: tuple[int, ...],
+    kernel: list[int],
+    strides: list[int],
+    dilations: list[int],
+    pads: list[int],
+    auto_pad: str,
+) -> list[tuple[int, int]]:
+    """(begin, end) padding per spatial axis, resolving auto_pad as the ONNX Conv spec does."""
+    d = len(kernel)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        out = []
+        for size, k, s, dil in zip(spatial, kernel, strides, dilations, strict=True):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * dil + 1 - size, 0)
+            small = total // 2
+            out.append(
+                (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+            )
+        return out
+    if auto_pad == "VALID":
+        return [(0, 0)] * d
+    pads = pads or [0] * (2 * d)
+    return [(pads[i], pads[i + d]) for i in range(d)]
+
+
+def conv_rows(
+    x: np.ndarray,
+    kernel: list[int],
+    strides: list[int],
+    dilations: list[int],
+    pads: list[int],
+    auto_pad: str,
+    groups: int,
+) -> list[np.ndarray]:
+    """im2col of a Conv input [N, C, *spatial]: chunks of rows [G, n, K*C/G], a few samples each.
+
+    Row order is (sample, output position); column order (kernel position, channel of the group).
+    """
+    n_samples, channels, *spatial = x.shape
+    pad = conv_pads(tuple(spatial), kernel, strides, dilations, pads, auto_pad)
+    padded_dims = [s + b + e for s, (b, e) in zip(spatial, pad, strict=True)]
+    out_dims = [
+        (p - dil * (k - 1) - 1) // s + 1
+        for p, k, s, dil in zip(padded_dims, kernel, strides, dilations, strict=True)
+    ]
+    positions = math.prod(out_dims)
+    k_total = math.prod(kernel)
+    per_sample = positions * k_total * channels
+    step = max(1, PATCH_ELEMENTS // max(1, per_sample))
+    c_group = channels // groups
+    chunks = []
+    for start in range(0, n_samples, step):
+        part = x[start : start + step]
+        padded = np.pad(part, [(0, 0), (0, 0), *pad]) if any(b or e for b, e in pad) else part
+        taken = []
+        for offsets in itertools.product(*(range(k) for k in kernel)):
+            index = tuple(
+                slice(o * dil, o * dil + s * (od - 1) + 1, s)
+                for o, dil, s, od in zip(offsets, dilations, strides, out_dims, strict=True)
+            )
+            taken.append(padded[(slice(None), slice(None), *index)])
+        patches = np.stack(taken, axis=1)  # [n, K, C, *out]
+        n = patches.shape[0]
+        patches = patches.reshape(n, k_total, groups, c_group, positions)
+        # -> [G, n, positions, K, Cg] -> [G, n*positions, K*Cg]
+        rows = patches.transpose(2, 0, 4, 1, 3).reshape(groups, n * positions, k_total * c_group)
+        chunks.append(rows)
+    return chunks
+
+
+def _conv(weight: Weight, use: Use) -> Design | None:
+    node = use.node
+    shape = weight.shape
+    if use.input_index != 1 or use.out_axis != 0 or use.in_axis != 1 or "Transpose" in use.via:
+        return None
+    groups = _int(node, "group", 1)
+    out_channels, c_group, *kernel = shape
+    if not kernel or out_channels % groups:
+        return None
+    d = len(kernel)
+    strides = _ints(node, "strides", [1] * d)
+    dilations = _ints(node, "dilations", [1] * d)
+    pads = _ints(node, "pads", [0] * (2 * d))
+    auto_pad = _str(node, "auto_pad", "NOTSET")
+    o_group = out_channels // groups
+    k_total = math.prod(kernel)
+
+    def to_matrix(w: np.ndarray) -> np.ndarray:
+        w = w.reshape(groups, o_group, c_group, k_total)
+        return w.transpose(0, 1, 3, 2).reshape(groups, o_group, k_total * c_group)
+
+    def from_matrix(m: np.ndarray) -> np.ndarray:
+        m = m.reshape(groups, o_group, k_total, c_group).transpose(0, 1, 3, 2)
+        return m.reshape(shape)
+
+    return Design(
+        activation=node.inputs[0],
+        groups=groups,
+        out_features=o_group,
+        in_features=k_total * c_group,
+        signature=(
+            "Conv",
+            tuple(kernel),
+            tuple(strides),
+            tuple(dilations),
+            tuple(pads),
+            auto_pad,
+            groups,
+        ),
+        rows=lambda x: conv_rows(x, kernel, strides, dilations, pads, auto_pad, groups),
+        to_matrix=to_matrix,
+        from_matrix=from_matrix,
+        out_axis=1,
+        layout=("conv", groups),
+    )
+
+
+def _matrix_design(
+    weight: Weight, use: Use, activation: ir.Value, transpose_rows: bool, out_axis: int, op: str
+) -> Design:
+    """A rank-2 weight used as W [out, in] (axes from the use), rows of the activation's last
+    axis (or of its second-to-last when the weight stands on the left of the product)."""
+    out_axis_w, in_axis_w = use.out_axis, use.in_axis
+    assert out_axis_w is not None and in_axis_w is not None
+    n_out, n_in = weight.shape[out_axis_w], weight.shape[in_axis_w]
+    transposed = (out_axis_w, in_axis_w) == (1, 0)
+
+    def to_matrix(w: np.ndarray) -> np.ndarray:
+        return (w.T if transposed else w)[None]
+
+    def from_matrix(m: np.ndarray) -> np.ndarray:
+        return m[0].T if transposed else m[0]
+
+    def rows(x: np.ndarray) -> list[np.ndarray]:
+        if transpose_rows:
+            x = np.swapaxes(x, -1, -2)
+        return [x.reshape(1, -1, n_in)]
+
+    return Design(
+        activation=activation,
+        groups=1,
+        out_features=n_out,
+        in_features=n_in,
+        signature=(op, transpose_rows),
+        rows=rows,
+        to_matrix=to_matrix,
+        from_matrix=from_matrix,
+        out_axis=out_axis,
+        layout=("matrix", transposed),
+    )
+
+
+def _gemm(weight: Weight, use: Use) -> Design | None:
+    node = use.node
+    if len(weight.shape) != 2 or use.out_axis is None or use.in_axis is None:
+        return None
+    if use.input_index == 1:  # Y = A' B': rows of A' (A, or A^T with transA)
+        return _matrix_design(weight, use, node.inputs[0], bool(_int(node, "transA", 0)), 1, "Gemm")
+    # a constant A: its rows are the outputs; the inputs are the columns of B'
+    return _matrix_design(weight, use, node.inputs[1], not _int(node, "transB", 0), 0, "Gemm-left")
+
+
+def _matmul(weight: Weight, use: Use) -> Design | None:
+    if len(weight.shape) != 2 or use.out_axis is None or use.in_axis is None:
+        return None
+    node = use.node
+    if use.input_index == 1:
+        return _matrix_design(weight, use, node.inputs[0], False, -1, "MatMul")
+    return _matrix_design(weight, use, node.inputs[1], True, -2, "MatMul-left")
+
+
+# One rule per op: how a use of a weight reads its input. An op without a rule (ConvTranspose)
+# gets no calibration statistics, and its weights fall back to magnitude.
+DESIGNS: dict[str, Callable[[Weight, Use], Design | None]] = {
+    "Conv": _conv,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+}
+
+
+def design_of(weight: Weight) -> tuple[list[Design], str | None]:
+    """The designs of every use of a weight, or the reason it has none.
+
+    A weight shared by several nodes has one design per use; their statistics add up (the error
+    to minimise is the sum over uses), which needs every use to see the weight the same way.
+    """
+    designs = []
+    for use in weight.uses:
+        rule = DESIGNS.get(use.node.op_type)
+        design = rule(weight, use) if rule is not None else None
+        if design is None:
+            why = (
+                f"{use.node.op_type} has no calibration rule"
+                if rule is None
+                else f"{use.node.op_type} {use.node.name!r} reads it in a layout calibration "
+                "does not cover"
+            )
+            return [], why
+        designs.append(design)
+    if len({d.layout for d in designs}) > 1:
+        return [], "its uses read it in different layouts"
+    return designs, None

@@ -1,0 +1,208 @@
+"""Reconstruction from calibration statistics: scores, SparseGPT / OBS updates, bias correction.
+
+Everything here works on one layer in its design layout: W [G, O, K] and per-group statistics
+(H = E[x x^T] [G, K, K], means [G, K]); callers map the result back to the stored tensor.
+
+How layers are compared (the global ranking). Every calibrated score of weight (i, j) is the share
+of output i's energy that removing the weight costs on the calibration data:
+
+    wanda:     w_ij^2 * H_jj            / r_i
+    sparsegpt: w_ij^2 / [H^-1]_jj       / r_i      (the OBS error of removing it, updates allowed)
+    r_i = w_i H w_i^T + DELTA * sum_j w_ij^2 H_jj   (output i's mean square, floored)
+
+Dividing by r_i makes every score invariant to scaling output i by any c > 0 (BatchNorm folded or
+not, a ReLU-homogeneous rescale), and the scores of the next layer are invariant to it too, since
+its H scales by c^2 where its weights scale by 1/c: both twins of a model get the same mask.
+The floor (DELTA) keeps an output that the data never excites from dividing by zero, and scales
+like r_i, so the invariance holds. A layer without statistics is scored as if its inputs were
+white (H = I), the same formula; its kept weights are left as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+# Relative floor of an output's energy in the score's denominator (see the module docstring).
+DELTA = 0.01
+# SparseGPT's column block: masks are chosen, and updates applied lazily, this many at a time.
+BLOCK = 128
+
+
+def damped_inverse(h: np.ndarray, damp: float) -> np.ndarray:
+    """(H + damp * mean(diag H) * I)^-1, raising the damping until H is positive definite."""
+    k = h.shape[0]
+    scale = float(np.mean(np.diag(h)))
+    if not np.isfinite(scale) or scale <= 0:
+        scale = 1.0
+    eye = np.eye(k)
+    for attempt in range(8):
+        lam = damp * scale * 10**attempt
+        try:
+            lower = np.linalg.cholesky(h + lam * eye)
+        except np.linalg.LinAlgError:
+            continue
+        inv_lower = np.linalg.solve(lower, eye)
+        return inv_lower.T @ inv_lower
+    raise np.linalg.LinAlgError("the layer's Hessian stays singular after damping")
+
+
+def output_energy(w: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """r_i of the module docstring, for one group: w [O, K], h [K, K]."""
+    square = np.einsum("ok,ok->o", w @ h, w)
+    diagonal = np.square(w) @ np.diag(h)
+    return np.maximum(square, 0.0) + DELTA * diagonal
+
+
+def scores(
+    w: np.ndarray,
+    h: np.ndarray,
+    criterion: str,
+    inverse: Callable[[int], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Calibrated scores [G, O, K] of a layer (module docstring).
+
+    `inverse(g)` gives group g's damped inverse Hessian (sparsegpt only).
+    """
+    out = np.empty(w.shape, dtype=np.float64)
+    for g in range(w.shape[0]):
+        wg = w[g]
+        hg = h[g]
+        if criterion == "wanda":
+            base = np.square(wg) * np.diag(hg)
+        elif criterion == "sparsegpt":
+            assert inverse is not None
+            base = np.square(wg) / np.diag(inverse(g))
+        else:
+            raise ValueError(f"criterion {criterion!r} has no calibrated score")
+        energy = output_energy(wg, hg)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[g] = np.where(energy[:, None] > 0, base / energy[:, None], 0.0)
+    return out
+
+
+def block_counts(mask: np.ndarray, block: int = BLOCK) -> list[int]:
+    """How many weights of each column block a mask [O, K] prunes."""
+    return [int(mask[:, i : i + block].sum()) for i in range(0, mask.shape[1], block)]
+
+
+def sparsegpt(
+    w: np.ndarray,
+    h: np.ndarray,
+    *,
+    counts: list[int] | None = None,
+    pattern: tuple[int, int] | None = None,
+    energy: np.ndarray | None = None,
+    damp: float = 0.01,
+    block: int = BLOCK,
+    hinv: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One group: prune w [O, K] and update the kept weights from H's inverse (SparseGPT).
+
+    Columns are processed left to right in blocks; each block first chooses which of its weights
+    go (the `counts[b]` lowest w^2 / U_jj^2 / r_i, U the upper Cholesky factor of H^-1; or, with an
+    N:M pattern, the M-N lowest of every M columns in each row, chosen when the sweep reaches them),
+    then each pruned weight's error is spread over the columns to its right (the OBS update), and
+    the block's accumulated error is applied to the rest at once (lazy batch updates).
+    Returns the new weights (pruned ones exactly zero) and the mask of the pruned ones.
+    """
+    n_out, k = w.shape
+    if pattern is not None:
+        m = pattern[1]
+        block = max(m, block - block % m)
+    if hinv is None:
+        hinv = damped_inverse(h, damp)
+    upper = np.linalg.cholesky(hinv).T
+    w = np.array(w, dtype=np.float64, copy=True)
+    norm = np.ones(n_out) if energy is None else np.where(energy > 0, energy, 1.0)
+    pruned = np.zeros(w.shape, dtype=bool)
+    for number, i1 in enumerate(range(0, k, block)):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].copy()
+        u1 = upper[i1:i2, i1:i2]
+        d = np.diag(u1)
+        err = np.zeros_like(w1)
+        mask = np.zeros(w1.shape, dtype=bool)
+        if pattern is None:
+            assert counts is not None
+            chosen = int(counts[number])
+            if chosen:
+                saliency = np.square(w1) / np.square(d)[None, :] / norm[:, None]
+                order = np.argsort(saliency.reshape(-1), kind="stable")[:chosen]
+                mask.reshape(-1)[order] = True
+        for i in range(i2 - i1):
+            if pattern is not None and i % pattern[1] == 0:
+                n, m = pattern
+                part = np.square(w1[:, i : i + m]) / np.square(d[i : i + m])[None, :]
+                lowest = np.argsort(part, axis=1, kind="stable")[:, : m - n]
+                np.put_along_axis(mask[:, i : i + m], lowest, True, axis=1)
+            column = w1[:, i]
+            kept = np.where(mask[:, i], 0.0, column)
+            e = (column - kept) / d[i]
+            w1[:, i:] -= np.outer(e, u1[i, i:])
+            w1[:, i] = kept
+            err[:, i] = e
+        w[:, i1:i2] = w1
+        pruned[:, i1:i2] = mask
+        if i2 < k:
+            w[:, i2:] -= err @ upper[i1:i2, i2:]
+    return w, pruned
+
+
+def refit(w: np.ndarray, cross: np.ndarray, inverse: Callable[[int], np.ndarray]) -> np.ndarray:
+    """The dense target seen from pruned inputs: argmin_W' E||W x_dense - W' x||^2 (ridge).
+
+    Sequential calibration feeds each layer what the already-pruned layers before it produce; this
+    re-solves the layer for that input before it is pruned, so errors upstream are compensated.
+    cross = E[x x_dense^T]; `inverse(g)` the damped inverse of E[x x^T] for group g.
+    """
+    out = np.empty_like(w)
+    for g in range(w.shape[0]):
+        out[g] = w[g] @ cross[g].T @ inverse(g)
+    return out
+
+
+def bias_shift(
+    w: np.ndarray, new: np.ndarray, mean: np.ndarray, dense_mean: np.ndarray | None = None
+) -> np.ndarray:
+    """What the bias must gain so the layer's mean output stays the dense one: [G * O].
+
+    One-pass: (W - W') E[x]. Sequential: W E[x_dense] - W' E[x].
+    """
+    target = mean if dense_mean is None else dense_mean
+    shift = np.einsum("gok,gk->go", w, target) - np.einsum("gok,gk->go", new, mean)
+    return shift.reshape(-1)
+
+
+def output_error(
+    w: np.ndarray,
+    new: np.ndarray,
+    hessian: np.ndarray,
+    mean: np.ndarray,
+    *,
+    cross: np.ndarray | None = None,
+    dense_hessian: np.ndarray | None = None,
+    dense_mean: np.ndarray | None = None,
+    corrected: bool = False,
+) -> float:
+    """||W x_dense - W' x (- bias shift)|| / ||W x_dense|| over the calibration rows.
+
+    Unpaired statistics mean x = x_dense. `corrected`: the bias shift is applied, so only the
+    error's fluctuation around its mean remains.
+    """
+    hd = hessian if dense_hessian is None else dense_hessian
+    c = hessian if cross is None else cross  # E[x x_dense^T]
+    md = mean if dense_mean is None else dense_mean
+    dense = float(np.einsum("gok,gkl,gol->", w, hd, w))
+    error = (
+        dense
+        - 2 * float(np.einsum("gok,gkl,gol->", new, c, w))
+        + float(np.einsum("gok,gkl,gol->", new, hessian, new))
+    )
+    if corrected:
+        shift = np.einsum("gok,gk->go", w, md) - np.einsum("gok,gk->go", new, mean)
+        error -= float(np.square(shift).sum())
+    if dense <= 0:
+        return 0.0
+    return float(np.sqrt(max(error, 0.0) / dense))
