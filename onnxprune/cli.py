@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from onnxprune import __version__, pipeline, selection
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import InvalidArgumentError, OnnxPruneError
 from onnxprune.report import format_inspect, format_report, write_json
 
 
@@ -265,6 +265,17 @@ def _calibration(
 ) -> Any:
     """The Calibration settings the options ask for (None without --calibration)."""
     if path is None:
+        given = [
+            flag
+            for flag, used in (
+                ("--calibration-mode", mode != "one-pass"),
+                ("--calibration-samples", samples is not None),
+                ("--no-bias-correction", not bias_correction),
+            )
+            if used
+        ]
+        if given:
+            raise InvalidArgumentError(f"{given[0]} needs --calibration FILE.npz")
         return pipeline.calibration_options(None, criterion)
     from onnxprune.calibration import Calibration
 
@@ -605,6 +616,26 @@ def validate_command(
 @with_options(structured_options)
 @with_options(run_options)
 @click.option(
+    "--calibration",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Calibration samples (.npz): compare calibrated criteria with plain magnitude.",
+)
+@click.option(
+    "--criteria",
+    default="magnitude,wanda,sparsegpt",
+    show_default=True,
+    help="With --calibration: the criteria to compare, comma-separated.",
+)
+@click.option(
+    "--calibration-mode",
+    "calibration_mode",
+    type=click.Choice(["one-pass", "sequential"]),
+    default="one-pass",
+    show_default=True,
+    help="With --calibration: how layers are measured (see prune --help).",
+)
+@click.option(
     "--plot",
     default=None,
     type=click.Path(dir_okay=False, path_type=str),
@@ -637,6 +668,9 @@ def sweep_command(
     device: str,
     input_shape: tuple[str, ...],
     seed: int,
+    calibration: str | None,
+    criteria: str,
+    calibration_mode: str,
     plot: str | None,
     markdown: str | None,
     report_path: str | None,
@@ -644,10 +678,12 @@ def sweep_command(
     """Prune MODEL at each sparsity with global, global+min-keep and uniform; validate each.
 
     With --structured: channel removal with and without the minimum retention, timed too.
+    With --calibration: plain global magnitude against each calibrated criterion.
 
     \b
       onnxprune sweep model.onnx --data val.npz --sparsities 0.5,0.9,0.98 --plot sweep.png
       onnxprune sweep model.onnx --data val.npz --structured --round-to 8 --sparsities 0.1,0.3
+      onnxprune sweep model.onnx --data val.npz --calibration calib.npz --min-keep 0
     """
     from onnxprune import inputs, sweep
 
@@ -666,6 +702,10 @@ def sweep_command(
         structured=structured,
         target=target,
         round_to=round_to,
+        calibration=_calibration(
+            calibration, None, calibration_mode, None, True, batch_size, device
+        ),
+        criteria=[c.strip() for c in criteria.split(",") if c.strip()],
     )
     click.echo(sweep.format_sweep(result))
     if markdown:

@@ -14,7 +14,7 @@ from onnxprune import io, rewrite, selection, weights
 from onnxprune.calibration import Calibration
 from onnxprune.errors import InvalidArgumentError
 from onnxprune.report import Report, step
-from onnxprune.scoring import MagnitudeStats, magnitude_stats
+from onnxprune.scoring import MagnitudeStats, magnitude_hazard, magnitude_stats
 
 
 def default_output(path: str | os.PathLike) -> Path:
@@ -124,6 +124,10 @@ def _prune_weights(
             min_keep=min_keep,
             pattern=pattern,
         )
+    elif method == "global" and pattern is None:
+        hazard = magnitude_hazard(found.weights)
+        if hazard is not None:
+            plan.warnings.append(hazard)
     rewrite.apply_plan(model, plan)
     report = Report(plan=plan, skipped=found.skipped)
     return report

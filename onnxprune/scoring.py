@@ -11,14 +11,14 @@ float64 models use 64-bit keys.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.weights import Weight, tensor_chunks
+from onnxprune.weights import Weight, tensor_blocks, tensor_chunks
 
 if TYPE_CHECKING:
     from onnxprune.channels import ChannelGraph
@@ -173,3 +173,51 @@ def channel_scores(graph: ChannelGraph, normalize: str = "mean") -> np.ndarray:
             norms = norms / np.sqrt(counts * max(1, per_index))
         scores[present] += norms
     return scores
+
+
+# Magnitude is compared across layers only as far as their weight scales are comparable: layers
+# whose typical weights differ by more than this factor, or a normalisation left after a layer
+# (its scale is not in the weights), make the global ranking depend on the parametrisation.
+SCALE_SPREAD = 10.0
+_SCALE_BLOCKS = 64
+_SCALE_BLOCK = 64
+
+
+def layer_scale(weight: Weight) -> float:
+    """Root mean square of a weight, estimated from a few evenly spread blocks (reads little)."""
+    size = weight.size
+    length = min(_SCALE_BLOCK, size)
+    starts = np.unique(np.linspace(0, size - length, num=min(_SCALE_BLOCKS, size), dtype=np.int64))
+    sample = tensor_blocks(weight.tensor(), starts, length).astype(np.float64)
+    return float(np.sqrt(np.mean(np.square(sample)))) if sample.size else 0.0
+
+
+def magnitude_hazard(weights: Sequence[Weight]) -> str | None:
+    """Why global magnitude may mislead on this model, or None: the scale spread between layers
+    and the normalisations left unfolded after them. Calibration data is the remedy."""
+    scales = [s for s in (layer_scale(w) for w in weights) if s > 0 and math.isfinite(s)]
+    spread = max(scales) / min(scales) if len(scales) > 1 else 1.0
+    norms = sum(
+        1
+        for w in weights
+        for use in w.uses
+        for out in use.node.outputs[:1]
+        for reader in out.uses()
+        if reader.node.op_type in NORMALIZATIONS
+    )
+    reasons = []
+    if spread > SCALE_SPREAD:
+        reasons.append(f"per-layer weight scales differ by {spread:.0f}x")
+    if norms:
+        reasons.append(f"{norms} normalisation node(s) follow pruned layers unfolded")
+    if not reasons:
+        return None
+    return (
+        "magnitude is not scale-free on this model ("
+        + "; ".join(reasons)
+        + "): the global ranking may empty layers that matter; --calibration SAMPLES.npz ranks "
+        "weights by their effect on the outputs instead"
+    )
+
+
+NORMALIZATIONS = frozenset({"BatchNormalization", "InstanceNormalization", "LayerNormalization"})

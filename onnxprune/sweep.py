@@ -9,6 +9,7 @@ open it and its file size can be measured).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from onnxprune import pipeline
+from onnxprune.calibration import Calibration
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
 from onnxprune.report import format_table, human_bytes, human_count, step
 from onnxprune.validate import (
@@ -104,16 +106,36 @@ def parse_sparsities(text: str | Sequence[float]) -> list[float]:
     return values
 
 
+CRITERIA = ("magnitude", "wanda", "sparsegpt")
+
+
 def methods_for(
-    min_keep: str | float | None, structured: bool = False
-) -> list[tuple[str, str, str | float | None]]:
-    """(label, method, min_keep) for the lines of the comparison (structured ranks globally)."""
+    min_keep: str | float | None,
+    structured: bool = False,
+    criteria: Sequence[str] | None = None,
+) -> list[tuple[str, str, str | float | None, str | None]]:
+    """(label, method, min_keep, criterion) for the lines of the comparison.
+
+    Structured sweeps rank globally. With `criteria` (calibration data given), plain global
+    magnitude is the baseline and each criterion, calibrated, gets a line of its own.
+    """
     name = "structured" if structured else "global"
-    methods: list[tuple[str, str, str | float | None]] = [(name, "global", None)]
+    methods: list[tuple[str, str, str | float | None, str | None]] = [(name, "global", None, None)]
+    if criteria:
+        for criterion in criteria:
+            if criterion not in CRITERIA:
+                raise InvalidArgumentError(
+                    f"--criteria {criterion!r}: choose from {', '.join(CRITERIA)}"
+                )
+            label = f"{criterion}+calibration"
+            methods.append((label, "global", None, criterion))
+            if min_keep not in (None, "", 0, "0"):
+                methods.append((f"{label}+min-keep {min_keep}", "global", min_keep, criterion))
+        return methods
     if min_keep not in (None, "", 0, "0"):
-        methods.append((f"{name}+min-keep {min_keep}", "global", min_keep))
+        methods.append((f"{name}+min-keep {min_keep}", "global", min_keep, None))
     if not structured:
-        methods.append(("uniform", "uniform", None))
+        methods.append(("uniform", "uniform", None, None))
     return methods
 
 
@@ -130,8 +152,13 @@ def sweep(
     structured: bool = False,
     target: str = "params",
     round_to: int | None = None,
+    calibration: Calibration | None = None,
+    criteria: Sequence[str] | None = None,
 ) -> Sweep:
     """Prune `model` at each sparsity with each method, validate each against the dense model.
+
+    With `calibration`, the lines compare the calibrated `criteria` (default: all three) with
+    plain global magnitude.
 
     `structured`, `target` and `round_to` are those of `pipeline.prune`; structured rows are
     timed too (median latency of one batch), unstructured ones are not (zeros are not faster).
@@ -150,7 +177,11 @@ def sweep(
         reference = run_model(path, inputs, runtime, specs, latency=structured, session=session)
         del session
         rows = []
-        for label, method, keep in methods_for(min_keep, structured):
+        if calibration is not None and not criteria:
+            criteria = CRITERIA
+        for label, method, keep, criterion in methods_for(
+            min_keep, structured, criteria if calibration is not None else None
+        ):
             for sparsity in sparsities:
                 row = SweepRow(method=label, sparsity=sparsity)
                 rows.append(row)
@@ -163,6 +194,9 @@ def sweep(
                         structured=structured,
                         target=target,
                         round_to=round_to,
+                        calibration=None
+                        if criterion is None or calibration is None
+                        else dataclasses.replace(calibration, criterion=criterion),
                     )
                 except InfeasibleError as exc:
                     row.error = str(exc)

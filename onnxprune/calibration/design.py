@@ -54,6 +54,11 @@ def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
     return [int(v) for v in attr.value] if attr is not None else list(default)
 
 
+def _float(node: ir.Node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return float(attr.value) if attr is not None else default
+
+
 def _str(node: ir.Node, name: str, default: str) -> str:
     attr = node.attributes.get(name)
     if attr is None:
@@ -185,10 +190,18 @@ def _conv(weight: Weight, use: Use) -> Design | None:
 
 
 def _matrix_design(
-    weight: Weight, use: Use, activation: ir.Value, transpose_rows: bool, out_axis: int, op: str
+    weight: Weight,
+    use: Use,
+    activation: ir.Value,
+    transpose_rows: bool,
+    out_axis: int,
+    op: str,
+    scale: float = 1.0,
 ) -> Design:
     """A rank-2 weight used as W [out, in] (axes from the use), rows of the activation's last
-    axis (or of its second-to-last when the weight stands on the left of the product)."""
+    axis (or of its second-to-last when the weight stands on the left of the product).
+
+    `scale` (Gemm's alpha) multiplies the rows, so rows @ W.T is still the layer's output."""
     out_axis_w, in_axis_w = use.out_axis, use.in_axis
     assert out_axis_w is not None and in_axis_w is not None
     n_out, n_in = weight.shape[out_axis_w], weight.shape[in_axis_w]
@@ -201,16 +214,17 @@ def _matrix_design(
         return m[0].T if transposed else m[0]
 
     def rows(x: np.ndarray) -> list[np.ndarray]:
-        if transpose_rows:
+        if transpose_rows and x.ndim > 1:  # a vector on the right of W @ v is one row
             x = np.swapaxes(x, -1, -2)
-        return [x.reshape(1, -1, n_in)]
+        x = x.reshape(1, -1, n_in)
+        return [x * np.asarray(scale, dtype=x.dtype) if scale != 1.0 else x]
 
     return Design(
         activation=activation,
         groups=1,
         out_features=n_out,
         in_features=n_in,
-        signature=(op, transpose_rows),
+        signature=(op, transpose_rows, scale),
         rows=rows,
         to_matrix=to_matrix,
         from_matrix=from_matrix,
@@ -223,10 +237,13 @@ def _gemm(weight: Weight, use: Use) -> Design | None:
     node = use.node
     if len(weight.shape) != 2 or use.out_axis is None or use.in_axis is None:
         return None
-    if use.input_index == 1:  # Y = A' B': rows of A' (A, or A^T with transA)
-        return _matrix_design(weight, use, node.inputs[0], bool(_int(node, "transA", 0)), 1, "Gemm")
+    alpha = _float(node, "alpha", 1.0)
+    if use.input_index == 1:  # Y = alpha A' B' (+ beta C): rows of A' (A, or A^T with transA)
+        transposed = bool(_int(node, "transA", 0))
+        return _matrix_design(weight, use, node.inputs[0], transposed, 1, "Gemm", alpha)
     # a constant A: its rows are the outputs; the inputs are the columns of B'
-    return _matrix_design(weight, use, node.inputs[1], not _int(node, "transB", 0), 0, "Gemm-left")
+    transposed = not _int(node, "transB", 0)
+    return _matrix_design(weight, use, node.inputs[1], transposed, 0, "Gemm-left", alpha)
 
 
 def _matmul(weight: Weight, use: Use) -> Design | None:

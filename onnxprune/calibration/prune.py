@@ -163,14 +163,15 @@ def _masks(
 
 
 def _store(values: np.ndarray, mask: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Cast to the stored dtype: pruned weights exactly zero, kept ones never zero.
+    """Cast to the stored dtype: pruned weights exactly zero, kept non-zero ones never zero.
 
-    A kept weight that the update (or the cast) brings to exactly zero is stored as the smallest
-    subnormal of its sign, so the count of zeros stays exactly what the plan decided.
+    A kept weight that the cast (or, by a rare coincidence, the update) brings to exactly zero is
+    stored as the smallest subnormal of its sign, so the count of zeros stays what the plan
+    decided. A zero weight that nothing updated stays zero.
     """
     out = values.astype(dtype)
     out[mask] = 0
-    lost = ~mask & (out == 0)
+    lost = ~mask & (out == 0) & (values != 0)
     if lost.any():
         smallest = np.array(1, dtype=f"u{dtype.itemsize}").view(dtype)
         out[lost] = np.where(values[lost] < 0, -smallest, smallest)
@@ -228,16 +229,18 @@ def repair(
         new = np.where(design.to_matrix(mask), 0.0, w)
     moved = False
     if options.bias_correction:
-        dtype = np.dtype(weight.dtype.numpy())
         for use, use_design, use_stats in zip(weight.uses, designs, per_use, strict=True):
             shift = reconstruct.bias_shift(
                 w, new, use_stats.mean, use_stats.dense_mean if paired else None
             )
             if np.any(shift != 0):
                 out = use.node.outputs[0]
+                name = out.name  # before an inserted Add takes it over
+                # the layer's output type: a float16 weight may be cast to compute in float32
+                dtype = np.dtype((out.dtype or weight.dtype).numpy())
                 added = shift_bias(model, use.node, shift, use_design.out_axis, dtype, consts)
                 if added is not None:
-                    aliases[added.name] = aliases.get(out.name, out.name)
+                    aliases[added.name] = aliases.get(name, name)
                 moved = True
     error = reconstruct.output_error(
         w,

@@ -31,16 +31,21 @@ BLOCK = 128
 
 
 def damped_inverse(h: np.ndarray, damp: float) -> np.ndarray:
-    """(H + damp * mean(diag H) * I)^-1, raising the damping until H is positive definite."""
-    k = h.shape[0]
-    scale = float(np.mean(np.diag(h)))
-    if not np.isfinite(scale) or scale <= 0:
-        scale = 1.0
-    eye = np.eye(k)
+    """(H + damp * diag(H))^-1, raising the damping until the sum is positive definite.
+
+    Damping each column by its own diagonal (floored at a millionth of the mean, for inputs the
+    data never excites) keeps the result equivariant to rescaling the inputs: H -> C H C gives
+    C^-1 (...)^-1 C^-1, so scores and updates do not depend on how the previous layer is scaled.
+    """
+    diagonal = np.diag(h).copy()
+    mean = float(np.mean(diagonal)) if diagonal.size else 0.0
+    if not np.isfinite(mean) or mean <= 0:
+        mean = 1.0
+    diagonal = np.maximum(diagonal, 1e-6 * mean)
+    eye = np.eye(h.shape[0])
     for attempt in range(8):
-        lam = damp * scale * 10**attempt
         try:
-            lower = np.linalg.cholesky(h + lam * eye)
+            lower = np.linalg.cholesky(h + np.diag(damp * 10**attempt * diagonal))
         except np.linalg.LinAlgError:
             continue
         inv_lower = np.linalg.solve(lower, eye)

@@ -79,7 +79,11 @@ def shift_bias(
         )
         return None
     if op == "Gemm":
-        term = _shaped(delta, out_axis, 2)
+        beta_attr = node.attributes.get("beta")
+        beta = float(beta_attr.value) if beta_attr is not None else 1.0
+        if beta == 0:  # C is ignored: the shift needs an Add of its own
+            return _add_after(model, node, _shaped(delta, out_axis, 2).astype(dtype))
+        term = _shaped(delta / beta, out_axis, 2)
         has_c = len(node.inputs) > 2 and node.inputs[2] is not None
         old = const_tensor(node.inputs[2]) if has_c else None
         if has_c and old is None:

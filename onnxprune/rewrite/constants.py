@@ -34,11 +34,13 @@ class NodeConstants:
             node.resize_inputs(index + 1)
         old = node.inputs[index]
         node.replace_input_with(index, value)
-        if (
-            old is not None
-            and old.name in self.graph.initializers
-            and not old.uses()
-            and not old.is_graph_input()
-            and not old.is_graph_output()
+        if old is None or old.uses() or old.is_graph_input() or old.is_graph_output():
+            return
+        # orphaned by this replacement: drop it, stored as an initializer or a Constant node
+        producer = old.producer()
+        if old.name in self.graph.initializers and producer is None:
+            self.graph.initializers.pop(old.name)
+        elif (
+            producer is not None and producer.op_type == "Constant" and producer.graph is self.graph
         ):
-            self.graph.initializers.pop(old.name)  # orphaned by this replacement: drop it
+            self.graph.remove(producer, safe=True)
