@@ -15,7 +15,7 @@ import onnxruntime as ort
 from onnxprune import channels, io
 from onnxprune.rewrite.structured import apply_channel_plan
 from onnxprune.scoring import CHANNEL_NORMS
-from onnxprune.selection_channels import plan_channels
+from onnxprune.selection.channels import plan_channels
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5)
 

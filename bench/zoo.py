@@ -89,7 +89,7 @@ def invariant(path: Path) -> tuple[float, bool]:
 
     from onnxprune import io
     from onnxprune.rewrite.structured import apply_channel_plan
-    from onnxprune.selection_channels import ChannelPlan, counted_weights
+    from onnxprune.selection.channels import ChannelPlan, counted_weights
     from tests.builders import run
     from tests.channel_models import analyse, choose, feeds, kill
 

@@ -162,8 +162,9 @@ def _prune_channels(
     target: str,
 ) -> Report:
     """Structured: trace channel groups, rank channels globally, slice them out."""
-    from onnxprune import channels, selection_channels
+    from onnxprune import channels
     from onnxprune.rewrite.structured import apply_channel_plan
+    from onnxprune.selection import channels as channel_selection
 
     if pattern is not None:
         raise InvalidArgumentError("--pattern and --structured exclude each other")
@@ -185,7 +186,7 @@ def _prune_channels(
         hit = [i for i, layer in enumerate(graph.layers) if named(layer, excludes)]
         channels.freeze_layers(graph, hit, "matched by --exclude")
     with step("ranking channels"):
-        plan = selection_channels.plan_channels(
+        plan = channel_selection.plan_channels(
             model, graph, sparsity, min_keep=min_keep, round_to=round_to, target=target
         )
     with step("removing channels"):

@@ -124,7 +124,7 @@ def magnitude_stats(source: ir.TensorProtocol | np.ndarray) -> MagnitudeStats:
 
 # Normalisations of a member's per-channel magnitudes before they are summed into a group score.
 # "mean" (the default) divides each member by its own mean channel norm, so every layer's average
-# channel weighs 1 whatever the layer's size, fan-in or weight scale; see selection_channels.py for
+# channel weighs 1 whatever the layer's size, fan-in or weight scale; see selection/channels.py for
 # the measurement that chose it.
 CHANNEL_NORMS = ("mean", "rms", "none")
 

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import selection_global
+from onnxprune.selection import threshold as global_threshold
 
 IR_VERSION = 10
 OPSET = 17
@@ -168,5 +168,5 @@ PATHS = {
 def threshold_path(name: str) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         for attr, value in PATHS[name].items():
-            patch.setattr(selection_global, attr, value)
+            patch.setattr(global_threshold, attr, value)
         yield

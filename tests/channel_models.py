@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 from onnxprune import channels, io
 from onnxprune.rewrite.structured import apply_channel_plan
-from onnxprune.selection_channels import ChannelPlan, _accept, counted_weights
+from onnxprune.selection.channels import ChannelPlan, _accept, counted_weights
 from tests.builders import GraphBuilder, run
 
 

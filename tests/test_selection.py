@@ -10,11 +10,11 @@ from builders import PATHS, GraphBuilder, threshold_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onnxprune import selection_global
 from onnxprune.errors import InfeasibleError, InvalidArgumentError, NothingToPruneError
 from onnxprune.rewrite.unstructured import pruned_array
 from onnxprune.scoring import magnitude_keys
 from onnxprune.selection import MinKeep, plan
+from onnxprune.selection import threshold as global_threshold
 from onnxprune.weights import find_weights
 
 
@@ -307,9 +307,9 @@ def test_sampled_window_finds_the_threshold_in_one_pass(dtype, sparsity, keep) -
     results = {}
     for path in ("radix", "window"):
         with threshold_path(path), pytest.MonkeyPatch.context() as patch:
-            patch.setattr(selection_global, "SAMPLE_BLOCKS", 256)
-            patch.setattr(selection_global, "SAMPLE_BLOCK", 64)
-            found = selection_global.GlobalSelection(weights, keys, sizes, keep_counts, target)
+            patch.setattr(global_threshold, "SAMPLE_BLOCKS", 256)
+            patch.setattr(global_threshold, "SAMPLE_BLOCK", 64)
+            found = global_threshold.GlobalSelection(weights, keys, sizes, keep_counts, target)
             results[path] = (*found.select(target), found.passes, found.window)
     counts, cuts, passes, window = results["window"]
     assert window is not None and passes == 1

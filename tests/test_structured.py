@@ -14,7 +14,7 @@ from onnxprune import pipeline
 from onnxprune.cli import main
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
 from onnxprune.rewrite.structured import apply_channel_plan
-from onnxprune.selection_channels import plan_channels
+from onnxprune.selection.channels import plan_channels
 from tests.builders import GraphBuilder, run, save
 from tests.channel_models import (
     MODELS,

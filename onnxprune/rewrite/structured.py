@@ -17,7 +17,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from onnxprune.channels import Fix, const_tensor
 from onnxprune.rewrite.constants import NodeConstants
-from onnxprune.selection_channels import ChannelPlan
+from onnxprune.selection.channels import ChannelPlan
 
 
 def _set_tensor(value: ir.Value, tensor: ir.TensorProtocol) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.shapemath import entries
+from onnxprune.channels.shapemath import entries
 
 if TYPE_CHECKING:
     from onnxprune.channels import Walk

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from onnxprune.report import format_table, human_count
-from onnxprune.selection_channels import ChannelPlan
+from onnxprune.selection.channels import ChannelPlan
 
 NAME_WIDTH = 44
 SHOWN_LAYERS = 3

@@ -23,8 +23,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from onnxprune.oprules import RULES, Unsupported
-from onnxprune.shapemath import static_target, static_value
+from onnxprune.channels.oprules import RULES, Unsupported
+from onnxprune.channels.shapemath import static_target, static_value
 
 # Member roles. out/in: a weight's output/input-channel axis; bias: the producer's bias; scale and
 # shift: per-channel carrier parameters (a dead channel has its shifts zero); param: anything else.

@@ -1,4 +1,4 @@
-"""Decide which channels go: a global ranking over channel classes, like selection.py over weights.
+"""Decide which channels go: a global ranking over channel classes, as selection ranks weights.
 
 Classes are ranked by importance (scoring.channel_scores), lowest first, ties by class number, so
 the same model always gives the same file. The walk skips a class whose removal would leave some

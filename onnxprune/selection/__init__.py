@@ -7,7 +7,7 @@ round(sparsity x total) weights. Ties in magnitude go to the earlier layer (grap
 lower flat index, so the same model always gives the same file.
 
 The global threshold is found from counts of magnitude keys (scoring.py), gathered by streaming
-the weights one tensor at a time (selection_global.py): nothing holds all weights at once, so
+the weights one tensor at a time (global_threshold.py): nothing holds all weights at once, so
 models bigger than memory get the very same decision as small ones.
 """
 
@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from onnxprune.errors import InfeasibleError, InvalidArgumentError, NothingToPruneError
 from onnxprune.scoring import key_chunks, key_dtype, magnitude_keys
-from onnxprune.selection_global import Cut, GlobalSelection, cut_for_count
+from onnxprune.selection.threshold import Cut, GlobalSelection, cut_for_count
 from onnxprune.weights import PRUNABLE_OPS, Weight
 
 METHODS = ("global", "uniform")

@@ -51,7 +51,7 @@ class Report:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    channels: Any = None  # a selection_channels.ChannelPlan for structured runs
+    channels: Any = None  # a selection.channels.ChannelPlan for structured runs
 
     @property
     def warnings(self) -> list[str]:
@@ -59,7 +59,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         if self.channels is not None:
-            from onnxprune.report_channels import channel_dict
+            from onnxprune.report.channels import channel_dict
 
             return {
                 "input": self.input_path,
@@ -200,7 +200,7 @@ def _calibration_line(plan: Plan) -> str:
 def format_report(report: Report) -> str:
     """The terminal table of a prune run, in graph order, with totals and sizes."""
     if report.channels is not None:
-        from onnxprune.report_channels import format_channels
+        from onnxprune.report.channels import format_channels
 
         lines = [format_channels(report.channels)]
         if report.size_after is not None:
