@@ -483,7 +483,7 @@ def test_sparsegpt_counts_are_sequential_obs(block: int) -> None:
     assert output_norm(w - new, x) <= output_norm(w - zeroed, x)
     # the given inverse is the same as the one computed inside
     again, _ = reconstruct.sparsegpt(
-        w, h, counts=counts, energy=energy, block=block, hinv=reconstruct.damped_inverse(h, 0.01)
+        w, h, counts=counts, energy=energy, block=block, factor=reconstruct.inverse_factor(h, 0.01)
     )
     np.testing.assert_allclose(again, new, rtol=1e-12, atol=1e-12)
 
@@ -495,8 +495,19 @@ def test_damped_inverse_and_scores() -> None:
     r = np.einsum("ok,kl,ol->o", w, h, w) + reconstruct.DELTA * (np.square(w) @ np.diag(h))
     wanda = reconstruct.scores(w[None], h[None], "wanda")[0]
     np.testing.assert_allclose(wanda, np.square(w) * np.diag(h) / r[:, None], rtol=1e-12)
-    obs = reconstruct.scores(w[None], h[None], "sparsegpt", lambda g: hinv)[0]
-    np.testing.assert_allclose(obs, np.square(w) / np.diag(hinv) / r[:, None], rtol=1e-12)
+    upper = reconstruct.inverse_factor(h, 0.01)
+    np.testing.assert_array_equal(upper, np.triu(upper))  # U is upper triangular
+    obs = reconstruct.scores(w[None], h[None], "sparsegpt", lambda g: upper)[0]
+    np.testing.assert_allclose(obs, np.square(w) / np.diag(hinv) / r[:, None], rtol=1e-9)
+
+
+@pytest.mark.parametrize("k", [5, 128, 129, 300])
+def test_inverse_factor_on_sizes_the_recursion_splits(k: int) -> None:
+    h = np.cov(np.random.default_rng(k).standard_normal((k, 2 * k + 3)))
+    upper = reconstruct.inverse_factor(h, 0.01)
+    np.testing.assert_allclose(
+        upper.T @ upper, np.linalg.inv(damped(h, 0.01)), rtol=1e-7, atol=1e-9
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,13 +21,16 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune.calibration.design import Design, design_of
-from onnxprune.calibration.reconstruct import damped_inverse
+from onnxprune.calibration.reconstruct import inverse_factor
 from onnxprune.errors import DataError
 from onnxprune.inputs import Inputs
 from onnxprune.runtime import Runtime, open_session
 from onnxprune.weights import Weight
 
 log = logging.getLogger("onnxprune")
+
+# Layers with inputs at least this wide (K) have their X^T X products taken in float32.
+WIDE = 256
 
 
 @dataclass
@@ -59,15 +62,20 @@ class LayerStats:
         )
 
     def add(self, rows: np.ndarray, dense: np.ndarray | None = None) -> None:
-        """Add a chunk of rows [G, n, K] (and the dense model's rows of the same samples)."""
-        x = rows.astype(np.float64, copy=False)
+        """Add a chunk of rows [G, n, K] (and the dense model's rows of the same samples).
+
+        Products of layers at least WIDE inputs wide are computed in float32 (half the time of
+        float64, relative error ~1e-6 per chunk) and summed into float64 across chunks.
+        """
+        precision = np.float32 if rows.shape[2] >= WIDE else np.float64
+        x = rows.astype(precision, copy=False)
         self.gram += np.matmul(x.transpose(0, 2, 1), x)
-        self.sums += x.sum(axis=1)
+        self.sums += x.sum(axis=1, dtype=np.float64)
         self.rows += x.shape[1]
         if dense is not None:
             assert self.cross is not None and self.dense_sums is not None
             assert self.dense_gram is not None
-            xd = dense.astype(np.float64, copy=False)
+            xd = dense.astype(precision, copy=False)
             self.cross += np.matmul(x.transpose(0, 2, 1), xd)
             self.dense_gram += np.matmul(xd.transpose(0, 2, 1), xd)
             self.dense_sums += xd.sum(axis=1)
@@ -93,11 +101,11 @@ class LayerStats:
         return sum(a.nbytes for a in arrays if a is not None)
 
     def inverse(self, group: int, damp: float) -> np.ndarray:
-        """The damped inverse of one group's Hessian, computed once (scoring and SparseGPT both
-        need it, and it is the costliest step for wide layers)."""
+        """U with U^T U the damped inverse of one group's Hessian (reconstruct.inverse_factor),
+        computed once: scoring and SparseGPT both need it, and it costs the most in wide layers."""
         key = (group, damp)
         if key not in self._inverses:
-            self._inverses[key] = damped_inverse(self.hessian[group], damp)
+            self._inverses[key] = inverse_factor(self.hessian[group], damp)
         return self._inverses[key]
 
     @property

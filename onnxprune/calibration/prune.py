@@ -221,7 +221,7 @@ def repair(
                 pattern=pattern if mask_m is None else None,
                 energy=reconstruct.output_energy(w[g], stats.dense_hessian[g]),
                 damp=options.damp,
-                hinv=stats.inverse(g, options.damp),
+                factor=stats.inverse(g, options.damp),
             )
         mask = design.from_matrix(pruned)
     else:
