@@ -231,10 +231,11 @@ calibration_options = [
         "--calibration-mode",
         "calibration_mode",
         type=click.Choice(["one-pass", "sequential"]),
-        default="one-pass",
+        default="sequential",
         show_default=True,
-        help="one-pass: every layer measured on the dense model; sequential: layer by layer "
-        "on the model pruned so far, re-solved against the dense outputs (slower).",
+        help="sequential: each wave of layers measured on the model pruned so far and "
+        "re-solved against the dense model's outputs (more passes, much more accurate); "
+        "one-pass: every layer measured once on the dense model (fastest).",
     ),
     click.option(
         "--calibration-samples",
@@ -268,7 +269,7 @@ def _calibration(
         given = [
             flag
             for flag, used in (
-                ("--calibration-mode", mode != "one-pass"),
+                ("--calibration-mode", mode != "sequential"),
                 ("--calibration-samples", samples is not None),
                 ("--no-bias-correction", not bias_correction),
             )
@@ -631,7 +632,7 @@ def validate_command(
     "--calibration-mode",
     "calibration_mode",
     type=click.Choice(["one-pass", "sequential"]),
-    default="one-pass",
+    default="sequential",
     show_default=True,
     help="With --calibration: how layers are measured (see prune --help).",
 )

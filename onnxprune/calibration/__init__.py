@@ -39,7 +39,7 @@ class Calibration:
 
     data: str | os.PathLike | Mapping[str, np.ndarray]
     criterion: str = "sparsegpt"
-    mode: str = "one-pass"
+    mode: str = "sequential"
     samples: int | None = None
     batch_size: int | None = None
     device: str = "auto"

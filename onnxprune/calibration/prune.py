@@ -208,7 +208,7 @@ def repair(
         target = w
         if paired:
             target = reconstruct.refit(
-                w, stats.cross_hessian, lambda g: stats.inverse(g, options.damp)
+                w, h, stats.cross_hessian, lambda g: stats.inverse(g, options.damp)
             )
         mask_m = None if mask is None else design.to_matrix(mask)
         new = np.empty_like(w)

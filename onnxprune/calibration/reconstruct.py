@@ -183,17 +183,27 @@ def sparsegpt(
     return w, pruned
 
 
-def refit(w: np.ndarray, cross: np.ndarray, inverse: Callable[[int], np.ndarray]) -> np.ndarray:
-    """The dense target seen from pruned inputs: argmin_W' E||W x_dense - W' x||^2 (ridge).
+def refit(
+    w: np.ndarray,
+    h: np.ndarray,
+    cross: np.ndarray,
+    inverse: Callable[[int], np.ndarray],
+) -> np.ndarray:
+    """The dense target seen from pruned inputs: argmin_W' E||W x_dense - W' x||^2, regularised
+    towards W (ridge, with the damping of `inverse`): W + W (E[x_dense x^T] - E[x x^T]) (H + D)^-1.
 
     Sequential calibration feeds each layer what the already-pruned layers before it produce; this
     re-solves the layer for that input before it is pruned, so errors upstream are compensated.
-    cross = E[x x_dense^T]; `inverse(g)` the factor U of the damped inverse of E[x x^T].
+    Where nothing upstream changed (cross == h), W comes back exactly.
+    h = E[x x^T], cross = E[x x_dense^T]; `inverse(g)` the factor U of (h + D)^-1.
     """
-    out = np.empty_like(w)
+    out = np.array(w, copy=True)
     for g in range(w.shape[0]):
+        gap = cross[g].T - h[g]
+        if not gap.any():
+            continue
         upper = inverse(g)
-        out[g] = ((w[g] @ cross[g].T) @ upper.T) @ upper
+        out[g] += ((w[g] @ gap) @ upper.T) @ upper
     return out
 
 
