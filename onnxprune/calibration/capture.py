@@ -192,7 +192,9 @@ class Runner:
     """One session of a model that returns the activations of chosen values for a batch."""
 
     def __init__(self, model: ir.Model, values: Sequence[ir.Value], runtime: Runtime, label: str):
-        self.session = open_session(exposed_model(model, values), runtime, label=label)
+        self.session = open_session(
+            exposed_model(model, values), runtime, label=label, spinning=False
+        )
         self.inputs = {arg.name for arg in self.session.get_inputs()}
         self.names = list(dict.fromkeys(v.name for v in values if v.name not in self.inputs))
         self.label = label
