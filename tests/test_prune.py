@@ -200,3 +200,35 @@ def test_subgraph_weights_go_to_the_external_data_file_too(tmp_path) -> None:
     for flag in (True, False):
         w = then_w if flag else outer_w
         np.testing.assert_allclose(run(out, {"x": x, "cond": np.array(flag)})[0], x @ w, rtol=1e-5)
+
+
+def _scaled_mlp(scale: float, norm: bool) -> onnx.ModelProto:
+    """Two Gemms whose weights differ in scale by `scale`; optionally a BatchNorm-like
+    normalisation left after the first."""
+    b = GraphBuilder(5)
+    rng = np.random.default_rng(6)
+    h = b.node(
+        "Gemm",
+        [b.input("x", ["N", 8]), b.weight((8, 8), array=rng.standard_normal((8, 8)).astype("f"))],
+    )
+    if norm:
+        h = b.node("LayerNormalization", [h, b.weight((8,)), b.weight((8,))], axis=-1)
+    w2 = (scale * rng.standard_normal((8, 4))).astype(np.float32)
+    b.node("Gemm", [h, b.weight((8, 4), array=w2)], out="y")
+    b.output("y")
+    return b.model()
+
+
+@pytest.mark.parametrize(
+    ("scale", "norm", "expect"),
+    [(1.0, False, None), (0.01, False, "scales differ by"), (1.0, True, "normalisation")],
+)
+def test_magnitude_warns_where_it_is_not_scale_free(tmp_path, scale, norm, expect) -> None:
+    """Global magnitude without data says when layer scales make it unreliable."""
+    model = onnxprune.load_model(save(_scaled_mlp(scale, norm), tmp_path / "m.onnx"))
+    _, report = onnxprune.prune(model, 0.5)
+    hazards = [w for w in report.warnings if "not scale-free" in w]
+    if expect is None:
+        assert not hazards
+    else:
+        assert len(hazards) == 1 and expect in hazards[0] and "--calibration" in hazards[0]
