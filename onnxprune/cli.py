@@ -238,6 +238,16 @@ calibration_options = [
         "one-pass: every layer measured once on the dense model (fastest).",
     ),
     click.option(
+        "--calibration-rounds",
+        "calibration_rounds",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="Sequential: measure in at most N rounds, merging consecutive waves (each round "
+        "runs the samples through the dense and the pruned model; default: one per wave of "
+        "equal depth). Fewer rounds are faster on deep models and less accurate.",
+    ),
+    click.option(
         "--calibration-samples",
         "calibration_samples",
         type=click.IntRange(min=1),
@@ -263,6 +273,7 @@ def _calibration(
     bias_correction: bool,
     batch_size: int | None,
     device: str,
+    rounds: int | None = None,
 ) -> Any:
     """The Calibration settings the options ask for (None without --calibration)."""
     if path is None:
@@ -271,6 +282,7 @@ def _calibration(
             for flag, used in (
                 ("--calibration-mode", mode != "sequential"),
                 ("--calibration-samples", samples is not None),
+                ("--calibration-rounds", rounds is not None),
                 ("--no-bias-correction", not bias_correction),
             )
             if used
@@ -288,6 +300,7 @@ def _calibration(
         batch_size=batch_size,
         device=device,
         bias_correction=bias_correction,
+        rounds=rounds,
     )
 
 
@@ -367,6 +380,7 @@ def prune_command(
     calibration: str | None,
     criterion: str | None,
     calibration_mode: str,
+    calibration_rounds: int | None,
     calibration_samples: int | None,
     bias_correction: bool,
     structured: bool,
@@ -403,6 +417,7 @@ def prune_command(
         bias_correction,
         batch_size,
         device,
+        calibration_rounds,
     )
     _, report = pipeline.prune(
         model,

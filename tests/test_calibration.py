@@ -1157,3 +1157,33 @@ def test_float16_model_counts_exactly_and_runs(tmp_path, criterion: str) -> None
     assert sum(int((tensors[n] == 0).sum()) for n in names) == round(0.6 * (16 * 24 + 24 * 8))
     assert report.plan.calibration.bias_corrected == 2
     assert checked_run(out, data)[0].dtype == np.float16
+
+
+@pytest.mark.parametrize(
+    ("rounds", "expect"),
+    [
+        (None, [[0], [1, 2], [3], [4]]),
+        (4, [[0], [1, 2], [3], [4]]),
+        (2, [[0, 1, 2], [3, 4]]),
+        (1, [[0, 1, 2, 3, 4]]),
+    ],
+)
+def test_rounds_merge_consecutive_waves(rounds, expect) -> None:
+    from onnxprune.calibration.prune import merge_waves
+
+    assert merge_waves([[0], [1, 2], [3], [4]], rounds) == expect
+
+
+def test_fewer_rounds_keep_exact_counts(tmp_path) -> None:
+    b = GraphBuilder(81)
+    h = b.input("x", ["N", 12])
+    for i in range(4):
+        h = b.node("Gemm", [h, b.weight((12, 12), name=f"W{i}")], transB=1)
+        h = b.node("Relu", [h])
+    b.node("Gemm", [h, b.weight((3, 12), name="Wout")], out="y", transB=1)
+    b.output("y")
+    data = {"x": np.random.default_rng(82).standard_normal((40, 12)).astype(np.float32)}
+    options = Calibration(data=data, device="cpu", rounds=2)
+    _, report = onnxprune.prune(to_ir(b.model()), 0.6, calibration=options)
+    assert report.plan.pruned == round(0.6 * (4 * 144 + 36))
+    assert report.plan.calibration.passes == 1 + 2

@@ -47,6 +47,9 @@ class Calibration:
     damp: float = 0.01
     budget_bytes: int = DEFAULT_BUDGET_BYTES
     compare: str = "lamp"
+    rounds: int | None = (
+        None  # sequential: at most this many measurement rounds (None: a wave each)
+    )
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -59,6 +62,8 @@ class Calibration:
             )
         if self.compare not in COMPARE:
             raise InvalidArgumentError(f"compare {self.compare!r}: choose one of {COMPARE}")
+        if self.rounds is not None and self.rounds < 1:
+            raise InvalidArgumentError(f"--calibration-rounds {self.rounds}: must be >= 1")
         if self.samples is not None and self.samples < 1:
             raise InvalidArgumentError(f"--calibration-samples {self.samples}: must be >= 1")
         if self.batch_size is not None and self.batch_size < 1:

@@ -13,6 +13,7 @@ with white inputs and only zeroed; the report lists them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -278,6 +279,23 @@ def _waves(model: ir.Model, weights: Sequence[Weight], chosen: Sequence[int]) ->
     return [sorted(groups[k]) for k in sorted(groups)]
 
 
+def merge_waves(waves: list[list[int]], rounds: int | None) -> list[list[int]]:
+    """At most `rounds` measurement rounds: consecutive waves merged, as evenly as they go.
+
+    Each round costs two runs over the samples (pruned and dense model, up to that depth); in a
+    merged round a layer is measured before the layers of its own round upstream of it are
+    pruned, which is what one-pass does everywhere.
+    """
+    if rounds is None or len(waves) <= rounds:
+        return waves
+    bounds = np.linspace(0, len(waves), rounds + 1).round().astype(int)
+    return [
+        sorted(i for wave in waves[a:b] for i in wave)
+        for a, b in itertools.pairwise(bounds.tolist())
+        if b > a
+    ]
+
+
 def _dtype(weight: Weight) -> np.dtype:
     return np.dtype(weight.dtype.numpy())
 
@@ -347,7 +365,7 @@ def calibrated_plan(
                     _set(
                         weights[i], _store(np.where(mask, 0.0, arrays[i]), mask, _dtype(weights[i]))
                     )
-            waves = _waves(model, weights, measured)
+            waves = merge_waves(_waves(model, weights, measured), options.rounds)
             summary.passes += len(waves)
             for wave in waves:
                 chosen = [weights[i] for i in wave]

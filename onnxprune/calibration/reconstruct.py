@@ -238,6 +238,7 @@ def output_error(
     hd = hessian if dense_hessian is None else dense_hessian
     c = hessian if cross is None else cross  # E[x x_dense^T]
     md = mean if dense_mean is None else dense_mean
+
     def form(a: np.ndarray, m: np.ndarray, b: np.ndarray) -> float:
         """sum over groups of tr(a m b^T), with matmuls (einsum's path here is far slower)."""
         return float(np.sum(np.matmul(a, m) * b))
