@@ -325,7 +325,7 @@ def calibrated_plan(
         criterion=options.criterion,
         mode=options.mode,
         samples=samples.samples,
-        providers=stats.providers,
+        providers=stats.providers or list(runtime.providers),
         fallback=list(stats.missing),
         notices=list(samples.notices),
         passes=stats.passes,
