@@ -29,6 +29,13 @@ from onnxprune.weights import Use, Weight
 PATCH_ELEMENTS = 1 << 24
 
 
+def statistic_positions(k: int) -> int:
+    """Output positions per sample a Conv's statistics use: 8 rows per input feature, at least
+    1024 (ResNet-50's stem, 147 inputs at 112x112 = 12,544 positions, keeps 1,176; a 28x28 map
+    keeps all). Fewer rows than that estimate X^T X no worse than the samples themselves allow."""
+    return max(8 * k, 1024)
+
+
 @dataclass(frozen=True)
 class Design:
     """One use of a weight seen as a (grouped) matrix product.
@@ -42,7 +49,9 @@ class Design:
     out_features: int  # per group
     in_features: int  # per group
     signature: tuple
-    rows: Callable[[np.ndarray], list[np.ndarray]]  # activation -> chunks of X [G, n, K]
+    # activation -> chunks of X [G, n, K]; sample=True: the rows statistics use (a Conv keeps at
+    # most STATISTIC_POSITIONS(K) output positions per sample)
+    rows: Callable[..., list[np.ndarray]]
     to_matrix: Callable[[np.ndarray], np.ndarray]  # stored weight -> [G, O, K]
     from_matrix: Callable[[np.ndarray], np.ndarray]  # [G, O, K] -> stored layout
     out_axis: int  # axis of the node's output that carries the G*O output features (bias axis)
@@ -105,10 +114,13 @@ def conv_rows(
     pads: list[int],
     auto_pad: str,
     groups: int,
+    cap: int | None = None,
 ) -> list[np.ndarray]:
     """im2col of a Conv input [N, C, *spatial]: chunks of rows [G, n, K*C/G], a few samples each.
 
     Row order is (sample, output position); column order (kernel position, channel of the group).
+    `cap`: at most this many output positions per sample, the same fixed-seed subset for every
+    sample (statistics of layers with far more positions than inputs need not see them all).
     """
     n_samples, channels, *spatial = x.shape
     pad = conv_pads(tuple(spatial), kernel, strides, dilations, pads, auto_pad)
@@ -122,6 +134,9 @@ def conv_rows(
     per_sample = positions * k_total * channels
     step = max(1, PATCH_ELEMENTS // max(1, per_sample))
     c_group = channels // groups
+    chosen = None
+    if cap is not None and positions > cap:
+        chosen = np.sort(np.random.default_rng(positions).choice(positions, cap, replace=False))
     chunks = []
     for start in range(0, n_samples, step):
         part = x[start : start + step]
@@ -136,8 +151,11 @@ def conv_rows(
         patches = np.stack(taken, axis=1)  # [n, K, C, *out]
         n = patches.shape[0]
         patches = patches.reshape(n, k_total, groups, c_group, positions)
+        if chosen is not None:
+            patches = patches[..., chosen]
+        kept = patches.shape[-1]
         # -> [G, n, positions, K, Cg] -> [G, n*positions, K*Cg]
-        rows = patches.transpose(2, 0, 4, 1, 3).reshape(groups, n * positions, k_total * c_group)
+        rows = patches.transpose(2, 0, 4, 1, 3).reshape(groups, n * kept, k_total * c_group)
         chunks.append(rows)
     return chunks
 
@@ -181,7 +199,16 @@ def _conv(weight: Weight, use: Use) -> Design | None:
             auto_pad,
             groups,
         ),
-        rows=lambda x: conv_rows(x, kernel, strides, dilations, pads, auto_pad, groups),
+        rows=lambda x, sample=False: conv_rows(
+            x,
+            kernel,
+            strides,
+            dilations,
+            pads,
+            auto_pad,
+            groups,
+            statistic_positions(k_total * c_group) if sample else None,
+        ),
         to_matrix=to_matrix,
         from_matrix=from_matrix,
         out_axis=1,
@@ -213,7 +240,7 @@ def _matrix_design(
     def from_matrix(m: np.ndarray) -> np.ndarray:
         return m[0].T if transposed else m[0]
 
-    def rows(x: np.ndarray) -> list[np.ndarray]:
+    def rows(x: np.ndarray, sample: bool = False) -> list[np.ndarray]:
         if transpose_rows and x.ndim > 1:  # a vector on the right of W @ v is one row
             x = np.swapaxes(x, -1, -2)
         x = x.reshape(1, -1, n_in)
