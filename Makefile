@@ -36,6 +36,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_prune.py
 	$(PY) bench/bench_structured.py
+	$(PY) bench/bench_calibrate.py --mode one-pass
 
 # torchvision's classification models, exported randomly initialised, pruned at 0.5 structured.
 # Needs torch and torchvision (installed into the venv here, never a package dependency).
