@@ -353,11 +353,15 @@ def calibrated_plan(
         if options.mode == "one-pass":
             for i in measured:
                 name = weights[i].name
+                # popped: each layer's sums and factor are freed once it is repaired
                 results[i] = repair(
-                    model, weights[i], arrays[i], masks[i], stats.layers[name],
-                    stats.uses[name], stats.designs[name], options, nm, consts, aliases,
+                    model, weights[i], arrays[i], masks[i], stats.layers.pop(name),
+                    stats.uses.pop(name), stats.designs[name], options, nm, consts, aliases,
                 )  # fmt: skip
         else:
+            # the dense sums served the ranking; each round measures its own
+            stats.layers.clear()
+            stats.uses.clear()
             dense = ir.serde.deserialize_model(ir.serde.serialize_model(model))
             for i in changed:  # layers without statistics: zeroed first, as the waves see them
                 mask = masks[i]
@@ -376,8 +380,8 @@ def calibrated_plan(
                 for i in wave:
                     name = weights[i].name
                     results[i] = repair(
-                        model, weights[i], arrays[i], masks[i], paired.layers[name],
-                        paired.uses[name], paired.designs[name], options, nm, consts, aliases,
+                        model, weights[i], arrays[i], masks[i], paired.layers.pop(name),
+                        paired.uses.pop(name), paired.designs[name], options, nm, consts, aliases,
                     )  # fmt: skip
                     _set(weights[i], _store(results[i].values, results[i].mask, _dtype(weights[i])))
     summary.bias_corrected = sum(r.bias_moved for r in results.values())
