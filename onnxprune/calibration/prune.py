@@ -349,15 +349,19 @@ def calibrated_plan(
     results: dict[int, Repaired] = {}
     changed = [i for i, layer in enumerate(base.layers) if layer.changed]
     measured = [i for i in changed if weights[i].name in stats.designs]
+
+    def repaired(i: int, measurement: Statistics) -> Repaired:
+        """Layer i repaired with its statistics, which are freed (popped) once used."""
+        name = weights[i].name
+        return repair(
+            model, weights[i], arrays[i], masks[i], measurement.layers.pop(name),
+            measurement.uses.pop(name), measurement.designs[name], options, nm, consts, aliases,
+        )  # fmt: skip
+
     with step(f"repairing {len(measured)} layers"):
         if options.mode == "one-pass":
             for i in measured:
-                name = weights[i].name
-                # popped: each layer's sums and factor are freed once it is repaired
-                results[i] = repair(
-                    model, weights[i], arrays[i], masks[i], stats.layers.pop(name),
-                    stats.uses.pop(name), stats.designs[name], options, nm, consts, aliases,
-                )  # fmt: skip
+                results[i] = repaired(i, stats)
         else:
             # the dense sums served the ranking; each round measures its own
             stats.layers.clear()
@@ -378,11 +382,7 @@ def calibrated_plan(
                     dense=dense, aliases=aliases,
                 )  # fmt: skip
                 for i in wave:
-                    name = weights[i].name
-                    results[i] = repair(
-                        model, weights[i], arrays[i], masks[i], paired.layers.pop(name),
-                        paired.uses.pop(name), paired.designs[name], options, nm, consts, aliases,
-                    )  # fmt: skip
+                    results[i] = repaired(i, paired)
                     _set(weights[i], _store(results[i].values, results[i].mask, _dtype(weights[i])))
     summary.bias_corrected = sum(r.bias_moved for r in results.values())
     for i in changed:
