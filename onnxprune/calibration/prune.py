@@ -207,7 +207,10 @@ def repair(
     h = stats.hessian
     if options.criterion == "sparsegpt":
         target = w
-        if paired:
+        # the refit needs the layer's statistics to be well determined: with fewer rows than
+        # inputs, its correction lives mostly in directions the data never saw, where only the
+        # damping bounds it (DenseNet-121 on 8 samples: output error 2.5 with it, 0.3 without)
+        if paired and stats.rows >= design.in_features:
             target = reconstruct.refit(
                 w, h, stats.cross_hessian, lambda g: stats.inverse(g, options.damp)
             )
