@@ -244,7 +244,11 @@ def output_error(
         return float(np.sum(np.matmul(a, m) * b))
 
     dense = form(w, hd, w)
-    error = dense - 2 * form(new, c, w) + form(new, hessian, new)
+    if cross is None and dense_hessian is None:  # one input for both: (W - W') H (W - W')^T
+        gap = w - new
+        error = form(gap, hessian, gap)
+    else:
+        error = dense - 2 * form(new, c, w) + form(new, hessian, new)
     if corrected:
         shift = np.einsum("gok,gk->go", w, md) - np.einsum("gok,gk->go", new, mean)
         error -= float(np.square(shift).sum())
