@@ -1205,3 +1205,39 @@ def test_conv_statistics_keep_a_fixed_subset_of_positions() -> None:
     assert chosen[:100] == chosen[100:]  # the same positions in both samples
     again = np.concatenate(conv_rows(x, [3, 3], [1, 1], [1, 1], [1] * 4, "NOTSET", 1, 100), axis=1)
     np.testing.assert_array_equal(part, again)
+
+
+def test_exposed_model_keeps_only_the_nodes_the_activations_need() -> None:
+    """ONNX Runtime runs every node of a session: the calibration copy is cut to what it needs."""
+    b = GraphBuilder(91)
+    h = b.node("Gemm", [b.input("x", ["N", 6]), b.weight((6, 6), name="W1")], transB=1)
+    h = b.node("Relu", [h], out="early")
+    h = b.node("Gemm", [h, b.weight((6, 6), name="W2")], transB=1)
+    b.node("Gemm", [h, b.weight((3, 6), name="W3")], out="y", transB=1)
+    b.output("y")
+    model = to_ir(b.model())
+    early = next(n.outputs[0] for n in model.graph if n.outputs[0].name == "early")
+    proto = onnx.load_from_string(capture.exposed_model(model, [early]))
+    assert [o.name for o in proto.graph.output] == ["early"]
+    assert [n.op_type for n in proto.graph.node] == ["Gemm", "Relu"]
+
+
+@pytest.mark.parametrize(("samples", "refits"), [(10, 0), (100, 4)])
+def test_sequential_refit_only_where_rows_cover_the_inputs(monkeypatch, samples, refits) -> None:
+    """With fewer rows than inputs a layer is pruned on its measured inputs, not re-solved (the
+    refit's correction then lives where the data never looked: DenseNet-121 on 8 samples)."""
+    calls = []
+    original = reconstruct.refit
+    monkeypatch.setattr(reconstruct, "refit", lambda *a: calls.append(1) or original(*a))
+    b = GraphBuilder(92)
+    h = b.input("x", ["N", 24])
+    for i in range(3):
+        h = b.node("Gemm", [h, b.weight((24, 24), name=f"W{i}")], transB=1)
+        h = b.node("Relu", [h])
+    b.node("Gemm", [h, b.weight((4, 24), name="Wout")], out="y", transB=1)
+    b.output("y")
+    x = np.random.default_rng(93).standard_normal((samples, 24)).astype(np.float32)
+    options = Calibration(data={"x": x}, device="cpu", mode="sequential")
+    _, report = onnxprune.prune(to_ir(b.model()), 0.5, calibration=options)
+    assert report.plan.pruned == round(0.5 * (3 * 576 + 96))
+    assert len(calls) == refits  # every layer (the first gets W back: its input is unchanged)
