@@ -112,7 +112,8 @@ run_options = [
         "--batch-size",
         type=int,
         default=None,
-        help="Samples per run (default 32 with --data, 1 for generated inputs).",
+        help="Samples per run (default 32 with --data, 1 for generated inputs, 16 for "
+        "--calibration).",
     ),
     click.option(
         "--device",
