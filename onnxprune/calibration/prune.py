@@ -28,7 +28,7 @@ from onnxprune.report import step
 from onnxprune.rewrite.bias import shift_bias
 from onnxprune.rewrite.constants import NodeConstants
 from onnxprune.runtime import select_runtime
-from onnxprune.scoring import UINT32, magnitude_keys
+from onnxprune.scoring import UINT32
 from onnxprune.selection import LayerPlan, MinKeep, Plan
 from onnxprune.weights import Weight
 
@@ -137,16 +137,15 @@ def _masks(
                 masks.append(np.zeros(weight.shape, dtype=bool))
             elif calibrated and criterion == "sparsegpt":
                 masks.append(None)
-            else:
+            else:  # wanda's scores (or magnitudes) in the plan's own N:M mask
                 ranked = (
                     _stand_in(weight, _score(weight, array, stats, "wanda", options.damp), array)
                     if calibrated
                     else weight
                 )
-                keys = magnitude_keys(ranked.numpy(), UINT32 if calibrated else base.keys)
-                assert weight.in_axis is not None
-                flat = selection.pattern_mask(keys, weight.shape, weight.in_axis, *pattern)
-                masks.append(flat.reshape(weight.shape))
+                masks.append(
+                    _full_mask(layer, ranked.tensor(), UINT32 if calibrated else base.keys)
+                )
         return base, masks
     if criterion == "magnitude":
         ranked = list(weights)
@@ -273,7 +272,7 @@ def _waves(model: ir.Model, weights: Sequence[Weight], chosen: Sequence[int]) ->
         i = node_weight.get(id(node))
         if i is not None:
             wave[i] = max(wave[i], depth)
-            depth = max(depth, wave[i]) + 1
+            depth = wave[i] + 1
         for out in node.outputs:
             level[id(out)] = depth
     groups: dict[int, list[int]] = {}
@@ -350,6 +349,7 @@ def calibrated_plan(
     consts = NodeConstants(model)
     aliases: dict[str, str] = {}
     results: dict[int, Repaired] = {}
+    stored: dict[int, np.ndarray] = {}  # final values as stored, set early in sequential mode
     changed = [i for i, layer in enumerate(base.layers) if layer.changed]
     measured = [i for i in changed if weights[i].name in stats.designs]
 
@@ -373,9 +373,8 @@ def calibrated_plan(
             for i in changed:  # layers without statistics: zeroed first, as the waves see them
                 mask = masks[i]
                 if i not in measured and mask is not None:
-                    _set(
-                        weights[i], _store(np.where(mask, 0.0, arrays[i]), mask, _dtype(weights[i]))
-                    )
+                    stored[i] = _store(np.where(mask, 0.0, arrays[i]), mask, _dtype(weights[i]))
+                    _set(weights[i], stored[i])
             waves = merge_waves(_waves(model, weights, measured), options.rounds)
             summary.passes += len(waves)
             for wave in waves:
@@ -386,20 +385,21 @@ def calibrated_plan(
                 )  # fmt: skip
                 for i in wave:
                     results[i] = repaired(i, paired)
-                    _set(weights[i], _store(results[i].values, results[i].mask, _dtype(weights[i])))
+                    stored[i] = _store(results[i].values, results[i].mask, _dtype(weights[i]))
+                    _set(weights[i], stored[i])
     summary.bias_corrected = sum(r.bias_moved for r in results.values())
     for i in changed:
         layer = base.layers[i]
         weight = weights[i]
-        dtype = _dtype(weight)
-        if i in results:
-            values = _store(results[i].values, results[i].mask, dtype)
-            error = results[i].error
+        error = results[i].error if i in results else None
+        if i in stored:
+            values = stored.pop(i)
+        elif i in results:
+            values = _store(results[i].values, results[i].mask, _dtype(weight))
         else:
             mask = masks[i]
             assert mask is not None
-            values = _store(np.where(mask, 0.0, arrays[i]), mask, dtype)
-            error = None
+            values = _store(np.where(mask, 0.0, arrays[i]), mask, _dtype(weight))
         base.layers[i] = LayerPlan(
             weight=weight,
             size=layer.size,
