@@ -208,6 +208,13 @@ structured_options = [
         show_default=True,
         help="With --structured: --sparsity counts removed parameters or multiply-accumulates.",
     ),
+    click.option(
+        "--heads",
+        is_flag=True,
+        help="With --structured: remove whole attention heads (Q, K, V rows and the output "
+        "projection's columns of a head; the head count in shapes rewritten) instead of "
+        "shrinking head_dim in every head alike.",
+    ),
 ]
 
 
@@ -218,7 +225,9 @@ calibration_options = [
         type=click.Path(dir_okay=False, path_type=str),
         help="Calibration samples: .npz with one array per model input, like --data (labels "
         "ignored). Weights are then ranked by what they do on these samples, and the kept ones "
-        "repaired (SparseGPT updates, bias correction).",
+        "repaired (SparseGPT updates, bias correction). With --structured: channels ranked by "
+        "the output error their removal causes, and every layer that read a removed channel "
+        "re-solved by least squares.",
     ),
     click.option(
         "--criterion",
@@ -387,6 +396,7 @@ def prune_command(
     structured: bool,
     round_to: int | None,
     target: str,
+    heads: bool,
     pattern: str | None,
     output: str | None,
     force: bool,
@@ -436,6 +446,7 @@ def prune_command(
         round_to=round_to,
         target=target,
         calibration=options,
+        heads=heads,
     )
     if not quiet:
         click.echo(format_report(report))
@@ -501,6 +512,7 @@ def inspect_command(
     structured: bool,
     round_to: int | None,
     target: str,
+    heads: bool,
 ) -> None:
     """List MODEL's prunable layers, magnitudes and what pruning would keep; writes nothing.
 
@@ -518,6 +530,7 @@ def inspect_command(
             structured=True,
             round_to=round_to,
             target=target,
+            heads=heads,
         )
         click.echo(format_report(report))
         if report_path:
@@ -680,6 +693,7 @@ def sweep_command(
     structured: bool,
     round_to: int | None,
     target: str,
+    heads: bool,
     data: str | None,
     batch_size: int | None,
     device: str,
@@ -701,6 +715,7 @@ def sweep_command(
       onnxprune sweep model.onnx --data val.npz --sparsities 0.5,0.9,0.98 --plot sweep.png
       onnxprune sweep model.onnx --data val.npz --structured --round-to 8 --sparsities 0.1,0.3
       onnxprune sweep model.onnx --data val.npz --calibration calib.npz --min-keep 0
+      onnxprune sweep model.onnx --data val.npz --structured --calibration calib.npz
     """
     from onnxprune import inputs, sweep
 
@@ -719,6 +734,7 @@ def sweep_command(
         structured=structured,
         target=target,
         round_to=round_to,
+        heads=heads,
         calibration=_calibration(
             calibration, None, calibration_mode, None, True, batch_size, device
         ),

@@ -41,12 +41,16 @@ def prune(
     target: str = "params",
     calibration: Calibration | str | os.PathLike | None = None,
     criterion: str | None = None,
+    heads: bool = False,
 ) -> tuple[ir.Model, Report]:
     """Prune a model (a path or an `ir.Model`, changed in place) and, if `output` is given, save it.
 
     `structured=True` removes whole channels instead of zeroing weights: `sparsity` is then the
     share of the weights' parameters (target="params") or MACs (target="macs") removed, and
-    `round_to` keeps channel counts multiples of N where a layer allows.
+    `round_to` keeps channel counts multiples of N where a layer allows, and `heads=True` makes
+    each attention head one channel (removed whole) instead of coupling head_dim across heads.
+    With `calibration`, channels are chosen by the output error their removal causes and the
+    layers that read them are re-solved by least squares.
     `calibration` (an .npz of input samples, or a `Calibration`) ranks weights by what they do on
     those samples and repairs what is left: `criterion` sparsegpt (the default with data), wanda
     or magnitude.
@@ -56,11 +60,8 @@ def prune(
     input_path = None if isinstance(model, ir.Model) else Path(model)
     sparsity = selection.check_sparsity(sparsity)
     options = calibration_options(calibration, criterion)
-    if options is not None and structured:
-        raise InvalidArgumentError(
-            "--calibration with --structured is not available yet: calibrate unstructured or "
-            "N:M pruning, or prune channels by magnitude"
-        )
+    if heads and not structured:
+        raise InvalidArgumentError("--heads removes whole attention heads: it needs --structured")
     if output is not None:
         io.check_output_path(output, input_path=input_path, force=force)
     if input_path is not None:
@@ -69,8 +70,9 @@ def prune(
     assert isinstance(model, ir.Model)
     if structured:
         report = _prune_channels(
-            model, sparsity, method, min_keep, pattern, include, exclude, round_to, target
-        )
+            model, sparsity, method, min_keep, pattern, include, exclude, round_to, target,
+            options, heads,
+        )  # fmt: skip
     else:
         report = _prune_weights(
             model, sparsity, method, min_keep, pattern, include, exclude, options
@@ -160,8 +162,11 @@ def _prune_channels(
     exclude: Sequence[str] | None,
     round_to: int | None,
     target: str,
+    options: Calibration | None = None,
+    heads: bool = False,
 ) -> Report:
-    """Structured: trace channel groups, rank channels globally, slice them out."""
+    """Structured: trace channel groups, rank channels globally, slice them out (with
+    calibration: ranked by their cost on the samples, and the readers re-solved)."""
     from onnxprune import channels
     from onnxprune.rewrite.structured import apply_channel_plan
     from onnxprune.selection import channels as channel_selection
@@ -174,7 +179,7 @@ def _prune_channels(
     excludes = weights._compile(exclude, "--exclude")
     with step("tracing channels"):
         channels.prepare(model)
-        graph = channels.build(model)
+        graph = channels.build(model, heads=heads) if heads else channels.build(model)
 
     def named(layer: channels.Layer, patterns: list) -> bool:
         return any(p.search(n) for p in patterns for n in (layer.name, layer.member.value.name))
@@ -185,6 +190,13 @@ def _prune_channels(
     if excludes:
         hit = [i for i, layer in enumerate(graph.layers) if named(layer, excludes)]
         channels.freeze_layers(graph, hit, "matched by --exclude")
+    if options is not None:
+        from onnxprune.calibration.channels import calibrated_channels
+
+        plan = calibrated_channels(
+            model, graph, sparsity, options, min_keep=min_keep, round_to=round_to, target=target
+        )
+        return Report(plan=None, channels=plan)
     with step("ranking channels"):
         plan = channel_selection.plan_channels(
             model, graph, sparsity, min_keep=min_keep, round_to=round_to, target=target

@@ -154,14 +154,15 @@ def sweep(
     round_to: int | None = None,
     calibration: Calibration | None = None,
     criteria: Sequence[str] | None = None,
+    heads: bool = False,
 ) -> Sweep:
     """Prune `model` at each sparsity with each method, validate each against the dense model.
 
     With `calibration`, the lines compare the calibrated `criteria` (default: all three) with
     plain global magnitude.
 
-    `structured`, `target` and `round_to` are those of `pipeline.prune`; structured rows are
-    timed too (median latency of one batch), unstructured ones are not (zeros are not faster).
+    `structured`, `target`, `round_to` and `heads` are those of `pipeline.prune`; structured rows
+    are timed too (median latency of one batch), unstructured ones are not (zeros are not faster).
     """
     sparsities = parse_sparsities(sparsities)
     runtime = select_runtime(device)
@@ -194,6 +195,7 @@ def sweep(
                         structured=structured,
                         target=target,
                         round_to=round_to,
+                        heads=heads,
                         calibration=None
                         if criterion is None or calibration is None
                         else dataclasses.replace(calibration, criterion=criterion),

@@ -1002,7 +1002,6 @@ CLI_ERRORS = {
     "nan-data": "NaN or Inf",
     "nan-activation": "NaN or Inf",
     "criterion-without-data": "needs calibration samples",
-    "structured": "--calibration with --structured",
 }
 
 
@@ -1031,9 +1030,6 @@ def test_cli_calibration_errors(tmp_path, case: str) -> None:
         calib = npz(tmp_path, x=samples())  # negative samples: the Sqrt makes NaN
     elif case == "criterion-without-data":
         args += ["--criterion", "wanda"]
-    elif case == "structured":
-        calib = npz(tmp_path, x=samples())
-        args += ["--structured"]
     if calib is not None:
         args += ["--calibration", calib]
     result = invoke(*args)

@@ -52,23 +52,23 @@ class LayerStats:
     _inverses: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def empty(cls, design: Design, paired: bool = False) -> LayerStats:
+    def empty(cls, design: Design) -> LayerStats:
         g, k = design.groups, design.in_features
-        return cls(
-            gram=np.zeros((g, k, k)),
-            sums=np.zeros((g, k)),
-            cross=np.zeros((g, k, k)) if paired else None,
-            dense_gram=np.zeros((g, k, k)) if paired else None,
-            dense_sums=np.zeros((g, k)) if paired else None,
-        )
+        return cls(gram=np.zeros((g, k, k)), sums=np.zeros((g, k)))
 
     def add(self, rows: np.ndarray, dense: np.ndarray | None = None) -> None:
-        """Add a chunk of rows [G, n, K] (and the dense model's rows of the same samples).
+        """Add a chunk of rows [G, n, K] (and the dense model's rows of the same samples, which
+        may be wider: channels removed from the pruned model are still in the dense one).
 
         Products are computed in float32 over slices of ROW_SLICE rows (half the time of float64;
         relative error ~1e-7 per slice) and summed into float64 across slices and batches.
         """
         precision = np.float32
+        if dense is not None and self.cross is None:
+            g, k, kd = rows.shape[0], rows.shape[2], dense.shape[2]
+            self.cross = np.zeros((g, k, kd))
+            self.dense_gram = np.zeros((g, kd, kd))
+            self.dense_sums = np.zeros((g, kd))
         for start in range(0, rows.shape[1], ROW_SLICE):
             x = rows[:, start : start + ROW_SLICE].astype(precision, copy=False)
             self.gram += np.matmul(x.transpose(0, 2, 1), x)
@@ -129,7 +129,7 @@ class LayerStats:
 
     @property
     def cross_hessian(self) -> np.ndarray:
-        """E[x_pruned x_dense^T]; E[x x^T] when unpaired."""
+        """E[x_pruned x_dense^T] [G, K, K_dense]; E[x x^T] when unpaired."""
         return self.hessian if self.cross is None else self.cross / max(1, self.rows)
 
 
@@ -314,7 +314,7 @@ def collect(
                 runtime,
                 "the dense model",
             )
-        partial = {k: LayerStats.empty(keys[k], paired=dense is not None) for k in pass_keys}
+        partial = {k: LayerStats.empty(keys[k]) for k in pass_keys}
         for index, batch in enumerate(data.batches):
             found = runner.run(batch, index)
             target = dense_runner.run(batch, index) if dense_runner is not None else None

@@ -243,7 +243,9 @@ def _matrix_design(
     def rows(x: np.ndarray, sample: bool = False) -> list[np.ndarray]:
         if transpose_rows and x.ndim > 1:  # a vector on the right of W @ v is one row
             x = np.swapaxes(x, -1, -2)
-        x = x.reshape(1, -1, n_in)
+        # the width from the activation, not the weight: a pruned layer's rows are paired with
+        # the dense model's, which still has the removed channels
+        x = x.reshape(1, -1, x.shape[-1])
         return [x * np.asarray(scale, dtype=x.dtype) if scale != 1.0 else x]
 
     return Design(

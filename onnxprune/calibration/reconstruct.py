@@ -255,3 +255,89 @@ def output_error(
     if dense <= 0:
         return 0.0
     return float(np.sqrt(max(error, 0.0) / dense))
+
+
+# -- channels (structured pruning) ---------------------------------------------------------------
+# A removed input channel takes every column of the layer's design that reads it (a Conv's k*k
+# kernel positions, a Flatten's block of rows). With a free bias, what matters is how the inputs
+# vary, so the statistics here are covariances: C = E[x x^T] - E[x] E[x]^T.
+
+
+def covariance(h: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """E[x x^T] - E[x] E[x]^T for one group, symmetrised."""
+    c = h - np.outer(mean, mean)
+    return (c + c.T) / 2
+
+
+def channel_errors(
+    w: np.ndarray,
+    cov: np.ndarray,
+    columns: np.ndarray,
+    classes: np.ndarray,
+    damp: float,
+    obs: bool = True,
+) -> tuple[np.ndarray, float]:
+    """The output error of removing each class alone, the mean moved into the bias. obs: the
+    other inputs re-solved, tr(W_J [(C + D)^-1]_JJ^-1 W_J^T) with J the class's columns (group
+    OBS); otherwise nothing re-solved, tr(W_J C_JJ W_J^T) (FLAP's fluctuation).
+    Returns (error per entry of `classes`, the layer's output fluctuation tr(W C W^T)).
+
+    w [O, K]; cov [K, K]; columns [K] the class of each column. Scale-free: a class's inputs
+    scaled by s and its weights by 1/s leave its error unchanged, as the damping is per column.
+    """
+    inverse = damped_inverse(cov, damp) if obs else None
+    energy = float(np.sum((w @ cov) * w))
+    errors = np.zeros(len(classes), dtype=np.float64)
+    order = np.argsort(columns, kind="stable")
+    sorted_cols = columns[order]
+    starts = np.searchsorted(sorted_cols, classes, side="left")
+    ends = np.searchsorted(sorted_cols, classes, side="right")
+    widths = ends - starts
+    for width in np.unique(widths):
+        if width == 0:
+            continue
+        which = np.flatnonzero(widths == width)
+        idx = order[starts[which, None] + np.arange(width)]  # [n, m] columns of each class
+        wj = np.moveaxis(w[:, idx], 0, -1)  # [n, m, O]
+        if inverse is None:
+            solved = np.matmul(cov[idx[:, :, None], idx[:, None, :]], wj)
+        else:
+            solved = np.linalg.solve(inverse[idx[:, :, None], idx[:, None, :]], wj)
+        errors[which] = np.einsum("nmo,nmo->n", wj, solved)
+    return np.maximum(errors, 0.0), energy
+
+
+def resolve_inputs(
+    w: np.ndarray,
+    keep: np.ndarray,
+    cov: np.ndarray,
+    cross: np.ndarray,
+    damp: float,
+) -> np.ndarray:
+    """The kept input weights re-solved so the output stays the dense one (least squares, ridge
+    towards the kept weights): W_K + (W X - W_K C) (C + D)^-1.
+
+    w [O, K_dense] the dense weights (kept outputs); keep [K_dense] bool, the kept columns;
+    cov [K, K] the covariance of the inputs the layer now sees (K = keep.sum());
+    cross [K_dense, K] their covariance with the dense inputs (X above). One-pass statistics
+    have cross = C_dense[:, keep] and cov = C_dense[keep][:, keep]: then the update is
+    W_R C_RK (C_KK + D)^-1, the removed columns' part that the kept ones can carry.
+    """
+    kept = w[:, keep]
+    gap = w @ cross - kept @ cov
+    if not gap.any():
+        return np.array(kept, copy=True)
+    upper = inverse_factor(cov, damp)
+    return kept + (gap @ upper.T) @ upper
+
+
+def fluctuation_error(
+    w: np.ndarray, new: np.ndarray, dense_cov: np.ndarray, cov: np.ndarray, cross: np.ndarray
+) -> float:
+    """sqrt(E||W (x_d - E x_d) - W' (x - E x)||^2 / E||W (x_d - E x_d)||^2): the relative output
+    error left once the bias has taken the mean shift. cross [K_dense, K] as in resolve_inputs."""
+    dense = float(np.sum((w @ dense_cov) * w))
+    if dense <= 0:
+        return 0.0
+    error = dense - 2 * float(np.sum((w @ cross) * new)) + float(np.sum((new @ cov) * new))
+    return float(np.sqrt(max(error, 0.0) / dense))

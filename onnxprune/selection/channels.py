@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -35,6 +36,9 @@ from onnxprune.errors import InfeasibleError, InvalidArgumentError
 from onnxprune.scoring import channel_scores
 from onnxprune.selection import MinKeep, check_sparsity
 from onnxprune.weights import PRUNABLE_OPS
+
+if TYPE_CHECKING:
+    from onnxprune.calibration import CalibrationSummary
 
 TARGETS = ("params", "macs")
 
@@ -71,6 +75,8 @@ class ChannelPlan:
     min_keep: MinKeep | None = None
     round_to: int | None = None
     warnings: list[str] = field(default_factory=list)
+    calibration: CalibrationSummary | None = None  # set when calibration chose and re-solved
+    errors: dict[str, float] = field(default_factory=dict)  # weight -> relative output error
 
     def kept_of(self, ids: np.ndarray) -> int:
         return int(np.count_nonzero(~self.removed[ids]))
@@ -199,8 +205,11 @@ def plan_channels(
     round_to: int | None = None,
     target: str = "params",
     normalize: str = "mean",
+    scores: np.ndarray | None = None,
 ) -> ChannelPlan:
-    """Choose the channel classes to remove so that `sparsity` of the target metric goes."""
+    """Choose the channel classes to remove so that `sparsity` of the target metric goes.
+
+    `scores` (one per class, lowest removed first) replace the weight norms: calibration's."""
     sparsity = check_sparsity(sparsity)
     if target not in TARGETS:
         raise InvalidArgumentError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
@@ -216,7 +225,8 @@ def plan_channels(
     goal = round(sparsity * before)
     if goal == 0:
         return plan
-    scores = channel_scores(graph, normalize)
+    if scores is None:
+        scores = channel_scores(graph, normalize)
     units, _ = _units(graph, scores, round_to)
     accepted = _accept(graph, units, min_keep, round_to)
 

@@ -1,0 +1,371 @@
+"""Calibrated structured pruning: channels chosen by what their removal costs on the samples, and
+every layer that read them re-solved by least squares.
+
+1. capture: the dense model's statistics, one pass (capture.collect, as unstructured);
+2. importance: each channel class is scored where it is consumed. In every Conv, Gemm or MatMul
+   that reads it, removing its columns J (a Conv's kernel positions, a Flatten's block of rows)
+   costs, with the other inputs re-solved and the mean moved into the bias,
+       sparsegpt: tr(W_J [(C + D)^-1]_JJ^-1 W_J^T)      (group OBS on the input covariance C)
+       wanda:     tr(W_J C_JJ W_J^T)                    (no re-solve: FLAP's fluctuation)
+   divided by the layer's output fluctuation tr(W C W^T), summed over the consumers. A class no
+   weight reads (attention's Q and K dims) is scored by its share of its producers' output
+   fluctuation. Both are scale-free: a channel scaled by s where it is made and by 1/s where it
+   is read (a BatchNorm folded or not) keeps its score. `magnitude` keeps the weight norms.
+3. selection: selection.channels.plan_channels ranks these scores globally, with --min-keep,
+   --round-to and --target exactly as it ranks magnitudes;
+4. reconstruction: every consumer of a removed class gets its kept input weights re-solved
+   (reconstruct.resolve_inputs: ridge least squares towards the kept weights) and the removed
+   channels' mean contribution added to its bias (created where there is none). One-pass solves
+   from the dense statistics; sequential (the default) removes the channels first, then measures
+   the pruned model wave by wave against the dense one, so each layer also makes up for what the
+   layers before it lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.calibration import Calibration, CalibrationSummary, load_samples, reconstruct
+from onnxprune.calibration.capture import LayerStats, Statistics, collect
+from onnxprune.calibration.design import Design, design_of
+from onnxprune.calibration.prune import _waves, merge_waves
+from onnxprune.channels import ChannelGraph, Member
+from onnxprune.report import step
+from onnxprune.rewrite.bias import shift_bias
+from onnxprune.rewrite.constants import NodeConstants
+from onnxprune.rewrite.structured import apply_channel_plan
+from onnxprune.runtime import Runtime, select_runtime
+from onnxprune.scoring import channel_scores
+from onnxprune.selection import MinKeep
+from onnxprune.selection.channels import ChannelPlan, plan_channels
+from onnxprune.weights import Weight, find_weights
+
+
+@dataclass(eq=False)
+class Consumer:
+    """A weight whose input columns carry channel classes (groups of 1), seen in its design."""
+
+    weight: Weight
+    design: Design
+    columns: np.ndarray  # class of each design column
+    rows: np.ndarray | None  # class of each output feature, where its outputs are channels
+
+    @property
+    def name(self) -> str:
+        return self.weight.name
+
+
+def _along(ids: np.ndarray, axis: int, shape: Sequence[int]) -> np.ndarray:
+    view = [1] * len(shape)
+    view[axis] = -1
+    return np.broadcast_to(ids.reshape(view), tuple(shape))
+
+
+def _stored_key(member: Member) -> int:
+    producer = member.value.producer()
+    return (
+        id(producer)
+        if producer is not None and producer.op_type == "Constant"
+        else id(member.value)
+    )
+
+
+def _weight_key(weight: Weight) -> int:
+    return id(weight.constant) if weight.constant is not None else id(weight.value)
+
+
+def consumers(graph: ChannelGraph, weights: Sequence[Weight]) -> list[Consumer]:
+    """The weights that read channel classes, with the class of every design column and row."""
+    by_key = {_weight_key(w): w for w in weights}
+    roles: dict[int, dict[str, Member]] = {}
+    for member in graph.members:
+        if member.role in ("in", "out"):
+            roles.setdefault(_stored_key(member), {}).setdefault(member.role, member)
+    found = []
+    for key, members in roles.items():
+        weight = by_key.get(key)
+        if weight is None or "in" not in members:
+            continue
+        designs, why = design_of(weight)
+        if why is not None or designs[0].groups != 1:
+            continue  # grouped layers lose whole groups: nothing is left to re-solve
+        design = designs[0]
+        member = members["in"]
+        columns = design.to_matrix(_along(member.ids, member.axis, weight.shape))[0, 0]
+        rows = None
+        if "out" in members:
+            out = members["out"]
+            rows = design.to_matrix(_along(out.ids, out.axis, weight.shape))[0, :, 0]
+        found.append(Consumer(weight, design, np.ascontiguousarray(columns), rows))
+    return found
+
+
+def _matrix(consumer: Consumer, weight: Weight | None = None) -> np.ndarray:
+    array = np.asarray((weight or consumer.weight).numpy(), dtype=np.float64)
+    return consumer.design.to_matrix(array)[0]
+
+
+def importance(
+    graph: ChannelGraph,
+    found: Sequence[Consumer],
+    stats: Statistics,
+    criterion: str,
+    damp: float,
+) -> tuple[np.ndarray, int]:
+    """A score per class (module docstring) and how many prunable classes no consumer measured."""
+    prunable = graph.prunable
+    if criterion == "magnitude":
+        return channel_scores(graph), 0
+    scores = np.zeros(graph.n_classes, dtype=np.float64)
+    measured = np.zeros(graph.n_classes, dtype=bool)
+    energies: dict[str, np.ndarray] = {}
+    for consumer in found:
+        layer = stats.layers.get(consumer.name)
+        if layer is None:
+            continue
+        cov = reconstruct.covariance(layer.hessian[0], layer.mean[0])
+        w = _matrix(consumer)
+        if consumer.rows is not None:
+            energies[consumer.name] = np.einsum("ok,ok->o", w @ cov, w)
+        present = np.unique(consumer.columns)
+        present = present[prunable[present]]
+        if not len(present):
+            continue
+        errors, energy = reconstruct.channel_errors(
+            w, cov, consumer.columns, present, damp, obs=criterion == "sparsegpt"
+        )
+        if energy > 0:
+            scores[present] += errors / energy
+        measured[present] = True
+    # classes no weight reads: their share of what their producers put out
+    for consumer in found:
+        energy = energies.get(consumer.name)
+        if energy is None or consumer.rows is None:
+            continue
+        total = float(np.maximum(energy, 0).sum())
+        alone = ~measured[consumer.rows] & prunable[consumer.rows]
+        if total > 0 and alone.any():
+            np.add.at(scores, consumer.rows[alone], np.maximum(energy[alone], 0) / total)
+    unmeasured = prunable & ~measured
+    # and neither made nor read by a measured layer: weight norms, brought to the same scale
+    blind = unmeasured & (scores == 0)
+    if blind.any():
+        magnitude = channel_scores(graph)
+        reference = scores[measured & prunable]
+        ratio = (
+            float(np.median(reference)) / max(float(np.median(magnitude[measured])), 1e-300)
+            if reference.size
+            else 1.0
+        )
+        scores[blind] = magnitude[blind] * ratio
+    return scores, int(unmeasured.sum())
+
+
+@dataclass
+class Solved:
+    """A consumer's new kept weights (design layout, kept rows) and bias shift per use."""
+
+    values: np.ndarray  # [O_kept, K_kept]
+    shifts: list[np.ndarray]
+    error: float
+    refit: bool
+
+
+def solve(
+    consumer: Consumer,
+    removed: np.ndarray,
+    dense: np.ndarray,
+    layer: LayerStats,
+    per_use: Sequence[LayerStats],
+    options: Calibration,
+    *,
+    paired: bool,
+) -> Solved:
+    """Re-solve one consumer. `dense`: its dense weights [O, K_dense] in design layout.
+
+    Unpaired statistics are the dense model's: the pruned inputs are its kept columns. Paired
+    ones (sequential) measure what the pruned model feeds the layer against the dense inputs.
+    """
+    keep = ~removed[consumer.columns]
+    rows = slice(None) if consumer.rows is None else ~removed[consumer.rows]
+    w = dense[rows]
+
+    def moments(stats: LayerStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if paired:
+            assert stats.cross is not None
+            mean, dense_mean = stats.mean[0], stats.dense_mean[0]
+            cov = reconstruct.covariance(stats.hessian[0], mean)
+            dense_cov = reconstruct.covariance(stats.dense_hessian[0], dense_mean)
+            cross = (stats.cross_hessian[0] - np.outer(mean, dense_mean)).T
+            return cov, dense_cov, cross, mean
+        dense_mean = stats.mean[0]
+        dense_cov = reconstruct.covariance(stats.hessian[0], dense_mean)
+        return dense_cov[np.ix_(keep, keep)], dense_cov, dense_cov[:, keep], dense_mean[keep]
+
+    cov, dense_cov, cross, _ = moments(layer)
+    # a refit needs the statistics to be determined: with fewer rows than inputs it moves
+    # weights along directions the samples never showed, where only the damping bounds it
+    refit = layer.rows >= int(keep.sum())
+    new = reconstruct.resolve_inputs(w, keep, cov, cross, options.damp) if refit else w[:, keep]
+    shifts = []
+    if options.bias_correction:
+        for use in per_use:
+            mean = use.mean[0][keep] if not paired else use.mean[0]
+            shifts.append(w @ use.dense_mean[0] - new @ mean)
+    error = reconstruct.fluctuation_error(w, new, dense_cov, cov, cross)
+    return Solved(new, shifts, error, refit)
+
+
+def _write(
+    model: ir.Model,
+    weight: Weight,
+    solved: Solved,
+    consts: NodeConstants,
+    aliases: dict[str, str],
+) -> bool:
+    """Store a solved consumer into the pruned model: its weights, then its biases."""
+    designs, why = design_of(weight)
+    assert why is None, why
+    design = designs[0]
+    dtype = np.dtype(weight.dtype.numpy())
+    weight.set_tensor(ir.Tensor(design.from_matrix(solved.values[None]).astype(dtype)))
+    moved = False
+    for use, use_design, shift in zip(weight.uses, designs, solved.shifts, strict=False):
+        if not np.any(shift != 0):
+            continue
+        out = use.node.outputs[0]
+        name = out.name
+        out_dtype = np.dtype((out.dtype or weight.dtype).numpy())
+        added = shift_bias(model, use.node, shift, use_design.out_axis, out_dtype, consts)
+        if added is not None:
+            aliases[added.name] = aliases.get(name, name)
+        moved = True
+    return moved
+
+
+def calibrated_channels(
+    model: ir.Model,
+    graph: ChannelGraph,
+    sparsity: float,
+    options: Calibration,
+    *,
+    min_keep: MinKeep | str | float | int | None = None,
+    round_to: int | None = None,
+    target: str = "params",
+) -> ChannelPlan:
+    """Choose channels from the samples, remove them from `model` (in place) and re-solve the
+    layers that read them. Returns the applied plan, with the calibration summary and errors."""
+    # argument errors and infeasible targets surface before any sample runs
+    plan_channels(model, graph, sparsity, min_keep=min_keep, round_to=round_to, target=target)
+    runtime = select_runtime(options.device)
+    samples = load_samples(model, options)
+    weights = find_weights(model).weights
+    found = consumers(graph, weights)
+    measured = [c.weight for c in found]
+    with step(f"calibrating on {samples.samples} samples"):
+        stats = collect(model, measured, samples, runtime, budget_bytes=options.budget_bytes)
+    summary = CalibrationSummary(
+        criterion=options.criterion,
+        mode=options.mode,
+        samples=samples.samples,
+        providers=stats.providers or list(runtime.providers),
+        fallback=list(stats.missing),
+        notices=list(samples.notices),
+        passes=stats.passes,
+    )
+    if runtime.note:
+        summary.notices.append(runtime.note)
+    with step("scoring channels"):
+        scores, unmeasured = importance(graph, found, stats, options.criterion, options.damp)
+    if unmeasured:
+        summary.notices.append(
+            f"{unmeasured} channel(s) are read by no measured layer (attention's Q and K, say): "
+            "ranked by their share of their producers' output"
+        )
+    with step("ranking channels"):
+        plan = plan_channels(
+            model, graph, sparsity, min_keep=min_keep, round_to=round_to, target=target,
+            scores=scores,
+        )  # fmt: skip
+    plan.calibration = summary
+    changed = [c for c in found if c.name in stats.layers and plan.removed[c.columns].any()]
+    consts = NodeConstants(model)
+    aliases: dict[str, str] = {}
+    solved: dict[str, Solved] = {}
+    if options.mode == "one-pass" or not plan.removed.any():
+        with step(f"re-solving {len(changed)} layers"):
+            for consumer in changed:
+                solved[consumer.name] = solve(
+                    consumer, plan.removed, _matrix(consumer), stats.layers.pop(consumer.name),
+                    stats.uses.pop(consumer.name), options, paired=False,
+                )  # fmt: skip
+        with step("removing channels"):
+            apply_channel_plan(model, plan)
+        pruned = {w.name: w for w in find_weights(model).weights}
+        for name, result in solved.items():
+            summary.bias_corrected += _write(model, pruned[name], result, consts, aliases)
+    else:
+        stats.layers.clear()
+        stats.uses.clear()
+        dense_model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        with step("removing channels"):
+            apply_channel_plan(model, plan)
+        _sequential(model, dense_model, plan, found, samples, runtime, options, summary, solved)
+    plan.errors = {name: result.error for name, result in solved.items()}
+    thin = sum(not result.refit for result in solved.values())
+    if thin:
+        summary.notices.append(
+            f"{thin} layer(s) saw fewer calibration rows than their kept inputs: only their "
+            "biases were corrected; more samples help"
+        )
+    return plan
+
+
+def _sequential(
+    model: ir.Model,
+    dense_model: ir.Model,
+    plan: ChannelPlan,
+    found: Sequence[Consumer],
+    samples,
+    runtime: Runtime,
+    options: Calibration,
+    summary: CalibrationSummary,
+    solved: dict[str, Solved],
+) -> None:
+    """Wave by wave over the pruned model: measure each consumer's inputs there and in the dense
+    model, re-solve it against the dense output, store it, go deeper."""
+    consts = NodeConstants(model)
+    aliases: dict[str, str] = {}
+    pruned = find_weights(model).weights
+    index = {w.name: i for i, w in enumerate(pruned)}
+    dense_weights = {w.name: w for w in find_weights(dense_model).weights}
+    by_name = {c.name: c for c in found}
+    chosen = [index[c.name] for c in found if c.name in index]
+    waves = merge_waves(_waves(model, pruned, chosen), options.rounds)
+    summary.passes += len(waves)
+    with step(f"re-solving {len(chosen)} layers in {len(waves)} waves"):
+        for wave in waves:
+            batch = [pruned[i] for i in wave]
+            paired = collect(
+                model, batch, samples, runtime, budget_bytes=options.budget_bytes,
+                dense=dense_model, aliases=aliases,
+            )  # fmt: skip
+            for weight in batch:
+                layer = paired.layers.pop(weight.name, None)
+                if layer is None:
+                    continue
+                consumer = by_name[weight.name]
+                dense = _matrix(consumer, dense_weights[weight.name])
+                if layer.cross is None or layer.cross.shape[2] != dense.shape[1]:
+                    continue  # the dense rows do not line up (a layout calibration cannot pair)
+                result = solve(
+                    consumer, plan.removed, dense, layer, paired.uses.pop(weight.name), options,
+                    paired=True,
+                )  # fmt: skip
+                summary.bias_corrected += _write(model, weight, result, consts, aliases)
+                if plan.removed[consumer.columns].any() or result.error > 0:
+                    solved[weight.name] = result
