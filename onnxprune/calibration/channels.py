@@ -367,5 +367,4 @@ def _sequential(
                     paired=True,
                 )  # fmt: skip
                 summary.bias_corrected += _write(model, weight, result, consts, aliases)
-                if plan.removed[consumer.columns].any() or result.error > 0:
-                    solved[weight.name] = result
+                solved[weight.name] = result

@@ -65,6 +65,7 @@ class Report:
                 "input": self.input_path,
                 "output": self.output_path,
                 **channel_dict(self.channels),
+                **_channel_calibration(self.channels),
                 "size_bytes": {"before": self.size_before, "after": self.size_after},
                 "seconds": self.seconds,
                 **self.extra,
@@ -106,6 +107,16 @@ class Report:
             "warnings": list(plan.warnings),
             **self.extra,
         }
+
+
+def _channel_calibration(plan: Any) -> dict[str, Any]:
+    """What calibration did in a structured run: its summary and each re-solved layer's error."""
+    summary = plan.calibration
+    return {
+        "criterion": "magnitude" if summary is None else summary.criterion,
+        "calibration": None if summary is None else summary.to_dict(),
+        "output_errors": dict(plan.errors),
+    }
 
 
 def write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
@@ -185,11 +196,16 @@ def _error(error: float | None) -> str:
     return "-" if error is None else f"{error:.4f}"
 
 
-def _calibration_line(plan: Plan) -> str:
-    summary = plan.calibration
-    errors = [layer.error for layer in plan.layers if layer.error is not None]
+def _calibration_line(summary: Any, errors: list[float], structured: bool = False) -> str:
     worst = f", worst output error {max(errors):.4f}" if errors else ""
     provider = summary.providers[0].replace("ExecutionProvider", "") if summary.providers else "?"
+    if structured:
+        return (
+            f"channels chosen by {summary.criterion} ({summary.mode}), {summary.samples} "
+            f"calibration samples on {provider}; {len(errors)} layers re-solved by least "
+            f"squares, bias corrected in {summary.bias_corrected}{worst} (||W x - W' x'|| / "
+            "||W x|| about the mean, on the calibration samples)"
+        )
     return (
         f"criterion {summary.criterion} ({summary.mode}), {summary.samples} calibration samples "
         f"on {provider}, bias corrected in {summary.bias_corrected} layers{worst}; out error = "
@@ -197,12 +213,21 @@ def _calibration_line(plan: Plan) -> str:
     )
 
 
+def _calibration_notes(summary: Any) -> list[str]:
+    lines = [f"ranked by magnitude, not repaired: {n}: {r}" for n, r in summary.fallback]
+    return lines + [f"calibration: {notice}" for notice in summary.notices]
+
+
 def format_report(report: Report) -> str:
     """The terminal table of a prune run, in graph order, with totals and sizes."""
     if report.channels is not None:
         from onnxprune.report.channels import format_channels
 
-        lines = [format_channels(report.channels)]
+        plan = report.channels
+        lines = [format_channels(plan)]
+        if plan.calibration is not None:
+            lines.append(_calibration_line(plan.calibration, list(plan.errors.values()), True))
+            lines += _calibration_notes(plan.calibration)
         if report.size_after is not None:
             lines.append(
                 f"size: {human_bytes(report.size_before)} -> {human_bytes(report.size_after)}"
@@ -245,7 +270,8 @@ def format_report(report: Report) -> str:
     ]
     method = plan.method + (f", min-keep {plan.min_keep}" if plan.min_keep else "")
     if calibrated:
-        lines.append(_calibration_line(plan))
+        errors = [layer.error for layer in plan.layers if layer.error is not None]
+        lines.append(_calibration_line(plan.calibration, errors))
     if plan.pattern is None:
         lines.append(
             f"method {method}: target sparsity {plan.target:g}, achieved {plan.sparsity:.6f} "
@@ -264,10 +290,7 @@ def format_report(report: Report) -> str:
     for name, reason in report.skipped:
         lines.append(f"skipped {name}: {reason}")
     if calibrated:
-        for name, reason in plan.calibration.fallback:
-            lines.append(f"ranked by magnitude, not repaired: {name}: {reason}")
-        for notice in plan.calibration.notices:
-            lines.append(f"calibration: {notice}")
+        lines += _calibration_notes(plan.calibration)
     for warning in plan.warnings:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
