@@ -18,6 +18,11 @@ steadier figures than the libraries' default of one thread per core.
     python bench/bench_calibrate.py [--samples 128] [--criterion sparsegpt] [--batch-size 16]
     python bench/bench_calibrate.py --mode one-pass --threads 1 --layers
     python bench/bench_calibrate.py --mode sequential --samples 16 --profile bench/out/seq.prof
+    python bench/bench_calibrate.py --structured --mode one-pass     # channels: choose + re-solve
+
+--structured measures calibrated channel removal instead (--sparsity of the MACs, as
+`onnxprune --structured --target macs --calibration`): capture, channel scoring, ranking,
+the least-squares re-solve of every layer that read a removed channel, and the rewrite.
 """
 
 from __future__ import annotations
@@ -162,6 +167,26 @@ def instrument(layers: bool) -> Timers:
     return timers
 
 
+def instrument_channels() -> Timers:
+    """Timers around calibrated structured pruning's stages (calibration/channels.py)."""
+    from onnxprune.calibration import capture, reconstruct
+    from onnxprune.calibration import channels as cchannels
+
+    timers = Timers()
+    timers.wrap(cchannels, "collect", "capture")
+    timers.wrap(cchannels, "importance", "channel scores (group OBS per consumer)")
+    timers.wrap(cchannels, "plan_channels", "ranking (plan_channels)")
+    timers.wrap(cchannels, "solve", "least-squares re-solve")
+    timers.wrap(cchannels, "apply_channel_plan", "channel removal (rewrite)")
+    timers.wrap(cchannels, "_write", "store weights and bias shifts")
+    timers.wrap(capture.Runner, "run", "ORT run with every layer input as an output, NaN check")
+    timers.wrap(capture, "_chunks", "im2col rows")
+    timers.wrap(capture.LayerStats, "add", "X^T X and sums")
+    timers.wrap(reconstruct, "damped_inverse", "damped inverse (scores)")
+    timers.wrap(reconstruct, "inverse_factor", "inverse factor (re-solve)")
+    return timers
+
+
 def child_prune(model: Path, n: int, batch: int, criterion: str | None, args) -> dict:
     import onnxprune
     from onnxprune.calibration import Calibration
@@ -175,19 +200,24 @@ def child_prune(model: Path, n: int, batch: int, criterion: str | None, args) ->
         calibration = Calibration(
             data={"input": samples(n)}, criterion=criterion, batch_size=batch, device="cpu", **mode
         )
-        timers = instrument(args.layers)
+        timers = instrument_channels() if args.structured else instrument(args.layers)
     profile = cProfile.Profile() if args.profile and criterion is not None else None
     start, cpu = time.perf_counter(), time.process_time()
     if profile is not None:
         profile.enable()
-    _, report = onnxprune.prune(model, args.sparsity, calibration=calibration)
+    extra = {"structured": True, "target": "macs"} if args.structured else {}
+    _, report = onnxprune.prune(model, args.sparsity, calibration=calibration, **extra)
     if profile is not None:
         profile.disable()
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    assert report.plan is not None
-    result: dict = {"seconds": seconds, "cpu": cpu, "sparsity": report.plan.sparsity}
+    plan = report.channels if args.structured else report.plan
+    result: dict = {
+        "seconds": seconds,
+        "cpu": cpu,
+        "sparsity": plan.achieved if args.structured else plan.sparsity,
+    }
     if calibration is not None:
-        summary = report.plan.calibration
+        summary = plan.calibration
         result["mode"] = f"{summary.mode}, {summary.passes} pass(es) over the samples"
     if timers is not None:
         result.update(timers.result())
@@ -252,6 +282,8 @@ def run_child(kind: str, model: Path, args) -> tuple[dict, int]:
         cmd += ["--rounds", str(args.rounds)]
     if args.layers:
         cmd.append("--layers")
+    if args.structured:
+        cmd.append("--structured")
     env = dict(os.environ)
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -300,6 +332,9 @@ def main() -> None:
     parser.add_argument("--profile", help="cProfile the calibrated prune into this file")
     parser.add_argument("--no-magnitude", action="store_true", help="skip the magnitude run")
     parser.add_argument(
+        "--structured", action="store_true", help="calibrated channel removal (--sparsity of MACs)"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         help="BLAS and ORT intra-op threads in every child (default: the libraries' own, all "
@@ -327,6 +362,7 @@ def main() -> None:
         f"float32, batch {args.batch_size}, ORT CPU ({ort_result['providers'][0]}), "
         f"{os.cpu_count()} CPUs, {args.threads or 'default'} threads, sparsity {args.sparsity}, "
         f"criterion {args.criterion}, mode {cal['mode']}"
+        + (", structured (channels, --sparsity of MACs)" if args.structured else "")
     )
     print(f"onnxprune: {source}")
     ort_c, cal_c = ort_result["cpu"], cal["cpu"]

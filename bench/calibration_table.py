@@ -6,6 +6,10 @@ at each sparsity and at 2:4, prune with plain global magnitude (no data), wanda 
 top-1 accuracy and the mean cosine of the logits to the dense model's on held-out samples.
 
     python bench/calibration_table.py [--models digits,cnn-folded,cnn-unfolded,vit]
+
+With --structured, whole channels go instead (--target params and macs, settings 0.1,0.3,0.5 by
+default; --heads for whole attention heads), and each row also gives the sparsegpt model's median
+CPU latency for a batch of 32 as a ratio to the dense model's, measured in the same run.
 """
 
 from __future__ import annotations
@@ -53,11 +57,33 @@ def logits(model: ir.Model, x: np.ndarray) -> np.ndarray:
     )
 
 
+def latency(model: ir.Model, x: np.ndarray, repeats: int = 50) -> float:
+    """Median seconds of one batch in ONNX Runtime's CPU provider, after a warm-up."""
+    session = ort.InferenceSession(
+        ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    feed = {session.get_inputs()[0].name: x}
+    session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--settings", default=None, help="default " + ",".join(SETTINGS))
+    parser.add_argument("--structured", action="store_true", help="remove whole channels")
+    parser.add_argument("--targets", default="params,macs", help="--structured: what -s counts")
+    parser.add_argument("--heads", action="store_true", help="--structured: whole heads")
     args = parser.parse_args()
+    if args.structured:
+        structured_table(args)
+        return
+    args.settings = args.settings or ",".join(SETTINGS)
     logging.getLogger("onnxprune").setLevel(logging.ERROR)
     ort.set_default_logger_severity(3)
     for key in args.models.split(","):
@@ -89,6 +115,50 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 cells.append(f"{accuracy:.2f}% ({cosine.mean():.3f}, {seconds:.0f} s)")
             print(f"| {setting} | " + " | ".join(cells) + " |", flush=True)
+
+
+def structured_table(args: argparse.Namespace) -> None:
+    """Channels removed: accuracy (cosine to dense, seconds) per criterion, and latency."""
+    logging.getLogger("onnxprune").setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)
+    for key in args.models.split(","):
+        path, calib, test = MODELS[key]
+        if not path.exists():
+            print(f"{key}: {path} is missing (make mnist-models builds it)")
+            continue
+        data = np.load(test)
+        x, y = data["input"], data["labels"]
+        dense_model = onnxprune.load_model(path)
+        dense = logits(dense_model, x)
+        dense_latency = latency(dense_model, x[:32])
+        print(f"\n{key}: {path.name}, dense {100 * (dense.argmax(1) == y).mean():.2f}%, "
+              f"{len(y)} held-out samples, calibration {calib.name}, structured"
+              f"{' --heads' if args.heads else ''}")  # fmt: skip
+        print("| removed | " + " | ".join(m for m, _, _ in METHODS) + " | latency |")
+        print("|---|" + "---:|" * (len(METHODS) + 1))
+        for target in args.targets.split(","):
+            for setting in (args.settings or "0.1,0.3,0.5").split(","):
+                cells = []
+                for _, criterion, mode in METHODS:
+                    start = time.perf_counter()
+                    options = None
+                    if criterion is not None:
+                        options = Calibration(
+                            data=calib, criterion=criterion, mode=mode, device="cpu"
+                        )
+                    model, _ = onnxprune.prune(
+                        path, float(setting), structured=True, target=target, heads=args.heads,
+                        calibration=options,
+                    )  # fmt: skip
+                    out = logits(model, x)
+                    cosine = np.sum(out * dense, 1) / np.linalg.norm(out, axis=1)
+                    cosine /= np.linalg.norm(dense, axis=1)
+                    accuracy = 100 * (out.argmax(1) == y).mean()
+                    seconds = time.perf_counter() - start
+                    cells.append(f"{accuracy:.2f}% ({cosine.mean():.3f}, {seconds:.0f} s)")
+                ratio = latency(model, x[:32]) / dense_latency
+                print(f"| {setting} of {target} | " + " | ".join(cells) + f" | x{ratio:.2f} |",
+                      flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -78,30 +78,37 @@ def _weight_key(weight: Weight) -> int:
     return id(weight.constant) if weight.constant is not None else id(weight.value)
 
 
-def consumers(graph: ChannelGraph, weights: Sequence[Weight]) -> list[Consumer]:
-    """The weights that read channel classes, with the class of every design column and row."""
+def consumers(
+    graph: ChannelGraph, weights: Sequence[Weight]
+) -> tuple[list[Consumer], list[tuple[Weight, np.ndarray, str]]]:
+    """The weights that read channel classes, with the class of every design column and row;
+    and those that read some but cannot be re-solved: (weight, the classes, why)."""
     by_key = {_weight_key(w): w for w in weights}
     roles: dict[int, dict[str, Member]] = {}
     for member in graph.members:
         if member.role in ("in", "out"):
             roles.setdefault(_stored_key(member), {}).setdefault(member.role, member)
     found = []
+    unsolved = []
     for key, members in roles.items():
         weight = by_key.get(key)
         if weight is None or "in" not in members:
             continue
+        member = members["in"]
         designs, why = design_of(weight)
-        if why is not None or designs[0].groups != 1:
+        if why is not None:
+            unsolved.append((weight, member.ids, why))
+            continue
+        if designs[0].groups != 1:
             continue  # grouped layers lose whole groups: nothing is left to re-solve
         design = designs[0]
-        member = members["in"]
         columns = design.to_matrix(_along(member.ids, member.axis, weight.shape))[0, 0]
         rows = None
         if "out" in members:
             out = members["out"]
             rows = design.to_matrix(_along(out.ids, out.axis, weight.shape))[0, :, 0]
         found.append(Consumer(weight, design, np.ascontiguousarray(columns), rows))
-    return found
+    return found, unsolved
 
 
 def _matrix(consumer: Consumer, weight: Weight | None = None) -> np.ndarray:
@@ -264,7 +271,7 @@ def calibrated_channels(
     runtime = select_runtime(options.device)
     samples = load_samples(model, options)
     weights = find_weights(model).weights
-    found = consumers(graph, weights)
+    found, unsolved = consumers(graph, weights)
     measured = [c.weight for c in found]
     with step(f"calibrating on {samples.samples} samples"):
         stats = collect(model, measured, samples, runtime, budget_bytes=options.budget_bytes)
@@ -292,6 +299,12 @@ def calibrated_channels(
             scores=scores,
         )  # fmt: skip
     plan.calibration = summary
+    left = [(w.name, why) for w, ids, why in unsolved if plan.removed[ids].any()]
+    if left:
+        summary.notices.append(
+            f"{len(left)} layer(s) read removed channels but are not re-solved, their kept "
+            f"weights left as they are: e.g. {left[0][0]}: {left[0][1]}"
+        )
     changed = [c for c in found if c.name in stats.layers and plan.removed[c.columns].any()]
     consts = NodeConstants(model)
     aliases: dict[str, str] = {}

@@ -4,13 +4,16 @@ For every use of a weight the table below gives a `Design`: the weight as matric
 (G groups, O output features per group, K input features per group) and, for a batch of the
 layer's input activation, rows X [G, n, K] such that X[g] @ W[g].T is the layer's output for
 group g (bias left out). Conv uses im2col patches honouring strides, pads (explicit or auto_pad),
-dilations and groups; Gemm honours transA/transB; MatMul flattens every leading dimension.
+dilations and groups; ConvTranspose the patches of the stride-1 convolution it equals (the input
+with zeros between its samples, padded per pads, output_padding, output_shape or auto_pad; the
+kernel flipped, its in/out axes swapped); Gemm honours transA/transB; MatMul flattens every
+leading dimension.
 Calibration statistics (X^T X, row sums) and every reconstruction work in this layout, so the
 solvers never need to know which op they serve.
 
-Conv columns are ordered (kernel position, channel): M consecutive columns are M consecutive input
-channels at one kernel position, so an N:M pattern along the input-channel axis is a pattern over
-consecutive columns, as it is for Gemm and MatMul.
+Conv and ConvTranspose columns are ordered (kernel position, channel): M consecutive columns are M
+consecutive input channels at one kernel position, so an N:M pattern along the input-channel axis
+is a pattern over consecutive columns, as it is for Gemm and MatMul.
 """
 
 from __future__ import annotations
@@ -216,6 +219,188 @@ def _conv(weight: Weight, use: Use) -> Design | None:
     )
 
 
+def conv_transpose_pads(
+    spatial: tuple[int, ...],
+    kernel: list[int],
+    strides: list[int],
+    dilations: list[int],
+    pads: list[int],
+    auto_pad: str,
+    output_padding: list[int],
+    output_shape: list[int],
+) -> list[tuple[int, int]]:
+    """(begin, end) padding of a ConvTranspose per spatial axis, as the ONNX spec resolves it.
+
+    An explicit output_shape (or SAME_UPPER/SAME_LOWER, whose output is input * stride) sets the
+    total padding, full output - wanted output, split with the odd one at the end for SAME_UPPER
+    and at the start otherwise; output_shape overrides pads. VALID pads nothing.
+    """
+    d = len(kernel)
+    wanted: list[int] | None = None
+    if output_shape:
+        wanted = list(output_shape)
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        wanted = [size * s for size, s in zip(spatial, strides, strict=True)]
+    if wanted is not None:
+        out = []
+        for size, k, s, dil, extra, want in zip(
+            spatial, kernel, strides, dilations, output_padding, wanted, strict=True
+        ):
+            total = s * (size - 1) + extra + (k - 1) * dil + 1 - want
+            half = total // 2
+            out.append((half, total - half) if auto_pad == "SAME_UPPER" else (total - half, half))
+        return out
+    if auto_pad == "VALID":
+        return [(0, 0)] * d
+    pads = pads or [0] * (2 * d)
+    return [(pads[i], pads[i + d]) for i in range(d)]
+
+
+def conv_transpose_rows(
+    x: np.ndarray,
+    kernel: list[int],
+    strides: list[int],
+    dilations: list[int],
+    pads: list[int],
+    auto_pad: str,
+    output_padding: list[int],
+    output_shape: list[int],
+    groups: int,
+    cap: int | None = None,
+) -> list[np.ndarray]:
+    """Rows of a ConvTranspose input [N, C, *spatial]: im2col of the stride-1 convolution it is.
+
+    A transposed convolution is a stride-1 convolution (same dilations and groups, kernel flipped
+    along every spatial axis, its in/out axes swapped) of the input with stride - 1 zeros between
+    neighbouring samples, padded by dilation * (kernel - 1) - pad_begin at the start and
+    dilation * (kernel - 1) - pad_end + output_padding at the end (negative: cropped). That input
+    is built a few samples at a time, each chunk no larger than its patches, and handed to
+    `conv_rows`; rows, columns and the `cap` subset are as there.
+    """
+    n_samples, channels, *spatial = x.shape
+    pad = conv_transpose_pads(
+        tuple(spatial), kernel, strides, dilations, pads, auto_pad, output_padding, output_shape
+    )
+    reach = [dil * (k - 1) for k, dil in zip(kernel, dilations, strict=True)]
+    begin = [r - b for r, (b, _) in zip(reach, pad, strict=True)]
+    sizes = [
+        (size - 1) * s + 1 + lo + r - e + extra
+        for size, s, lo, r, (_, e), extra in zip(
+            spatial, strides, begin, reach, pad, output_padding, strict=True
+        )
+    ]
+    positions = math.prod(max(0, p - r) for p, r in zip(sizes, reach, strict=True))
+    step = max(1, PATCH_ELEMENTS // max(1, positions * math.prod(kernel) * channels))
+    # where the input's samples land in the zero-stuffed, padded input (those that land inside)
+    target, source = [], []
+    for size, s, lo, p in zip(spatial, strides, begin, sizes, strict=True):
+        first = max(0, -(lo // s))
+        last = min(size - 1, (p - 1 - lo) // s)
+        target.append(slice(lo + first * s, lo + last * s + 1, s) if last >= first else slice(0))
+        source.append(slice(first, last + 1) if last >= first else slice(0))
+    d = len(kernel)
+    chunks = []
+    for start in range(0, n_samples, step):
+        part = x[start : start + step]
+        stuffed = np.zeros((part.shape[0], channels, *(max(0, p) for p in sizes)), part.dtype)
+        stuffed[(slice(None), slice(None), *target)] = part[(slice(None), slice(None), *source)]
+        chunks.extend(
+            conv_rows(stuffed, kernel, [1] * d, dilations, [0] * (2 * d), "NOTSET", groups, cap)
+        )
+    return chunks
+
+
+def _conv_transpose(weight: Weight, use: Use) -> Design | None:
+    """ConvTranspose: weight [C, O/G, *kernel], rows of the stride-1 convolution it equals
+    (`conv_transpose_rows`), the matrix the flipped kernel [G, O/G, kernel position * C/G].
+
+    Strides, pads, output_padding, output_shape, auto_pad, dilations and groups are honoured.
+    No design (None) for a weight reached through a Transpose, a kernel_shape that is not the
+    weight's, pads given together with auto_pad (an invalid node), and SAME_UPPER/SAME_LOWER
+    where input * stride is longer than the whole transposed output (negative padding: ONNX
+    Runtime then clamps the padding to zero and gives a shorter output than the spec's).
+    """
+    node = use.node
+    shape = weight.shape
+    if use.input_index != 1 or use.out_axis != 1 or use.in_axis != 0 or "Transpose" in use.via:
+        return None
+    groups = _int(node, "group", 1)
+    in_channels, o_group, *kernel = shape
+    if not kernel or groups < 1 or in_channels % groups:
+        return None
+    d = len(kernel)
+    if _ints(node, "kernel_shape", kernel) != kernel:
+        return None
+    strides = _ints(node, "strides", [1] * d)
+    dilations = _ints(node, "dilations", [1] * d)
+    pads = _ints(node, "pads", [])
+    auto_pad = _str(node, "auto_pad", "NOTSET")
+    output_padding = _ints(node, "output_padding", [0] * d)
+    output_shape = _ints(node, "output_shape", [])
+    if len(strides) != d or len(dilations) != d or len(output_padding) != d:
+        return None
+    if pads and (len(pads) != 2 * d or (auto_pad != "NOTSET" and any(pads))):
+        return None
+    if output_shape and len(output_shape) != d:
+        return None
+    if (
+        not output_shape
+        and auto_pad in ("SAME_UPPER", "SAME_LOWER")
+        and any(
+            extra + (k - 1) * dil + 1 < s
+            for k, s, dil, extra in zip(kernel, strides, dilations, output_padding, strict=True)
+        )
+    ):
+        return None
+    c_group = in_channels // groups
+    k_total = math.prod(kernel)
+    spatial_axes = tuple(range(3, 3 + d))
+
+    def to_matrix(w: np.ndarray) -> np.ndarray:
+        w = np.flip(w.reshape(groups, c_group, o_group, *kernel), spatial_axes)
+        w = w.transpose(0, 2, *spatial_axes, 1)  # [G, O/G, *kernel, C/G]
+        return w.reshape(groups, o_group, k_total * c_group)
+
+    def from_matrix(m: np.ndarray) -> np.ndarray:
+        m = m.reshape(groups, o_group, *kernel, c_group)
+        m = np.flip(m.transpose(0, d + 2, 1, *range(2, d + 2)), spatial_axes)
+        return m.reshape(shape)
+
+    return Design(
+        activation=node.inputs[0],
+        groups=groups,
+        out_features=o_group,
+        in_features=k_total * c_group,
+        signature=(
+            "ConvTranspose",
+            tuple(kernel),
+            tuple(strides),
+            tuple(dilations),
+            tuple(pads),
+            auto_pad,
+            tuple(output_padding),
+            tuple(output_shape),
+            groups,
+        ),
+        rows=lambda x, sample=False: conv_transpose_rows(
+            x,
+            kernel,
+            strides,
+            dilations,
+            pads,
+            auto_pad,
+            output_padding,
+            output_shape,
+            groups,
+            statistic_positions(k_total * c_group) if sample else None,
+        ),
+        to_matrix=to_matrix,
+        from_matrix=from_matrix,
+        out_axis=1,
+        layout=("conv-transpose", groups),
+    )
+
+
 def _matrix_design(
     weight: Weight,
     use: Use,
@@ -284,10 +469,11 @@ def _matmul(weight: Weight, use: Use) -> Design | None:
     return _matrix_design(weight, use, node.inputs[1], True, -2, "MatMul-left")
 
 
-# One rule per op: how a use of a weight reads its input. An op without a rule (ConvTranspose)
-# gets no calibration statistics, and its weights fall back to magnitude.
+# One rule per op: how a use of a weight reads its input. An op without a rule gets no
+# calibration statistics, and its weights fall back to magnitude.
 DESIGNS: dict[str, Callable[[Weight, Use], Design | None]] = {
     "Conv": _conv,
+    #"ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
     "MatMul": _matmul,
 }

@@ -264,9 +264,8 @@ def output_error(
 
 
 def covariance(h: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """E[x x^T] - E[x] E[x]^T for one group, symmetrised."""
-    c = h - np.outer(mean, mean)
-    return (c + c.T) / 2
+    """E[x x^T] - E[x] E[x]^T for one group (symmetric as h is: both terms are)."""
+    return h - np.outer(mean, mean)
 
 
 def channel_errors(
@@ -285,7 +284,9 @@ def channel_errors(
     w [O, K]; cov [K, K]; columns [K] the class of each column. Scale-free: a class's inputs
     scaled by s and its weights by 1/s leave its error unchanged, as the damping is per column.
     """
-    inverse = damped_inverse(cov, damp) if obs else None
+    # only the diagonal blocks of the inverse are needed: [U^T U]_JJ = U_J^T U_J, K^2 m flops
+    # per width m where the whole inverse would take K^3
+    upper = inverse_factor(cov, damp) if obs else None
     energy = float(np.sum((w @ cov) * w))
     errors = np.zeros(len(classes), dtype=np.float64)
     order = np.argsort(columns, kind="stable")
@@ -299,10 +300,12 @@ def channel_errors(
         which = np.flatnonzero(widths == width)
         idx = order[starts[which, None] + np.arange(width)]  # [n, m] columns of each class
         wj = np.moveaxis(w[:, idx], 0, -1)  # [n, m, O]
-        if inverse is None:
+        if upper is None:
             solved = np.matmul(cov[idx[:, :, None], idx[:, None, :]], wj)
         else:
-            solved = np.linalg.solve(inverse[idx[:, :, None], idx[:, None, :]], wj)
+            columns_of = upper[:, idx]  # [K, n, m]
+            blocks = np.einsum("kni,knj->nij", columns_of, columns_of)
+            solved = np.linalg.solve(blocks, wj)
         errors[which] = np.einsum("nmo,nmo->n", wj, solved)
     return np.maximum(errors, 0.0), energy
 
