@@ -233,7 +233,9 @@ def conv_transpose_pads(
 
     An explicit output_shape (or SAME_UPPER/SAME_LOWER, whose output is input * stride) sets the
     total padding, full output - wanted output, split with the odd one at the end for SAME_UPPER
-    and at the start otherwise; output_shape overrides pads. VALID pads nothing.
+    and at the start otherwise; output_shape overrides pads. VALID pads nothing. ONNX Runtime
+    (1.31) pads the same way; the reference implementation ignores output_shape's padding rule
+    unless auto_pad is SAME_*.
     """
     d = len(kernel)
     wanted: list[int] | None = None
@@ -274,8 +276,8 @@ def conv_transpose_rows(
     along every spatial axis, its in/out axes swapped) of the input with stride - 1 zeros between
     neighbouring samples, padded by dilation * (kernel - 1) - pad_begin at the start and
     dilation * (kernel - 1) - pad_end + output_padding at the end (negative: cropped). That input
-    is built a few samples at a time, each chunk no larger than its patches, and handed to
-    `conv_rows`; rows, columns and the `cap` subset are as there.
+    is built only for the few samples `conv_rows` takes at once (PATCH_ELEMENTS), never for the
+    whole batch, and handed to it; rows, columns and the `cap` subset are as there.
     """
     n_samples, channels, *spatial = x.shape
     pad = conv_transpose_pads(
@@ -473,7 +475,7 @@ def _matmul(weight: Weight, use: Use) -> Design | None:
 # calibration statistics, and its weights fall back to magnitude.
 DESIGNS: dict[str, Callable[[Weight, Use], Design | None]] = {
     "Conv": _conv,
-    #"ConvTranspose": _conv_transpose,
+    "ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
     "MatMul": _matmul,
 }
