@@ -501,6 +501,164 @@ def random_transformer(seed: int) -> onnx.ModelProto:
     return b.model()
 
 
+# -- attention, as exporters write it: the fixtures of heads as channel classes -----------------
+E, HEADS = 12, 3  # hidden width and heads (head_dim 4) of the attention fixtures
+_INT64 = TensorProto.INT64
+
+
+def _linear(b: GraphBuilder, x: str, d_in: int, d_out: int, bias_first: bool = False) -> str:
+    """MatMul and bias Add, the bias first as the TorchScript exporter writes it."""
+    y = b.node("MatMul", [x, b.weight((d_in, d_out), scale=1 / np.sqrt(d_in))])
+    bias = b.weight((d_out,), scale=0.3)
+    return b.node("Add", [bias, y] if bias_first else [y, bias])
+
+
+def _one(b: GraphBuilder, v: int) -> str:
+    return b.constant(np.array([v], np.int64))
+
+
+def _attend(b: GraphBuilder, q: str, kt: str, v: str, scale: str, op: str = "Div") -> str:
+    """softmax(q k^T op scale) v on [B, H, S, D] inputs (k given transposed, [B, H, D, S])."""
+    scores = b.node(op, [b.node("MatMul", [q, kt]), scale])
+    return b.node("MatMul", [b.node("Softmax", [scores], axis=-1), v])
+
+
+def heads_torchscript() -> onnx.ModelProto:
+    """Attention as torch.onnx.export(dynamo=False) writes it: q, k, v MatMul + Add, Reshape to
+    [B, S, H, D] with a target computed from the Shape of the residual stream (head_dim = width
+    // H), Transposes, scores divided by head_dim ** 0.5 computed from that Shape too, an
+    additive mask made from a second input and Expanded by a computed target (as transformers
+    builds one), Softmax, Reshape back, output projection, residual Add."""
+    b = GraphBuilder(30)
+    x = b.input("x", ["N", "S", 6])
+    keep = b.input("keep", ["N", "S"])  # > 0 where a token may be attended to
+    h = _linear(b, x, 6, E, bias_first=True)
+
+    def entry(i: int) -> str:
+        return b.node("Gather", [b.node("Shape", [h]), b.constant(np.array(i))], axis=0)
+
+    def unsqueeze(v: str) -> str:
+        return b.node("Unsqueeze", [v, b.constant(np.array([0]))])
+
+    n, s, width = entry(0), entry(1), entry(2)
+    head_dim = b.node("Cast", [b.node("Div", [width, b.constant(np.array(HEADS))])], to=_INT64)
+    split = b.node(
+        "Concat", [unsqueeze(n), unsqueeze(s), _one(b, HEADS), unsqueeze(head_dim)], axis=0
+    )
+    q, k, v = (b.node("Reshape", [_linear(b, h, E, E, True), split]) for _ in range(3))
+    q = b.node("Transpose", [q], perm=[0, 2, 1, 3])
+    kt = b.node("Transpose", [k], perm=[0, 2, 3, 1])
+    v = b.node("Transpose", [v], perm=[0, 2, 1, 3])
+    scale = b.node(
+        "Pow",
+        [b.node("Cast", [head_dim], to=TensorProto.FLOAT), b.constant(np.array(0.5, np.float32))],
+    )
+    mask = b.node("Unsqueeze", [keep, b.constant(np.array([1, 2]))])  # [N, 1, 1, S]
+    target = b.node("Concat", [unsqueeze(n), _one(b, 1), unsqueeze(s), unsqueeze(s)], axis=0)
+    mask = b.node("Expand", [b.node("Greater", [mask, b.constant(np.array(0, np.float32))]),
+                             target])  # fmt: skip
+    mask = b.node(
+        "Where", [mask, b.constant(np.array(0, np.float32)), b.constant(np.array(-1e4, np.float32))]
+    )
+    scores = b.node("Add", [b.node("Div", [b.node("MatMul", [q, kt]), scale]), mask])
+    mixed = b.node("MatMul", [b.node("Softmax", [scores], axis=-1), v])
+    mixed = b.node("Transpose", [mixed], perm=[0, 2, 1, 3])
+    merge = b.node("Concat", [unsqueeze(n), unsqueeze(s), unsqueeze(width)], axis=0)
+    mixed = b.node("Reshape", [mixed, merge])
+    h = b.node("Add", [h, _linear(b, mixed, E, E, True)])
+    b.node("MatMul", [h, b.weight((E, 3))], out="y")
+    b.output("y", shape=["N", "S", 3])
+    return b.model()
+
+
+def heads_dynamo() -> onnx.ModelProto:
+    """Attention as torch.onnx.export(dynamo=True) writes scaled_dot_product_attention: the
+    batch and sequence from Shape(start, end) of the input, one target [B, S, H, -1] shared by
+    q, k and v (allowzero 1), k transposed by Reshape [-1, S, D] -> Transpose -> Reshape
+    [B, H, D, S] computed from its Shape, q and k each scaled by head_dim ** -0.25."""
+    b = GraphBuilder(31)
+    x = b.input("x", ["batch", "seq", 6])
+    n = b.node("Shape", [x], start=0, end=1)
+    s = b.node("Shape", [x], start=1, end=2)
+    h = _linear(b, x, 6, E)
+    split = b.node("Concat", [n, s, _one(b, HEADS), _one(b, -1)], axis=0)
+    q, k, v = (
+        b.node("Transpose", [b.node("Reshape", [_linear(b, h, E, E), split], allowzero=1)],
+               perm=[0, 2, 1, 3])
+        for _ in range(3)
+    )  # fmt: skip
+    dims = b.node("Shape", [k])
+    last = b.node("Slice", [dims, _one(b, -1), _one(b, np.iinfo(np.int64).max)])
+    prev = b.node("Slice", [dims, _one(b, -2), _one(b, -1)])
+    lead = b.node("Slice", [dims, _one(b, np.iinfo(np.int64).min), _one(b, -2)])
+    kt = b.node("Reshape", [k, b.node("Concat", [_one(b, -1), prev, last], axis=0)])
+    kt = b.node("Transpose", [kt], perm=[0, 2, 1])
+    kt = b.node("Reshape", [kt, b.node("Concat", [lead, last, prev], axis=0)])
+    scale = b.constant(np.array([(E // HEADS) ** -0.25], np.float32))
+    scores = b.node("MatMul", [b.node("Mul", [q, scale]), b.node("Mul", [kt, scale])])
+    mixed = b.node("MatMul", [b.node("Softmax", [scores], axis=-1), v])
+    mixed = b.node("Transpose", [mixed], perm=[0, 2, 1, 3])
+    merge = b.node("Concat", [n, s, _one(b, E)], axis=0)
+    mixed = b.node("Reshape", [mixed, merge], allowzero=1)
+    h = b.node("Add", [h, _linear(b, mixed, E, E)])
+    b.node("MatMul", [h, b.weight((E, 3))], out="y")
+    b.output("y", shape=["batch", "seq", 3])
+    return b.model(opset=18)
+
+
+def _packed(seed: int, unpack: str) -> onnx.ModelProto:
+    """One projection to 3 * hidden, cut into q, k and v by Split, Slice or Reshape
+    [B, S, 3, H, D] + Transpose + Gather (timm's ViT), then attention and output projection."""
+    b = GraphBuilder(seed)
+    x = b.input("x", ["N", "S", 6])
+    h = _linear(b, x, 6, E)
+    qkv = _linear(b, h, E, 3 * E)
+    to_heads = b.constant(np.array([0, 0, HEADS, E // HEADS]))
+
+    def heads(t: str) -> str:
+        return b.node("Transpose", [b.node("Reshape", [t, to_heads])], perm=[0, 2, 1, 3])
+
+    if unpack == "split":
+        parts = b.node("Split", [qkv, b.constant(np.array([E, E, E]))], n_out=3, axis=-1)
+        q, k, v = (heads(t) for t in parts)
+    elif unpack == "slice":
+        q, k, v = (
+            heads(b.node("Slice", [qkv, _one(b, i * E), _one(b, (i + 1) * E), _one(b, 2)]))
+            for i in range(3)
+        )
+    else:
+        packed = b.node("Reshape", [qkv, b.constant(np.array([0, 0, 3, HEADS, E // HEADS]))])
+        packed = b.node("Transpose", [packed], perm=[2, 0, 3, 1, 4])
+        q, k, v = (b.node("Gather", [packed, b.constant(np.array(i))], axis=0) for i in range(3))
+    kt = b.node("Transpose", [k], perm=[0, 1, 3, 2])
+    scale = b.constant(np.array((E // HEADS) ** -0.5, np.float32))
+    mixed = b.node("Transpose", [_attend(b, q, kt, v, scale, "Mul")], perm=[0, 2, 1, 3])
+    mixed = b.node("Reshape", [mixed, b.constant(np.array([0, 0, E]))])
+    h = b.node("Add", [h, _linear(b, mixed, E, E)])
+    b.node("MatMul", [h, b.weight((E, 3))], out="y")
+    b.output("y", shape=["N", "S", 3])
+    return b.model()
+
+
+def heads_packed_split() -> onnx.ModelProto:
+    return _packed(32, "split")
+
+
+def heads_packed_slice() -> onnx.ModelProto:
+    return _packed(33, "slice")
+
+
+def heads_packed_gather() -> onnx.ModelProto:
+    return _packed(34, "gather")
+
+
+HEAD_MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
+    f.__name__: f
+    for f in (heads_torchscript, heads_dynamo, heads_packed_split, heads_packed_slice,
+              heads_packed_gather)
+}  # fmt: skip
+
+
 MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     f.__name__: f
     for f in (conv_bn_act, grouped, conv_transpose, grouped_conv_transpose, per_channel_constants,
@@ -512,22 +670,27 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
 }  # fmt: skip
 
 
-def feeds(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+def feeds(
+    proto: onnx.ModelProto, seed: int = 0, sizes: dict[str, int] | None = None
+) -> dict[str, np.ndarray]:
+    """Random inputs; symbolic dims are 2, or as `sizes` names them."""
     rng = np.random.default_rng(seed)
+    sizes = sizes or {}
     out = {}
     for value in proto.graph.input:
         dims = [
-            d.dim_value if d.HasField("dim_value") else 2 for d in value.type.tensor_type.shape.dim
+            d.dim_value if d.HasField("dim_value") else sizes.get(d.dim_param, 2)
+            for d in value.type.tensor_type.shape.dim
         ]
         assert value.type.tensor_type.elem_type == TensorProto.FLOAT
         out[value.name] = rng.standard_normal(dims).astype(np.float32)
     return out
 
 
-def analyse(proto: onnx.ModelProto) -> tuple[ir.Model, channels.ChannelGraph]:
+def analyse(proto: onnx.ModelProto, heads: bool = False) -> tuple[ir.Model, channels.ChannelGraph]:
     model = ir.serde.deserialize_model(proto)
     channels.prepare(model)
-    return model, channels.build(model)
+    return model, channels.build(model, heads=heads)
 
 
 # Roles whose entries are zero in a dead channel: its producers and its additive carriers.
@@ -565,12 +728,21 @@ def choose(graph: channels.ChannelGraph, fraction: float = 0.5, seed: int = 0) -
     return removed
 
 
-def check_invariant(proto: onnx.ModelProto, tmp: Path, seed: int = 0) -> ChannelPlan:
-    """Zero some channels, remove exactly them, and require the same outputs (1e-5 relative)."""
-    model, graph = analyse(proto)
-    removed = choose(graph, seed=seed)
+def check_invariant(
+    proto: onnx.ModelProto,
+    tmp: Path,
+    seed: int = 0,
+    *,
+    heads: bool = False,
+    sizes: dict[str, int] | None = None,
+    removed: Callable[[channels.ChannelGraph], np.ndarray] | None = None,
+) -> ChannelPlan:
+    """Zero some channels (`removed` picks them, else `choose`), remove exactly them, and
+    require the same outputs (1e-5 relative)."""
+    model, graph = analyse(proto, heads=heads)
+    removed = choose(graph, seed=seed) if removed is None else removed(graph)
     kill(graph, removed)
-    data = feeds(proto, seed)
+    data = feeds(proto, seed, sizes)
     expected = run(ir.serde.serialize_model(model), data)
     plan = ChannelPlan(graph, removed, counted_weights(model, graph))
     apply_channel_plan(model, plan)

@@ -23,8 +23,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
+from onnxprune.channels import shapemath
 from onnxprune.channels.oprules import RULES, Unsupported
-from onnxprune.channels.shapemath import static_target, static_value
 
 # Member roles. out/in: a weight's output/input-channel axis; bias: the producer's bias; scale and
 # shift: per-channel carrier parameters (a dead channel has its shifts zero); param: anything else.
@@ -81,6 +81,20 @@ class Group:
     reasons: list[str]
 
 
+@dataclass(eq=False)
+class Heads:
+    """One attention's heads (build(heads=True)): removing a class removes that head, its rows
+    of Q, K and V and its columns of the output projection."""
+
+    name: str  # the output projection's node, else the Q projection's
+    classes: np.ndarray  # the class of each head, in head order
+    head_dim: int  # size of the axes after the heads axis in the split
+    reshapes: list[ir.Node]  # the Reshapes that split the heads off
+
+    def kept(self, removed: np.ndarray) -> int:
+        return int(np.count_nonzero(~removed[self.classes]))
+
+
 @dataclass
 class ChannelGraph:
     """The analysis result. After `build`, every ids array holds class labels 0..n_classes-1."""
@@ -94,6 +108,7 @@ class ChannelGraph:
     reasons: list[str]
     layers: list[Layer]
     groups: list[Group]
+    heads: list[Heads] = field(default_factory=list)  # attentions whose heads are classes
 
     @property
     def produced(self) -> np.ndarray:
@@ -151,8 +166,13 @@ _CONST_VIEWS = ("Transpose", "Cast", "Identity")
 class Walk:
     """The context the rules of oprules.py work on: spaces, links, members, fixes, freezes."""
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(self, model: ir.Model, heads: bool = False) -> None:
         self.model = model
+        self.heads = heads  # attention heads as channel classes (see oprules.reshape)
+        self.head_splits: list[tuple[ir.Node, np.ndarray, int]] = []  # (Reshape, heads, head_dim)
+        self.symbols: dict[object, int] = {}  # symbolic dims met by shape arithmetic
+        self.memos: list[dict] = [{} for _ in range(shapemath.RUNS)]  # shape arithmetic per run
+        self.run_dims: dict[int, dict[ir.Value, list[int]]] = {}  # dims per run (shapemath.dims)
         self.count = 0
         self.spaces: dict[ir.Value, dict[int, np.ndarray]] = {}
         self.links: list[tuple[np.ndarray, np.ndarray]] = []
@@ -184,6 +204,14 @@ class Walk:
         if value.shape is None:
             return None
         return [d if isinstance(d, int) else None for d in value.shape]
+
+    def named_shape(self, value: ir.Value | None) -> list[int | str | None] | None:
+        """Like `shape`, with a named symbolic dim as its name (equal names, equal sizes)."""
+        shape = self.shape(value)
+        if shape is None or value is None or value.shape is None:
+            return shape
+        names = [getattr(d, "value", None) for d in value.shape]
+        return [d if d is not None else n or None for d, n in zip(shape, names, strict=True)]
 
     def rank(self, value: ir.Value | None) -> int | None:
         shape = self.shape(value)
@@ -249,6 +277,10 @@ class Walk:
 
     def member(self, role: str, value: ir.Value, axis: int, ids: np.ndarray, node: ir.Node) -> None:
         self.members.append(Member(role, value, axis, ids, node))
+
+    def head_split(self, node: ir.Node, heads: np.ndarray, head_dim: int) -> None:
+        """Record a Reshape that splits a channel axis into attention heads (heads=True)."""
+        self.head_splits.append((node, heads, head_dim))
 
     def fix(self, kind: str, node: ir.Node, ids: dict[str, np.ndarray] | None = None, **data: Any):
         self.fixes.append(Fix(kind, node, ids or {}, data))
@@ -336,7 +368,13 @@ class Walk:
         elif any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values()):
             reason = f"{name} has a subgraph"
         else:
-            mark = (len(self.links), len(self.members), len(self.fixes), len(self.journal))
+            mark = (
+                len(self.links),
+                len(self.members),
+                len(self.fixes),
+                len(self.journal),
+                len(self.head_splits),
+            )
             self.current = node
             try:
                 rule(node, self)
@@ -359,8 +397,9 @@ class Walk:
         for sub in _subgraph_inputs(node):
             self.freeze_value(sub, reason)
 
-    def _rollback(self, mark: tuple[int, int, int, int]) -> None:
-        links, members, fixes, journal = mark
+    def _rollback(self, mark: tuple[int, int, int, int, int]) -> None:
+        links, members, fixes, journal, heads = mark
+        del self.head_splits[heads:]
         del self.links[links:]
         del self.members[members:]
         del self.fixes[fixes:]
@@ -391,14 +430,19 @@ FOLDED_INPUTS = {
 
 
 def prepare(model: ir.Model, rounds: int = 64) -> ir.Model:
-    """Shapes for the walk (in place): infer them, and fold the shape arithmetic that older
-    exporters write (Shape -> Gather -> Div -> Concat -> Reshape) into constants where it does
-    not depend on the model's symbolic dims (a Reshape's batch-following entry becomes -1), so
-    channels reshaped, split or sliced that way stay prunable. Folding one node can make a later
-    shape known, so it repeats until nothing more folds. Returns `model`."""
+    """Shapes for the walk (in place): infer them, and fold the shape arithmetic that exporters
+    write (Shape -> Gather -> Div -> Concat -> Reshape) into constants where it does not depend
+    on the model's symbolic dims (a Reshape's entries that copy the batch or sequence become 0,
+    one other entry -1), so channels reshaped, split or sliced that way stay prunable; shape
+    arithmetic read as data (attention's 1 / sqrt(head_dim) computed from the hidden width) is
+    folded too, or its Shape would freeze the width. A Reshape -> Transpose -> Reshape that only
+    swaps axes behind merged leading ones (the dynamo exporter's k.transpose(-2, -1) inside
+    scaled_dot_product_attention, written [B, H, S, D] -> [B*H, S, D] -> [B*H, D, S] ->
+    [B, H, D, S]) becomes the one Transpose it is. Folding one node can make a later shape
+    known, so it repeats until nothing more folds. Returns `model`."""
     ShapeInferencePass()(model)
     for _ in range(rounds):
-        if not _fold(model):
+        if not _fold(model) + _swaps(model) + _static_dims(model):
             break
         RemoveUnusedNodesPass()(model)
         ShapeInferencePass()(model)
@@ -407,29 +451,39 @@ def prepare(model: ir.Model, rounds: int = 64) -> ir.Model:
 
 def _fold(model: ir.Model) -> int:
     walk = Walk(model)
+    memos = walk.memos
     folded = 0
     for node in list(model.graph):
         if node.domain not in ("", "ai.onnx"):
             continue
-        if node.op_type == "Reshape" and len(node.inputs) > 1:
-            slots = {1: None}
-        else:
-            slots = dict.fromkeys(FOLDED_INPUTS.get(node.op_type, ()))
-        for index in slots:
-            value = node.inputs[index] if index < len(node.inputs) else None
-            if value is None or walk.const(value) is not None:
+        for index, value in enumerate(node.inputs):
+            if value is None or const_tensor(value) is not None:
                 continue
-            if node.op_type == "Reshape":
-                target = static_target(walk, node)
-                array = None if target is None else np.array(target, dtype=np.int64)
+            if node.op_type == "Reshape" and index == 1:
+                found = shapemath.static_target(walk, node, memos)
+                if found is None:
+                    continue
+                target, copies = found
+                array = np.array(target, dtype=np.int64)
+                if copies:
+                    node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
+            elif index in FOLDED_INPUTS.get(node.op_type, ()) or _reads_data(walk, node, memos):
+                producer = value.producer()
+                if producer is None or producer.op_type not in (*shapemath.SHAPE_MATH, "Shape"):
+                    continue
+                array = shapemath.static_value(walk, value, memos)
+                if array is None:
+                    continue
+                if array.size > 1 and index not in FOLDED_INPUTS.get(node.op_type, ()):
+                    continue  # data made from a shape (ConstantOfShape) keeps reading it
+                if value.dtype is not None:
+                    array = array.astype(value.dtype.numpy())
             else:
-                array = static_value(walk, value)
-            if array is None:
                 continue
             name = f"{node.name or node.op_type}_input{index}"
             while name in model.graph.initializers:
                 name += "_"
-            tensor = ir.Tensor(np.ascontiguousarray(array), name=name)
+            tensor = ir.Tensor(np.array(array, order="C"), name=name)  # keeps 0-d as 0-d
             const = ir.Value(
                 name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype)
             )
@@ -440,9 +494,120 @@ def _fold(model: ir.Model) -> int:
     return folded
 
 
-def build(model: ir.Model) -> ChannelGraph:
-    """Channel classes, members, fixes, layers and groups of the main graph."""
+def _reads_data(walk: Walk, node: ir.Node, memos: list[dict]) -> bool:
+    """Whether some input of `node` is data rather than shape arithmetic: its other inputs that
+    are scalars computed from shapes are then folded (a Div of attention scores by
+    sqrt(head_dim), head_dim computed from the hidden width)."""
+    return any(v is not None and not shapemath.evaluable(walk, v, memos) for v in node.inputs)
+
+
+def _static_dims(model: ir.Model) -> int:
+    """Static dims that shape inference leaves unknown and the propagated dims tell (an
+    attention mask expanded by a computed target to [B, 1, S, S] broadcasts over the heads):
+    equal in every run of the stand-ins. Returns how many outputs changed."""
     walk = Walk(model)
+    changed = 0
+    for node in model.graph:
+        for out in node.outputs:
+            if out is None or out.shape is None or all(isinstance(d, int) for d in out.shape):
+                continue
+            found = [shapemath.dims(walk, out, r) for r in range(shapemath.RUNS)]
+            if any(f is None or len(f) != len(out.shape) for f in found):
+                continue
+            new = [
+                old if isinstance(old, int) or len(set(column)) != 1 else column[0]
+                for old, column in zip(out.shape, zip(*found, strict=True), strict=True)  # type: ignore[arg-type]
+            ]
+            if new != list(out.shape):
+                out.shape = ir.Shape(new)
+                changed += 1
+    return changed
+
+
+def _swaps(model: ir.Model) -> int:
+    """Replace each Reshape -> Transpose -> Reshape that is one Transpose (see `prepare`)."""
+    walk = Walk(model)
+    done = 0
+    for first in list(model.graph):
+        if first.op_type != "Reshape" or first.domain not in ("", "ai.onnx"):
+            continue
+        uses = list(first.outputs[0].uses())
+        if len(uses) != 1 or uses[0].node.op_type != "Transpose":
+            continue
+        swap = uses[0].node
+        uses = list(swap.outputs[0].uses())
+        if len(uses) != 1 or uses[0].node.op_type != "Reshape":
+            continue
+        last = uses[0].node
+        if last.outputs[0].is_graph_output() or first.outputs[0].is_graph_output():
+            continue
+        perm = _swap_perm(walk, first, swap, last)
+        if perm is None:
+            continue
+        x = first.inputs[0]
+        out = last.outputs[0]
+        node = ir.Node(
+            "",
+            "Transpose",
+            [x],
+            [ir.AttrInt64s("perm", perm)],
+            name=f"{last.name or 'Reshape'}_as_transpose",
+        )
+        node.outputs[0].name = f"{out.name}_as_transpose"
+        node.outputs[0].shape = out.shape
+        node.outputs[0].type = out.type
+        model.graph.insert_before(last, node)
+        out.replace_all_uses_with(node.outputs[0])
+        done += 1
+    return done
+
+
+def _swap_perm(walk: Walk, first: ir.Node, swap: ir.Node, last: ir.Node) -> list[int] | None:
+    """The Transpose of x that first -> swap -> last is, if it is one: `first` merges x's
+    leading k axes into one, `swap` keeps that axis in front, `last` splits it back."""
+    attr = swap.attributes.get("perm")
+    if attr is None:
+        return None
+    perm = [int(p) for p in attr.value]
+    if not perm or perm[0] != 0:
+        return None
+    found = None
+    for run in range(shapemath.RUNS):
+        xs = shapemath.dims(walk, first.inputs[0], run)
+        merged = _resolved(walk, first, xs, run)
+        if xs is None or merged is None or len(merged) != len(perm):
+            return None
+        ends = [k for k in range(1, len(xs) + 1) if merged[1:] == xs[k:]]
+        if not ends or merged[0] != int(np.prod(xs[: ends[0]], dtype=np.int64)):
+            return None
+        k = ends[0]
+        split = _resolved(walk, last, [merged[p] for p in perm], run)
+        if split != xs[:k] + [merged[p] for p in perm[1:]]:
+            return None
+        if found not in (None, k):
+            return None
+        found = k
+    assert found is not None
+    return list(range(found)) + [found - 1 + p for p in perm[1:]]
+
+
+def _resolved(walk: Walk, node: ir.Node, xs: list[int] | None, run: int) -> list[int] | None:
+    """A Reshape's output dims in one run of the stand-ins, given its input dims."""
+    target = shapemath.shape_value(walk, node.inputs[1], run, walk.memos[run])
+    if target is None or xs is None or np.asarray(target).ndim != 1:
+        return None
+    allowzero = node.attributes.get("allowzero")
+    entries = [int(t) for t in np.asarray(target)]
+    return shapemath.resolve_target(xs, entries, bool(allowzero is not None and allowzero.value))
+
+
+def build(model: ir.Model, heads: bool = False) -> ChannelGraph:
+    """Channel classes, members, fixes, layers and groups of the main graph. With `heads`, an
+    attention's heads are its channel classes: a channel axis split into (heads, head_dim)
+    keeps one class per head (all its head_dim indices, in Q, K, V and the output projection's
+    inputs), so pruning removes whole heads and rewrites the head count in the shapes; without,
+    class d is index d of head_dim in every head, and pruning narrows every head alike."""
+    walk = Walk(model, heads=heads)
     for node in model.graph:
         walk.visit(node)
     walk.current = None
@@ -512,7 +677,32 @@ def _resolve(walk: Walk) -> ChannelGraph:
             layers.append(Layer(m))
     graph = ChannelGraph(n_classes, spaces, members, fixes, frozen, reason, reasons, layers, [])
     graph.groups = _groups(graph)
+    graph.heads = _attention_heads(walk, label, members)
     return graph
+
+
+def _attention_heads(walk: Walk, label: np.ndarray, members: list[Member]) -> list[Heads]:
+    """One entry per attention: the head splits whose heads ended up the same classes (Q, K and
+    V of one attention are joined by its MatMuls), named after the output projection, the first
+    weight that reads exactly those classes (else the first that makes them)."""
+    found: dict[bytes, Heads] = {}
+    for node, ids, head_dim in walk.head_splits:
+        classes = label[ids]
+        key = np.unique(classes).tobytes()
+        if key in found:
+            found[key].reshapes.append(node)
+            continue
+        found[key] = Heads("", classes, head_dim, [node])
+    weights = [(m, np.unique(m.ids)) for m in members if m.role in ("in", "out")]
+    for entry in found.values():
+        distinct = np.unique(entry.classes)
+        same = [m for m, classes in weights if np.array_equal(classes, distinct)]
+        source = next((m for m in same if m.role == "in"), same[0] if same else None)
+        if source is not None:
+            entry.name = source.node.name or source.value.name or "?"
+        else:
+            entry.name = entry.reshapes[0].name or "?"
+    return list(found.values())
 
 
 def _groups(graph: ChannelGraph) -> list[Group]:

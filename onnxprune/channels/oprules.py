@@ -473,7 +473,7 @@ def reshape(node: ir.Node, ctx: Walk) -> None:
     """One channel becomes a block of rows when merged with the axes after it; a split channel
     axis keeps its channels on the one output axis that still tells them apart."""
     x = node.inputs[0]
-    shape = ctx.shape(x)
+    shape = ctx.named_shape(x)
     if not ctx.spaces_of(x):
         return
     target = ctx.const(node.inputs[1])
@@ -482,7 +482,7 @@ def reshape(node: ir.Node, ctx: Walk) -> None:
     if shape is None:
         raise Unsupported("unknown input shape")
     target = [int(t) for t in np.asarray(target).reshape(-1)]
-    out_shape: list[int | None] = []
+    out_shape: list[Dim] = []
     for i, t in enumerate(target):
         if t == 0 and not _attr(node, "allowzero", 0):
             out_shape.append(shape[i] if i < len(shape) else None)
@@ -490,18 +490,22 @@ def reshape(node: ir.Node, ctx: Walk) -> None:
             out_shape.append(None if t == -1 else t)
     if -1 in target:
         known = [d for k, d in enumerate(out_shape) if k != target.index(-1)]
-        if None not in shape and None not in known:
-            out_shape[target.index(-1)] = _prod(shape) // max(1, _prod(known) or 1)
-    inferred = ctx.shape(node.outputs[0])
+        if all(isinstance(d, int) for d in shape + known):
+            out_shape[target.index(-1)] = _prod(shape) // max(1, _prod(known) or 1)  # type: ignore[operator]
+    inferred = ctx.named_shape(node.outputs[0])
     if inferred is not None and len(inferred) == len(out_shape):
-        out_shape = [d if d is not None else o for d, o in zip(inferred, out_shape, strict=True)]
-    moved = _reshape_spaces(ctx, x, shape, node.outputs[0], out_shape, target)
+        out_shape = [o if o is not None else d for d, o in zip(inferred, out_shape, strict=True)]
+    moved = _reshape_spaces(ctx, x, shape, node.outputs[0], out_shape, target, node)
     if moved:
         ctx.fix("reshape", node, axes=moved)
 
 
-def _prod(dims: list[int | None]) -> int | None:
-    if any(d is None for d in dims):
+# A dim: its size, the name of a symbolic dim (equal names are equal sizes), or None (unknown).
+Dim = int | str | None
+
+
+def _prod(dims: list[Dim]) -> int | None:
+    if any(not isinstance(d, int) for d in dims):
         return None
     return int(np.prod(dims, dtype=np.int64))
 
@@ -509,10 +513,11 @@ def _prod(dims: list[int | None]) -> int | None:
 def _reshape_spaces(
     ctx: Walk,
     x: ir.Value,
-    shape: list[int | None],
+    shape: list[Dim],
     out: ir.Value,
-    out_shape: list[int | None],
+    out_shape: list[Dim],
     target: list[int | None],
+    node: ir.Node | None = None,
 ) -> list[int]:
     """Map x's spaces through a reshape; returns the output axes whose literal size must change."""
     groups = _align(shape, out_shape)
@@ -528,24 +533,37 @@ def _reshape_spaces(
             raise Unsupported("merges two channel axes")
         if ins == outs == [here[0]] or (len(ins) == 1 and len(outs) == 1):
             ctx.set(out, outs[0], spaces[here[0]])
-            if shape[ins[0]] is not None and target[outs[0]] not in (0, -1, None):
+            if isinstance(shape[ins[0]], int) and target[outs[0]] not in (0, -1, None):
                 moved.append(outs[0])
             continue
         dims = [shape[a] for a in ins]
         odims = [out_shape[a] for a in outs]
-        if any(d is None for d in dims + odims):
+        if not all(isinstance(d, int) for d in dims + odims):
             raise Unsupported("channel axis reshaped with unknown sizes")
         view = [1] * len(ins)
         view[ins.index(here[0])] = -1
         grid = np.broadcast_to(spaces[here[0]].reshape(view), dims).reshape(odims)
         found = _carrier(grid)
         j = found if found is not None else len(odims) - 1 - int(np.argmax(odims[::-1]))
+        if found is None and ctx.heads:
+            # attention heads as classes: the axis that becomes a batch axis of the attention's
+            # MatMuls is the heads axis ((heads, head_dim), or (3, heads, head_dim) for a packed
+            # projection); coupling along the others makes each head one class
+            batched = [
+                k for k in range(len(outs)) if odims[k] > 1 and _batched(ctx, out, outs[k], 0)
+            ]
+            if batched:
+                j = batched[0]
+                if node is not None:
+                    line = grid[tuple(slice(None) if i == j else 0 for i in range(len(outs)))]
+                    ctx.head_split(node, line, _prod(odims[j + 1 :]) or 1)
         line = grid[tuple(slice(None) if i == j else 0 for i in range(len(outs)))]
         if found is None:
             # A channel axis split over several axes (channel shuffle's (groups, C/groups),
-            # attention's (heads, head_dim)): keep the largest as the channel axis and couple
-            # the channels along the others, so pruning index d removes it in every group or
-            # head alike. Only coupling is added, so this is conservative, never a guess.
+            # attention's (heads, head_dim)): keep the largest (with heads=True, the heads) as
+            # the channel axis and couple the channels along the others, so pruning index d
+            # removes it in every group or head alike (or a head whole). Only coupling is
+            # added, so this is conservative, never a guess.
             shaped = [1] * len(outs)
             shaped[j] = -1
             spread = np.broadcast_to(line.reshape(shaped), grid.shape)
@@ -556,14 +574,47 @@ def _reshape_spaces(
     return moved
 
 
-def _align(a: list[int | None], b: list[int | None]) -> list[tuple[list[int], list[int]]] | None:
-    """Pair runs of axes with equal products. Unknown dims pair one-to-one, only where the known
-    dims after them multiply to the same on both sides; trailing 1s join the last run."""
+def _align(a: list[Dim], b: list[Dim]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of axes with equal products. A symbolic dim pairs with the same one; unknown
+    dims pair one-to-one where the known dims after them multiply to the same on both sides;
+    trailing 1s join the last run. Failing that, the static dims at the end pair up and the
+    leading rest, unknown sizes and all, is one run ([S, B, 12, 64] -> [S*B, 768])."""
+    groups = _align_from_left(a, b)
+    if groups is not None:
+        return groups
+    for p in range(len(a), 0, -1):
+        tail = a[len(a) - p :]
+        size = _prod(tail)
+        if size is None:
+            continue
+        for q in range(1, len(b) + 1):
+            if _prod(b[len(b) - q :]) == size:
+                break
+        else:
+            continue
+        if (p == len(a)) != (q == len(b)):
+            continue
+        rest = _align_from_left(tail, b[len(b) - q :])
+        if rest is None:
+            continue
+        head = [(list(range(len(a) - p)), list(range(len(b) - q)))] if p < len(a) else []
+        shift = [
+            ([i + len(a) - p for i in ins], [j + len(b) - q for j in outs]) for ins, outs in rest
+        ]
+        return head + shift
+    return None
+
+
+def _align_from_left(a: list[Dim], b: list[Dim]) -> list[tuple[list[int], list[int]]] | None:
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
     while i < len(a) and j < len(b):
-        if a[i] is None or b[j] is None:
-            if a[i] is not None or b[j] is not None:
+        if isinstance(a[i], str) and a[i] == b[j]:
+            groups.append(([i], [j]))
+            i, j = i + 1, j + 1
+            continue
+        if not isinstance(a[i], int) or not isinstance(b[j], int):
+            if isinstance(a[i], int) or isinstance(b[j], int):
                 return None
             rest_a, rest_b = _prod(a[i + 1 :]), _prod(b[j + 1 :])
             if rest_a is None or rest_a != rest_b:
@@ -574,16 +625,16 @@ def _align(a: list[int | None], b: list[int | None]) -> list[tuple[list[int], li
         ins, outs, pa, pb = [i], [j], a[i], b[j]
         i, j = i + 1, j + 1
         while pa != pb:
-            if pa < pb:
-                if i >= len(a) or a[i] is None:
+            if pa < pb:  # type: ignore[operator]
+                if i >= len(a) or not isinstance(a[i], int):
                     return None
-                pa *= a[i]
+                pa *= a[i]  # type: ignore[operator]
                 ins.append(i)
                 i += 1
             else:
-                if j >= len(b) or b[j] is None:
+                if j >= len(b) or not isinstance(b[j], int):
                     return None
-                pb *= b[j]
+                pb *= b[j]  # type: ignore[operator]
                 outs.append(j)
                 j += 1
         groups.append((ins, outs))
@@ -593,6 +644,77 @@ def _align(a: list[int | None], b: list[int | None]) -> list[tuple[list[int], li
         groups[-1][0].extend(range(i, len(a)))
         groups[-1][1].extend(range(j, len(b)))
     return groups
+
+
+def _batched(ctx: Walk, value: ir.Value, axis: int, hops: int) -> bool:
+    """Whether `value`'s axis, followed forward through the ops that move axes about, becomes a
+    batch axis of a MatMul (or Einsum) between two computed tensors: an attention's heads."""
+    if hops > 24:
+        return False
+    for use in value.uses():
+        user = use.node
+        if user.domain not in ("", "ai.onnx") or not user.outputs:
+            continue
+        op = user.op_type
+        if op == "MatMul":
+            if any(ctx.is_const(v) for v in user.inputs):
+                continue
+            rank = ctx.rank(value)
+            if rank is not None and axis < rank - 2:
+                return True
+            continue
+        if op == "Einsum":
+            equation = str(_attr(user, "equation", "")).replace(" ", "")
+            if "->" not in equation or "." in equation:
+                continue
+            lhs, rhs = equation.split("->")
+            terms = lhs.split(",")
+            if use.idx < len(terms) and axis < len(terms[use.idx]):
+                letter = terms[use.idx][axis]
+                if letter in rhs and all(letter in t for t in terms):
+                    return True
+            continue
+        mapped = _forward_axis(ctx, user, use.idx, value, axis)
+        if mapped is not None and _batched(ctx, user.outputs[0], mapped, hops + 1):
+            return True
+    return False
+
+
+_SAME_AXES = ("Softmax", "LogSoftmax", "Slice", "Split", "Concat", "Pad")
+
+
+def _forward_axis(ctx: Walk, node: ir.Node, index: int, value: ir.Value, axis: int) -> int | None:
+    """The axis of node's (first) output that input `index`'s axis becomes, if it stays one."""
+    op = node.op_type
+    rank = ctx.rank(value)
+    if rank is None:
+        return None
+    if op in UNARY or op in _SAME_AXES:
+        return axis if index == 0 or op == "Concat" else None
+    if op in BINARY:
+        out_rank = ctx.rank(node.outputs[0])
+        return None if out_rank is None else axis + out_rank - rank
+    if op == "Transpose":
+        perm = list(_attr(node, "perm", list(range(rank))[::-1]))
+        return perm.index(axis)
+    if op == "Gather" and index == 0:
+        gathered = _axis(int(_attr(node, "axis", 0)), rank)
+        q = ctx.rank(node.inputs[1])
+        if axis == gathered or q is None:
+            return None
+        return axis if axis < gathered else axis - 1 + q
+    if op in ("Squeeze", "Unsqueeze") and index == 0:
+        axes = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else _attr(node, "axes", None)
+        if axes is None:
+            return None
+        axes = [int(a) for a in np.asarray(axes).reshape(-1)]
+        if op == "Squeeze":
+            axes = [_axis(a, rank) for a in axes]
+            return None if axis in axes else axis - sum(a < axis for a in axes)
+        out_rank = rank + len(axes)
+        new = {_axis(a, out_rank) for a in axes}
+        return [k for k in range(out_rank) if k not in new][axis]
+    return None
 
 
 def expand(node: ir.Node, ctx: Walk) -> None:

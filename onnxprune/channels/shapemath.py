@@ -1,12 +1,15 @@
-"""Shape arithmetic as older exporters write it (Shape -> Gather -> Div -> Concat -> Reshape),
-evaluated in numpy with the model's symbolic dims set to a stand-in value.
+"""Shape arithmetic as exporters write it (Shape -> Gather -> Div -> Concat -> Reshape), evaluated
+in numpy with the model's symbolic dims set to stand-in values.
 
-Evaluating twice with different stand-ins tells which entries depend on those dims (the batch);
-channels.prepare folds the rest into constants, so the channel rules see stored shapes.
+Evaluating three times, each symbolic dim named alike standing in for the same value within a run
+and for different values across runs, tells which entries depend on those dims (the batch, the
+sequence) and which just copy one of them; channels.prepare folds the rest into constants, so the
+channel rules see stored shapes.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,61 +28,268 @@ def _axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-# Integer ops a shape computation is made of.
+# Ops a shape computation is made of; Pow and Sqrt make attention's 1 / sqrt(head_dim) scale.
 SHAPE_MATH = frozenset(
     {"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Add", "Sub", "Mul",
-     "Div", "Floor", "Ceil", "Equal", "Where", "ConstantOfShape", "Reshape"}
+     "Div", "Mod", "Floor", "Ceil", "Equal", "Where", "ConstantOfShape", "Reshape", "Pow", "Sqrt"}
+)  # fmt: skip
+
+# Tensors larger than this are data, not shape arithmetic: never read or evaluated.
+MAX_ELEMENTS = 1024
+
+RUNS = 3
+
+
+@cache
+def _primes(n: int) -> tuple[int, ...]:
+    """The first n primes from 10007 on."""
+    limit = 20000
+    while True:
+        sieve = np.ones(limit, dtype=bool)
+        sieve[:2] = False
+        for p in range(2, int(limit**0.5) + 1):
+            if sieve[p]:
+                sieve[p * p :: p] = False
+        found = np.flatnonzero(sieve)
+        found = found[found >= 10007]
+        if len(found) >= n:
+            return tuple(int(p) for p in found[:n])
+        limit *= 2
+
+
+def stand_in(ctx: Walk, key: object, run: int) -> int:
+    """The value of symbolic dim `key` in evaluation `run`: a large prime, distinct for every
+    (dim, run), so that no floor division or remainder of everyday shape arithmetic maps two of
+    them to the same value (7 and 11 both // 7 to 1) and no entry equals a dim by chance."""
+    index = ctx.symbols.setdefault(key, len(ctx.symbols))
+    return _primes(RUNS * (index + 1))[RUNS * index + run]
+
+
+def dims(ctx: Walk, value: ir.Value, run: int) -> list[int] | None:
+    """The dims of `value` in one run, symbolic ones as stand-ins; None if the rank is unknown.
+
+    Shape inference names a dim it cannot follow afresh (an attention mask built with Range and
+    broadcast against the scores leaves the attention output's batch and sequence as new
+    names), so the dims are propagated here, once per run for the whole graph, from the model's
+    inputs through the ops that attention and shape arithmetic use; elsewhere the inferred shape
+    stands, each name one symbolic dim."""
+    table = ctx.run_dims.get(run)
+    if table is None:
+        table = ctx.run_dims[run] = {}
+        _propagate(ctx, run, table)
+    found = table.get(value)
+    return list(found) if found is not None else declared(ctx, value, run)
+
+
+def declared(ctx: Walk, value: ir.Value, run: int) -> list[int] | None:
+    """The inferred dims of `value`, a named symbolic dim as its stand-in (an unnamed one is a
+    dim of its own)."""
+    static = ctx.shape(value)
+    if static is None:
+        return None
+    shape = value.shape if value.shape is not None else [None] * len(static)
+    out = []
+    for axis, (d, sym) in enumerate(zip(static, shape, strict=True)):
+        if d is not None:
+            out.append(d)
+        else:
+            name = getattr(sym, "value", None)
+            out.append(stand_in(ctx, name if name else (id(value), axis), run))
+    return out
+
+
+# Ops whose output has the dims of their first input.
+_KEEP_DIMS = frozenset(
+    {"Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "Softmax", "LogSoftmax", "LayerNormalization",
+     "BatchNormalization", "Dropout", "Cast", "CastLike", "Identity", "Not", "Neg", "Sqrt", "Exp",
+     "Abs", "Clip", "HardSwish", "LeakyRelu", "Elu", "Softplus", "Mish", "Swish", "Reciprocal"}
+)  # fmt: skip
+_BROADCAST = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu", "Equal",
+     "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod"}
 )  # fmt: skip
 
 
-def shape_value(ctx: Walk, value: ir.Value, unknown: int, memo: dict) -> np.ndarray | None:
-    """An integer tensor computed from Shape ops and constants, unknown dims set to `unknown`."""
+def _propagate(ctx: Walk, run: int, table: dict) -> None:
+    memo = ctx.memos[run]
+    for node in ctx.model.graph:
+        if node.domain not in ("", "ai.onnx") or not node.outputs or node.outputs[0] is None:
+            continue
+        found = _node_dims(ctx, node, run, table, memo)
+        if found is None:
+            continue
+        out = node.outputs[0]
+        inferred = ctx.shape(out)
+        if inferred is not None:
+            if len(inferred) != len(found):
+                continue
+            found = [d if d is not None else f for d, f in zip(inferred, found, strict=True)]
+        table[out] = found
+
+
+def _broadcast_dims(shapes: list[list[int]]) -> list[int]:
+    """Multidirectional broadcasting; where two operands disagree (two names for one runtime
+    size, as a valid model has), the first operand's stands."""
+    rank = max(len(s) for s in shapes)
+    out = []
+    for k in range(rank):
+        entries = [s[k - (rank - len(s))] for s in shapes if k >= rank - len(s)]
+        out.append(next((e for e in entries if e != 1), 1))
+    return out
+
+
+def _node_dims(ctx: Walk, node: ir.Node, run: int, table: dict, memo: dict) -> list[int] | None:
+    op = node.op_type
+
+    def get(value: ir.Value | None) -> list[int] | None:
+        if value is None:
+            return None
+        found = table.get(value)
+        return list(found) if found is not None else declared(ctx, value, run)
+
+    if op in _KEEP_DIMS:
+        return get(node.inputs[0])
+    if op in _BROADCAST:
+        shapes = [get(v) for v in node.inputs if v is not None]
+        return None if any(s is None for s in shapes) else _broadcast_dims(shapes)  # type: ignore[arg-type]
+    x = get(node.inputs[0]) if node.inputs else None
+    if x is None:
+        return None
+    if op == "Transpose":
+        perm = _attr(node, "perm", None)
+        perm = list(range(len(x)))[::-1] if perm is None else [int(p) for p in perm]
+        return [x[p] for p in perm] if len(perm) == len(x) else None
+    if op == "MatMul":
+        y = get(node.inputs[1])
+        if y is None or len(x) < 2 or len(y) < 2:
+            return None
+        return [*_broadcast_dims([x[:-2], y[:-2]]), x[-2], y[-1]]
+    if op in ("Reshape", "Expand"):
+        target = shape_value(ctx, node.inputs[1], run, memo)
+        if target is None or np.asarray(target).ndim != 1:
+            return None
+        entries = [int(t) for t in np.asarray(target)]
+        if op == "Expand":
+            return _broadcast_dims([x, entries])
+        return resolve_target(x, entries, bool(_attr(node, "allowzero", 0)))
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = shape_value(ctx, node.inputs[1], run, memo) if len(node.inputs) > 1 else None
+        axes = _attr(node, "axes", None) if axes is None else axes
+        if axes is None:
+            return [d for d in x if d != 1] if op == "Squeeze" else None
+        axes = [int(a) for a in np.asarray(axes).reshape(-1)]
+        if op == "Squeeze":
+            drop = {_axis(a, len(x)) for a in axes}
+            return [d for i, d in enumerate(x) if i not in drop]
+        rank = len(x) + len(axes)
+        new = {_axis(a, rank) for a in axes}
+        rest = iter(x)
+        return [1 if i in new else next(rest) for i in range(rank)]
+    if op == "Gather":
+        indices = get(node.inputs[1])
+        if indices is None:
+            return None
+        axis = _axis(int(_attr(node, "axis", 0)), len(x))
+        return x[:axis] + indices + x[axis + 1 :]
+    if op == "Range":
+        args = [shape_value(ctx, v, run, memo) for v in node.inputs[:3]]
+        if any(a is None for a in args):
+            return None
+        start, limit, delta = (float(np.asarray(a).reshape(-1)[0]) for a in args)  # type: ignore[arg-type]
+        return [max(int(np.ceil((limit - start) / delta)), 0) if delta else 0]
+    if op == "Concat":
+        shapes = [get(v) for v in node.inputs if v is not None]
+        if any(s is None or len(s) != len(x) for s in shapes):
+            return None
+        axis = _axis(int(_attr(node, "axis", 0)), len(x))
+        return [*x[:axis], sum(s[axis] for s in shapes), *x[axis + 1 :]]  # type: ignore[index]
+    return None
+
+
+def resolve_target(x: list[int], target: list[int], allowzero: bool) -> list[int]:
+    """A Reshape's output dims from its input dims and target (0 copies, -1 is the rest)."""
+    out = [x[i] if t == 0 and not allowzero and i < len(x) else t for i, t in enumerate(target)]
+    if out.count(-1) == 1:
+        known = int(np.prod([t for t in out if t != -1], dtype=np.int64))
+        out[out.index(-1)] = int(np.prod(x, dtype=np.int64)) // max(1, known)
+    return out
+
+
+def _small(value: ir.Value) -> bool:
+    """Whether `value` may be shape arithmetic: a static shape of at most MAX_ELEMENTS entries
+    (or an unknown shape, as shape inference leaves some of it)."""
+    shape = value.shape
+    if shape is None and value.const_value is not None:
+        shape = value.const_value.shape
+    if shape is None:
+        return True
+    if any(not isinstance(d, int) for d in shape):
+        return False
+    return int(np.prod(list(shape), dtype=np.int64)) <= MAX_ELEMENTS
+
+
+def shape_value(ctx: Walk, value: ir.Value, run: int, memo: dict) -> np.ndarray | None:
+    """A small tensor computed from Shape ops and constants, symbolic dims at their stand-ins."""
     if value in memo:
         return memo[value]
     result = None
-    const = ctx.const(value)
     node = value.producer()
-    if const is not None:
-        result = np.asarray(const)
-    elif node is not None and node.domain in ("", "ai.onnx"):
-        op = node.op_type
-        if op == "Shape":
-            dims = ctx.shape(node.inputs[0])
-            if dims is not None:
-                full = np.array([unknown if d is None else d for d in dims], dtype=np.int64)
-                rank = len(dims)
-                start = _axis(int(_attr(node, "start", 0)), rank)
-                result = full[start : _axis(int(_attr(node, "end", rank)), rank)]
-        elif op in SHAPE_MATH:
-            args = [None if v is None else shape_value(ctx, v, unknown, memo) for v in node.inputs]
-            present = [a for v, a in zip(node.inputs, args, strict=True) if v is not None]
-            if present and all(a is not None for a in present):
-                result = _shape_math(node, args)
+    if _small(value):
+        const = ctx.const(value)
+        if const is not None:
+            result = np.asarray(const)
+        elif node is not None and node.domain in ("", "ai.onnx"):
+            op = node.op_type
+            if op == "Shape":
+                full = dims(ctx, node.inputs[0], run)
+                if full is not None:
+                    rank = len(full)
+                    start = _axis(int(_attr(node, "start", 0)), rank)
+                    end = _axis(int(_attr(node, "end", rank)), rank)
+                    result = np.array(full[start:end], dtype=np.int64)
+            elif op in SHAPE_MATH:
+                args = [None if v is None else shape_value(ctx, v, run, memo) for v in node.inputs]
+                present = [a for v, a in zip(node.inputs, args, strict=True) if v is not None]
+                if present and all(a is not None for a in present):
+                    result = _shape_math(node, args)
     memo[value] = result
     return result
 
 
 def _shape_math(node: ir.Node, args: list) -> np.ndarray | None:
-    """One integer op of a shape computation, in numpy; `args` None where an input is absent."""
+    """One op of a shape computation, in numpy; `args` None where an input is absent."""
     op = node.op_type
     a = args[0]
-    if op in ("Cast", "Identity", "Floor", "Ceil"):
+    if op == "Identity" or (op in ("Floor", "Ceil") and a.dtype.kind != "f"):
         return a
+    if op in ("Floor", "Ceil"):
+        return np.floor(a) if op == "Floor" else np.ceil(a)
+    if op == "Cast":
+        return a.astype(ir.DataType(int(_attr(node, "to", 1))).numpy())
+    if op == "Sqrt":
+        return np.sqrt(a)
     if op == "Equal":
         return np.equal(a, args[1])
     if op == "Where":
         return np.where(a, args[1], args[2])
     if op == "Reshape":
-        return np.reshape(a, [int(t) for t in args[1]])
+        target = [int(t) for t in args[1]]
+        target = [a.shape[i] if t == 0 and i < a.ndim else t for i, t in enumerate(target)]
+        return np.reshape(a, target)
     if op == "ConstantOfShape":
         fill = _attr(node, "value", None)
         value = fill.numpy().reshape(-1)[0] if fill is not None else np.float32(0)
         return np.full([int(t) for t in a], value)
-    if op in ("Add", "Sub", "Mul", "Div"):
+    if op in ("Add", "Sub", "Mul", "Div", "Pow", "Mod"):
         b = args[1]
         if op == "Div":
-            return np.floor_divide(a, b) if a.dtype.kind in "iu" else np.floor(a / b)
-        return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op](a, b)
+            out = np.floor_divide(a, b) if a.dtype.kind in "iu" else a / b
+        elif op == "Mod" and _attr(node, "fmod", 0):
+            out = np.fmod(a, b)
+        else:
+            ops = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Pow": np.power}
+            out = ops.get(op, np.mod)(a, b)
+        return np.asarray(out).astype(a.dtype)
     if op == "Gather":
         return np.take(a, args[1], axis=int(_attr(node, "axis", 0)))
     if op == "Concat":
@@ -89,31 +299,35 @@ def _shape_math(node: ir.Node, args: list) -> np.ndarray | None:
         if op == "Unsqueeze":
             return np.expand_dims(a, tuple(int(x) for x in np.asarray(axes).reshape(-1)))
         return np.squeeze(a) if axes is None else np.squeeze(a, tuple(int(x) for x in axes))
-    if op == "Slice" and len(args) >= 3 and all(x is not None for x in args[:3]):
-        if len(args) > 3 or a.ndim != 1:
+    if op == "Slice" and len(args) >= 3 and all(x is not None for x in args[:3]) and a.ndim == 1:
+        axes, steps = (args[i] if len(args) > i else None for i in (3, 4))
+        if axes is not None and [int(x) for x in axes] not in ([0], [-1]):
+            return None
+        if steps is not None and [int(x) for x in steps] != [1]:
             return None
         return a[int(args[1][0]) : int(args[2][0])]
     return None
 
 
-# Stand-ins for the symbolic dims: large primes, so that no floor division or remainder of
-# everyday shape arithmetic maps two of them to the same value (7 and 11 both // 7 to 1).
-STAND_INS = (10007, 20011, 30011)
-
-
-def _runs(ctx: Walk, value: ir.Value) -> list[np.ndarray] | None:
-    runs = [shape_value(ctx, value, u, {}) for u in STAND_INS]
+def _runs(ctx: Walk, value: ir.Value, memos: list[dict] | None = None) -> list[np.ndarray] | None:
+    memos = memos or ctx.memos
+    runs = [shape_value(ctx, value, r, memos[r]) for r in range(RUNS)]
     if any(r is None for r in runs) or len({np.shape(r) for r in runs}) != 1:
         return None
     return [np.asarray(r) for r in runs]
 
 
-def static_value(ctx: Walk, value: ir.Value) -> np.ndarray | None:
-    """A computed integer tensor, if it does not depend on the model's symbolic dims."""
-    runs = _runs(ctx, value)
+def static_value(ctx: Walk, value: ir.Value, memos: list[dict] | None = None) -> np.ndarray | None:
+    """A computed tensor, if it does not depend on the model's symbolic dims."""
+    runs = _runs(ctx, value, memos)
     if runs is None or not all(np.array_equal(runs[0], r) for r in runs[1:]):
         return None
     return runs[0]
+
+
+def evaluable(ctx: Walk, value: ir.Value, memos: list[dict]) -> bool:
+    """Whether `value` is shape arithmetic at all (static or not)."""
+    return shape_value(ctx, value, 0, memos[0]) is not None
 
 
 def entries(ctx: Walk, value: ir.Value) -> list[int | None] | None:
@@ -128,25 +342,41 @@ def entries(ctx: Walk, value: ir.Value) -> list[int | None] | None:
     ]
 
 
-def static_target(ctx: Walk, node: ir.Node) -> list[int] | None:
-    """A Reshape's computed target as a constant: its output dims with every dim that follows
-    the unknown ones (the batch) written -1; None unless exactly that is possible."""
+def static_target(
+    ctx: Walk, node: ir.Node, memos: list[dict] | None = None
+) -> tuple[list[int], bool] | None:
+    """A Reshape's computed target as a constant, and whether it copies input dims (entries 0,
+    which need allowzero 0). An entry that is a symbolic dim of the input at the same position is
+    written 0 (the batch and sequence of [B, S, 768] -> [B, S, 12, 64]); at most one other entry
+    may depend on the symbolic dims, written -1; None unless exactly that is possible."""
+    memos = memos or ctx.memos
     x = node.inputs[0]
-    outs = []
-    for unknown in STAND_INS:
-        target = shape_value(ctx, node.inputs[1], unknown, {})
-        shape = ctx.shape(x)
-        if target is None or shape is None:
+    allowzero = bool(_attr(node, "allowzero", 0))
+    outs, ins = [], []
+    for run in range(RUNS):
+        target = shape_value(ctx, node.inputs[1], run, memos[run])
+        shape = dims(ctx, x, run)
+        if target is None or shape is None or np.asarray(target).ndim != 1:
             return None
-        dims = [unknown if d is None else d for d in shape]
-        target = [int(t) for t in np.asarray(target).reshape(-1)]
-        if not _attr(node, "allowzero", 0):
-            target = [dims[i] if t == 0 and i < len(dims) else t for i, t in enumerate(target)]
-        if target.count(-1) == 1:
-            known = int(np.prod([t for t in target if t != -1], dtype=np.int64))
-            target[target.index(-1)] = int(np.prod(dims, dtype=np.int64)) // max(1, known)
+        target = resolve_target(shape, [int(t) for t in np.asarray(target)], allowzero)
         outs.append(target)
+        ins.append(shape)
     if len({len(o) for o in outs}) != 1:
         return None
-    static = [column[0] if len(set(column)) == 1 else -1 for column in zip(*outs, strict=True)]
-    return static if static.count(-1) <= 1 else None
+    columns = list(zip(*outs, strict=True))
+    static = [column[0] if len(set(column)) == 1 else None for column in columns]
+    # a literal 0 with allowzero set would become a copy if allowzero were cleared
+    copies = not (allowzero and 0 in static)
+    result = []
+    for i, column in enumerate(columns):
+        if static[i] is not None:
+            result.append(static[i])
+        elif (
+            copies and i < len(ins[0]) and all(c == s[i] for c, s in zip(column, ins, strict=True))
+        ):
+            result.append(0)
+        else:
+            result.append(-1)
+    if result.count(-1) > 1:
+        return None
+    return result, any(r == 0 and static[i] is None for i, r in enumerate(result))
