@@ -17,6 +17,12 @@ def _names(plan: ChannelPlan, layers: list[int]) -> str:
     return ", ".join(names) + (f" and {more} more" if more > 0 else "")
 
 
+def _short(name: str) -> str:
+    if len(name) <= NAME_WIDTH:
+        return name
+    return name[: NAME_WIDTH // 2 - 1] + "…" + name[-(NAME_WIDTH - NAME_WIDTH // 2) :]
+
+
 def channel_dict(plan: ChannelPlan) -> dict[str, Any]:
     """The numbers of a structured run, as JSON-ready data (the same the table shows)."""
     graph = plan.graph
@@ -41,6 +47,17 @@ def channel_dict(plan: ChannelPlan) -> dict[str, Any]:
             }
             for layer in graph.layers
         ],
+        # with heads as channel classes (channels.build(heads=True)): heads kept per attention
+        "attention_heads": [
+            {
+                "name": entry.name,
+                "heads": len(entry.classes),
+                "kept": entry.kept(plan.removed),
+                "head_dim": entry.head_dim,
+                "frozen": int(graph.frozen[entry.classes].sum()),
+            }
+            for entry in graph.heads
+        ],
         "frozen_groups": [
             {
                 "layers": [graph.layers[i].name for i in group.layers],
@@ -56,17 +73,38 @@ def channel_dict(plan: ChannelPlan) -> dict[str, Any]:
 
 
 def format_channels(plan: ChannelPlan) -> str:
-    """Per-layer channels before/after, then the frozen groups with their reasons."""
+    """Per-layer channels before/after, the heads kept per attention (when heads are classes),
+    then the frozen groups with their reasons."""
     graph = plan.graph
     rows = []
     for layer in graph.layers:
         before, after = len(layer.classes), plan.kept_of(layer.classes)
-        name = layer.name
-        if len(name) > NAME_WIDTH:
-            name = name[: NAME_WIDTH // 2 - 1] + "…" + name[-(NAME_WIDTH - NAME_WIDTH // 2) :]
-        rows.append([name, layer.op_type, str(before), str(after), f"{100 * after / before:.1f}%"])
+        rows.append(
+            [
+                _short(layer.name),
+                layer.op_type,
+                str(before),
+                str(after),
+                f"{100 * after / before:.1f}%",
+            ]
+        )
     params, macs = plan.params, plan.macs
     lines = [format_table(["layer", "op", "channels", "kept", "kept %"], rows, left=2)]
+    if graph.heads:
+        heads = [
+            [
+                _short(entry.name),
+                str(len(entry.classes)),
+                str(entry.kept(plan.removed)),
+                str(entry.head_dim),
+                str(int(graph.frozen[entry.classes].sum())),
+            ]
+            for entry in graph.heads
+        ]
+        lines.append(format_table(["attention", "heads", "kept", "head dim", "frozen"], heads))
+        total = sum(len(entry.classes) for entry in graph.heads)
+        kept = sum(entry.kept(plan.removed) for entry in graph.heads)
+        lines.append(f"heads {total} -> {kept} in {len(graph.heads)} attention blocks")
     lines.append(
         f"params {human_count(params[0])} -> {human_count(params[1])}, "
         f"MACs {human_count(macs[0])} -> {human_count(macs[1])}: target {plan.metric} "
