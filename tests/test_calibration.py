@@ -275,13 +275,6 @@ def test_matmul_left_with_a_vector_activation() -> None:
     np.testing.assert_allclose(got, run(proto, data)[0], rtol=1e-4, atol=1e-4 * 16)
 
 
-def test_conv_transpose_has_no_design() -> None:
-    proto, _, _ = one_node("ConvTranspose", (2, 3, 4, 4), (3, 5, 3, 3), seed=0)
-    weights = find_weights(to_ir(proto)).weights
-    designs, why = design.design_of(weights[0])
-    assert designs == [] and why is not None and "ConvTranspose" in why
-
-
 # ---------------------------------------------------------------------------------------------
 # 2. Gram accumulation against a brute-force im2col
 
@@ -944,10 +937,12 @@ def test_zero_weights_stay_zero_under_a_pattern(tmp_path, criterion: str) -> Non
 # 8. magnitude fallback for a layer without a design
 
 
-def test_conv_transpose_falls_back_to_magnitude(tmp_path) -> None:
+def test_uncovered_layout_falls_back_to_magnitude(tmp_path) -> None:
+    """A Conv weight read through a Transpose has no design: ranked by magnitude, not repaired."""
     b = GraphBuilder(71)
     x = b.input("x", ["N", 4, 5, 5])
-    h = b.node("ConvTranspose", [x, b.weight((4, 6, 3, 3), name="Wt"), b.weight((6,))])
+    view = b.node("Transpose", [b.weight((4, 6, 3, 3), name="Wt")], perm=[1, 0, 2, 3])
+    h = b.node("Conv", [x, view, b.weight((6,))], pads=[1, 1, 1, 1])
     h = b.node("Relu", [h])
     b.node("Conv", [h, b.weight((8, 6, 3, 3), name="Wc")], out="y")
     b.output("y")
@@ -957,13 +952,13 @@ def test_conv_transpose_falls_back_to_magnitude(tmp_path) -> None:
             tmp_path, b.model(), 0.6, data, out=f"{mode}.onnx", mode=mode
         )
         fallback = dict(report.plan.calibration.fallback)
-        assert list(fallback) == ["Wt"] and "ConvTranspose" in fallback["Wt"]
+        assert list(fallback) == ["Wt"] and "layout" in fallback["Wt"]
         tensors = stored(out)
         total = 4 * 6 * 9 + 8 * 6 * 9
         assert sum(int((tensors[n] == 0).sum()) for n in ("Wt", "Wc")) == round(0.6 * total)
         errors = {layer.weight.name: layer.error for layer in report.plan.layers}
         assert errors["Wt"] is None and errors["Wc"] is not None
-        assert checked_run(out, data)[0].shape == (6, 8, 5, 5)
+        assert checked_run(out, data)[0].shape == (6, 8, 3, 3)
 
 
 # ---------------------------------------------------------------------------------------------
