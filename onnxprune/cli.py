@@ -235,7 +235,10 @@ calibration_options = [
         default=None,
         help="How weights are ranked: magnitude (default without --calibration); with "
         "--calibration: sparsegpt (default; OBS scores and weight updates), wanda "
-        "(|w| x input norm, no update) or magnitude.",
+        "(|w| x input norm, no update) or magnitude. With --structured, how channels are "
+        "ranked: sparsegpt (the output error of removing a channel, the layer re-solved), wanda "
+        "(its output fluctuation) or magnitude (weight norms); every layer that read a removed "
+        "channel is re-solved in each case.",
     ),
     click.option(
         "--calibration-mode",
