@@ -606,6 +606,50 @@ def heads_dynamo() -> onnx.ModelProto:
     return b.model(opset=18)
 
 
+def heads_multihead() -> onnx.ModelProto:
+    """nn.MultiheadAttention (batch_first) as torch.onnx.export(dynamo=True) writes it: tokens
+    transposed to [S, B, E], one packed in-projection Reshaped to [S, B, 3, E] and picked apart
+    by Unsqueeze, Transpose, Squeeze and Gather; the heads folded into the batch, [S, B*H, D],
+    transposed to [B*H, S, D] and Reshaped to [B, H, S, D]; scaled_dot_product_attention; the
+    output [S*B, E] through a Gemm and Reshaped back to [S, B, E] by a computed target."""
+    b = GraphBuilder(35)
+    x = b.input("x", ["batch", "seq", 6])
+    n = b.node("Shape", [x], start=0, end=1)
+    s = b.node("Shape", [x], start=1, end=2)
+    h = _linear(b, x, 6, E)
+    tokens = b.node("Transpose", [h], perm=[1, 0, 2])
+    qkv = _linear(b, tokens, E, 3 * E)
+    qkv = b.node("Reshape", [qkv, b.node("Concat", [s, n, _one(b, 3), _one(b, E)], axis=0)],
+                 allowzero=1)  # fmt: skip
+    qkv = b.node("Unsqueeze", [qkv, _one(b, 0)])
+    qkv = b.node("Transpose", [qkv], perm=[3, 1, 2, 0, 4])
+    qkv = b.node("Squeeze", [qkv, _one(b, -2)])
+    bh = b.node("Mul", [b.node("Squeeze", [n]), b.constant(np.array(HEADS))])
+    bh = b.node("Reshape", [bh, _one(b, -1)])
+    fold = b.node("Concat", [s, bh, _one(b, E // HEADS)], axis=0)
+    unfold = b.node("Concat", [n, _one(b, HEADS), s, _one(b, E // HEADS)], axis=0)
+    q, k, v = (
+        b.node("Reshape", [
+            b.node("Transpose", [
+                b.node("Reshape", [b.node("Gather", [qkv, b.constant(np.array(i))], axis=0), fold],
+                       allowzero=1)], perm=[1, 0, 2]),
+            unfold], allowzero=1)
+        for i in range(3)
+    )  # fmt: skip
+    kt = b.node("Transpose", [k], perm=[0, 1, 3, 2])
+    scale = b.constant(np.array([(E // HEADS) ** -0.25], np.float32))
+    scores = b.node("MatMul", [b.node("Mul", [q, scale]), b.node("Mul", [kt, scale])])
+    mixed = b.node("MatMul", [b.node("Softmax", [scores], axis=-1), v])
+    mixed = b.node("Transpose", [mixed], perm=[2, 0, 1, 3])
+    mixed = b.node("Reshape", [mixed, b.constant(np.array([-1, E]))], allowzero=1)
+    out = b.node("Gemm", [mixed, b.weight((E, E), scale=0.3), b.weight((E,))], transB=1)
+    out = b.node("Reshape", [out, b.node("Concat", [s, n, _one(b, E)], axis=0)], allowzero=1)
+    h = b.node("Add", [h, b.node("Transpose", [out], perm=[1, 0, 2])])
+    b.node("MatMul", [h, b.weight((E, 3))], out="y")
+    b.output("y", shape=["batch", "seq", 3])
+    return b.model(opset=18)
+
+
 def _packed(seed: int, unpack: str) -> onnx.ModelProto:
     """One projection to 3 * hidden, cut into q, k and v by Split, Slice or Reshape
     [B, S, 3, H, D] + Transpose + Gather (timm's ViT), then attention and output projection."""
@@ -654,8 +698,8 @@ def heads_packed_gather() -> onnx.ModelProto:
 
 HEAD_MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     f.__name__: f
-    for f in (heads_torchscript, heads_dynamo, heads_packed_split, heads_packed_slice,
-              heads_packed_gather)
+    for f in (heads_torchscript, heads_dynamo, heads_multihead, heads_packed_split,
+              heads_packed_slice, heads_packed_gather)
 }  # fmt: skip
 
 

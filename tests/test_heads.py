@@ -64,9 +64,9 @@ def test_prepare_keeps_the_function(name: str) -> None:
         data = feeds(proto, 1, sizes)
         for e, g in zip(run(proto, data), run(prepared, data), strict=True):
             np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
-    for node in model.graph:  # only the mask's Expand (batch and sequence) still reads shapes
+    for node in model.graph:  # Shapes left make only targets that hold the batch or sequence
         if node.op_type == "Shape":
-            assert _consumers(node) <= {"Gather", "Unsqueeze", "Concat", "Expand"}, name
+            assert _consumers(node) <= {"Gather", "Unsqueeze", "Concat", "Expand", "Reshape"}
 
 
 def _consumers(node: ir.Node) -> set[str]:
@@ -74,7 +74,7 @@ def _consumers(node: ir.Node) -> set[str]:
     while stack:
         for use in stack.pop().outputs[0].uses():
             found.add(use.node.op_type)
-            if use.node.op_type != "Expand":
+            if use.node.op_type not in ("Expand", "Reshape") or use.idx == 0:
                 stack.append(use.node)
     return found
 
@@ -86,7 +86,7 @@ def test_one_class_per_head(name: str) -> None:
     assert len(entry.classes) == HEADS and len(np.unique(entry.classes)) == HEADS
     assert graph.prunable[entry.classes].all()
     makers, reader = _projections(graph)
-    packed = name.startswith("heads_packed")
+    packed = name.startswith("heads_packed") or name == "heads_multihead"
     assert len(makers) == (1 if packed else 3)
     for layer in makers:  # every head owns head_dim outputs of each of q, k and v
         counts = np.unique(layer.classes, return_counts=True)[1]
@@ -134,16 +134,22 @@ def test_removing_zeroed_heads_keeps_outputs(name: str, seed: int, tmp_path: Pat
         for n in pruned.graph.node
         if n.op_type == "Constant"
     }
-    targets = [stored[n.input[1]].tolist() for n in pruned.graph.node if n.op_type == "Reshape"]
-    split = [t for t in targets if len(t) > 3]
-    assert split and all(t[-2] == kept for t in split), targets
-    assert [0, 0, kept * HEAD_DIM] in targets, targets
+    targets = {
+        n.name: stored[n.input[1]].tolist()
+        for n in pruned.graph.node
+        if n.op_type == "Reshape" and n.input[1] in stored
+    }
+    splits = [targets[n.name] for n in entry.reshapes]
+    assert splits and all(t[-2:] == [kept, HEAD_DIM] for t in splits), targets
+    assert any(t[-1] == kept * HEAD_DIM for t in targets.values()), targets
 
 
 @pytest.mark.parametrize("name", sorted(HEAD_MODELS))
-def test_removing_any_zeroed_channels_with_heads(name: str, tmp_path: Path) -> None:
-    """Heads and residual channels together, as the ranking may pick them."""
-    plan = check_invariant(HEAD_MODELS[name](), tmp_path, 3, heads=True, sizes=SIZES)
+@pytest.mark.parametrize("heads", [True, False])
+def test_removing_any_zeroed_channels(name: str, heads: bool, tmp_path: Path) -> None:
+    """Heads (or head_dim indices) and residual channels together, as the ranking may pick
+    them."""
+    plan = check_invariant(HEAD_MODELS[name](), tmp_path, 3, heads=heads, sizes=SIZES)
     assert plan.removed.any()
 
 

@@ -15,6 +15,7 @@ reason; so do model inputs and outputs, which keep their shapes.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,6 +160,24 @@ def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
     return None
 
 
+def concat_piece(value: ir.Value, position: int) -> tuple[ir.Node, int, int] | None:
+    """Where entry `position` of a computed shape vector is stored: (the Concat that makes the
+    vector, its input holding the entry, the entry's index there), when that input is a stored
+    constant and the vector is read once (so changing the piece changes nothing else)."""
+    node = value.producer()
+    if node is None or node.op_type != "Concat" or len(value.uses()) != 1:
+        return None
+    offset = 0
+    for index, piece in enumerate(node.inputs):
+        shape = None if piece is None else piece.shape
+        if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
+            return None
+        if offset <= position < offset + shape[0]:
+            return (node, index, position - offset) if const_tensor(piece) is not None else None
+        offset += shape[0]
+    return None
+
+
 # Ops through which a stored tensor is still "the same constant" (weights.PASS_THROUGH).
 _CONST_VIEWS = ("Transpose", "Cast", "Identity")
 
@@ -212,6 +231,8 @@ class Walk:
             return shape
         names = [getattr(d, "value", None) for d in value.shape]
         return [d if d is not None else n or None for d, n in zip(shape, names, strict=True)]
+
+    concat_piece = staticmethod(concat_piece)
 
     def rank(self, value: ir.Value | None) -> int | None:
         shape = self.shape(value)
@@ -435,14 +456,13 @@ def prepare(model: ir.Model, rounds: int = 64) -> ir.Model:
     on the model's symbolic dims (a Reshape's entries that copy the batch or sequence become 0,
     one other entry -1), so channels reshaped, split or sliced that way stay prunable; shape
     arithmetic read as data (attention's 1 / sqrt(head_dim) computed from the hidden width) is
-    folded too, or its Shape would freeze the width. A Reshape -> Transpose -> Reshape that only
-    swaps axes behind merged leading ones (the dynamo exporter's k.transpose(-2, -1) inside
-    scaled_dot_product_attention, written [B, H, S, D] -> [B*H, S, D] -> [B*H, D, S] ->
-    [B, H, D, S]) becomes the one Transpose it is. Folding one node can make a later shape
-    known, so it repeats until nothing more folds. Returns `model`."""
+    folded too, or its Shape would freeze the width. A Reshape -> Transpose -> Reshape that
+    merges axes only to split them again (heads folded into the batch) is rewritten so that
+    nothing merges (see `_regroups`). Folding one node can make a later shape known, so it
+    repeats until nothing more folds. Returns `model`."""
     ShapeInferencePass()(model)
     for _ in range(rounds):
-        if not _fold(model) + _swaps(model) + _static_dims(model):
+        if not _fold(model) + _regroups(model) + _static_dims(model):
             break
         RemoveUnusedNodesPass()(model)
         ShapeInferencePass()(model)
@@ -467,19 +487,26 @@ def _fold(model: ir.Model) -> int:
                 array = np.array(target, dtype=np.int64)
                 if copies:
                     node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
-            elif index in FOLDED_INPUTS.get(node.op_type, ()) or _reads_data(walk, node, memos):
+            else:
                 producer = value.producer()
                 if producer is None or producer.op_type not in (*shapemath.SHAPE_MATH, "Shape"):
+                    continue
+                # a computed input the walk needs constant, a static piece of a target that
+                # stays computed (its channel count then is a constant the rewrite can change),
+                # or a scalar read as data
+                slot = index in FOLDED_INPUTS.get(node.op_type, ()) or (
+                    node.op_type == "Concat"
+                    and shapemath.static_value(walk, node.outputs[0], memos) is None
+                )
+                if not slot and not _reads_data(walk, node, memos):
                     continue
                 array = shapemath.static_value(walk, value, memos)
                 if array is None:
                     continue
-                if array.size > 1 and index not in FOLDED_INPUTS.get(node.op_type, ()):
+                if array.size > 1 and not slot:
                     continue  # data made from a shape (ConstantOfShape) keeps reading it
                 if value.dtype is not None:
                     array = array.astype(value.dtype.numpy())
-            else:
-                continue
             name = f"{node.name or node.op_type}_input{index}"
             while name in model.graph.initializers:
                 name += "_"
@@ -524,71 +551,128 @@ def _static_dims(model: ir.Model) -> int:
     return changed
 
 
-def _swaps(model: ir.Model) -> int:
-    """Replace each Reshape -> Transpose -> Reshape that is one Transpose (see `prepare`)."""
+def _regroups(model: ir.Model) -> int:
+    """Rewrite each Reshape -> Transpose -> Reshape whose first Reshape merges axes that the
+    last splits apart again as a Reshape that only splits, the Transpose, and a Reshape that
+    only merges (each left out where it would do nothing). nn.MultiheadAttention folds the heads
+    into the batch, [S, B, E] -> [S, B*H, D] -> [B*H, S, D] -> [B, H, S, D], and the dynamo
+    exporter's scaled_dot_product_attention transposes k through [B*H, S, D]: a channel axis
+    merged with a symbolic one has no per-index classes, and rewritten it is never merged."""
     walk = Walk(model)
     done = 0
     for first in list(model.graph):
-        if first.op_type != "Reshape" or first.domain not in ("", "ai.onnx"):
+        chain = _chain(first)
+        if chain is None:
             continue
-        uses = list(first.outputs[0].uses())
-        if len(uses) != 1 or uses[0].node.op_type != "Transpose":
+        swap, last = chain
+        found = _regroup(walk, first, swap, last)
+        if found is None:
             continue
-        swap = uses[0].node
-        uses = list(swap.outputs[0].uses())
-        if len(uses) != 1 or uses[0].node.op_type != "Reshape":
-            continue
-        last = uses[0].node
-        if last.outputs[0].is_graph_output() or first.outputs[0].is_graph_output():
-            continue
-        perm = _swap_perm(walk, first, swap, last)
-        if perm is None:
-            continue
-        x = first.inputs[0]
-        out = last.outputs[0]
-        node = ir.Node(
-            "",
-            "Transpose",
-            [x],
-            [ir.AttrInt64s("perm", perm)],
-            name=f"{last.name or 'Reshape'}_as_transpose",
-        )
-        node.outputs[0].name = f"{out.name}_as_transpose"
-        node.outputs[0].shape = out.shape
-        node.outputs[0].type = out.type
-        model.graph.insert_before(last, node)
-        out.replace_all_uses_with(node.outputs[0])
+        split, perm, merge = found
+        x, out = first.inputs[0], last.outputs[0]
+        name = last.name or "Reshape"
+        value = x
+        steps = [("Reshape", split), ("Transpose", perm), ("Reshape", merge)]
+        for k, (op, data) in enumerate(steps):
+            if data is None:
+                continue
+            if op == "Transpose":
+                node = ir.Node("", op, [value], [ir.AttrInt64s("perm", data)], name=f"{name}_{k}")
+            else:
+                shape = ir.Value(name=f"{name}_regrouped_{k}", const_value=ir.Tensor(
+                    np.array(data, dtype=np.int64), name=f"{name}_regrouped_{k}"))  # fmt: skip
+                model.graph.register_initializer(shape)
+                node = ir.Node("", op, [value, shape], name=f"{name}_{k}")
+            node.outputs[0].name = f"{out.name}_regrouped_{k}"
+            node.outputs[0].type = out.type
+            model.graph.insert_before(last, node)
+            value = node.outputs[0]
+        value.shape = out.shape
+        out.replace_all_uses_with(value)
         done += 1
     return done
 
 
-def _swap_perm(walk: Walk, first: ir.Node, swap: ir.Node, last: ir.Node) -> list[int] | None:
-    """The Transpose of x that first -> swap -> last is, if it is one: `first` merges x's
-    leading k axes into one, `swap` keeps that axis in front, `last` splits it back."""
+def _chain(first: ir.Node) -> tuple[ir.Node, ir.Node] | None:
+    """(Transpose, Reshape) after a Reshape, each the only reader of what comes before."""
+    if first.op_type != "Reshape" or first.domain not in ("", "ai.onnx"):
+        return None
+    nodes = []
+    value = first.outputs[0]
+    for op in ("Transpose", "Reshape"):
+        uses = list(value.uses())
+        if value.is_graph_output() or len(uses) != 1 or uses[0].node.op_type != op:
+            return None
+        nodes.append(uses[0].node)
+        value = uses[0].node.outputs[0]
+    if value.is_graph_output():
+        return None
+    return nodes[0], nodes[1]
+
+
+def _regroup(
+    walk: Walk, first: ir.Node, swap: ir.Node, last: ir.Node
+) -> tuple[list[int] | None, list[int], list[int] | None] | None:
+    """(split target, perm, merge target) that first -> swap -> last is, where the first
+    Reshape merges axes (else None: there is nothing to gain). Worked out in every run of the
+    stand-ins: the finest dims both x's and the merged shape are made of, permuted, and merged
+    into the output's; the targets as constants (0 for a symbolic dim kept in place, one -1)."""
     attr = swap.attributes.get("perm")
-    if attr is None:
-        return None
-    perm = [int(p) for p in attr.value]
-    if not perm or perm[0] != 0:
-        return None
-    found = None
+    runs = []
     for run in range(shapemath.RUNS):
         xs = shapemath.dims(walk, first.inputs[0], run)
-        merged = _resolved(walk, first, xs, run)
-        if xs is None or merged is None or len(merged) != len(perm):
+        mid = _resolved(walk, first, xs, run)
+        if xs is None or mid is None:
             return None
-        ends = [k for k in range(1, len(xs) + 1) if merged[1:] == xs[k:]]
-        if not ends or merged[0] != int(np.prod(xs[: ends[0]], dtype=np.int64)):
+        perm = [int(p) for p in attr.value] if attr is not None else list(range(len(mid)))[::-1]
+        out = _resolved(walk, last, [mid[p] for p in perm], run)
+        refined = _refine(xs, mid)
+        if out is None or refined is None or len(perm) != len(mid):
             return None
-        k = ends[0]
-        split = _resolved(walk, last, [merged[p] for p in perm], run)
-        if split != xs[:k] + [merged[p] for p in perm[1:]]:
-            return None
-        if found not in (None, k):
-            return None
-        found = k
-    assert found is not None
-    return list(range(found)) + [found - 1 + p for p in perm[1:]]
+        fine, _, runs_mid = refined
+        order = [i for p in perm for i in runs_mid[p]]
+        permuted = [fine[i] for i in order]
+        merged = _refine(permuted, out)
+        if merged is None or len(merged[0]) != len(permuted):
+            return None  # the last Reshape splits further: not handled
+        runs.append((xs, mid, fine, order, permuted, out))
+    if len({(len(r[2]), tuple(r[3])) for r in runs}) != 1:
+        return None
+    if all([d for d in r[1] if d != 1] == r[2] for r in runs):
+        return None  # the first Reshape merges nothing
+    split = _as_target([r[0] for r in runs], [r[2] for r in runs])
+    merge = _as_target([r[4] for r in runs], [r[5] for r in runs])
+    if split is None or merge is None:
+        return None
+    return (
+        None if all(r[0] == r[2] for r in runs) else split,
+        runs[0][3],
+        None if all(r[4] == r[5] for r in runs) else merge,
+    )
+
+
+def _refine(
+    a: list[int], b: list[int]
+) -> tuple[list[int], list[list[int]], list[list[int]]] | None:
+    """The common refinement of two shapes of one tensor (dims of 1 dropped), and the axes of
+    it each axis of a and of b is made of; None unless their running products nest."""
+    ends_a = [int(np.prod(a[: k + 1], dtype=object)) for k in range(len(a))]
+    ends_b = [int(np.prod(b[: k + 1], dtype=object)) for k in range(len(b))]
+    if (ends_a[-1] if ends_a else 1) != (ends_b[-1] if ends_b else 1):
+        return None
+    bounds = sorted({1, *ends_a, *ends_b})
+    if any(hi % lo for lo, hi in itertools.pairwise(bounds)):
+        return None
+    fine = [hi // lo for lo, hi in itertools.pairwise(bounds)]
+
+    def runs(ends: list[int]) -> list[list[int]]:
+        starts = [1, *ends[:-1]]
+        return [
+            list(range(bounds.index(lo), bounds.index(hi)))
+            for lo, hi in zip(starts, ends, strict=True)
+        ]
+
+    return fine, runs(ends_a), runs(ends_b)
 
 
 def _resolved(walk: Walk, node: ir.Node, xs: list[int] | None, run: int) -> list[int] | None:
@@ -599,6 +683,22 @@ def _resolved(walk: Walk, node: ir.Node, xs: list[int] | None, run: int) -> list
     allowzero = node.attributes.get("allowzero")
     entries = [int(t) for t in np.asarray(target)]
     return shapemath.resolve_target(xs, entries, bool(allowzero is not None and allowzero.value))
+
+
+def _as_target(ins: list[list[int]], outs: list[list[int]]) -> list[int] | None:
+    """A Reshape target from input to output dims over the runs: static entries as they are, a
+    symbolic dim kept at its position 0, at most one other -1."""
+    target = []
+    for i, column in enumerate(zip(*outs, strict=True)):
+        if len(set(column)) == 1:
+            target.append(column[0])
+        elif all(i < len(x) and x[i] == c for x, c in zip(ins, column, strict=True)):
+            target.append(0)
+        else:
+            target.append(-1)
+    if target.count(-1) > 1 or (0 in target and any(c == 0 for c in outs[0])):
+        return None
+    return target
 
 
 def build(model: ir.Model, heads: bool = False) -> ChannelGraph:

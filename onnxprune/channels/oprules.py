@@ -476,18 +476,24 @@ def reshape(node: ir.Node, ctx: Walk) -> None:
     shape = ctx.named_shape(x)
     if not ctx.spaces_of(x):
         return
-    target = ctx.const(node.inputs[1])
+    stored = ctx.const(node.inputs[1])
+    # a computed target (batch and sequence from Shape ops, as [S*B, E] -> [S, B, E]) is
+    # followed entry by entry: None where it depends on the model's symbolic dims
+    target = (
+        [int(t) for t in np.asarray(stored).reshape(-1)]
+        if stored is not None
+        else entries(ctx, node.inputs[1])
+    )
     if target is None:
-        raise Unsupported("computed target shape (not static but for one dim)")
+        raise Unsupported("computed target shape")
     if shape is None:
         raise Unsupported("unknown input shape")
-    target = [int(t) for t in np.asarray(target).reshape(-1)]
     out_shape: list[Dim] = []
     for i, t in enumerate(target):
         if t == 0 and not _attr(node, "allowzero", 0):
             out_shape.append(shape[i] if i < len(shape) else None)
         else:
-            out_shape.append(None if t == -1 else t)
+            out_shape.append(None if t is None or t == -1 else t)
     if -1 in target:
         known = [d for k, d in enumerate(out_shape) if k != target.index(-1)]
         if all(isinstance(d, int) for d in shape + known):
@@ -496,6 +502,8 @@ def reshape(node: ir.Node, ctx: Walk) -> None:
     if inferred is not None and len(inferred) == len(out_shape):
         out_shape = [o if o is not None else d for d, o in zip(inferred, out_shape, strict=True)]
     moved = _reshape_spaces(ctx, x, shape, node.outputs[0], out_shape, target, node)
+    if stored is None and any(ctx.concat_piece(node.inputs[1], a) is None for a in moved):
+        raise Unsupported("computed target shape names the channel count")
     if moved:
         ctx.fix("reshape", node, axes=moved)
 

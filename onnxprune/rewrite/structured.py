@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from onnxprune.channels import Fix, const_tensor
+from onnxprune.channels import Fix, concat_piece, const_tensor
 from onnxprune.rewrite.constants import NodeConstants
 from onnxprune.selection.channels import ChannelPlan
 
@@ -103,8 +103,18 @@ def _fix_gather(plan: ChannelPlan, fix: Fix, consts: NodeConstants) -> None:
 
 def _fix_shape(plan: ChannelPlan, fix: Fix, consts: NodeConstants, index: int, align: bool) -> None:
     """Reshape/Expand target shapes and Resize sizes: literal dims of channel axes get the count
-    kept. Expand aligns its target to the right and leaves 1s (broadcast) alone."""
+    kept. Expand aligns its target to the right and leaves 1s (broadcast) alone. A computed
+    Reshape target has its channel counts stored in pieces of the Concat that makes it."""
     node = fix.node
+    if const_tensor(node.inputs[index]) is None:
+        for axis in fix.data["axes"]:
+            found = concat_piece(node.inputs[index], axis)
+            assert found is not None, f"{node.name}: target entry {axis} is not stored"
+            concat, piece, entry = found
+            array = _ints_input(concat, piece)
+            array[entry] = _kept(plan, node.outputs[0], axis)
+            consts.replace(concat, piece, array)
+        return
     array = _ints_input(node, index)
     out = node.outputs[0]
     rank = len(out.shape) if out.shape is not None else len(array)
