@@ -501,6 +501,21 @@ def random_transformer(seed: int) -> onnx.ModelProto:
     return b.model()
 
 
+def embedding_lookup() -> onnx.ModelProto:
+    """Token and position embeddings looked up by Gather (BERT's stem), a residual MLP, mean over
+    the tokens, a classifier: the embedding columns are sliced with the residual channels."""
+    b = GraphBuilder(24)
+    ids = b.input("ids", ["N", 4], TensorProto.INT64)
+    h = b.node("Gather", [b.weight((7, 8)), ids], axis=0)
+    h = b.node("Add", [h, b.node("Gather", [b.weight((4, 8)), b.constant(np.arange(4))])])
+    inner = b.node("Relu", [b.node("MatMul", [h, b.weight((8, 16), scale=0.4)])])
+    h = b.node("Add", [h, b.node("MatMul", [inner, b.weight((16, 8), scale=0.4)])])
+    pooled = b.node("ReduceMean", [h], axes=[1], keepdims=0)
+    b.node("Gemm", [pooled, b.weight((3, 8)), b.weight((3,))], out="y", transB=1)
+    b.output("y", shape=["N", 3])
+    return b.model()
+
+
 # -- attention, as exporters write it: the fixtures of heads as channel classes -----------------
 E, HEADS = 12, 3  # hidden width and heads (head_dim 4) of the attention fixtures
 _INT64 = TensorProto.INT64
@@ -710,7 +725,7 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
               concat_split_slice, mlp_transformer, gemm_mlp, pool_reduce_resize, shape_ops,
               squeeze_excite, combined, channel_shuffle, einsum_attention, packed_qkv,
               strided_gather, constant_nodes, shared_weight, old_opset, weight_views,
-              computed_shapes, class_token, unknown_op)
+              computed_shapes, class_token, embedding_lookup, unknown_op)
 }  # fmt: skip
 
 
@@ -726,6 +741,9 @@ def feeds(
             d.dim_value if d.HasField("dim_value") else sizes.get(d.dim_param, 2)
             for d in value.type.tensor_type.shape.dim
         ]
+        if value.type.tensor_type.elem_type == TensorProto.INT64:  # token ids
+            out[value.name] = rng.integers(0, 4, dims).astype(np.int64)
+            continue
         assert value.type.tensor_type.elem_type == TensorProto.FLOAT
         out[value.name] = rng.standard_normal(dims).astype(np.float32)
     return out

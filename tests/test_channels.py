@@ -14,6 +14,7 @@ from tests.channel_models import (
     channel_shuffle,
     combined,
     concat_split_slice,
+    embedding_lookup,
     grouped,
     unknown_op,
 )
@@ -285,3 +286,14 @@ def test_shape_arithmetic_on_symbolic_dims_is_not_folded() -> None:
     for h in (7, 14, 21):
         data = {"x": np.ones((1, 2, h, 7), np.float32)}
         assert run(folded, data)[0].shape == run(proto, data)[0].shape
+
+
+def test_embedding_tables_are_sliced_with_the_residual_channels() -> None:
+    """BERT's stem: token and position tables looked up by Gather give the residual stream its
+    channels, so it stays prunable (it froze at the lookup before)."""
+    _, graph = analyse(embedding_lookup())
+    tables = [m for m in graph.members if m.node.op_type == "Gather"]
+    assert [(m.role, m.axis) for m in tables] == [("shift", 1), ("shift", 1)]
+    assert np.array_equal(tables[0].ids, tables[1].ids)
+    out = next(layer for layer in graph.layers if len(layer.classes) == 8)
+    assert np.array_equal(out.classes, tables[0].ids) and graph.prunable[out.classes].all()

@@ -427,6 +427,11 @@ def gather(node: ir.Node, ctx: Walk) -> None:
     if q is None:
         raise Unsupported("indices of unknown rank")
     out = node.outputs[0]
+    if not spaces and rank == 2 and axis == 0 and _stored_floats(ctx, x):
+        # an embedding table looked up by token (or position) ids: its columns are the
+        # channels of the rows it gives, sliced with them (a dead channel's column is zero, as
+        # a shift's entry)
+        spaces = {1: ctx.space(x, 1, "shift", node)}
     ids = spaces.pop(axis, None)
     if ids is not None:
         if indices is None:
@@ -446,6 +451,10 @@ def gather(node: ir.Node, ctx: Walk) -> None:
             ctx.fix("gather", node, ids={"in": ids}, carrier=j)
     for a, s in spaces.items():
         ctx.set(out, a if a < axis else a - 1 + q, s)
+
+
+def _stored_floats(ctx: Walk, value: ir.Value) -> bool:
+    return ctx.is_const(value) and value.dtype is not None and value.dtype.is_floating_point()
 
 
 def _carrier(grid: np.ndarray) -> int | None:
