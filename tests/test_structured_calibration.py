@@ -341,8 +341,10 @@ def test_linear_model_pruned_to_the_data_rank_is_exact(
     proto = low_rank_linear(22)
     data = subspace_samples(rng, basis, offset, 64)
     held_out = subspace_samples(rng, basis, offset, 32)
-    # 8 hidden channels of 12 (21 parameters each of 252): 0.66 needs all 8
-    model, plan = calibrated(proto, 0.66, data, mode=mode, criterion=criterion, damp=1e-8)
+    # 8 hidden channels of 12 (21 parameters each of 252): 0.66 needs all 8. Chosen in steps:
+    # single-removal scores are all ~0 here (each channel is carried by the others), so one
+    # step may keep 4 that span the subspace only barely (error 0.01 in one-pass)
+    model, plan = calibrated(proto, 0.66, data, mode=mode, criterion=criterion, damp=1e-8, steps=4)
     assert int(plan.removed.sum()) == 8
     assert stored(model)["W2"].shape == (5, 4)
     assert plan.errors["W2"] < 1e-3
@@ -518,12 +520,6 @@ def test_twins_do_differ_for_weight_magnitude() -> None:
     assert kept(twin_cnn(bn="unfolded")) != kept(twin_cnn(bn="folded"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a consumer's channel errors are summed over its output rows at their own scale "
-    "(divided only by the layer's total fluctuation): rescaling the second Conv's outputs "
-    "(undone in the third) changes the scores of the first Conv's channels",
-)
 def test_rescaled_consumer_twin_loses_the_same_channels() -> None:
     """The second Conv's output channels times 0.01..100, the third Conv's inputs divided: the
     second Conv reads the first's channels, so their scores must not see its output scale."""
@@ -561,12 +557,6 @@ def bn_head(bn: str) -> onnx.ModelProto:
     return b.model()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a BatchNorm after a layer that reads pruned channels rescales that layer's output "
-    "rows; the channel errors are measured before it: unfolded keeps hidden channels "
-    "(0, 1, 2, 7), folded (0, 1, 2, 3), and the unfolded twin's output error is 2.5x larger",
-)
 def test_batchnorm_after_the_reading_layer_folded_or_not_loses_the_same_channels() -> None:
     rng = np.random.default_rng(62)
     data = {"x": rng.standard_normal((64, 6)).astype(np.float32)}

@@ -50,6 +50,9 @@ class Calibration:
     rounds: int | None = (
         None  # sequential: at most this many measurement rounds (None: a wave each)
     )
+    # structured: channels chosen in this many steps, each re-scoring what is left (None: 4 for
+    # sparsegpt in sequential mode, else 1)
+    steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -64,6 +67,8 @@ class Calibration:
             raise InvalidArgumentError(f"compare {self.compare!r}: choose one of {COMPARE}")
         if self.rounds is not None and self.rounds < 1:
             raise InvalidArgumentError(f"--calibration-rounds {self.rounds}: must be >= 1")
+        if self.steps is not None and self.steps < 1:
+            raise InvalidArgumentError(f"steps {self.steps}: must be >= 1")
         if self.samples is not None and self.samples < 1:
             raise InvalidArgumentError(f"--calibration-samples {self.samples}: must be >= 1")
         if self.batch_size is not None and self.batch_size < 1:

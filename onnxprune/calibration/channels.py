@@ -7,7 +7,8 @@ every layer that read them re-solved by least squares.
    costs, with the other inputs re-solved and the mean moved into the bias,
        sparsegpt: tr(W_J [(C + D)^-1]_JJ^-1 W_J^T)      (group OBS on the input covariance C)
        wanda:     tr(W_J C_JJ W_J^T)                    (no re-solve: FLAP's fluctuation)
-   divided by the layer's output fluctuation tr(W C W^T), summed over the consumers. A class no
+   each output's part divided by that output's fluctuation w_o C w_o^T (floored as in the
+   unstructured scores), averaged over the outputs and summed over the consumers. A class no
    weight reads (attention's Q and K dims) is scored by its share of its producers' output
    fluctuation. Both are scale-free: a channel scaled by s where it is made and by 1/s where it
    is read (a BatchNorm folded or not) keeps its score. `magnitude` keeps the weight norms.
@@ -122,8 +123,12 @@ def importance(
     stats: Statistics,
     criterion: str,
     damp: float,
+    removed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
-    """A score per class (module docstring) and how many prunable classes no consumer measured."""
+    """A score per class (module docstring) and how many prunable classes no consumer measured.
+
+    With `removed` (bool per class), each consumer is scored on the columns it keeps: what
+    removing one more class costs once those are gone (their scores are meaningless)."""
     prunable = graph.prunable
     if criterion == "magnitude":
         return channel_scores(graph), 0
@@ -138,15 +143,22 @@ def importance(
         w = _matrix(consumer)
         if consumer.rows is not None:
             energies[consumer.name] = np.einsum("ok,ok->o", w @ cov, w)
-        present = np.unique(consumer.columns)
+        columns = consumer.columns
+        # each output's share: a consumer whose outputs are rescaled (a BatchNorm after it,
+        # folded or not) scores the same, and every consumer weighs one in the sum
+        rows = reconstruct.output_energy(w, cov)
+        weights = np.divide(1.0, rows * len(rows), out=np.zeros_like(rows), where=rows > 0)
+        if removed is not None and removed[columns].any():
+            keep = ~removed[columns]
+            w, cov, columns = w[:, keep], cov[np.ix_(keep, keep)], columns[keep]
+        present = np.unique(columns)
         present = present[prunable[present]]
         if not len(present):
             continue
-        errors, energy = reconstruct.channel_errors(
-            w, cov, consumer.columns, present, damp, obs=criterion == "sparsegpt"
+        errors, _ = reconstruct.channel_errors(
+            w, cov, columns, present, damp, obs=criterion == "sparsegpt", row_weights=weights
         )
-        if energy > 0:
-            scores[present] += errors / energy
+        scores[present] += errors
         measured[present] = True
     # classes no weight reads: their share of what their producers put out
     for consumer in found:
@@ -170,6 +182,36 @@ def importance(
         )
         scores[blind] = magnitude[blind] * ratio
     return scores, int(unmeasured.sum())
+
+
+# Selection steps of sparsegpt in sequential mode: single-removal scores cannot see that two
+# correlated channels each look cheap only while the other stays; each step re-scores what is left.
+STEPS = 4
+
+
+def _select(
+    model: ir.Model,
+    graph: ChannelGraph,
+    sparsity: float,
+    scores: np.ndarray,
+    found: Sequence[Consumer],
+    stats: Statistics,
+    options: Calibration,
+    steps: int,
+    **settings,
+) -> ChannelPlan:
+    """The channel plan, reached in `steps` equal parts of the target: after each, the classes
+    chosen so far rank first and every consumer is re-scored without them (conditional OBS)."""
+    removed = None
+    for number in range(1, steps + 1):
+        ranked = scores.copy()
+        if removed is not None:
+            ranked[removed] = -np.inf
+        plan = plan_channels(model, graph, sparsity * number / steps, scores=ranked, **settings)
+        removed = plan.removed
+        if number < steps:
+            scores, _ = importance(graph, found, stats, options.criterion, options.damp, removed)
+    return plan
 
 
 @dataclass
@@ -293,11 +335,12 @@ def calibrated_channels(
             f"{unmeasured} channel(s) are read by no measured layer (attention's Q and K, say): "
             "ranked by their share of their producers' output"
         )
-    with step("ranking channels"):
-        plan = plan_channels(
-            model, graph, sparsity, min_keep=min_keep, round_to=round_to, target=target,
-            scores=scores,
-        )  # fmt: skip
+    steps = options.steps
+    if steps is None:
+        steps = STEPS if options.mode == "sequential" and options.criterion == "sparsegpt" else 1
+    with step(f"ranking channels in {steps} step(s)"):
+        plan = _select(model, graph, sparsity, scores, found, stats, options, steps,
+                       min_keep=min_keep, round_to=round_to, target=target)  # fmt: skip
     plan.calibration = summary
     left = [(w.name, why) for w, ids, why in unsolved if plan.removed[ids].any()]
     if left:

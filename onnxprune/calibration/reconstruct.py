@@ -55,7 +55,7 @@ def inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
     of the inverse is the column sums of U^2) and SparseGPT need, without forming the inverse.
 
     With J the reversal of the indices, chol(J H J) = L gives U = J L^-1 J: one Cholesky and one
-    triangular inverse. Damping each column by its own diagonal (floored at a millionth of the
+    triangular inverse. Damping each column by its own diagonal (floored at 1e-12 of the
     mean, for inputs the data never excites) keeps everything equivariant to rescaling the
     inputs: H -> C H C gives U -> U C^-1, so scores and updates do not depend on how the previous
     layer is scaled. The damping grows tenfold until the sum is positive definite.
@@ -64,7 +64,7 @@ def inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
     mean = float(np.mean(diagonal)) if diagonal.size else 0.0
     if not np.isfinite(mean) or mean <= 0:
         mean = 1.0
-    diagonal = np.maximum(diagonal, 1e-6 * mean)
+    diagonal = np.maximum(diagonal, 1e-12 * mean)
     reversed_h = h[::-1, ::-1]
     for attempt in range(8):
         damped = reversed_h + np.diag(damp * 10**attempt * diagonal[::-1])
@@ -275,15 +275,19 @@ def channel_errors(
     classes: np.ndarray,
     damp: float,
     obs: bool = True,
+    row_weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """The output error of removing each class alone, the mean moved into the bias. obs: the
     other inputs re-solved, tr(W_J [(C + D)^-1]_JJ^-1 W_J^T) with J the class's columns (group
     OBS); otherwise nothing re-solved, tr(W_J C_JJ W_J^T) (FLAP's fluctuation).
     Returns (error per entry of `classes`, the layer's output fluctuation tr(W C W^T)).
+    `row_weights` [O] weigh each output's error (the trace is their sum with weights 1).
 
     w [O, K]; cov [K, K]; columns [K] the class of each column. Scale-free: a class's inputs
     scaled by s and its weights by 1/s leave its error unchanged, as the damping is per column.
     """
+    if row_weights is None:
+        row_weights = np.ones(w.shape[0])
     # only the diagonal blocks of the inverse are needed: [U^T U]_JJ = U_J^T U_J, K^2 m flops
     # per width m where the whole inverse would take K^3
     upper = inverse_factor(cov, damp) if obs else None
@@ -306,7 +310,7 @@ def channel_errors(
             columns_of = upper[:, idx]  # [K, n, m]
             blocks = np.einsum("kni,knj->nij", columns_of, columns_of)
             solved = np.linalg.solve(blocks, wj)
-        errors[which] = np.einsum("nmo,nmo->n", wj, solved)
+        errors[which] = np.einsum("nmo,nmo,o->n", wj, solved, row_weights)
     return np.maximum(errors, 0.0), energy
 
 
