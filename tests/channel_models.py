@@ -665,6 +665,40 @@ def heads_multihead() -> onnx.ModelProto:
     return b.model(opset=18)
 
 
+def heads_static() -> onnx.ModelProto:
+    """nn.MultiheadAttention as the dynamo exporter writes it for a fixed batch of 1
+    (torchvision's vit_b_16): [S, 1, E] -> [S, H, D] -> [H, S, D] -> [1, H, S, D], all targets
+    stored; plus a relative position bias (Swin) as exported: a stored [S*S, H] table reshaped,
+    transposed and unsqueezed to [1, H, S, S] and added to the scores."""
+    b = GraphBuilder(36)
+    t, d = 5, E // HEADS
+    x = b.input("x", [1, t, 6])
+    h = _linear(b, x, 6, E)
+    tokens = b.node("Transpose", [h], perm=[1, 0, 2])
+    q, k, v = (
+        b.node("Reshape", [
+            b.node("Transpose", [b.node("Reshape", [_linear(b, tokens, E, E),
+                                                    b.constant(np.array([t, HEADS, d]))])],
+                   perm=[1, 0, 2]),
+            b.constant(np.array([1, HEADS, t, d]))])
+        for _ in range(3)
+    )  # fmt: skip
+    kt = b.node("Transpose", [k], perm=[0, 1, 3, 2])
+    table = b.node("Reshape", [b.weight((t * t, HEADS)), b.constant(np.array([t, t, -1]))])
+    bias = b.node("Unsqueeze", [b.node("Transpose", [table], perm=[2, 0, 1]), _one(b, 0)])
+    scale = b.constant(np.array(d**-0.5, np.float32))
+    scores = b.node("Add", [b.node("Mul", [b.node("MatMul", [q, kt]), scale]), bias])
+    mixed = b.node("MatMul", [b.node("Softmax", [scores], axis=-1), v])
+    mixed = b.node("Transpose", [mixed], perm=[2, 0, 1, 3])
+    mixed = b.node("Reshape", [mixed, b.constant(np.array([t, E]))])
+    out = b.node("Gemm", [mixed, b.weight((E, E), scale=0.3), b.weight((E,))], transB=1)
+    out = b.node("Reshape", [out, b.constant(np.array([t, 1, E]))])
+    h = b.node("Add", [h, b.node("Transpose", [out], perm=[1, 0, 2])])
+    b.node("MatMul", [h, b.weight((E, 3))], out="y")
+    b.output("y", shape=[1, t, 3])
+    return b.model(opset=18)
+
+
 def _packed(seed: int, unpack: str) -> onnx.ModelProto:
     """One projection to 3 * hidden, cut into q, k and v by Split, Slice or Reshape
     [B, S, 3, H, D] + Transpose + Gather (timm's ViT), then attention and output projection."""
@@ -713,7 +747,7 @@ def heads_packed_gather() -> onnx.ModelProto:
 
 HEAD_MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     f.__name__: f
-    for f in (heads_torchscript, heads_dynamo, heads_multihead, heads_packed_split,
+    for f in (heads_torchscript, heads_dynamo, heads_multihead, heads_static, heads_packed_split,
               heads_packed_slice, heads_packed_gather)
 }  # fmt: skip
 

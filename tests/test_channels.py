@@ -297,3 +297,45 @@ def test_embedding_tables_are_sliced_with_the_residual_channels() -> None:
     assert np.array_equal(tables[0].ids, tables[1].ids)
     out = next(layer for layer in graph.layers if len(layer.classes) == 8)
     assert np.array_equal(out.classes, tables[0].ids) and graph.prunable[out.classes].all()
+
+
+def test_remainder_of_a_symbolic_dim_is_not_folded() -> None:
+    """Swin pads to whole windows, (7 - H % 7) % 7: three stand-ins for H can leave the same
+    remainder by chance, so a remainder of a symbolic dim is never taken for a constant."""
+    from onnxprune import channels
+    from onnxprune.channels import shapemath
+    from tests.builders import run
+
+    b = GraphBuilder(0)
+    x = b.input("x", [1, 2, "H", 7])
+    h = b.node("Gather", [b.node("Shape", [x]), b.constant(np.array(2))], axis=0)
+    seven = b.constant(np.array(7))
+    pad = b.node("Mod", [b.node("Sub", [seven, b.node("Mod", [h, seven])]), seven])
+    zero = b.constant(np.array([0]))
+    pads = b.node("Concat", [zero, zero, zero, zero, zero, zero,
+                             b.node("Unsqueeze", [pad, zero]), zero], axis=0)  # fmt: skip
+    b.node("Pad", [x, pads], out="y")
+    b.output("y", shape=[1, 2, None, 7])
+    proto = b.model()
+    model = ir.serde.deserialize_model(proto)
+    channels.prepare(model)
+    node = next(n for n in model.graph if n.op_type == "Pad")
+    walk = channels.Walk(model)
+    assert shapemath.shape_value(walk, node.inputs[1], 0, walk.memos[0]) is None
+    folded = ir.serde.serialize_model(model)
+    for rows in (7, 10, 12):
+        data = {"x": np.ones((1, 2, rows, 7), np.float32)}
+        assert run(folded, data)[0].shape == run(proto, data)[0].shape
+
+
+def test_slice_with_computed_bounds_off_the_channel_axis_carries_channels() -> None:
+    """x[:, :, :H] with H read from a symbolic dim: the channels on axis 1 pass."""
+    b = GraphBuilder(0)
+    x = b.input("x", [1, 3, "H", 4])
+    h = b.node("Conv", [x, b.weight((8, 3, 1, 1))])
+    end = b.node("Gather", [b.node("Shape", [x]), b.constant(np.array([2]))], axis=0)
+    h = b.node("Slice", [h, b.constant(np.array([0])), end, b.constant(np.array([2]))])
+    b.node("Conv", [b.node("Relu", [h]), b.weight((2, 8, 1, 1))], out="y")
+    b.output("y", shape=[1, 2, None, 4])
+    graph = analyse(b.model())[1]
+    assert graph.prunable[graph.layers[0].classes].all()

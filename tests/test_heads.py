@@ -187,3 +187,13 @@ def test_report_lists_heads_kept_per_attention() -> None:
     flat = ChannelPlan(plain, np.zeros(plain.n_classes, dtype=bool), [])
     assert channel_dict(flat)["attention_heads"] == []
     assert "heads" not in format_channels(flat)
+
+
+def test_relative_position_bias_is_sliced_with_the_heads() -> None:
+    """Swin's bias table, stored [S*S, H] and rearranged to [1, H, S, S] before it is added to
+    the scores, is stored rearranged by prepare and loses the removed heads' entries."""
+    _, graph = analyse(HEAD_MODELS["heads_static"](), heads=True)
+    (entry,) = graph.heads
+    (bias,) = [m for m in graph.members if m.node.op_type == "Add" and len(m.ids) == HEADS]
+    assert bias.role == "shift" and bias.axis == 1
+    assert np.array_equal(bias.ids, entry.classes)

@@ -458,11 +458,13 @@ def prepare(model: ir.Model, rounds: int = 64) -> ir.Model:
     arithmetic read as data (attention's 1 / sqrt(head_dim) computed from the hidden width) is
     folded too, or its Shape would freeze the width. A Reshape -> Transpose -> Reshape that
     merges axes only to split them again (heads folded into the batch) is rewritten so that
-    nothing merges (see `_regroups`). Folding one node can make a later shape known, so it
-    repeats until nothing more folds. Returns `model`."""
+    nothing merges (see `_regroups`), and a stored tensor reshaped is stored reshaped (Swin's
+    relative position bias, [49*49, H] -> [1, H, 49, 49], is then sliced with the heads it is
+    added to). Folding one node can make a later shape known, so it repeats until nothing more
+    folds. Returns `model`."""
     ShapeInferencePass()(model)
     for _ in range(rounds):
-        if not _fold(model) + _regroups(model) + _static_dims(model):
+        if not _fold(model) + _stored_views(model) + _regroups(model) + _static_dims(model):
             break
         RemoveUnusedNodesPass()(model)
         ShapeInferencePass()(model)
@@ -519,6 +521,81 @@ def _fold(model: ir.Model) -> int:
             node.replace_input_with(index, const)
             folded += 1
     return folded
+
+
+# Ops that only rearrange a tensor; prepare stores their result when their input is stored.
+_REARRANGE = ("Reshape", "Unsqueeze", "Squeeze", "Flatten")
+_STORED_VIEW_LIMIT = 1 << 20  # elements; larger rearranged weights are left as they are
+
+
+def _stored_views(model: ir.Model) -> int:
+    """Store what a Reshape, Unsqueeze, Squeeze or Flatten makes of a stored float tensor (read
+    through Transpose, Cast or Identity): the walk slices stored tensors, not their views."""
+    done = 0
+    for node in list(model.graph):
+        if node.op_type not in _REARRANGE or node.domain not in ("", "ai.onnx"):
+            continue
+        out = node.outputs[0]
+        if out.is_graph_output() or not out.uses():
+            continue
+        array = _stored_array(node.inputs[0])
+        if array is None or array.dtype.kind != "f" or array.size > _STORED_VIEW_LIMIT:
+            continue
+        extra = [const_tensor(v) for v in node.inputs[1:] if v is not None]
+        if any(t is None for t in extra):
+            continue
+        args = [t.numpy() for t in extra]  # type: ignore[union-attr]
+        array = _rearranged(node, array, args)
+        name = f"{out.name}_stored"
+        while name in model.graph.initializers:
+            name += "_"
+        const = ir.Value(name=name, shape=ir.Shape(array.shape), type=out.type)
+        const.const_value = ir.Tensor(np.array(array, order="C"), name=name)
+        model.graph.register_initializer(const)
+        out.replace_all_uses_with(const)
+        done += 1
+    return done
+
+
+def _stored_array(value: ir.Value | None) -> np.ndarray | None:
+    """A stored tensor's values as `value` holds them, through Transpose, Cast and Identity."""
+    chain = []
+    while value is not None and const_tensor(value) is None and len(chain) < 16:
+        node = value.producer()
+        if node is None or node.op_type not in _CONST_VIEWS or node.domain not in ("", "ai.onnx"):
+            return None
+        chain.append(node)
+        value = node.inputs[0]
+    tensor = const_tensor(value)
+    if tensor is None or int(np.prod(tensor.shape)) > _STORED_VIEW_LIMIT:
+        return None
+    array = tensor.numpy()
+    for node in reversed(chain):
+        if node.op_type == "Transpose":
+            perm = node.attributes.get("perm")
+            array = np.transpose(array, None if perm is None else list(perm.value))
+        elif node.op_type == "Cast":
+            array = array.astype(ir.DataType(node.attributes["to"].value).numpy())
+    return array
+
+
+def _rearranged(node: ir.Node, array: np.ndarray, args: list[np.ndarray]) -> np.ndarray:
+    attr = node.attributes
+    if node.op_type == "Reshape":
+        zero = attr.get("allowzero")
+        target = [int(t) for t in args[0].reshape(-1)]
+        dims = shapemath.resolve_target(list(array.shape), target, bool(zero and zero.value))
+        return array.reshape(dims)
+    if node.op_type == "Flatten":
+        axis = int(attr["axis"].value) if "axis" in attr else 1
+        axis = axis % array.ndim if array.ndim else 0
+        return array.reshape(int(np.prod(array.shape[:axis])), -1)
+    axes = args[0] if args else np.array(attr["axes"].value if "axes" in attr else [], np.int64)
+    axes = [int(a) for a in np.asarray(axes).reshape(-1)]
+    if node.op_type == "Squeeze":
+        return np.squeeze(array, tuple(axes)) if axes else np.squeeze(array)
+    rank = array.ndim + len(axes)
+    return np.expand_dims(array, tuple(a % rank for a in axes))
 
 
 def _reads_data(walk: Walk, node: ir.Node, memos: list[dict]) -> bool:

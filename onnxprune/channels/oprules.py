@@ -389,9 +389,16 @@ def slice_(node: ir.Node, ctx: Walk) -> None:
     if shape is None:
         raise Unsupported("unknown rank")
     rank = len(shape)
+    axes = _ints(ctx, node, 3, "axes")
+    if len(node.inputs) > 2 and not (ctx.is_const(node.inputs[1]) and ctx.is_const(node.inputs[2])):
+        # bounds computed from symbolic dims (Swin crops its window padding, x[:, :H, :W]):
+        # fine on axes without channels, which then carry over
+        if axes is None or {_axis(a, rank) for a in axes} & set(ctx.spaces_of(x)):
+            raise Unsupported("computed bounds on a channel axis")
+        ctx.carry(x, node.outputs[0])
+        return
     starts = _ints(ctx, node, 1, "starts")
     ends = _ints(ctx, node, 2, "ends")
-    axes = _ints(ctx, node, 3, "axes")
     steps = _ints(ctx, node, 4, "steps")
     if starts is None or ends is None:
         raise Unsupported("no starts/ends")
@@ -720,6 +727,15 @@ def _forward_axis(ctx: Walk, node: ir.Node, index: int, value: ir.Value, axis: i
         if axis == gathered or q is None:
             return None
         return axis if axis < gathered else axis - 1 + q
+    if op == "Reshape" and index == 0:  # only where the axis stays whole, 1s added or dropped
+        shape, out_shape = ctx.named_shape(value), ctx.named_shape(node.outputs[0])
+        groups = None if shape is None or out_shape is None else _align(shape, out_shape)
+        for ins, outs in groups or []:
+            if axis in ins:
+                sized = [k for k in outs if out_shape[k] != 1]  # type: ignore[index]
+                whole = [k for k in ins if shape[k] != 1] == [axis]  # type: ignore[index]
+                return sized[0] if whole and len(sized) == 1 else None
+        return None
     if op in ("Squeeze", "Unsqueeze") and index == 0:
         axes = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else _attr(node, "axes", None)
         if axes is None:

@@ -40,10 +40,15 @@ MAX_ELEMENTS = 1024
 RUNS = 3
 
 
+# Where each run's stand-ins start: far apart, so that floor division by anything everyday
+# (up to thousands) still tells the runs apart.
+RUN_STARTS = (10007, 20011, 30011)
+
+
 @cache
-def _primes(n: int) -> tuple[int, ...]:
-    """The first n primes from 10007 on."""
-    limit = 20000
+def _primes(start: int, n: int) -> tuple[int, ...]:
+    """The first n primes from `start` on."""
+    limit = 2 * start
     while True:
         sieve = np.ones(limit, dtype=bool)
         sieve[:2] = False
@@ -51,7 +56,7 @@ def _primes(n: int) -> tuple[int, ...]:
             if sieve[p]:
                 sieve[p * p :: p] = False
         found = np.flatnonzero(sieve)
-        found = found[found >= 10007]
+        found = found[found >= start]
         if len(found) >= n:
             return tuple(int(p) for p in found[:n])
         limit *= 2
@@ -59,10 +64,12 @@ def _primes(n: int) -> tuple[int, ...]:
 
 def stand_in(ctx: Walk, key: object, run: int) -> int:
     """The value of symbolic dim `key` in evaluation `run`: a large prime, distinct for every
-    (dim, run), so that no floor division or remainder of everyday shape arithmetic maps two of
-    them to the same value (7 and 11 both // 7 to 1) and no entry equals a dim by chance."""
+    dim within a run and far apart between runs, so that no floor division or remainder of
+    everyday shape arithmetic maps two runs to the same value (7 and 11 both // 7 to 1) and no
+    entry equals a dim by chance."""
     index = ctx.symbols.setdefault(key, len(ctx.symbols))
-    return _primes(RUNS * (index + 1))[RUNS * index + run]
+    size = 64 * (index // 64 + 1)  # primes made in blocks, not one call per new dim
+    return _primes(RUN_STARTS[run], size)[index]
 
 
 def dims(ctx: Walk, value: ir.Value, run: int) -> list[int] | None:
@@ -164,6 +171,11 @@ def _node_dims(ctx: Walk, node: ir.Node, run: int, table: dict, memo: dict) -> l
         if y is None or len(x) < 2 or len(y) < 2:
             return None
         return [*_broadcast_dims([x[:-2], y[:-2]]), x[-2], y[-1]]
+    if op == "Gemm":
+        y = get(node.inputs[1])
+        if y is None or len(x) != 2 or len(y) != 2:
+            return None
+        return [x[1 if _attr(node, "transA", 0) else 0], y[0 if _attr(node, "transB", 0) else 1]]
     if op in ("Reshape", "Expand"):
         target = shape_value(ctx, node.inputs[1], run, memo)
         if target is None or np.asarray(target).ndim != 1:
@@ -216,12 +228,15 @@ def resolve_target(x: list[int], target: list[int], allowzero: bool) -> list[int
 
 
 def _small(value: ir.Value) -> bool:
-    """Whether `value` may be shape arithmetic: a static shape of at most MAX_ELEMENTS entries
-    (or an unknown shape, as shape inference leaves some of it)."""
+    """Whether `value` may be shape arithmetic: a static shape of at most MAX_ELEMENTS entries,
+    an integer vector (a slice of a shape whose length inference left unknown), or an unknown
+    shape."""
     shape = value.shape
     if shape is None and value.const_value is not None:
         shape = value.const_value.shape
     if shape is None:
+        return True
+    if len(shape) <= 1 and value.dtype in (ir.DataType.INT64, ir.DataType.INT32):
         return True
     if any(not isinstance(d, int) for d in shape):
         return False
@@ -250,10 +265,20 @@ def shape_value(ctx: Walk, value: ir.Value, run: int, memo: dict) -> np.ndarray 
             elif op in SHAPE_MATH:
                 args = [None if v is None else shape_value(ctx, v, run, memo) for v in node.inputs]
                 present = [a for v, a in zip(node.inputs, args, strict=True) if v is not None]
-                if present and all(a is not None for a in present):
+                if present and all(a is not None for a in present) and _defined(ctx, node):
                     result = _shape_math(node, args)
     memo[value] = result
     return result
+
+
+def _defined(ctx: Walk, node: ir.Node) -> bool:
+    """Whether the stand-ins can tell what this op makes: a remainder of a symbolic dim (a
+    window padding, (7 - H % 7) % 7) takes few values, so three runs can agree by chance; it is
+    evaluated only where its dividend is the same in every run."""
+    if node.op_type != "Mod":
+        return True
+    runs = [shape_value(ctx, node.inputs[0], r, ctx.memos[r]) for r in range(RUNS)]
+    return all(r is not None and np.array_equal(r, runs[0]) for r in runs)
 
 
 def _shape_math(node: ir.Node, args: list) -> np.ndarray | None:
