@@ -197,3 +197,36 @@ def test_relative_position_bias_is_sliced_with_the_heads() -> None:
     (bias,) = [m for m in graph.members if m.node.op_type == "Add" and len(m.ids) == HEADS]
     assert bias.role == "shift" and bias.axis == 1
     assert np.array_equal(bias.ids, entry.classes)
+
+
+def test_pipeline_removes_the_weakest_head_whole(tmp_path: Path) -> None:
+    """prune(structured=True, heads=True): a head whose Q, K, V and output weights are small
+    ranks first and goes whole; the file is checked, runs, and splits out one head fewer."""
+    from onnxprune import pipeline
+    from tests.builders import save
+
+    proto = HEAD_MODELS["heads_torchscript"]()
+    weights = {t.name: t for t in proto.graph.initializer}
+    _, graph = analyse(proto, heads=True)
+    (entry,) = graph.heads
+    weak = entry.classes[1]
+    for m in graph.members:  # head 1 of every projection, and its rows of the output one
+        if m.role in ("out", "in") and weak in m.ids:
+            array = onnx.numpy_helper.to_array(weights[m.value.name]).copy()
+            index = [slice(None)] * array.ndim
+            index[m.axis] = m.ids == weak
+            array[tuple(index)] *= 1e-3
+            weights[m.value.name].CopyFrom(onnx.numpy_helper.from_array(array, m.value.name))
+    source = save(proto, tmp_path / "in.onnx")
+    _, report = pipeline.prune(
+        source, 0.05, structured=True, heads=True, output=tmp_path / "o.onnx"
+    )
+    plan = report.channels
+    (entry,) = plan.graph.heads
+    assert entry.kept(plan.removed) == HEADS - 1 and plan.removed[entry.classes[1]]
+    pruned = onnx.load(str(tmp_path / "o.onnx"))
+    onnx.checker.check_model(pruned, full_check=True)
+    stored = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in pruned.graph.initializer}
+    targets = [stored.get(n.input[1]) for n in pruned.graph.node if n.op_type == "Reshape"]
+    assert [0, 0, HEADS - 1, HEAD_DIM] in targets
+    assert run(tmp_path / "o.onnx", feeds(proto, 0, SIZES))[0].shape == (2, 5, 3)

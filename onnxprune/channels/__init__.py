@@ -656,8 +656,11 @@ def _regroups(model: ir.Model) -> int:
             if op == "Transpose":
                 node = ir.Node("", op, [value], [ir.AttrInt64s("perm", data)], name=f"{name}_{k}")
             else:
-                shape = ir.Value(name=f"{name}_regrouped_{k}", const_value=ir.Tensor(
-                    np.array(data, dtype=np.int64), name=f"{name}_regrouped_{k}"))  # fmt: skip
+                target = f"{name}_regrouped_{k}"
+                while target in model.graph.initializers:
+                    target += "_"
+                tensor = ir.Tensor(np.array(data, dtype=np.int64), name=target)
+                shape = ir.Value(name=target, const_value=tensor)
                 model.graph.register_initializer(shape)
                 node = ir.Node("", op, [value, shape], name=f"{name}_{k}")
             node.outputs[0].name = f"{out.name}_regrouped_{k}"
