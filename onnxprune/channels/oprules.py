@@ -670,11 +670,13 @@ def _align_from_left(a: list[Dim], b: list[Dim]) -> list[tuple[list[int], list[i
     return groups
 
 
-def _batched(ctx: Walk, value: ir.Value, axis: int, hops: int) -> bool:
+def _batched(ctx: Walk, value: ir.Value, axis: int, hops: int, seen: set | None = None) -> bool:
     """Whether `value`'s axis, followed forward through the ops that move axes about, becomes a
     batch axis of a MatMul (or Einsum) between two computed tensors: an attention's heads."""
-    if hops > 24:
+    seen = set() if seen is None else seen
+    if hops > 24 or (value, axis) in seen:
         return False
+    seen.add((value, axis))
     for use in value.uses():
         user = use.node
         if user.domain not in ("", "ai.onnx") or not user.outputs:
@@ -699,7 +701,7 @@ def _batched(ctx: Walk, value: ir.Value, axis: int, hops: int) -> bool:
                     return True
             continue
         mapped = _forward_axis(ctx, user, use.idx, value, axis)
-        if mapped is not None and _batched(ctx, user.outputs[0], mapped, hops + 1):
+        if mapped is not None and _batched(ctx, user.outputs[0], mapped, hops + 1, seen):
             return True
     return False
 
