@@ -230,3 +230,23 @@ def test_pipeline_removes_the_weakest_head_whole(tmp_path: Path) -> None:
     targets = [stored.get(n.input[1]) for n in pruned.graph.node if n.op_type == "Reshape"]
     assert [0, 0, HEADS - 1, HEAD_DIM] in targets
     assert run(tmp_path / "o.onnx", feeds(proto, 0, SIZES))[0].shape == (2, 5, 3)
+
+
+def test_round_to_lets_heads_go_one_by_one() -> None:
+    """--round-to counts channels, and a head is head_dim of them in every projection: with
+    head_dim a multiple of N, single heads keep every count a multiple of N."""
+    model, graph = analyse(HEAD_MODELS["heads_torchscript"](), heads=True)
+    (entry,) = graph.heads
+    plan = plan_channels(model, graph, 0.3, round_to=HEAD_DIM)
+    assert 1 <= entry.kept(plan.removed) < HEADS
+    projections = [layer for layer in graph.layers if np.isin(layer.classes, entry.classes).all()]
+    assert len(projections) == 3  # Q, K and V
+    # rounding units in classes: N channels are N / gcd(head_dim, N) heads
+    from onnxprune.selection.channels import _class_step
+
+    assert _class_step([projections[0].classes], 8) == 8 // np.gcd(HEAD_DIM, 8)
+    assert _class_step([projections[0].classes], 3 * HEAD_DIM) == 3
+    assert _class_step([np.arange(16)], 8) == 8
+    for layer in projections:
+        kept = int(np.count_nonzero(~plan.removed[layer.classes]))  # channels, not heads
+        assert kept == HEAD_DIM * entry.kept(plan.removed) and kept % HEAD_DIM == 0

@@ -174,13 +174,14 @@ def _units(
             if len(sets) != 1:
                 continue
             classes = np.asarray(sets.pop(), dtype=np.int64)
-            if len(classes) < round_to:
+            step = _class_step([graph.layers[i].classes for i in group.layers], round_to)
+            if len(classes) < step:
                 continue  # too narrow to round: its channels go one by one
             free = classes[prunable[classes]]
             free = free[np.lexsort((free, scores[free]))]
-            first = len(classes) % round_to
+            first = len(classes) % step
             bounds = [first] if first else []
-            bounds += list(range(first + round_to, len(free) + 1, round_to))
+            bounds += list(range(first + step, len(free) + 1, step))
             start = 0
             for end in bounds:
                 if end > len(free):
@@ -194,6 +195,16 @@ def _units(
     unit_scores += scores[rest].tolist()
     order = np.lexsort(([int(u[0]) for u in units], unit_scores)) if units else np.zeros(0, int)
     return [units[i] for i in order], np.asarray(unit_scores)[order]
+
+
+def _class_step(layers: Sequence[np.ndarray], round_to: int) -> int:
+    """Classes per rounding unit: round_to channels, or fewer classes where each class is several
+    channels of every layer (an attention head is head_dim of them: with head_dim 32 and N = 8,
+    heads go one by one and every count stays a multiple of 8)."""
+    widths = {int(w) for ids in layers for w in np.unique(ids, return_counts=True)[1]}
+    if len(widths) != 1:
+        return round_to
+    return round_to // math.gcd(widths.pop(), round_to)
 
 
 def plan_channels(
@@ -288,11 +299,12 @@ def _accept(
     channel space (a Split or Slice part, a head's share of a packed projection) non-empty."""
     distinct = [np.unique(layer.classes) for layer in graph.layers]
     keep = []
-    for classes in distinct:
+    for layer, classes in zip(graph.layers, distinct, strict=True):
         n = len(classes)
         k = max(1, min_keep.for_layer(n) if min_keep else 0)
-        if round_to and round_to > 1 and n >= round_to:
-            k = min(n, -(-k // round_to) * round_to)
+        step = _class_step([layer.classes], round_to) if round_to and round_to > 1 else 1
+        if step > 1 and n >= step:
+            k = min(n, -(-k // step) * step)
         keep.append(k)
     seen = {c.tobytes() for c in distinct}
     prunable = graph.prunable
