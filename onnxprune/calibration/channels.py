@@ -12,8 +12,9 @@ every layer that read them re-solved by least squares.
    weight reads (attention's Q and K dims) is scored by its share of its producers' output
    fluctuation. Both are scale-free: a channel scaled by s where it is made and by 1/s where it
    is read (a BatchNorm folded or not) keeps its score. `magnitude` keeps the weight norms.
-3. selection: selection.channels.plan_channels ranks these scores globally, with --min-keep,
-   --round-to and --target exactly as it ranks magnitudes;
+3. selection: selection.channels.plan_channels ranks these scores per unit of what removing
+   the class saves (parameters, or MACs with --target macs: a greedy knapsack) globally, with
+   --min-keep, --round-to and --target exactly as it ranks magnitudes;
 4. reconstruction: every consumer of a removed class gets its kept input weights re-solved
    (reconstruct.resolve_inputs: ridge least squares towards the kept weights) and the removed
    channels' mean contribution added to its bias (created where there is none). One-pass solves
@@ -207,7 +208,9 @@ def _select(
         ranked = scores.copy()
         if removed is not None:
             ranked[removed] = -np.inf
-        plan = plan_channels(model, graph, sparsity * number / steps, scores=ranked, **settings)
+        plan = plan_channels(
+            model, graph, sparsity * number / steps, scores=ranked, per_cost=True, **settings
+        )
         removed = plan.removed
         if number < steps:
             scores, _ = importance(graph, found, stats, options.criterion, options.damp, removed)

@@ -197,6 +197,16 @@ def _units(
     return [units[i] for i in order], np.asarray(unit_scores)[order]
 
 
+def class_costs(graph: ChannelGraph, counted: Sequence[Counted], target: str) -> np.ndarray:
+    """What removing each class alone saves of the target metric (parameters or MACs)."""
+    cost = np.zeros(graph.n_classes, dtype=np.float64)
+    for c in counted:
+        scale = c.size * (c.macs_per_param if target == "macs" else 1)
+        for axis, ids in c.axes.items():
+            np.add.at(cost, ids, scale / c.shape[axis])
+    return cost
+
+
 def _class_step(layers: Sequence[np.ndarray], round_to: int) -> int:
     """Classes per rounding unit: round_to channels, or fewer classes where each class is several
     channels of every layer (an attention head is head_dim of them: with head_dim 32 and N = 8,
@@ -217,10 +227,13 @@ def plan_channels(
     target: str = "params",
     normalize: str = "mean",
     scores: np.ndarray | None = None,
+    per_cost: bool = False,
 ) -> ChannelPlan:
     """Choose the channel classes to remove so that `sparsity` of the target metric goes.
 
-    `scores` (one per class, lowest removed first) replace the weight norms: calibration's."""
+    `scores` (one per class, lowest removed first) replace the weight norms: calibration's;
+    `per_cost` divides them by what each class saves of the target metric (class_costs), so the
+    cheapest error per parameter or MAC goes first."""
     sparsity = check_sparsity(sparsity)
     if target not in TARGETS:
         raise InvalidArgumentError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
@@ -238,6 +251,8 @@ def plan_channels(
         return plan
     if scores is None:
         scores = channel_scores(graph, normalize)
+    elif per_cost:
+        scores = scores / np.maximum(class_costs(graph, counted, target), 1)
     units, _ = _units(graph, scores, round_to)
     accepted = _accept(graph, units, min_keep, round_to)
 
