@@ -25,7 +25,7 @@ from onnx import numpy_helper
 from onnxprune import pipeline
 from onnxprune.calibration import Calibration, reconstruct
 from onnxprune.cli import main
-from onnxprune.selection.channels import ChannelPlan, counted_weights
+from onnxprune.selection.channels import ChannelPlan, class_costs, counted_weights, plan_channels
 from tests.builders import GraphBuilder, run, save
 from tests.channel_models import (
     analyse,
@@ -796,3 +796,32 @@ def test_cli_sweep_structured_with_calibration(tmp_path: Path, digits) -> None:
         row = rows[f"{criterion}+calibration"]
         assert row["error"] is None and row["achieved"] >= 0.3, row
         assert row["accuracy"] is not None and row["accuracy"] >= 0.9, row
+
+
+@pytest.mark.parametrize("target", ["params", "macs"])
+def test_class_costs_are_what_removing_each_class_alone_saves(target: str) -> None:
+    """The per-cost ranking divides by these: each equals the drop in the plan's own count."""
+    model, graph = analyse(combined())
+    counted = counted_weights(model, graph)
+    costs = class_costs(graph, counted, target)
+    nothing = ChannelPlan(graph, np.zeros(graph.n_classes, dtype=bool), counted)
+    before = (nothing.macs if target == "macs" else nothing.params)[0]
+    for c in np.flatnonzero(graph.produced):
+        alone = np.zeros(graph.n_classes, dtype=bool)
+        alone[c] = True
+        plan = ChannelPlan(graph, alone, counted)
+        after = (plan.macs if target == "macs" else plan.params)[1]
+        assert costs[c] == pytest.approx(before - after)
+
+
+def test_per_cost_ranking_prefers_cheap_error_per_saving() -> None:
+    """Equal scores: per_cost removes the channels that save the most first."""
+    model, graph = analyse(random_cnn(1))
+    scores = np.ones(graph.n_classes)
+    plain = plan_channels(model, graph, 0.2, scores=scores)
+    costly = plan_channels(model, graph, 0.2, scores=scores, per_cost=True)
+    costs = class_costs(graph, costly.counted, "params")
+    assert len(np.unique(costs[graph.prunable])) > 1
+    assert costs[costly.removed].max() == costs[graph.prunable].max()
+    assert costs[costly.removed].mean() > costs[plain.removed].mean()
+    assert costly.removed.sum() < plain.removed.sum()
