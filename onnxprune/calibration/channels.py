@@ -405,6 +405,7 @@ def _sequential(
     by_name = {c.name: c for c in found}
     chosen = [index[c.name] for c in found if c.name in index]
     waves = merge_waves(_waves(model, pruned, chosen), options.rounds)
+    unpaired: list[str] = []
     summary.passes += len(waves)
     with step(f"re-solving {len(chosen)} layers in {len(waves)} waves"):
         for wave in waves:
@@ -420,10 +421,16 @@ def _sequential(
                 consumer = by_name[weight.name]
                 dense = _matrix(consumer, dense_weights[weight.name])
                 if layer.cross is None or layer.cross.shape[2] != dense.shape[1]:
-                    continue  # the dense rows do not line up (a layout calibration cannot pair)
+                    unpaired.append(weight.name)  # its dense rows do not line up with these
+                    continue
                 result = solve(
                     consumer, plan.removed, dense, layer, paired.uses.pop(weight.name), options,
                     paired=True,
                 )  # fmt: skip
                 summary.bias_corrected += _write(model, weight, result, consts, aliases)
                 solved[weight.name] = result
+    if unpaired:
+        summary.notices.append(
+            f"{len(unpaired)} layer(s) could not be paired with the dense model's inputs and are "
+            f"not re-solved (e.g. {unpaired[0]})"
+        )
