@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +37,26 @@ MODELS = {
     "cnn-unfolded": (MNIST / "mnist_cnn_unfolded.onnx", MNIST / "mnist_calib.npz",
                      MNIST / "mnist_test.npz"),
     "vit": (MNIST / "mnist_vit.onnx", MNIST / "mnist_calib.npz", MNIST / "mnist_test.npz"),
+    "ocr": (ROOT / "build/ocr/ocr_rec.onnx", ROOT / "build/ocr/ocr_calib.npz",
+            ROOT / "build/ocr/ocr_test.npz"),
 }  # fmt: skip
+
+
+def accuracy(out: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy in %, or for a sequence model ([N, T, classes] scores, labels [N, L] padded
+    with -1: the OCR recogniser of `make ocr-model`) greedy-CTC character accuracy in %."""
+    if out.ndim == 3:
+        sys.path.insert(0, str(ROOT / "models"))
+        from ocr_eval import greedy_decode, score
+
+        return 100 * score(greedy_decode(out), y)[0]
+    return 100 * float((out.argmax(1) == y).mean())
+
+
+def cosines(out: np.ndarray, dense: np.ndarray) -> np.ndarray:
+    """Per-sample cosine of the flattened outputs."""
+    out, dense = out.reshape(len(out), -1), dense.reshape(len(dense), -1)
+    return np.sum(out * dense, 1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(dense, axis=1))
 SETTINGS = ("0.5", "0.8", "0.9", "0.95", "0.98", "2:4")
 METHODS = (
     ("magnitude", None, None),
@@ -94,7 +114,7 @@ def main() -> None:
         data = np.load(test)
         x, y = data["input"], data["labels"]
         dense = logits(onnxprune.load_model(path), x)
-        print(f"\n{key}: {path.name}, dense {100 * (dense.argmax(1) == y).mean():.2f}%, "
+        print(f"\n{key}: {path.name}, dense {accuracy(dense, y):.2f}%, "
               f"{len(y)} held-out samples, calibration {calib.name}")  # fmt: skip
         print("| setting | " + " | ".join(m for m, _, _ in METHODS) + " |")
         print("|---|" + "---:|" * len(METHODS))
@@ -109,11 +129,9 @@ def main() -> None:
                     options = Calibration(data=calib, criterion=criterion, mode=mode, device="cpu")
                 model, _ = onnxprune.prune(path, sparsity, pattern=pattern, calibration=options)
                 out = logits(model, x)
-                cosine = np.sum(out * dense, 1) / np.linalg.norm(out, axis=1)
-                cosine /= np.linalg.norm(dense, axis=1)
-                accuracy = 100 * (out.argmax(1) == y).mean()
+                cosine = cosines(out, dense)
                 seconds = time.perf_counter() - start
-                cells.append(f"{accuracy:.2f}% ({cosine.mean():.3f}, {seconds:.0f} s)")
+                cells.append(f"{accuracy(out, y):.2f}% ({cosine.mean():.3f}, {seconds:.0f} s)")
             print(f"| {setting} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -131,7 +149,7 @@ def structured_table(args: argparse.Namespace) -> None:
         dense_model = onnxprune.load_model(path)
         dense = logits(dense_model, x)
         dense_latency = latency(dense_model, x[:32])
-        print(f"\n{key}: {path.name}, dense {100 * (dense.argmax(1) == y).mean():.2f}%, "
+        print(f"\n{key}: {path.name}, dense {accuracy(dense, y):.2f}%, "
               f"{len(y)} held-out samples, calibration {calib.name}, structured"
               f"{' --heads' if args.heads else ''}")  # fmt: skip
         print("| removed | " + " | ".join(m for m, _, _ in METHODS) + " | latency |")
@@ -151,11 +169,9 @@ def structured_table(args: argparse.Namespace) -> None:
                         calibration=options,
                     )  # fmt: skip
                     out = logits(model, x)
-                    cosine = np.sum(out * dense, 1) / np.linalg.norm(out, axis=1)
-                    cosine /= np.linalg.norm(dense, axis=1)
-                    accuracy = 100 * (out.argmax(1) == y).mean()
+                    cosine = cosines(out, dense)
                     seconds = time.perf_counter() - start
-                    cells.append(f"{accuracy:.2f}% ({cosine.mean():.3f}, {seconds:.0f} s)")
+                    cells.append(f"{accuracy(out, y):.2f}% ({cosine.mean():.3f}, {seconds:.0f} s)")
                 ratio = latency(model, x[:32]) / dense_latency
                 print(f"| {setting} of {target} | " + " | ".join(cells) + f" | x{ratio:.2f} |",
                       flush=True)  # fmt: skip
