@@ -825,3 +825,47 @@ def test_per_cost_ranking_prefers_cheap_error_per_saving() -> None:
     assert costs[costly.removed].max() == costs[graph.prunable].max()
     assert costs[costly.removed].mean() > costs[plain.removed].mean()
     assert costly.removed.sum() < plain.removed.sum()
+
+
+def test_inverse_factor_of_a_slightly_indefinite_matrix() -> None:
+    """float32 sums of near-constant inputs can leave C with a negative eigenvalue that no
+    per-column damping fixes: an identity term joins until the factor exists."""
+    rng = np.random.default_rng(91)
+    a = rng.standard_normal((6, 6))
+    c = a @ a.T
+    c[0, :] = c[:, 0] = 0.0
+    c[0, 0] = -1e-7  # a constant input's variance after cancellation
+    c[1, 0] = c[0, 1] = 1e-4
+    upper = reconstruct.inverse_factor(c, 0.01)
+    assert np.all(np.isfinite(upper))
+    cov = reconstruct.covariance(c + 4.0, np.full(6, 2.0))
+    assert np.all(np.diag(cov) >= 0)
+
+
+@pytest.mark.parametrize("mode", ["one-pass", "sequential"])
+@pytest.mark.parametrize("structured", [True, False])
+def test_near_constant_channels_prune(tmp_path: Path, mode: str, structured: bool) -> None:
+    """Channels a large bias holds nearly constant (saturated activations, SE paths) once made
+    the covariance indefinite and calibration raise LinAlgError."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 8, 1, 1)).astype(np.float32)
+    b1 = np.zeros(16, np.float32)
+    w1[:4] *= 1e-4
+    b1[:4] = 3.0
+    b = GraphBuilder(0)
+    x = b.input("x", ["N", 8, 16, 16])
+    h = b.node("Conv", [x, b.weight(w1.shape, name="W1", array=w1), b.weight((16,), array=b1)])
+    h = b.node("Relu", [h])
+    b.node("Conv", [h, b.weight((8, 16, 1, 1), name="W2")], out="y")
+    b.output("y")
+    data = {"x": rng.standard_normal((8, 8, 16, 16)).astype(np.float32)}
+    source = save(b.model(), tmp_path / "in.onnx")
+    _, report = pipeline.prune(
+        source, 0.3, structured=structured, output=tmp_path / "o.onnx", force=True,
+        calibration=Calibration(data=data, device="cpu", mode=mode),
+    )  # fmt: skip
+    onnx.checker.check_model(onnx.load(str(tmp_path / "o.onnx")), full_check=True)
+    if structured:  # the constant channels cost nothing once their mean is in the bias
+        plan = report.channels
+        (first,) = [layer for layer in plan.graph.layers if layer.member.value.name == "W1"]
+        assert plan.removed[first.classes[:4]].all() and plan.achieved >= 0.3

@@ -156,9 +156,12 @@ def importance(
         present = present[prunable[present]]
         if not len(present):
             continue
-        errors, _ = reconstruct.channel_errors(
-            w, cov, columns, present, damp, obs=criterion == "sparsegpt", row_weights=weights
-        )
+        try:
+            errors, _ = reconstruct.channel_errors(
+                w, cov, columns, present, damp, obs=criterion == "sparsegpt", row_weights=weights
+            )
+        except np.linalg.LinAlgError:  # statistics no damping makes usable: left unmeasured
+            continue
         scores[present] += errors
         measured[present] = True
     # classes no weight reads: their share of what their producers put out
@@ -262,7 +265,12 @@ def solve(
     # a refit needs the statistics to be determined: with fewer rows than inputs it moves
     # weights along directions the samples never showed, where only the damping bounds it
     refit = layer.rows >= int(keep.sum())
-    new = reconstruct.resolve_inputs(w, keep, cov, cross, options.damp) if refit else w[:, keep]
+    new = w[:, keep]
+    if refit:
+        try:
+            new = reconstruct.resolve_inputs(w, keep, cov, cross, options.damp)
+        except np.linalg.LinAlgError:  # statistics no damping makes usable: bias only
+            refit = False
     shifts = []
     if options.bias_correction:
         for use in per_use:

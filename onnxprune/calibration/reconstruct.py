@@ -58,7 +58,9 @@ def inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
     triangular inverse. Damping each column by its own diagonal (floored at 1e-12 of the
     mean, for inputs the data never excites) keeps everything equivariant to rescaling the
     inputs: H -> C H C gives U -> U C^-1, so scores and updates do not depend on how the previous
-    layer is scaled. The damping grows tenfold until the sum is positive definite.
+    layer is scaled. Where that is not positive definite (float32 sums of near-constant or
+    near-collinear inputs can leave H slightly indefinite), a multiple of the identity joins it,
+    growing tenfold from a millionth of the mean diagonal, until it is.
     """
     diagonal = np.diag(h).copy()
     mean = float(np.mean(diagonal)) if diagonal.size else 0.0
@@ -66,8 +68,9 @@ def inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
         mean = 1.0
     diagonal = np.maximum(diagonal, 1e-12 * mean)
     reversed_h = h[::-1, ::-1]
-    for attempt in range(8):
-        damped = reversed_h + np.diag(damp * 10**attempt * diagonal[::-1])
+    scaled = damp * diagonal[::-1]
+    for attempt in range(10):
+        damped = reversed_h + np.diag(scaled + (1e-6 * 10**attempt * mean if attempt else 0.0))
         try:
             lower = np.linalg.cholesky(damped)
         except np.linalg.LinAlgError:
@@ -264,8 +267,12 @@ def output_error(
 
 
 def covariance(h: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """E[x x^T] - E[x] E[x]^T for one group (symmetric as h is: both terms are)."""
-    return h - np.outer(mean, mean)
+    """E[x x^T] - E[x] E[x]^T for one group (symmetric as h is: both terms are). An input that is
+    nearly constant loses its variance to the cancellation (float32 sums): floored at zero."""
+    c = h - np.outer(mean, mean)
+    diagonal = np.einsum("ii->i", c)  # a view: clamped in place
+    np.maximum(diagonal, 0.0, out=diagonal)
+    return c
 
 
 def channel_errors(
