@@ -869,3 +869,32 @@ def test_near_constant_channels_prune(tmp_path: Path, mode: str, structured: boo
         plan = report.channels
         (first,) = [layer for layer in plan.graph.layers if layer.member.value.name == "W1"]
         assert plan.removed[first.classes[:4]].all() and plan.achieved >= 0.3
+
+
+def test_selection_steps_follow_the_layers_sizes() -> None:
+    """As many steps as the factorization budget allows: the most for small models, a few for
+    ResNet-50-sized layers, one for wanda (its scores ignore what else goes); always fixed by the
+    model, never by the clock, so reruns write the same file."""
+    from onnxprune.calibration import channels as calibration_channels
+
+    class Sized:
+        def __init__(self, k: int) -> None:
+            self.name = f"w{k}"
+            self.design = type("D", (), {"in_features": k})()
+
+    class Stats:
+        def __init__(self, found) -> None:
+            self.layers = {c.name: None for c in found}
+
+    small = [Sized(64), Sized(128)]
+    big = [Sized(4608)] * 3 + [Sized(2304)] * 6 + [Sized(1152)] * 4
+    steps = calibration_channels.selection_steps
+    data = {"x": np.zeros((1, 1), np.float32)}
+    sequential = Calibration(data=data)
+    one_pass = Calibration(data=data, mode="one-pass")
+    assert steps(sequential, small, Stats(small)) == calibration_channels.MAX_STEPS
+    assert steps(one_pass, small, Stats(small)) == calibration_channels.MAX_STEPS
+    assert 4 <= steps(sequential, big, Stats(big)) <= 8
+    assert steps(one_pass, big, Stats(big)) == 1
+    assert steps(Calibration(data=data, criterion="wanda"), small, Stats(small)) == 1
+    assert steps(Calibration(data=data, steps=3), big, Stats(big)) == 3

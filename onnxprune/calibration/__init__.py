@@ -50,8 +50,8 @@ class Calibration:
     rounds: int | None = (
         None  # sequential: at most this many measurement rounds (None: a wave each)
     )
-    # structured: channels chosen in this many steps, each re-scoring what is left (None: 4 for
-    # sparsegpt in sequential mode, else 1)
+    # structured: channels chosen in this many steps, each re-scoring what is left (None: as
+    # many as the layers' sizes allow, calibration.channels.selection_steps)
     steps: int | None = None
 
     def __post_init__(self) -> None:

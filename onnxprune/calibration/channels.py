@@ -188,9 +188,25 @@ def importance(
     return scores, int(unmeasured.sum())
 
 
-# Selection steps of sparsegpt in sequential mode: single-removal scores cannot see that two
-# correlated channels each look cheap only while the other stays; each step re-scores what is left.
-STEPS = 4
+# Selection steps of sparsegpt: single-removal scores cannot see that two correlated channels each
+# look cheap only while the other stays (a transformer's low-rank residual stream: the OCR
+# recogniser at 70% of MACs keeps 59% of its characters in 4 steps, 93% in 32); each step
+# re-scores what is left. As many steps as a budget of factorization flops (sum of K^3 over the
+# consumers, per step) allows, between these bounds: a few for ResNet-50, the most for small models.
+MAX_STEPS = 32
+STEP_FLOPS = {"sequential": 2e12, "one-pass": 4e11}
+MIN_STEPS = {"sequential": 4, "one-pass": 1}
+
+
+def selection_steps(options: Calibration, found: Sequence[Consumer], stats: Statistics) -> int:
+    """How many steps channel selection takes (deterministic: from the layers' sizes)."""
+    if options.steps is not None:
+        return options.steps
+    if options.criterion != "sparsegpt":
+        return 1  # wanda and magnitude scores do not depend on what else goes
+    flops = sum(float(c.design.in_features) ** 3 for c in found if c.name in stats.layers)
+    steps = int(STEP_FLOPS[options.mode] // max(flops, 1.0))
+    return max(MIN_STEPS[options.mode], min(MAX_STEPS, steps))
 
 
 def _select(
@@ -346,9 +362,7 @@ def calibrated_channels(
             f"{unmeasured} channel(s) are read by no measured layer (attention's Q and K, say): "
             "ranked by their share of their producers' output"
         )
-    steps = options.steps
-    if steps is None:
-        steps = STEPS if options.mode == "sequential" and options.criterion == "sparsegpt" else 1
+    steps = selection_steps(options, found, stats)
     with step(f"ranking channels in {steps} step(s)"):
         plan = _select(model, graph, sparsity, scores, found, stats, options, steps,
                        min_keep=min_keep, round_to=round_to, target=target)  # fmt: skip
