@@ -142,12 +142,14 @@ def importance(
             continue
         cov = reconstruct.covariance(layer.hessian[0], layer.mean[0])
         w = _matrix(consumer)
+        energy = np.einsum("ok,ok->o", w @ cov, w)  # each output's fluctuation
         if consumer.rows is not None:
-            energies[consumer.name] = np.einsum("ok,ok->o", w @ cov, w)
+            energies[consumer.name] = energy
         columns = consumer.columns
         # each output's share: a consumer whose outputs are rescaled (a BatchNorm after it,
-        # folded or not) scores the same, and every consumer weighs one in the sum
-        rows = reconstruct.output_energy(w, cov)
+        # folded or not) scores the same, and every consumer weighs one in the sum. Floored as
+        # reconstruct.output_energy floors it (one product W C, not two).
+        rows = np.maximum(energy, 0.0) + reconstruct.DELTA * (np.square(w) @ np.diag(cov))
         weights = np.divide(1.0, rows * len(rows), out=np.zeros_like(rows), where=rows > 0)
         if removed is not None and removed[columns].any():
             keep = ~removed[columns]
