@@ -898,3 +898,22 @@ def test_selection_steps_follow_the_layers_sizes() -> None:
     assert steps(one_pass, big, Stats(big)) == 1
     assert steps(Calibration(data=data, criterion="wanda"), small, Stats(small)) == 1
     assert steps(Calibration(data=data, steps=3), big, Stats(big)) == 3
+
+
+def test_sequential_pairs_conv_rows_chunked_at_other_samples(tmp_path: Path, monkeypatch) -> None:
+    """A Conv's rows come in chunks of as many samples as its patch budget holds: the pruned
+    input (fewer channels) is cut at other samples than the dense one, and the pairs must still
+    line up sample by sample (ResNet-50 raised a shape mismatch in sequential mode)."""
+    from onnxprune.calibration import design
+
+    proto = random_cnn(2)
+    (name,) = [i.name for i in proto.graph.input]
+    shape = [d.dim_value or 6 for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    data = {name: np.random.default_rng(3).standard_normal(shape).astype(np.float32)}
+    source = save(proto, tmp_path / "in.onnx")
+    reference, plan = calibrated(source, 0.4, data, batch_size=6)
+    for budget in (600, 1200, 2400, 4800, 9600):  # one sample to a few per chunk, layer by layer
+        monkeypatch.setattr(design, "PATCH_ELEMENTS", budget)
+        chunked, again = calibrated(source, 0.4, data, batch_size=6)
+        assert np.array_equal(plan.removed, again.removed)
+        assert_same_outputs(outputs(chunked, data), outputs(reference, data), rtol=1e-4)

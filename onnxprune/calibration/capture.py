@@ -215,6 +215,28 @@ def _chunks(design: Design, activation: np.ndarray) -> list[np.ndarray]:
     return design.rows(activation, sample=True)
 
 
+def _paired_chunks(
+    design: Design, activation: np.ndarray, dense: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Rows of the pruned and the dense activation, chunk by chunk over the same samples.
+
+    A Conv's rows come in chunks of as many samples as fit its patch budget, so a pruned input
+    (fewer channels) is cut at other samples than the dense one: it is cut again at the dense
+    chunks' boundaries, where each piece fits in one chunk."""
+    dense_rows = _chunks(design, dense)
+    rows = _chunks(design, activation)
+    if [c.shape[1] for c in rows] == [c.shape[1] for c in dense_rows]:
+        return list(zip(rows, dense_rows, strict=True))
+    per_sample = sum(c.shape[1] for c in dense_rows) // max(1, dense.shape[0])
+    recut: list[np.ndarray] = []
+    start = 0
+    for chunk in dense_rows:
+        count = chunk.shape[1] // max(1, per_sample)
+        recut.append(np.concatenate(_chunks(design, activation[start : start + count]), axis=1))
+        start += count
+    return list(zip(recut, dense_rows, strict=True))
+
+
 class Runner:
     """One session of a model that returns the activations of chosen values for a batch."""
 
@@ -321,14 +343,12 @@ def collect(
             for k in pass_keys:
                 design = keys[k]
                 name = design.activation.name
-                rows = _chunks(design, found[name])
                 dense_name = (aliases or {}).get(name, name)
-                paired = (
-                    _chunks(design, target[dense_name])
-                    if target is not None
-                    else [None] * len(rows)
-                )
-                for chunk, dense_chunk in zip(rows, paired, strict=True):
+                if target is None:
+                    for chunk in _chunks(design, found[name]):
+                        partial[k].add(chunk)
+                    continue
+                for chunk, dense_chunk in _paired_chunks(design, found[name], target[dense_name]):
                     partial[k].add(chunk, dense_chunk)
         sums.update(partial)
     stats.passes = len(passes)
