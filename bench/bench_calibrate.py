@@ -139,13 +139,14 @@ def instrument(layers: bool) -> Timers:
     """Timers around calibration's stages and their parts, without touching onnxprune's source.
 
     Module attributes are replaced, so a function counts where it is looked up at call time:
-    prune.py imported collect and shift_bias by name, so its own references are the ones wrapped.
+    prune.py imported collect and shift_bias by name, so its own references are wrapped too.
     """
     from onnxprune.calibration import capture, reconstruct
     from onnxprune.calibration import prune as cprune
 
     timers = Timers()
-    timers.wrap(cprune, "collect", "capture")
+    timers.wrap(capture, "collect", "capture")  # the first pass (capture.measure)
+    timers.wrap(cprune, "collect", "capture")  # sequential rounds
     timers.wrap(cprune, "_masks", "scoring and ranking")
     timers.wrap(cprune, "repair", "repair")
     timers.wrap(capture, "exposed_model", "serialize the model with layer inputs as outputs")
@@ -173,7 +174,8 @@ def instrument_channels() -> Timers:
     from onnxprune.calibration import channels as cchannels
 
     timers = Timers()
-    timers.wrap(cchannels, "collect", "capture")
+    timers.wrap(capture, "collect", "capture")  # the first pass (capture.measure)
+    timers.wrap(cchannels, "collect", "capture")  # sequential rounds
     timers.wrap(cchannels, "importance", "channel scores (group OBS per consumer)")
     timers.wrap(cchannels, "plan_channels", "ranking (plan_channels)")
     timers.wrap(cchannels, "solve", "least-squares re-solve")

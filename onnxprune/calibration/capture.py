@@ -20,11 +20,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxprune.calibration import Calibration, CalibrationSummary, load_samples
 from onnxprune.calibration.design import Design, design_of
 from onnxprune.calibration.reconstruct import inverse_factor
 from onnxprune.errors import DataError
 from onnxprune.inputs import Inputs
-from onnxprune.runtime import Runtime, open_session
+from onnxprune.report import step
+from onnxprune.runtime import Runtime, open_session, select_runtime
 from onnxprune.weights import Weight
 
 log = logging.getLogger("onnxprune")
@@ -368,3 +370,26 @@ def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
         for out in node.outputs:
             found[out.name] = out
     return found
+
+
+def measure(
+    model: ir.Model, weights: Sequence[Weight], options: Calibration
+) -> tuple[Statistics, Inputs, Runtime, CalibrationSummary]:
+    """The first pass both calibrated modes start with: the samples loaded and checked, the
+    runtime chosen, every weight's statistics on the dense model, and the summary begun."""
+    runtime = select_runtime(options.device)
+    samples = load_samples(model, options)
+    with step(f"calibrating on {samples.samples} samples"):
+        stats = collect(model, weights, samples, runtime, budget_bytes=options.budget_bytes)
+    summary = CalibrationSummary(
+        criterion=options.criterion,
+        mode=options.mode,
+        samples=samples.samples,
+        providers=stats.providers or list(runtime.providers),
+        fallback=list(stats.missing),
+        notices=list(samples.notices),
+        passes=stats.passes,
+    )
+    if runtime.note:
+        summary.notices.append(runtime.note)
+    return stats, samples, runtime, summary

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.calibration import Calibration, CalibrationSummary, load_samples, reconstruct
-from onnxprune.calibration.capture import LayerStats, Statistics, collect
+from onnxprune.calibration import Calibration, CalibrationSummary, reconstruct
+from onnxprune.calibration.capture import LayerStats, Statistics, collect, measure
 from onnxprune.calibration.design import Design, design_of
 from onnxprune.calibration.prune import _waves, merge_waves
 from onnxprune.channels import ChannelGraph, Member
@@ -40,7 +40,7 @@ from onnxprune.report import step
 from onnxprune.rewrite.bias import shift_bias
 from onnxprune.rewrite.constants import NodeConstants
 from onnxprune.rewrite.structured import apply_channel_plan
-from onnxprune.runtime import Runtime, select_runtime
+from onnxprune.runtime import Runtime
 from onnxprune.scoring import channel_scores
 from onnxprune.selection import MinKeep
 from onnxprune.selection.channels import ChannelPlan, plan_channels
@@ -339,24 +339,8 @@ def calibrated_channels(
     layers that read them. Returns the applied plan, with the calibration summary and errors."""
     # argument errors and infeasible targets surface before any sample runs
     plan_channels(model, graph, sparsity, min_keep=min_keep, round_to=round_to, target=target)
-    runtime = select_runtime(options.device)
-    samples = load_samples(model, options)
-    weights = find_weights(model).weights
-    found, unsolved = consumers(graph, weights)
-    measured = [c.weight for c in found]
-    with step(f"calibrating on {samples.samples} samples"):
-        stats = collect(model, measured, samples, runtime, budget_bytes=options.budget_bytes)
-    summary = CalibrationSummary(
-        criterion=options.criterion,
-        mode=options.mode,
-        samples=samples.samples,
-        providers=stats.providers or list(runtime.providers),
-        fallback=list(stats.missing),
-        notices=list(samples.notices),
-        passes=stats.passes,
-    )
-    if runtime.note:
-        summary.notices.append(runtime.note)
+    found, unsolved = consumers(graph, find_weights(model).weights)
+    stats, samples, runtime, summary = measure(model, [c.weight for c in found], options)
     with step("scoring channels"):
         scores, unmeasured = importance(graph, found, stats, options.criterion, options.damp)
     if unmeasured:

@@ -21,13 +21,12 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune import selection
-from onnxprune.calibration import Calibration, CalibrationSummary, load_samples, reconstruct
-from onnxprune.calibration.capture import LayerStats, Statistics, collect
+from onnxprune.calibration import Calibration, reconstruct
+from onnxprune.calibration.capture import LayerStats, Statistics, collect, measure
 from onnxprune.calibration.design import Design
 from onnxprune.report import step
 from onnxprune.rewrite.bias import shift_bias
 from onnxprune.rewrite.constants import NodeConstants
-from onnxprune.runtime import select_runtime
 from onnxprune.scoring import UINT32
 from onnxprune.selection import LayerPlan, MinKeep, Plan
 from onnxprune.weights import Weight
@@ -319,21 +318,7 @@ def calibrated_plan(
     """Plan and repair with calibration data; the model's biases change in place already, the
     weights when the plan is applied (the plan's layers carry their new values)."""
     nm = selection.parse_pattern(pattern)
-    runtime = select_runtime(options.device)
-    samples = load_samples(model, options)
-    with step(f"calibrating on {samples.samples} samples"):
-        stats = collect(model, weights, samples, runtime, budget_bytes=options.budget_bytes)
-    summary = CalibrationSummary(
-        criterion=options.criterion,
-        mode=options.mode,
-        samples=samples.samples,
-        providers=stats.providers or list(runtime.providers),
-        fallback=list(stats.missing),
-        notices=list(samples.notices),
-        passes=stats.passes,
-    )
-    if runtime.note:
-        summary.notices.append(runtime.note)
+    stats, samples, runtime, summary = measure(model, weights, options)
     thin = [n for n, s in stats.layers.items() if s.rows < stats.designs[n][0].in_features]
     if thin:
         summary.notices.append(
