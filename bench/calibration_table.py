@@ -94,6 +94,20 @@ def latency(model: ir.Model, x: np.ndarray, repeats: int = 50) -> float:
     return float(np.median(times))
 
 
+def measured_models(keys: str):
+    """(key, path, calibration file, test inputs, labels, dense model) of each model present;
+    quiet logs, as the tables print their own lines."""
+    logging.getLogger("onnxprune").setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)
+    for key in keys.split(","):
+        path, calib, test = MODELS[key]
+        if not path.exists():
+            print(f"{key}: {path} is missing (make mnist-models / make ocr-model build it)")
+            continue
+        data = np.load(test)
+        yield key, path, calib, data["input"], data["labels"], onnxprune.load_model(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
@@ -106,16 +120,8 @@ def main() -> None:
         structured_table(args)
         return
     args.settings = args.settings or ",".join(SETTINGS)
-    logging.getLogger("onnxprune").setLevel(logging.ERROR)
-    ort.set_default_logger_severity(3)
-    for key in args.models.split(","):
-        path, calib, test = MODELS[key]
-        if not path.exists():
-            print(f"{key}: {path} is missing (make mnist-models builds it)")
-            continue
-        data = np.load(test)
-        x, y = data["input"], data["labels"]
-        dense = logits(onnxprune.load_model(path), x)
+    for key, path, calib, x, y, dense_model in measured_models(args.models):
+        dense = logits(dense_model, x)
         print(f"\n{key}: {path.name}, dense {accuracy(dense, y):.2f}%, "
               f"{len(y)} held-out samples, calibration {calib.name}")  # fmt: skip
         print("| setting | " + " | ".join(m for m, _, _ in METHODS) + " |")
@@ -139,16 +145,7 @@ def main() -> None:
 
 def structured_table(args: argparse.Namespace) -> None:
     """Channels removed: accuracy (cosine to dense, seconds) per criterion, and latency."""
-    logging.getLogger("onnxprune").setLevel(logging.ERROR)
-    ort.set_default_logger_severity(3)
-    for key in args.models.split(","):
-        path, calib, test = MODELS[key]
-        if not path.exists():
-            print(f"{key}: {path} is missing (make mnist-models builds it)")
-            continue
-        data = np.load(test)
-        x, y = data["input"], data["labels"]
-        dense_model = onnxprune.load_model(path)
+    for key, path, calib, x, y, dense_model in measured_models(args.models):
         dense = logits(dense_model, x)
         dense_latency = latency(dense_model, x[:32])
         print(f"\n{key}: {path.name}, dense {accuracy(dense, y):.2f}%, "
