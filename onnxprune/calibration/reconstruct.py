@@ -58,9 +58,9 @@ def inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
     triangular inverse. Damping each column by its own diagonal (floored at 1e-12 of the
     mean, for inputs the data never excites) keeps everything equivariant to rescaling the
     inputs: H -> C H C gives U -> U C^-1, so scores and updates do not depend on how the previous
-    layer is scaled. Where that is not positive definite (float32 sums of near-constant or
-    near-collinear inputs can leave H slightly indefinite), a multiple of the identity joins it,
-    growing tenfold from a millionth of the mean diagonal, until it is.
+    layer is scaled. The damping grows tenfold until the sum is positive definite; where even that
+    fails (float32 sums of near-constant or near-collinear inputs can leave H slightly indefinite),
+    a multiple of the identity joins it, growing tenfold from a millionth of the mean diagonal.
     """
     diagonal = np.diag(h).copy()
     mean = float(np.mean(diagonal)) if diagonal.size else 0.0
@@ -69,8 +69,10 @@ def inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
     diagonal = np.maximum(diagonal, 1e-12 * mean)
     reversed_h = h[::-1, ::-1]
     scaled = damp * diagonal[::-1]
-    for attempt in range(10):
-        damped = reversed_h + np.diag(scaled + (1e-6 * 10**attempt * mean if attempt else 0.0))
+    for attempt in range(16):
+        # scale-free first (tenfold per-column damping, 8 times), the identity only after
+        extra = 1e-6 * 10 ** (attempt - 8) * mean if attempt >= 8 else 0.0
+        damped = reversed_h + np.diag(scaled * 10 ** min(attempt, 7) + extra)
         try:
             lower = np.linalg.cholesky(damped)
         except np.linalg.LinAlgError:
