@@ -57,10 +57,13 @@ def _setup_logging(quiet: bool) -> None:
 @click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="onnxprune")
 def main() -> None:
-    """Prune ONNX models: global magnitude pruning with a per-layer minimum retention.
+    """Prune ONNX models: global magnitude pruning with a per-layer minimum retention, or from
+    calibration samples (SparseGPT, Wanda; whole channels re-solved by least squares).
 
     \b
       onnxprune model.onnx --sparsity 0.9            writes model.pruned.onnx, prints a table
+      onnxprune model.onnx -s 0.9 --calibration c.npz          ranked and repaired from samples
+      onnxprune model.onnx --structured -s 0.5 --calibration c.npz --round-to 8   whole channels
       onnxprune inspect model.onnx --sparsity 0.9    what would be pruned; writes nothing
       onnxprune model.onnx -s 0.9 --data val.npz     prune, then compare both in ONNX Runtime
       onnxprune validate a.onnx b.onnx               compare any two models (--data optional)
