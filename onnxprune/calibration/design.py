@@ -93,16 +93,23 @@ def conv_pads(
     auto_pad: str,
 ) -> list[tuple[int, int]]:
     """(begin, end) padding per spatial axis, resolving auto_pad as the ONNX Conv spec does."""
-    d = len(kernel)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        out = []
-        for size, k, s, dil in zip(spatial, kernel, strides, dilations, strict=True):
-            total = max((math.ceil(size / s) - 1) * s + (k - 1) * dil + 1 - size, 0)
-            small = total // 2
-            out.append(
-                (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
-            )
-        return out
+        return [
+            _split_pad(max((math.ceil(size / s) - 1) * s + (k - 1) * dil + 1 - size, 0), auto_pad)
+            for size, k, s, dil in zip(spatial, kernel, strides, dilations, strict=True)
+        ]
+    return _explicit_pads(pads, len(kernel), auto_pad)
+
+
+def _split_pad(total: int, auto_pad: str) -> tuple[int, int]:
+    """A total padding as (begin, end): the odd one at the end for SAME_UPPER, else at the start
+    (SAME_LOWER, and ConvTranspose's output_shape without auto_pad)."""
+    small = total // 2
+    return (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+
+
+def _explicit_pads(pads: list[int], d: int, auto_pad: str) -> list[tuple[int, int]]:
+    """(begin, end) per axis from `pads` ([begins..., ends...]); none for VALID or when absent."""
     if auto_pad == "VALID":
         return [(0, 0)] * d
     pads = pads or [0] * (2 * d)
@@ -237,25 +244,19 @@ def conv_transpose_pads(
     (1.31) pads the same way; the reference implementation ignores output_shape's padding rule
     unless auto_pad is SAME_*.
     """
-    d = len(kernel)
     wanted: list[int] | None = None
     if output_shape:
         wanted = list(output_shape)
     elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         wanted = [size * s for size, s in zip(spatial, strides, strict=True)]
     if wanted is not None:
-        out = []
-        for size, k, s, dil, extra, want in zip(
-            spatial, kernel, strides, dilations, output_padding, wanted, strict=True
-        ):
-            total = s * (size - 1) + extra + (k - 1) * dil + 1 - want
-            half = total // 2
-            out.append((half, total - half) if auto_pad == "SAME_UPPER" else (total - half, half))
-        return out
-    if auto_pad == "VALID":
-        return [(0, 0)] * d
-    pads = pads or [0] * (2 * d)
-    return [(pads[i], pads[i + d]) for i in range(d)]
+        return [
+            _split_pad(s * (size - 1) + extra + (k - 1) * dil + 1 - want, auto_pad)
+            for size, k, s, dil, extra, want in zip(
+                spatial, kernel, strides, dilations, output_padding, wanted, strict=True
+            )
+        ]
+    return _explicit_pads(pads, len(kernel), auto_pad)
 
 
 def conv_transpose_rows(
