@@ -1161,7 +1161,7 @@ def test_float16_model_counts_exactly_and_runs(tmp_path, criterion: str) -> None
     ],
 )
 def test_rounds_merge_consecutive_waves(rounds, expect) -> None:
-    from onnxprune.calibration.prune import merge_waves
+    from onnxprune.calibration.capture import merge_waves
 
     assert merge_waves([[0], [1, 2], [3], [4]], rounds) == expect
 

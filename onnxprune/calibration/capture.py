@@ -12,6 +12,7 @@ one pruned so far (what the layer will really see); then it also sums X_pruned^T
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -226,9 +227,11 @@ def _paired_chunks(
     (fewer channels) is cut at other samples than the dense one: it is cut again at the dense
     chunks' boundaries, where each piece fits in one chunk."""
     dense_rows = _chunks(design, dense)
-    rows = _chunks(design, activation)
-    if [c.shape[1] for c in rows] == [c.shape[1] for c in dense_rows]:
-        return list(zip(rows, dense_rows, strict=True))
+    if len(dense_rows) == 1:  # Gemm and MatMul always, a Conv whose batch fits one chunk
+        rows = _chunks(design, activation)
+        return [(rows[0] if len(rows) == 1 else np.concatenate(rows, axis=1), dense_rows[0])]
+    # a Conv input [N, C, ...]: the narrower pruned one fits at least as many samples per chunk,
+    # so each dense chunk's samples are one chunk of its rows (built once, never cut twice)
     per_sample = sum(c.shape[1] for c in dense_rows) // max(1, dense.shape[0])
     recut: list[np.ndarray] = []
     start = 0
@@ -362,6 +365,56 @@ def collect(
         stats.layers[name] = total
         stats.uses[name] = per_use
     return stats
+
+
+def depth_waves(
+    model: ir.Model, weights: Sequence[Weight], chosen: Sequence[int]
+) -> list[list[int]]:
+    """The chosen weights grouped by depth: no layer of a wave reads what a layer of the same or
+    a later wave makes, so a wave can be measured on the model pruned so far in one pass."""
+    node_weight: dict[int, int] = {}
+    for i in chosen:
+        for use in weights[i].uses:
+            node_weight[id(use.node)] = i
+    level: dict[int, int] = {}
+    wave = dict.fromkeys(chosen, 0)
+    for node in model.graph:
+        depth = max((level.get(id(v), 0) for v in node.inputs if v is not None), default=0)
+        i = node_weight.get(id(node))
+        if i is not None:
+            wave[i] = max(wave[i], depth)
+            depth = wave[i] + 1
+        for out in node.outputs:
+            level[id(out)] = depth
+    groups: dict[int, list[int]] = {}
+    for i in chosen:
+        groups.setdefault(wave[i], []).append(i)
+    return [sorted(groups[k]) for k in sorted(groups)]
+
+
+def merge_waves(waves: list[list[int]], rounds: int | None) -> list[list[int]]:
+    """At most `rounds` measurement rounds: consecutive waves merged, as evenly as they go.
+
+    Each round costs two runs over the samples (pruned and dense model, up to that depth); in a
+    merged round a layer is measured before the layers of its own round upstream of it are
+    pruned, which is what one-pass does everywhere.
+    """
+    if rounds is None or len(waves) <= rounds:
+        return waves
+    bounds = np.linspace(0, len(waves), rounds + 1).round().astype(int)
+    return [
+        sorted(i for wave in waves[a:b] for i in wave)
+        for a, b in itertools.pairwise(bounds.tolist())
+        if b > a
+    ]
+
+
+def measurement_rounds(
+    model: ir.Model, weights: Sequence[Weight], chosen: Sequence[int], rounds: int | None
+) -> list[list[int]]:
+    """The rounds of sequential calibration: the chosen weights' depth waves, merged into at most
+    `rounds` (each round is one paired collect over the samples)."""
+    return merge_waves(depth_waves(model, weights, chosen), rounds)
 
 
 def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:

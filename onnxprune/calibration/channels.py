@@ -32,9 +32,14 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calibration import Calibration, CalibrationSummary, reconstruct
-from onnxprune.calibration.capture import LayerStats, Statistics, collect, measure
+from onnxprune.calibration.capture import (
+    LayerStats,
+    Statistics,
+    collect,
+    measure,
+    measurement_rounds,
+)
 from onnxprune.calibration.design import Design, design_of
-from onnxprune.calibration.prune import _waves, merge_waves
 from onnxprune.channels import ChannelGraph, Member
 from onnxprune.report import step
 from onnxprune.rewrite.bias import shift_bias
@@ -412,7 +417,7 @@ def _sequential(
     dense_weights = {w.name: w for w in find_weights(dense_model).weights}
     by_name = {c.name: c for c in found}
     chosen = [index[c.name] for c in found if c.name in index]
-    waves = merge_waves(_waves(model, pruned, chosen), options.rounds)
+    waves = measurement_rounds(model, pruned, chosen, options.rounds)
     unpaired: list[str] = []
     summary.passes += len(waves)
     with step(f"re-solving {len(chosen)} layers in {len(waves)} waves"):

@@ -13,7 +13,6 @@ with white inputs and only zeroed; the report lists them.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +21,13 @@ import onnx_ir as ir
 
 from onnxprune import selection
 from onnxprune.calibration import Calibration, reconstruct
-from onnxprune.calibration.capture import LayerStats, Statistics, collect, measure
+from onnxprune.calibration.capture import (
+    LayerStats,
+    Statistics,
+    collect,
+    measure,
+    measurement_rounds,
+)
 from onnxprune.calibration.design import Design
 from onnxprune.report import step
 from onnxprune.rewrite.bias import shift_bias
@@ -257,46 +262,6 @@ def repair(
     return Repaired(design.from_matrix(new), mask, error, moved)
 
 
-def _waves(model: ir.Model, weights: Sequence[Weight], chosen: Sequence[int]) -> list[list[int]]:
-    """The chosen weights grouped by depth: no layer of a wave reads what a layer of the same or
-    a later wave makes, so a wave can be measured on the model pruned so far in one pass."""
-    node_weight: dict[int, int] = {}
-    for i in chosen:
-        for use in weights[i].uses:
-            node_weight[id(use.node)] = i
-    level: dict[int, int] = {}
-    wave = dict.fromkeys(chosen, 0)
-    for node in model.graph:
-        depth = max((level.get(id(v), 0) for v in node.inputs if v is not None), default=0)
-        i = node_weight.get(id(node))
-        if i is not None:
-            wave[i] = max(wave[i], depth)
-            depth = wave[i] + 1
-        for out in node.outputs:
-            level[id(out)] = depth
-    groups: dict[int, list[int]] = {}
-    for i in chosen:
-        groups.setdefault(wave[i], []).append(i)
-    return [sorted(groups[k]) for k in sorted(groups)]
-
-
-def merge_waves(waves: list[list[int]], rounds: int | None) -> list[list[int]]:
-    """At most `rounds` measurement rounds: consecutive waves merged, as evenly as they go.
-
-    Each round costs two runs over the samples (pruned and dense model, up to that depth); in a
-    merged round a layer is measured before the layers of its own round upstream of it are
-    pruned, which is what one-pass does everywhere.
-    """
-    if rounds is None or len(waves) <= rounds:
-        return waves
-    bounds = np.linspace(0, len(waves), rounds + 1).round().astype(int)
-    return [
-        sorted(i for wave in waves[a:b] for i in wave)
-        for a, b in itertools.pairwise(bounds.tolist())
-        if b > a
-    ]
-
-
 def _dtype(weight: Weight) -> np.dtype:
     return np.dtype(weight.dtype.numpy())
 
@@ -360,7 +325,7 @@ def calibrated_plan(
                 if i not in measured and mask is not None:
                     stored[i] = _store(np.where(mask, 0.0, arrays[i]), mask, _dtype(weights[i]))
                     _set(weights[i], stored[i])
-            waves = merge_waves(_waves(model, weights, measured), options.rounds)
+            waves = measurement_rounds(model, weights, measured, options.rounds)
             summary.passes += len(waves)
             for wave in waves:
                 chosen = [weights[i] for i in wave]
