@@ -272,19 +272,15 @@ def solve(
     rows = slice(None) if consumer.rows is None else ~removed[consumer.rows]
     w = dense[rows]
 
-    def moments(stats: LayerStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        if paired:
-            assert stats.cross is not None
-            mean, dense_mean = stats.mean[0], stats.dense_mean[0]
-            cov = reconstruct.covariance(stats.hessian[0], mean)
-            dense_cov = reconstruct.covariance(stats.dense_hessian[0], dense_mean)
-            cross = (stats.cross_hessian[0] - np.outer(mean, dense_mean)).T
-            return cov, dense_cov, cross, mean
-        dense_mean = stats.mean[0]
-        dense_cov = reconstruct.covariance(stats.hessian[0], dense_mean)
-        return dense_cov[np.ix_(keep, keep)], dense_cov, dense_cov[:, keep], dense_mean[keep]
-
-    cov, dense_cov, cross, _ = moments(layer)
+    if paired:  # cov: what the layer now sees; cross: its covariance with the dense inputs
+        assert layer.cross is not None
+        mean, dense_mean = layer.mean[0], layer.dense_mean[0]
+        cov = reconstruct.covariance(layer.hessian[0], mean)
+        dense_cov = reconstruct.covariance(layer.dense_hessian[0], dense_mean)
+        cross = (layer.cross_hessian[0] - np.outer(mean, dense_mean)).T
+    else:
+        dense_cov = reconstruct.covariance(layer.hessian[0], layer.mean[0])
+        cov, cross = dense_cov[np.ix_(keep, keep)], dense_cov[:, keep]
     # a refit needs the statistics to be determined: with fewer rows than inputs it moves
     # weights along directions the samples never showed, where only the damping bounds it
     refit = layer.rows >= int(keep.sum())
