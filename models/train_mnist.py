@@ -369,14 +369,9 @@ class Checked:
     max_diff: float
 
 
-def check_export(
-    path: Path,
-    x: np.ndarray,
-    y: np.ndarray,
-    reference: np.ndarray,
-    require: Callable[[onnx.GraphProto], None],
-) -> Checked:
-    """Checker, opset/IR/dynamic batch, graph requirements and ONNX Runtime vs torch logits."""
+def check_file(path: Path) -> onnx.ModelProto:
+    """The exported file as the measurement models promise it: full checker, our IR version and
+    opset, every weight inside the file, a dynamic batch on every input and output."""
     proto = onnx.load(str(path), load_external_data=False)
     onnx.checker.check_model(proto, full_check=True)
     assert proto.ir_version == IR_VERSION, proto.ir_version
@@ -387,6 +382,18 @@ def check_export(
     for value in (*proto.graph.input, *proto.graph.output):
         dim0 = value.type.tensor_type.shape.dim[0]
         assert dim0.dim_param and not dim0.HasField("dim_value"), (value.name, dim0)
+    return proto
+
+
+def check_export(
+    path: Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    reference: np.ndarray,
+    require: Callable[[onnx.GraphProto], None],
+) -> Checked:
+    """Checker, opset/IR/dynamic batch, graph requirements and ONNX Runtime vs torch logits."""
+    proto = check_file(path)
     require(proto.graph)
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -42,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from ocr_eval import BLANK, greedy_decode, score  # noqa: E402
+from train_mnist import check_file  # noqa: E402
 
 SEED = 0
 OPSET = 17
@@ -381,18 +382,9 @@ class Checked:
 def check_export(
     path: Path, x: np.ndarray, y: np.ndarray, reference: np.ndarray, n_bn: int, depth: int
 ) -> Checked:
-    """Checker, opset/IR/dynamic batch, expected ops, ONNX Runtime against torch."""
-    proto = onnx.load(str(path), load_external_data=False)
-    onnx.checker.check_model(proto, full_check=True)
-    assert proto.ir_version == IR_VERSION, proto.ir_version
-    opsets = {o.domain: o.version for o in proto.opset_import}
-    assert opsets.get("", opsets.get("ai.onnx")) == OPSET, opsets
-    for init in proto.graph.initializer:
-        assert init.data_location != onnx.TensorProto.EXTERNAL, init.name
-    for value in (*proto.graph.input, *proto.graph.output):
-        dim0 = value.type.tensor_type.shape.dim[0]
-        assert dim0.dim_param and not dim0.HasField("dim_value"), (value.name, dim0)
-    graph = proto.graph
+    """Checker, opset/IR/dynamic batch (train_mnist.check_file), expected ops, ONNX Runtime
+    against torch."""
+    graph = check_file(path).graph
     ops = collections.Counter(n.op_type for n in graph.node)
     need = {
         "Conv", "BatchNormalization", "HardSwish", "GlobalAveragePool", "Relu", "HardSigmoid",
