@@ -85,8 +85,9 @@ selection_options = [
         "min_keep",
         default=None,
         metavar="FRACTION|COUNT",
-        help="Every layer keeps at least this many of its largest weights: a fraction "
-        "of the layer (0.02 or 2%) or a count (100).",
+        help="Every layer keeps at least this many of its largest weights: a fraction of the "
+        "layer when written with a decimal point or % (0.02, 2%; 1.0 = the whole layer), a "
+        "count of weights when a whole number (100; 1 = one weight).",
     ),
     click.option(
         "--include",
@@ -115,8 +116,8 @@ run_options = [
         "--batch-size",
         type=int,
         default=None,
-        help="Samples per run (default 32 with --data, 1 for generated inputs, 16 for "
-        "--calibration).",
+        help="Samples per run, at least 1 (default 32 with --data, 1 for generated inputs, 16 "
+        "for --calibration); more than the samples there are runs them as one batch.",
     ),
     click.option(
         "--device",
@@ -426,6 +427,26 @@ def prune_command(
         raise click.UsageError("give --sparsity (e.g. --sparsity 0.9) or --pattern (e.g. 2:4)")
     if sparsity is not None and pattern is not None:
         raise click.UsageError("--sparsity and --pattern exclude each other")
+    gates = {
+        "max_accuracy_drop": max_accuracy_drop,
+        "min_agreement": min_agreement,
+        "min_cosine": min_cosine,
+    }
+    validating = validate_ or data is not None or any(v is not None for v in gates.values())
+    if validating or calibration is not None or batch_size is not None:
+        from onnxprune import inputs
+        from onnxprune.validate import preflight
+
+        # bad samples, batch size or gate values stop here, before a model is pruned or written
+        preflight(
+            model,
+            data=data,
+            calibration=calibration,
+            validating=validating,
+            batch_size=batch_size,
+            input_shapes=inputs.parse_input_shapes(input_shape),
+            **gates,
+        )
     options = _calibration(
         calibration,
         criterion,
@@ -459,24 +480,28 @@ def prune_command(
     else:
         for warning in report.warnings:
             click.echo(f"onnxprune: warning: {warning}", err=True)
-    gates = {
-        "max_accuracy_drop": max_accuracy_drop,
-        "min_agreement": min_agreement,
-        "min_cosine": min_cosine,
-    }
     result = None
-    if validate_ or data or any(v is not None for v in gates.values()):
+    if validating:
+        from onnxprune.errors import DataError
+        from onnxprune.io import model_files
         from onnxprune.validate import format_validation
 
-        result = _run_validation(
-            model,
-            str(report.output_path),
-            data=data,
-            batch_size=batch_size,
-            device=device,
-            input_shape=input_shape,
-            seed=seed,
-        )
+        try:
+            result = _run_validation(
+                model,
+                str(report.output_path),
+                data=data,
+                batch_size=batch_size,
+                device=device,
+                input_shape=input_shape,
+                seed=seed,
+            )
+        except DataError as exc:
+            # what only running the models tells (an output width the file leaves open, ONNX
+            # Runtime refusing a batch): the data does not fit, so no pruned model is left
+            for path in model_files(report.output_path):
+                path.unlink(missing_ok=True)
+            raise DataError(f"{exc} (no pruned model was kept)") from None
         report.extra["validation"] = result.to_dict()
         if not quiet:
             click.echo(format_validation(result))
@@ -609,9 +634,19 @@ def validate_command(
     \b
       onnxprune validate model.onnx model.pruned.onnx --data val.npz --max-accuracy-drop 0.01
     """
-    from onnxprune.validate import check_gates, format_validation
+    from onnxprune import inputs
+    from onnxprune.validate import check_gates, format_validation, preflight
 
     _setup_logging(quiet)
+    preflight(
+        reference,
+        data=data,
+        batch_size=batch_size,
+        input_shapes=inputs.parse_input_shapes(input_shape),
+        max_accuracy_drop=max_accuracy_drop,
+        min_agreement=min_agreement,
+        min_cosine=min_cosine,
+    )
     result = _run_validation(
         reference,
         candidate,
@@ -647,7 +682,8 @@ def validate_command(
     default="0.01",
     show_default=True,
     metavar="FRACTION|COUNT",
-    help="Minimum retention per layer for the global+min-keep line (0 leaves that line out).",
+    help="Minimum retention per layer for the global+min-keep line, a fraction (0.01, 1%) or "
+    "a count (100), as in prune --help (0 leaves that line out).",
 )
 @with_options(structured_options)
 @with_options(run_options)
@@ -724,8 +760,17 @@ def sweep_command(
       onnxprune sweep model.onnx --data val.npz --structured --calibration calib.npz
     """
     from onnxprune import inputs, sweep
+    from onnxprune.validate import preflight
 
     _setup_logging(False)
+    pipeline.check_structured_options(structured, target=target, round_to=round_to, heads=heads)
+    preflight(
+        model,
+        data=data,
+        calibration=calibration,
+        batch_size=batch_size,
+        input_shapes=inputs.parse_input_shapes(input_shape),
+    )
     if plot:
         sweep.check_plotting()
     result = sweep.sweep(

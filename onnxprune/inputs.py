@@ -6,13 +6,17 @@ Checks happen here, before any model runs, so a wrong array name, shape or dtype
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 
 from onnxprune.errors import DataError, InvalidArgumentError
 
@@ -22,6 +26,12 @@ DEFAULT_BATCH = 32
 GENERATED_BATCHES = 8
 # Generated integer inputs (token ids, indices, masks) stay small so that they index any table.
 INT_HIGH = 10
+# Generated inputs: one batch may take at most this many bytes (a typo in --batch-size must not
+# try to allocate terabytes).
+GENERATED_MAX_BYTES = 1 << 30
+NPY_MAGIC = b"\x93NUMPY"
+# Deflate expands data by at most about 1032:1; a zip member claiming more is damaged or forged.
+MAX_DEFLATE_RATIO = 1032
 
 # ONNX Runtime's type strings for tensor inputs -> numpy dtypes it accepts.
 ORT_TYPES: dict[str, type] = {
@@ -112,18 +122,153 @@ def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]
     return shapes
 
 
-def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All arrays of an .npz file (no pickles: a data file must not run code)."""
-    path = Path(path)
+def check_batch_size(batch_size: int | None) -> None:
+    """--batch-size must be a positive count (a huge one is cut to the samples there are)."""
+    if batch_size is not None and batch_size < 1:
+        raise InvalidArgumentError(f"--batch-size {batch_size}: must be at least 1")
+
+
+@dataclass(frozen=True)
+class ArrayHeader:
+    """One array of an .npz file as its header describes it (checked against the bytes stored)."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool = False
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _npz_example(option: str) -> str:
+    if option == "--calibration":
+        return "np.savez('calib.npz', input=x)"
+    return "np.savez('val.npz', input=x, labels=y)"
+
+
+@contextlib.contextmanager
+def _open_npz(path: Path, option: str) -> Iterator[zipfile.ZipFile]:
+    """The .npz as a zip archive; a .npy, a missing file or anything not a zip is a DataError."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise DataError(f"{path}: a single .npy array, expected an .npz file (np.savez)")
-            return {key: npz[key] for key in npz.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+        with open(path, "rb") as f:
+            magic = f.read(len(NPY_MAGIC))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if magic == NPY_MAGIC:
+        raise DataError(
+            f"{path} is a .npy array; {option} needs an .npz with one array per model input, "
+            f"e.g. {_npz_example(option)}"
+        )
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise DataError(
+            f"{path}: not a readable .npz file ({exc}); {option} needs one array per model input, "
+            f"e.g. {_npz_example(option)}"
+        ) from None
+    with archive:
+        try:
+            yield archive
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+            # a damaged member (CRC, truncated data, bad deflate stream) found while reading it
+            raise DataError(f"{path}: damaged .npz file ({exc})") from None
+
+
+def _members(archive: zipfile.ZipFile, path: Path) -> list[tuple[str, zipfile.ZipInfo]]:
+    members = []
+    for info in archive.infolist():
+        if info.is_dir():
+            continue
+        key = info.filename[: -len(".npy")] if info.filename.endswith(".npy") else info.filename
+        members.append((key, info))
+    if not members:
+        raise DataError(f"{path}: the .npz file holds no arrays")
+    return members
+
+
+def _read_header(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, path: Path
+) -> ArrayHeader:
+    """An array's header, refused unless the bytes the archive holds can be that array.
+
+    A header is a claim: before anything is allocated, the size it claims must fit the size of
+    the member, and that size must fit what the archive can hold (stored bytes, or at most
+    deflate's largest expansion of the compressed bytes, within the file's length).
+    """
+    where = f"{path}: array {key!r}"
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise DataError(
+            f"{where} is compressed with zip method {info.compress_type}; save the file with "
+            "np.savez or np.savez_compressed"
+        )
+    if info.compress_size > path.stat().st_size or info.file_size > (
+        info.compress_size
+        if info.compress_type == zipfile.ZIP_STORED
+        else info.compress_size * MAX_DEFLATE_RATIO + 1024
+    ):
+        raise DataError(f"{where}: the zip directory gives impossible sizes (a damaged file)")
+    with archive.open(info) as member:
+        try:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+            else:
+                raise ValueError(f"format version {version[0]}.{version[1]} is not supported")
+        except ValueError as exc:
+            raise DataError(f"{where} is not a .npy array ({exc})") from None
+        start = member.tell()
+    header = ArrayHeader(key, tuple(int(n) for n in shape), np.dtype(dtype), bool(fortran))
+    if header.dtype.hasobject:
+        raise DataError(
+            f"{where} holds Python objects (dtype {header.dtype}); onnxprune loads no pickles: "
+            "save numeric arrays"
+        )
+    if header.nbytes > info.file_size - start:
+        raise DataError(
+            f"{where}: its header claims shape {list(header.shape)} of {header.dtype} "
+            f"({header.nbytes:,} bytes) but the file holds {max(0, info.file_size - start):,} "
+            "bytes of data (a damaged or forged file)"
+        )
+    return header
+
+
+def read_npz_headers(path: str | os.PathLike, option: str = "--data") -> dict[str, ArrayHeader]:
+    """The arrays of an .npz file as their headers describe them, checked, no data read."""
+    path = Path(path)
+    with _open_npz(path, option) as archive:
+        return {
+            key: _read_header(archive, info, key, path) for key, info in _members(archive, path)
+        }
+
+
+def load_npz(
+    path: str | os.PathLike, option: str = "--data", keys: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file (or those of `keys` it has), each checked before it is read.
+
+    No pickles (a data file must not run code), no header that claims more than the file holds.
+    """
+    path = Path(path)
+    arrays = {}
+    with _open_npz(path, option) as archive:
+        for key, info in _members(archive, path):
+            if keys is not None and key not in keys:
+                continue
+            _read_header(archive, info, key, path)
+            with archive.open(info) as member:
+                arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
+                member.read()  # to the end: the CRC is checked there
+    return arrays
 
 
 def _shape_text(shape: Sequence[Dim]) -> str:
@@ -151,18 +296,33 @@ def _check_array(key: str, array: np.ndarray, spec: InputSpec) -> None:
         )
 
 
-def from_arrays(
-    arrays: dict[str, np.ndarray],
+@dataclass
+class Matched:
+    """Arrays (or their headers) matched to model inputs and checked; the batching decided."""
+
+    by_input: dict[str, tuple[str, Any]]  # model input -> (array key, array or header)
+    labels: Any | None
+    total: int  # samples in the arrays
+    usable: int  # samples in whole batches
+    size: int  # samples per batch
+    notices: list[str]
+
+
+def match(
+    arrays: Mapping[str, Any],
     specs: Sequence[InputSpec],
     *,
     batch_size: int | None = None,
     source: str = "data",
-) -> Inputs:
-    """Match arrays to inputs by name (one unnamed array is fine for one input), check, batch."""
-    arrays = {key: np.asarray(value) for key, value in arrays.items()}
+) -> Matched:
+    """Match arrays to inputs by name (one unnamed array is fine for one input) and check them:
+    dtypes, ranks, fixed dims, equal sample counts, labels. Works on arrays and on headers alike,
+    so a file is checked before its data is read."""
+    check_batch_size(batch_size)
+    arrays = dict(arrays)
     labels = arrays.pop(LABELS, None)
     notices: list[str] = []
-    by_input: dict[str, tuple[str, np.ndarray]] = {}
+    by_input: dict[str, tuple[str, Any]] = {}
     if len(specs) == 1 and specs[0].name not in arrays and len(arrays) == 1:
         key = next(iter(arrays))
         by_input[specs[0].name] = (key, arrays[key])
@@ -188,18 +348,22 @@ def from_arrays(
             f"{source}: input arrays have different numbers of samples: "
             + ", ".join(f"{k} {n}" for k, n in counts.items())
         )
-    total = next(iter(counts.values()))
+    total = next(iter(counts.values()), 0)
     if total == 0:
         raise DataError(f"{source}: the arrays hold no samples")
+    for key, a in by_input.values():
+        if 0 in a.shape:
+            raise DataError(f"{source}: array {key!r} is empty (shape {list(a.shape)})")
     if labels is not None:
         if labels.ndim != 1 or labels.dtype.kind not in "iu":
             raise DataError(
                 f"{source}: 'labels' must be a 1-D integer array of class indices, got "
                 f"{labels.dtype}{list(labels.shape)}"
             )
-        if len(labels) != total:
+        if labels.shape[0] != total:
             raise DataError(
-                f"{source}: 'labels' has {len(labels)} entries but the inputs have {total} samples"
+                f"{source}: 'labels' has {labels.shape[0]} entries but the inputs have {total} "
+                "samples"
             )
 
     fixed = {s.shape[0] for s in specs if isinstance(s.shape[0], int)}
@@ -215,21 +379,133 @@ def from_arrays(
         if usable < total:
             notices.append(f"last {total - usable} samples dropped: not a full batch of {size}")
     else:
-        size = batch_size or DEFAULT_BATCH
+        # a batch larger than the data would only be the data: never more rows than there are
+        size = min(batch_size or DEFAULT_BATCH, total)
         usable = total
-    if size < 1:
-        raise InvalidArgumentError(f"--batch-size {size}: must be at least 1")
+    return Matched(by_input, labels, total, usable, size, notices)
+
+
+def check_labels(labels: np.ndarray, classes: int | None, source: str = "data") -> None:
+    """Class indices in [0, classes): a label the model cannot output makes accuracy a lie."""
+    if labels.size == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise DataError(f"{source}: 'labels' holds {low}; class indices start at 0")
+    if classes is not None and high >= classes:
+        raise DataError(
+            f"{source}: 'labels' holds {high}, but the model's first output has {classes} "
+            f"classes (indices 0 to {classes - 1})"
+        )
+
+
+def from_arrays(
+    arrays: dict[str, np.ndarray],
+    specs: Sequence[InputSpec],
+    *,
+    batch_size: int | None = None,
+    source: str = "data",
+) -> Inputs:
+    """Match arrays to inputs by name (one unnamed array is fine for one input), check, batch."""
+    arrays = {key: np.asarray(value) for key, value in arrays.items()}
+    m = match(arrays, specs, batch_size=batch_size, source=source)
+    if m.labels is not None:
+        check_labels(m.labels, None, source)
     batches = [
-        {name: a[start : start + size] for name, (_, a) in by_input.items()}
-        for start in range(0, usable, size)
+        {name: a[start : start + m.size] for name, (_, a) in m.by_input.items()}
+        for start in range(0, m.usable, m.size)
     ]
     return Inputs(
         batches=batches,
-        labels=None if labels is None else labels[:usable],
+        labels=None if m.labels is None else m.labels[: m.usable],
         source=source,
-        batch_size=size,
-        notices=notices,
+        batch_size=m.size,
+        notices=m.notices,
     )
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a model file says about its inputs and its first output, read without its weights."""
+
+    specs: list[InputSpec]
+    output_rank: int | None  # of the first output; None where the file does not say
+    classes: int | None  # its width when it is [batch, classes] with a fixed number of classes
+
+
+def model_signature(path: str | os.PathLike) -> Signature | None:
+    """The model's feedable inputs and first output from the file (weights stay unread).
+
+    None when the file cannot be read this way, or declares an input without a shape: the
+    checks that need it are left to the run (and a broken model to the loader's own error).
+    """
+    from onnxprune import wire
+
+    try:
+        proto, _, mapped = wire.load_mapped(str(path))
+        mapped.close()
+    except Exception:
+        return None
+    graph = proto.graph
+    stored = {t.name for t in graph.initializer}
+    specs = []
+    for value in graph.input:
+        if value.name in stored:
+            continue
+        tensor = value.type.tensor_type
+        if not value.type.HasField("tensor_type") or not tensor.HasField("shape"):
+            return None
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        except (KeyError, TypeError, ValueError):
+            dtype = None
+        if dtype is None or dtype not in {np.dtype(t) for t in ORT_TYPES.values()}:
+            name = onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
+            raise DataError(
+                f"model input {value.name!r} has type tensor({name}), which onnxprune cannot "
+                "feed (numeric and bool tensors only)"
+            )
+        dims: list[Dim] = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tensor.shape.dim
+        ]
+        specs.append(InputSpec(value.name, dtype, tuple(dims)))
+    rank = classes = None
+    if graph.output and graph.output[0].type.tensor_type.HasField("shape"):
+        dims_out = graph.output[0].type.tensor_type.shape.dim
+        rank = len(dims_out)
+        if rank == 2 and dims_out[1].HasField("dim_value") and dims_out[1].dim_value > 0:
+            classes = int(dims_out[1].dim_value)
+    return Signature(specs, rank, classes)
+
+
+def check_data_file(
+    path: str | os.PathLike,
+    signature: Signature | None,
+    *,
+    option: str = "--data",
+    batch_size: int | None = None,
+) -> bool:
+    """Check an .npz against a model before any work: the file (a real .npz, no pickles, headers
+    that fit its bytes), its arrays against the model's inputs (names, dtypes, ranks, samples)
+    and its labels against the model's classes. Only the labels are read. Returns whether the
+    file has labels (ignored, and not checked, for --calibration)."""
+    headers = read_npz_headers(path, option)
+    source = f"{option} {path}" if option == "--calibration" else str(path)
+    if option == "--calibration":
+        headers.pop(LABELS, None)
+    if signature is not None:
+        match(headers, signature.specs, batch_size=batch_size, source=source)
+    if LABELS not in headers:
+        return False
+    labels = load_npz(path, option, keys=[LABELS])[LABELS]
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DataError(
+            f"{source}: 'labels' must be a 1-D integer array of class indices, got "
+            f"{labels.dtype}{list(labels.shape)}"
+        )
+    check_labels(labels, signature.classes if signature else None, source)
+    return True
 
 
 def resolve_shapes(
@@ -288,6 +564,25 @@ def resolve_shapes(
     return out, notices
 
 
+def generated_shapes(
+    specs: Sequence[InputSpec],
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    *,
+    batch_size: int | None = None,
+) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """The shapes `generate` makes (resolve_shapes), refused when a batch would be too big."""
+    check_batch_size(batch_size)
+    concrete, notices = resolve_shapes(specs, shapes, batch_size=batch_size)
+    nbytes = sum(math.prod(concrete[s.name]) * s.dtype.itemsize for s in specs)
+    if nbytes > GENERATED_MAX_BYTES:
+        what = f"--batch-size {batch_size}" if batch_size is not None else "--input-shape"
+        raise InvalidArgumentError(
+            f"{what}: one batch of generated inputs would take {nbytes / 2**30:,.1f} GiB; "
+            "give a smaller one, or real samples with --data"
+        )
+    return concrete, notices
+
+
 def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if dtype.kind == "f":
         return rng.standard_normal(shape).astype(dtype)
@@ -309,7 +604,7 @@ def generate(
 
     Floats are standard normal, integers uniform in [0, 10) (uint8 in [0, 256)), bools fair coins.
     """
-    concrete, notices = resolve_shapes(specs, shapes, batch_size=batch_size)
+    concrete, notices = generated_shapes(specs, shapes, batch_size=batch_size)
     rng = np.random.default_rng(seed)
     feeds = [
         {s.name: _random(rng, concrete[s.name], s.dtype) for s in specs} for _ in range(batches)

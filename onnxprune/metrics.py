@@ -90,7 +90,7 @@ class DiffAccumulator:
             max_abs=self.max_abs,
             mean_abs=self.sum_abs / self.count if self.count else 0.0,
             max_rel=self.max_rel,
-            cosine=min(1.0, cosine),
+            cosine=cosine if math.isnan(cosine) else min(1.0, cosine),  # NaN must fail gates
         )
 
 

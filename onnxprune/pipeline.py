@@ -60,8 +60,7 @@ def prune(
     input_path = None if isinstance(model, ir.Model) else Path(model)
     sparsity = selection.check_sparsity(sparsity)
     options = calibration_options(calibration, criterion)
-    if heads and not structured:
-        raise InvalidArgumentError("--heads removes whole attention heads: it needs --structured")
+    check_structured_options(structured, target=target, round_to=round_to, heads=heads)
     if output is not None:
         io.check_output_path(output, input_path=input_path, force=force)
     if input_path is not None:
@@ -94,6 +93,31 @@ def prune(
         report.size_after = io.file_size(out)
     report.seconds = round(time.perf_counter() - start, 3)
     return model, report
+
+
+TARGETS = ("params", "macs")
+
+
+def check_structured_options(
+    structured: bool, *, target: str = "params", round_to: int | None = None, heads: bool = False
+) -> None:
+    """Options that only mean something for channel removal are refused without --structured,
+    rather than silently ignored."""
+    if target not in TARGETS:
+        raise InvalidArgumentError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
+    if structured:
+        return
+    if heads:
+        raise InvalidArgumentError("--heads removes whole attention heads: it needs --structured")
+    if target != "params":
+        raise InvalidArgumentError(
+            f"--target {target} counts what removing whole channels saves: it needs --structured "
+            "(zeroed weights count as parameters)"
+        )
+    if round_to is not None:
+        raise InvalidArgumentError(
+            f"--round-to {round_to} rounds channel counts: it needs --structured"
+        )
 
 
 def _prune_weights(

@@ -165,6 +165,7 @@ def sweep(
     are timed too (median latency of one batch), unstructured ones are not (zeros are not faster).
     """
     sparsities = parse_sparsities(sparsities)
+    pipeline.check_structured_options(structured, target=target, round_to=round_to, heads=heads)
     runtime = select_runtime(device)
     if runtime.note:
         log.info("%s", runtime.note)

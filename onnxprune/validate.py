@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -177,6 +178,11 @@ def run_model(
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DataError(f"{path}: ONNX Runtime failed on batch {i + 1}: {reason}") from None
+        if i == 0 and data.labels is not None and names:
+            # where the model's file does not say how many classes, its first output does
+            first = np.asarray(outputs[0][0])
+            if first.ndim == 2:
+                _inputs.check_labels(data.labels, int(first.shape[1]), data.source)
     heads = [top1(np.asarray(out[0])) for out in outputs]
     predictions = None if any(h is None for h in heads) else np.concatenate(heads)
     accuracy = None
@@ -223,8 +229,7 @@ def prepare_inputs(
     seed: int = 0,
 ) -> tuple[list[_inputs.InputSpec], _inputs.Inputs]:
     """The reference session's input specs, and the batches: the user's data or generated ones."""
-    if batch_size is not None and batch_size < 1:
-        raise InvalidArgumentError(f"--batch-size {batch_size}: must be at least 1")
+    _inputs.check_batch_size(batch_size)
     specs = _inputs.input_specs(session)
     if data is None:
         return specs, _inputs.generate(specs, shapes=input_shapes, batch_size=batch_size, seed=seed)
@@ -233,9 +238,70 @@ def prepare_inputs(
     else:
         arrays, source = _inputs.load_npz(data), str(data)
     prepared = _inputs.from_arrays(arrays, specs, batch_size=batch_size, source=source)
+    if prepared.labels is not None:
+        _inputs.check_labels(prepared.labels, _classes(session), source)
     if input_shapes:
         prepared.notices.append("--input-shape is ignored: the shapes come from --data")
     return specs, prepared
+
+
+def _classes(session: ort.InferenceSession) -> int | None:
+    """The fixed width of a first output shaped [batch, classes], as the session declares it."""
+    outputs = session.get_outputs()
+    shape = outputs[0].shape if outputs else None
+    if shape and len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0:
+        return int(shape[1])
+    return None
+
+
+def preflight(
+    model: str | os.PathLike,
+    *,
+    data: str | os.PathLike | None = None,
+    calibration: str | os.PathLike | None = None,
+    validating: bool = True,
+    batch_size: int | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    max_accuracy_drop: float | None = None,
+    min_agreement: float | None = None,
+    min_cosine: float | None = None,
+) -> None:
+    """Everything about the samples and the gates that can be checked before any work.
+
+    The commands call it first, so that bad data stops them before a model is pruned or written:
+    --batch-size and the gate values; the --calibration and --data files against `model`'s
+    inputs (read from the file, weights unread), labels against its classes; generated inputs'
+    shapes; and whether the gates asked for can be measured at all (labels, a [batch, classes]
+    output). What only a run can tell (an output width the file leaves open) is checked at the
+    first batch.
+    """
+    _inputs.check_batch_size(batch_size)
+    check_gate_values(
+        max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine
+    )
+    if calibration is None and not validating:
+        return
+    signature = _inputs.model_signature(model) if Path(model).is_file() else None
+    if calibration is not None:
+        _inputs.check_data_file(
+            calibration, signature, option="--calibration", batch_size=batch_size
+        )
+    if not validating:
+        return
+    labels = False
+    if data is not None:
+        labels = _inputs.check_data_file(data, signature, option="--data", batch_size=batch_size)
+    elif signature is not None:
+        _inputs.generated_shapes(signature.specs, input_shapes, batch_size=batch_size)
+    if max_accuracy_drop is not None and not labels:
+        raise DataError(_NEEDS_LABELS)
+    rank = signature.output_rank if signature is not None else None
+    for gate, value in (
+        ("--max-accuracy-drop", max_accuracy_drop),
+        ("--min-agreement", min_agreement),
+    ):
+        if value is not None and rank is not None and rank != 2:
+            raise DataError(f"{gate} {_NEEDS_CLASSES}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,6 +443,26 @@ def validate(
     )
 
 
+_NEEDS_LABELS = "--max-accuracy-drop needs labels: add a 'labels' array to --data"
+_NEEDS_CLASSES = "needs a first output shaped [batch, classes]"
+# Each gate's range: accuracy drop and agreement are fractions, cosine a cosine.
+GATE_RANGES = {
+    "max_accuracy_drop": ("--max-accuracy-drop", 0.0, 1.0),
+    "min_agreement": ("--min-agreement", 0.0, 1.0),
+    "min_cosine": ("--min-cosine", -1.0, 1.0),
+}
+
+
+def check_gate_values(**gates: float | None) -> None:
+    """Gate thresholds in range and finite, before any work: a NaN threshold would pass all."""
+    for key, value in gates.items():
+        if value is None:
+            continue
+        flag, low, high = GATE_RANGES[key]
+        if not (isinstance(value, int | float) and low <= value <= high):
+            raise InvalidArgumentError(f"{flag} {value}: must be a number in [{low:g}, {high:g}]")
+
+
 def check_gates(
     result: Validation,
     *,
@@ -384,15 +470,21 @@ def check_gates(
     min_agreement: float | None = None,
     min_cosine: float | None = None,
 ) -> None:
-    """Raise `ValidationFailed` with one line naming every gate that failed."""
+    """Raise `ValidationFailed` with one line naming every gate that failed.
+
+    A measured value that is not a number (NaN outputs) fails every gate it meets.
+    """
+    check_gate_values(
+        max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine
+    )
     failures = []
     if max_accuracy_drop is not None:
         drop = result.accuracy_drop
         if drop is None and not result.labels:
-            raise DataError("--max-accuracy-drop needs labels: add a 'labels' array to --data")
+            raise DataError(_NEEDS_LABELS)
         if drop is None:
-            raise DataError("--max-accuracy-drop needs a first output shaped [batch, classes]")
-        if drop > max_accuracy_drop:
+            raise DataError(f"--max-accuracy-drop {_NEEDS_CLASSES}")
+        if not drop <= max_accuracy_drop:
             failures.append(
                 f"accuracy dropped by {drop:.4f} ({result.reference.accuracy:.4f} -> "
                 f"{result.candidate.accuracy:.4f}), more than --max-accuracy-drop "
@@ -400,13 +492,17 @@ def check_gates(
             )
     if min_agreement is not None:
         if result.agreement is None:
-            raise DataError("--min-agreement needs a first output shaped [batch, classes]")
-        if result.agreement < min_agreement:
+            raise DataError(f"--min-agreement {_NEEDS_CLASSES}")
+        if not result.agreement >= min_agreement:
             failures.append(
                 f"top-1 agreement {result.agreement:.4f} is below --min-agreement {min_agreement:g}"
             )
-    if min_cosine is not None and result.min_cosine is not None and result.min_cosine < min_cosine:
-        worst = min(result.outputs, key=lambda o: o.cosine)
+    below = (
+        [o for o in result.outputs if not o.cosine >= min_cosine] if min_cosine is not None else []
+    )
+    if below:
+        # NaN first: min() of a list holding NaN depends on the order
+        worst = next((o for o in below if math.isnan(o.cosine)), min(below, key=lambda o: o.cosine))
         failures.append(
             f"cosine similarity of output {worst.name!r} is {worst.cosine:.6f}, below "
             f"--min-cosine {min_cosine:g}"

@@ -123,7 +123,8 @@ def load_samples(model: ir.Model, options: Calibration) -> _inputs.Inputs:
     if isinstance(options.data, Mapping):
         arrays, source = dict(options.data), "calibration data"
     else:
-        arrays, source = _inputs.load_npz(options.data), f"--calibration {options.data}"
+        arrays = _inputs.load_npz(options.data, "--calibration")
+        source = f"--calibration {options.data}"
     arrays.pop(_inputs.LABELS, None)
     if options.samples is not None:
         arrays = {k: v[: options.samples] if v.ndim else v for k, v in arrays.items()}

@@ -40,31 +40,42 @@ class MinKeep:
 
     @classmethod
     def parse(cls, spec: str | float | int | None) -> MinKeep | None:
-        """'0.02' or '2%' is a fraction of each layer; '100' is a count of weights."""
+        """A fraction of each layer or a count of weights, told apart by how it is written.
+
+        With a decimal point or a % sign (or as a Python float) it is a fraction: '0.02', '2%',
+        '1.0' (= 100%: the layer is kept whole). A whole number without a decimal point (or a
+        Python int) is a count of weights: '1' is one weight, '100' a hundred.
+        """
         if spec is None or spec == "":
             return None
         text = str(spec).strip()
+        usage = "give a fraction of each layer (0.02, 2% or 1.0) or a count of weights (100)"
         try:
-            if text.endswith("%"):
-                value = float(text[:-1]) / 100
-                is_fraction = True
+            if isinstance(spec, bool):
+                raise ValueError
+            if isinstance(spec, int | np.integer):
+                value, is_fraction = float(spec), False
+            elif isinstance(spec, float | np.floating):
+                value, is_fraction = float(spec), True
+            elif text.endswith("%"):
+                value, is_fraction = float(text[:-1]) / 100, True
             else:
-                value = float(text)
-                is_fraction = value < 1 or (isinstance(spec, float) and value == 1.0)
+                try:
+                    value, is_fraction = float(int(text)), False
+                except ValueError:
+                    value, is_fraction = float(text), True
         except ValueError:
-            raise InvalidArgumentError(
-                f"--min-keep {spec!r}: give a fraction of each layer (0.02 or 2%) or a count (100)"
-            ) from None
+            raise InvalidArgumentError(f"--min-keep {spec!r}: {usage}") from None
         if not math.isfinite(value) or value < 0:
             raise InvalidArgumentError(f"--min-keep {spec!r}: must be a non-negative number")
         if is_fraction:
             if value > 1:
-                raise InvalidArgumentError(f"--min-keep {spec!r}: a fraction must be at most 100%")
+                raise InvalidArgumentError(
+                    f"--min-keep {spec!r}: a fraction (written with a decimal point or %) must "
+                    "be at most 1.0 = 100%; a count of weights is a whole number without a "
+                    "decimal point, e.g. 100"
+                )
             return cls(fraction=value)
-        if value != int(value):
-            raise InvalidArgumentError(
-                f"--min-keep {spec!r}: a count must be a whole number (or give a fraction below 1)"
-            )
         return cls(count=int(value))
 
     def for_layer(self, size: int) -> int:
@@ -73,7 +84,11 @@ class MinKeep:
         return min(size, self.count or 0)
 
     def __str__(self) -> str:
-        return f"{self.fraction:g}" if self.fraction is not None else str(self.count)
+        if self.fraction is None:
+            return str(self.count)
+        text = f"{self.fraction:g}"
+        # 0 and 1 as fractions read as counts: say 0% and 100%
+        return text if "." in text or "e" in text else f"{100 * self.fraction:g}%"
 
 
 @dataclass
