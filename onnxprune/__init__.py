@@ -9,16 +9,42 @@ With samples of the model's inputs, pruning is calibrated (SparseGPT by default)
     model, report = onnxprune.prune("model.onnx", sparsity=0.9, calibration="calib.npz")
 """
 
-from onnxprune.calibration import Calibration
-from onnxprune.errors import OnnxPruneError
-from onnxprune.io import load_model, save_model
-from onnxprune.pipeline import inspect, prune
-from onnxprune.report import Report
-from onnxprune.rewrite import apply_plan
-from onnxprune.selection import MinKeep, Plan, plan
-from onnxprune.weights import Weight, find_weights
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# Loaded on first use, so that `import onnxprune.launch` (the command's first step) is instant.
+_EXPORTS = {
+    "Calibration": "onnxprune.calibration",
+    "MinKeep": "onnxprune.selection",
+    "OnnxPruneError": "onnxprune.errors",
+    "Plan": "onnxprune.selection",
+    "Report": "onnxprune.report",
+    "Weight": "onnxprune.weights",
+    "apply_plan": "onnxprune.rewrite",
+    "find_weights": "onnxprune.weights",
+    "inspect": "onnxprune.pipeline",
+    "load_model": "onnxprune.io",
+    "plan": "onnxprune.selection",
+    "prune": "onnxprune.pipeline",
+    "save_model": "onnxprune.io",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'onnxprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "Calibration",

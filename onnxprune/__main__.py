@@ -1,3 +1,3 @@
-from onnxprune.cli import main
+from onnxprune.launch import main
 
 main()

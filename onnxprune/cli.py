@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import traceback
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -11,13 +14,55 @@ from typing import Any
 
 import click
 
-from onnxprune import __version__, pipeline, selection
+from onnxprune import __version__, io, pipeline, selection, writer
 from onnxprune.errors import InvalidArgumentError, OnnxPruneError
 from onnxprune.report import format_inspect, format_report, write_json
 
+DEBUG_ENV = "ONNXPRUNE_DEBUG"
+
+
+def _debugging(args: list[str] | tuple[str, ...] | None = None) -> bool:
+    """--debug anywhere on the command line, or ONNXPRUNE_DEBUG=1: tracebacks are shown."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return True
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.meta.get("debug"):
+        return True
+    return "--debug" in (sys.argv[1:] if args is None else args)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """One line saying what an interrupted run left in place; the exit code (128 + signal)."""
+    done = writer.written()
+    what = f"{', '.join(map(str, done))} was written whole" if done else "nothing was written"
+    signum = getattr(exc, "signum", signal.SIGINT)
+    name = (
+        "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+    )
+    click.echo(f"onnxprune: {name}; {what}", err=True)
+    return 128 + int(signum)
+
+
+def _internal_error(exc: BaseException, debug: bool) -> int:
+    """A bug, not the user's doing: one line asking for a report; the traceback with --debug."""
+    if debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    click.echo(
+        f"onnxprune: internal error: {type(exc).__name__}{': ' + first if first else ''}. "
+        "This is a bug in onnxprune: please report it with the output of the same command run "
+        "with --debug",
+        err=True,
+    )
+    return 3
+
 
 class DefaultCommandGroup(click.Group):
-    """`onnxprune MODEL ...` means `onnxprune prune MODEL ...`; named subcommands work as usual."""
+    """`onnxprune MODEL ...` means `onnxprune prune MODEL ...`; named subcommands work as usual.
+
+    Every way out is one line on stderr and a documented exit code: 0 done, 1 a validation gate
+    failed, 2 a user error (argument, path, model, data), 3 a bug, 130 Ctrl-C, 143 SIGTERM.
+    """
 
     default_command = "prune"
 
@@ -26,23 +71,98 @@ class DefaultCommandGroup(click.Group):
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
 
+    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
+        extra.pop("standalone_mode", None)
+        argv = list(sys.argv[1:] if args is None else args)
+        writer.forget_written()
+        try:
+            code = super().main(argv, prog_name, standalone_mode=False, **extra)
+        except click.exceptions.Abort as exc:  # an interrupt while click parsed the arguments
+            cause = exc.__cause__
+            sys.exit(
+                _interrupted(cause if isinstance(cause, KeyboardInterrupt) else KeyboardInterrupt())
+            )
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "onnxprune"
+            message = exc.format_message().rstrip(".")
+            click.echo(f"onnxprune: error: {message} (see '{where} --help')", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"onnxprune: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt as exc:
+            sys.exit(_interrupted(exc))
+        except OnnxPruneError as exc:
+            click.echo(f"onnxprune: error: {exc}", err=True)
+            sys.exit(getattr(exc, "exit_code", 2))
+        except Exception as exc:
+            sys.exit(_internal_error(exc, _debugging(argv)))
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Errors a user can cause: one line on stderr, exit code 2 (1 for a failed gate)."""
+    """Inside a command: errors a user can cause are one line and exit 2 (1 for a failed gate),
+    an interrupt one line and 130 (143 for SIGTERM), anything else a bug: exit 3."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
         except OnnxPruneError as exc:
             click.echo(f"onnxprune: error: {exc}", err=True)
             sys.exit(getattr(exc, "exit_code", 2))
-        except KeyboardInterrupt:
-            # writes are atomic: whatever was under way left no partial file behind
-            click.echo("onnxprune: interrupted; no output was written", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            sys.exit(_interrupted(exc))
+        except Exception as exc:
+            sys.exit(_internal_error(exc, _debugging()))
 
     return wrapper
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta["debug"] = True
+
+
+debug_option = click.option(
+    "--debug",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_debug,
+    help="On an internal error, print the traceback (also ONNXPRUNE_DEBUG=1).",
+)
+
+
+def check_outputs(
+    inputs: dict[Path, str], outputs: list[tuple[str | None, str]], *, force: bool
+) -> None:
+    """Every file the command will write, checked before any work: none is an input or another
+    output of the run, none exists without --force, every folder is there and writable."""
+    taken: dict[str | Path, str] = {}
+    for path, what in outputs:
+        if path is None:
+            continue
+        writer.check_destination(path, inputs=inputs, others=taken, force=force)
+        taken[path] = what
+        if what == "the output model":
+            taken[Path(path).parent / next(io.data_file_names(Path(path)))] = "its data file"
+
+
+def run_inputs(
+    *models: str, data: str | None = None, calibration: str | None = None
+) -> dict[Path, str]:
+    """The files a command reads: models (with their data files) and sample files."""
+    inputs: dict[Path, str] = {}
+    for model in models:
+        for path, what in io.input_files(model).items():
+            inputs.setdefault(path, what if len(models) == 1 else f"{what} {model}")
+    for path, what in ((data, "the --data file"), (calibration, "the --calibration file")):
+        if path is not None:
+            inputs[Path(path)] = what
+    return inputs
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -56,6 +176,7 @@ def _setup_logging(quiet: bool) -> None:
 
 @click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="onnxprune")
+@debug_option
 def main() -> None:
     """Prune ONNX models: global magnitude pruning with a per-layer minimum retention, or from
     calibration samples (SparseGPT, Wanda; whole channels re-solved by least squares).
@@ -386,6 +507,7 @@ def with_options(options: list[Callable[..., Any]]) -> Callable[..., Any]:
 @with_options(run_options)
 @with_options(gate_options)
 @click.option("-q", "--quiet", is_flag=True, help="Print no table, only errors and warnings.")
+@debug_option
 @user_errors
 def prune_command(
     model: str,
@@ -427,6 +549,13 @@ def prune_command(
         raise click.UsageError("give --sparsity (e.g. --sparsity 0.9) or --pattern (e.g. 2:4)")
     if sparsity is not None and pattern is not None:
         raise click.UsageError("--sparsity and --pattern exclude each other")
+    io.check_model_path(model)
+    output = output or str(pipeline.default_output(model))
+    check_outputs(
+        run_inputs(model, data=data, calibration=calibration),
+        [(output, "the output model"), (report_path, "the report")],
+        force=force,
+    )
     gates = {
         "max_accuracy_drop": max_accuracy_drop,
         "min_agreement": min_agreement,
@@ -465,7 +594,7 @@ def prune_command(
         pattern=pattern,
         include=include,
         exclude=exclude,
-        output=output or pipeline.default_output(model),
+        output=output,
         force=force,
         external_data=external_data,
         check=check,
@@ -506,7 +635,7 @@ def prune_command(
         if not quiet:
             click.echo(format_validation(result))
     if report_path:
-        write_json(report.to_dict(), report_path)
+        write_json(report.to_dict(), report_path, force=force)
     if result is not None:
         from onnxprune.validate import check_gates
 
@@ -530,7 +659,9 @@ def prune_command(
     type=click.Path(path_type=str),
     help="Write the same numbers as JSON to this file.",
 )
+@click.option("--force", is_flag=True, help="Overwrite the files it writes if they exist.")
 @with_options(structured_options)
+@debug_option
 @user_errors
 def inspect_command(
     model: str,
@@ -540,6 +671,7 @@ def inspect_command(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     report_path: str | None,
+    force: bool,
     structured: bool,
     round_to: int | None,
     target: str,
@@ -551,6 +683,7 @@ def inspect_command(
     --sparsity) how many channels each layer would keep.
     """
     _setup_logging(False)
+    check_outputs(run_inputs(model), [(report_path, "the report")], force=force)
     if structured:
         _, report = pipeline.prune(
             model,
@@ -565,7 +698,7 @@ def inspect_command(
         )
         click.echo(format_report(report))
         if report_path:
-            write_json(report.to_dict(), report_path)
+            write_json(report.to_dict(), report_path, force=force)
         return
     found, stats = pipeline.inspect(model, include=include, exclude=exclude)
     plan = None
@@ -598,7 +731,7 @@ def inspect_command(
             from onnxprune.report import Report
 
             data["plan"] = Report(plan=plan).to_dict()
-        write_json(data, report_path)
+        write_json(data, report_path, force=force)
 
 
 @main.command("validate")
@@ -613,7 +746,9 @@ def inspect_command(
     type=click.Path(path_type=str),
     help="Write the numbers as JSON to this file.",
 )
+@click.option("--force", is_flag=True, help="Overwrite the files it writes if they exist.")
 @click.option("-q", "--quiet", is_flag=True, help="Print no table, only errors and the verdict.")
+@debug_option
 @user_errors
 def validate_command(
     reference: str,
@@ -627,6 +762,7 @@ def validate_command(
     min_agreement: float | None,
     min_cosine: float | None,
     report_path: str | None,
+    force: bool,
     quiet: bool,
 ) -> None:
     """Compare CANDIDATE with REFERENCE in ONNX Runtime: any two models with the same inputs.
@@ -647,6 +783,9 @@ def validate_command(
         min_agreement=min_agreement,
         min_cosine=min_cosine,
     )
+    check_outputs(
+        run_inputs(reference, candidate, data=data), [(report_path, "the report")], force=force
+    )
     result = _run_validation(
         reference,
         candidate,
@@ -659,7 +798,7 @@ def validate_command(
     if not quiet:
         click.echo(format_validation(result))
     if report_path:
-        write_json(result.to_dict(), report_path)
+        write_json(result.to_dict(), report_path, force=force)
     check_gates(
         result,
         max_accuracy_drop=max_accuracy_drop,
@@ -727,6 +866,8 @@ def validate_command(
     type=click.Path(path_type=str),
     help="Write every row as JSON to this file.",
 )
+@click.option("--force", is_flag=True, help="Overwrite the files it writes if they exist.")
+@debug_option
 @user_errors
 def sweep_command(
     model: str,
@@ -747,6 +888,7 @@ def sweep_command(
     plot: str | None,
     markdown: str | None,
     report_path: str | None,
+    force: bool,
 ) -> None:
     """Prune MODEL at each sparsity with global, global+min-keep and uniform; validate each.
 
@@ -771,6 +913,11 @@ def sweep_command(
         batch_size=batch_size,
         input_shapes=inputs.parse_input_shapes(input_shape),
     )
+    check_outputs(
+        run_inputs(model, data=data, calibration=calibration),
+        [(markdown, "the Markdown table"), (plot, "the plot"), (report_path, "the report")],
+        force=force,
+    )
     if plot:
         sweep.check_plotting()
     result = sweep.sweep(
@@ -793,8 +940,8 @@ def sweep_command(
     )
     click.echo(sweep.format_sweep(result))
     if markdown:
-        Path(markdown).write_text(sweep.format_markdown(result) + "\n")
+        writer.write_text(markdown, sweep.format_markdown(result) + "\n", force=force)
     if plot:
-        click.echo(f"plot written to {sweep.plot_sweep(result, plot)}")
+        click.echo(f"plot written to {sweep.plot_sweep(result, plot, force=force)}")
     if report_path:
-        write_json(result.to_dict(), report_path)
+        write_json(result.to_dict(), report_path, force=force)

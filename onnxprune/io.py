@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,13 +12,15 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from onnxprune import datafile, wire
+from onnxprune import datafile, wire, writer
 from onnxprune.errors import ModelLoadError, OutputError
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with a margin.
 PROTO_LIMIT_BYTES = 2**31 - 2**27
 # model.meta key: names the input's main graph had value_info for.
 VALUE_INFO_KEY = "onnxprune.value_info"
+# model.meta key: the input kept its weights in data files (the output keeps that layout).
+EXTERNAL_KEY = "onnxprune.external_data"
 
 
 def all_graphs(model: ir.Model) -> list[ir.Graph]:
@@ -109,15 +110,26 @@ def _check_external_tensor(name: str, tensor: ir.ExternalTensor, model_dir: Path
         )
 
 
+def check_model_path(path: str | os.PathLike) -> Path:
+    """The model argument names a readable, non-empty file (before anything else is done)."""
+    path = Path(path)
+    try:
+        if not path.exists():
+            raise ModelLoadError(f"{path}: no such file")
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: not a file")
+        if path.stat().st_size == 0:
+            raise ModelLoadError(f"{path}: not an ONNX model (the file is empty)")
+    except OSError as exc:  # a name too long, a folder we may not enter
+        raise ModelLoadError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not os.access(path, os.R_OK):
+        raise ModelLoadError(f"{path}: cannot be read (permission denied)")
+    return path
+
+
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Read a model; external data stays on disk, memory-mapped on first use."""
-    path = Path(path)
-    if not path.exists():
-        raise ModelLoadError(f"{path}: no such file")
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: not a file")
-    if path.stat().st_size == 0:
-        raise ModelLoadError(f"{path}: not an ONNX model (the file is empty)")
+    path = check_model_path(path)
     try:
         proto, payloads, mapped = wire.load_mapped(str(path), populate=True)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
@@ -154,35 +166,71 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     for name, tensor in iter_tensors(model):
         if isinstance(tensor, ir.ExternalTensor):
             _check_external_tensor(name, tensor, path.parent)
+    model.meta[EXTERNAL_KEY] = bool(external_data_files(model))
     return model
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
+def input_files(path: str | os.PathLike | None, model: ir.Model | None = None) -> dict[Path, str]:
+    """The files a run reads its model from, each with what it is: never a destination."""
+    files: dict[Path, str] = {}
+    if path is not None:
+        main, *data = model_files(check_model_path(path))
+        files[main] = "the input model"
+        files.update((p, "a data file of the input model") for p in data)
+    if model is not None:
+        files.update(
+            (Path(p), "a data file of the input model")
+            for p in external_data_files(model)
+            if Path(p) not in files
+        )
+    return files
 
 
 def check_output_path(
-    output: str | os.PathLike, *, input_path: str | os.PathLike | None = None, force: bool = False
+    output: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | None = None,
+    force: bool = False,
+    inputs: dict[Path, str] | None = None,
 ) -> Path:
     """Fail early, before any work, if the output cannot or must not be written."""
-    out = Path(output)
-    if input_path is not None and _same_file(out, Path(input_path)):
-        raise OutputError(f"{out}: is the input model; onnxprune never overwrites its input")
-    if out.exists() and not force:
-        raise OutputError(f"{out}: already exists; pass --force to overwrite it")
-    if out.exists() and not out.is_file():
-        raise OutputError(f"{out}: exists and is not a file")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"{out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{out}: folder {parent} is not writable")
-    return out
+    return writer.check_destination(
+        output, inputs={**input_files(input_path), **(inputs or {})}, force=force
+    )
+
+
+def data_file_names(out: Path) -> Iterator[str]:
+    """Names for the output's data file, first free one taken: `<output>.data`, then numbered
+    ones (a replaced output's file stays until the new model is in place)."""
+    base = out.name
+    try:
+        base.encode("utf-8")
+        fits = len(os.fsencode(base)) + 12 <= writer.name_max(out.parent)
+    except UnicodeEncodeError:
+        fits = False
+    if not fits:  # an ONNX location is UTF-8 text: name the file after a digest instead
+        base = "onnxprune-" + hashlib.sha1(os.fsencode(out.name)).hexdigest()[:12] + ".onnx"
+    yield f"{base}.data"
+    for n in range(2, 1000):
+        yield f"{base}.{n}.data"
+
+
+def _own_data_files(out: Path, inputs: dict[Path, str]) -> list[Path]:
+    """The data files the model now at `out` reads, that are onnxprune's to remove once it is
+    replaced: named like the files `data_file_names` gives, in its folder, and no input's."""
+    if not out.is_file():
+        return []
+    names = set()
+    for name in data_file_names(out):
+        names.add(name)
+    own = []
+    for p in model_files(out)[1:]:
+        if p.parent.resolve() != out.parent.resolve() or p.name not in names:
+            continue
+        if any(writer.same_file(p, q) for q in inputs):
+            continue
+        own.append(p)
+    return own
 
 
 def save_model(
@@ -194,43 +242,104 @@ def save_model(
     external_data: bool | None = None,
     check: bool = False,
 ) -> Path:
-    """Write atomically: everything goes to a temporary folder beside the output, then is renamed.
+    """Write a model and its data file as one unit; the destination sees the old model with its
+    old data, or the new model with its new data, never a mix, and never a half-written file.
 
+    Steps: data file and model written under temporary names beside the output, flushed,
+    checked; then (signals held) the data file linked to a free name, the model told that name
+    and renamed over the output last, and the replaced model's own data file removed.
     External data is kept when the input had it, forced by ``external_data=True``, or needed
     because the tensors would not fit a 2 GB protobuf. Tensors stream to disk one at a time.
     """
-    out = check_output_path(output, input_path=input_path, force=force)
-    sources = external_data_files(model)
+    inputs = input_files(input_path, model)
+    out = writer.check_destination(output, inputs=inputs, force=force)
     if external_data is None:
-        external_data = bool(sources) or tensor_nbytes(model) > PROTO_LIMIT_BYTES
-    data_name = out.name + ".data"
-    data_path = out.parent / data_name
-    if external_data and os.path.realpath(data_path) in sources:
-        raise OutputError(
-            f"{data_path}: is the input's external data file; choose another output name"
+        external_data = (
+            bool(model.meta.get(EXTERNAL_KEY) or external_data_files(model))
+            or tensor_nbytes(model) > PROTO_LIMIT_BYTES
         )
-    parent = out.parent if str(out.parent) else Path(".")
+    folder = out.parent
+    writer.remove_stale(folder, in_use=lambda model, data: data in model_files(model)[1:])
+    tmp_model = writer.temp_file(folder, "onnx")
+    tmp_data = writer.temp_file(folder, "data") if external_data else None
+    data_path: Path | None = None
+    claimed: Path | None = None
     try:
-        tmp = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot write in {parent} ({exc.strerror})") from None
-    try:
-        tmp_model = Path(tmp) / out.name
         try:
-            if external_data:
-                _write_external(model, tmp_model, data_name)
+            if tmp_data is not None:
+                header = _write_external(model, tmp_data)
+                onnx.save(header, str(tmp_model))
+                writer.sync(tmp_data)
             else:
                 _write_inline(model, tmp_model)
+            writer.sync(tmp_model)
         except OSError as exc:
             raise OutputError(f"{out}: write failed ({exc.strerror or exc})") from None
+        _fault("written")
         if check:
             check_model_file(tmp_model)
-        if external_data:
-            os.replace(Path(tmp) / data_name, data_path)
-        os.replace(tmp_model, out)
+        _fault("checked")
+        with writer.signals_deferred():
+            replaced = _own_data_files(out, inputs)
+            st = tmp_model.stat()
+            record = {
+                "model": out.name,
+                "inode": [st.st_dev, st.st_ino],
+                "replaced": [p.name for p in replaced],
+                "data": "",
+            }
+            claimed = writer.claim(folder, record)
+            if tmp_data is not None:
+                data_path = _claim_data_name(tmp_data, out, claimed, record)
+                _fault("data placed")
+                _relocate(header, tmp_data.name, data_path.name)
+                try:
+                    onnx.save(header, str(tmp_model))
+                    writer.sync(tmp_model)
+                except OSError as exc:
+                    raise OutputError(f"{out}: write failed ({exc.strerror or exc})") from None
+            _fault("committing")
+            writer.commit(tmp_model, out, force=force)
+            data_path = None  # in place: now the new model's, not ours to remove
+            _fault("committed")
+            writer.discard(p for p in replaced if not writer.same_file(p, out))
+            _fault("cleaned")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        leftovers = (tmp_model, tmp_data, data_path, claimed)
+        writer.discard(p for p in leftovers if p is not None and p.exists())
     return out
+
+
+# The steps of a save, in order, where tests inject a failure or a kill (see `_fault`).
+SAVE_STEPS = ("written", "checked", "data placed", "committing", "committed", "cleaned")
+
+
+def _fault(step: str) -> None:
+    """A point of the save where tests inject a failure or a kill; does nothing otherwise."""
+
+
+def _claim_data_name(tmp_data: Path, out: Path, claim: Path, record: dict) -> Path:
+    """Link the written data file to the first free name, recorded in `claim` first."""
+    for name in data_file_names(out):
+        target = out.parent / name
+        if target.exists() or target.is_symlink():
+            continue
+        writer.write_claim(claim, {**record, "data": name})
+        try:
+            if writer.link_new(tmp_data, target):
+                return target
+        except OSError as exc:
+            raise OutputError(f"{target}: cannot be written ({exc.strerror or exc})") from None
+    raise OutputError(f"{out}: no free name for its data file beside it")
+
+
+def _relocate(header: onnx.ModelProto, old: str, new: str) -> None:
+    """Point the header's external tensors from the temporary data file at the final one."""
+    for tensor in onnx.external_data_helper._get_all_tensors(header):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location" and entry.value == old:
+                    entry.value = new
 
 
 def _keep_value_info_as_loaded(proto: onnx.ModelProto, model: ir.Model) -> None:
@@ -247,18 +356,21 @@ def _keep_value_info_as_loaded(proto: onnx.ModelProto, model: ir.Model) -> None:
         proto.graph.value_info.extend(kept)
 
 
-def _write_external(model: ir.Model, path: Path, data_name: str) -> None:
-    """Write the initializers into `data_name` beside `path`, then the model referring to them.
+def _write_external(model: ir.Model, data_path: Path) -> onnx.ModelProto:
+    """Write the initializers into `data_path`; return the model's header referring to them.
 
     The model object is left as it was: its initializers point at their sources again after.
     """
+    data_name = data_path.name
     values = [
         v for g in all_graphs(model) for v in g.initializers.values() if v.const_value is not None
     ]
     external = [v for v in values if datafile.goes_external(v.const_value)]
+    if not external:  # the layout is kept: a model read from a data file keeps one
+        external = [v for v in values if v.const_value.dtype != ir.DataType.STRING][:1]
     placed = {id(v) for v in external}
     placements = datafile.layout(external)
-    datafile.write_data_file(path.parent / data_name, placements)
+    datafile.write_data_file(data_path, placements)
     originals = [v.const_value for v in values]
     try:
         for p in placements:
@@ -270,7 +382,7 @@ def _write_external(model: ir.Model, path: Path, data_name: str) -> None:
                 tensor.dtype,
                 shape=tensor.shape,
                 name=tensor.name or p.value.name,
-                base_dir=path.parent,
+                base_dir=data_path.parent,
             )
         for v in values:  # a small tensor from the input's data file goes inline
             if id(v) not in placed and isinstance(v.const_value, ir.ExternalTensor):
@@ -280,7 +392,7 @@ def _write_external(model: ir.Model, path: Path, data_name: str) -> None:
         for v, tensor in zip(values, originals, strict=True):
             v.const_value = tensor
     _keep_value_info_as_loaded(header, model)
-    onnx.save(header, str(path))
+    return header
 
 
 def _write_inline(model: ir.Model, path: Path) -> None:
@@ -337,9 +449,14 @@ def check_model_file(path: str | os.PathLike) -> None:
                         f"its shape and type need {expected}"
                     )
         # the checker resolves external data relative to the checked file: put it beside the model
-        skeleton = path.with_name(f".{path.name}.skeleton")
+        skeleton = writer.temp_file(path.parent, "check")
         try:
-            onnx.save(proto, str(skeleton))
+            try:
+                onnx.save(proto, str(skeleton))
+            except OSError as exc:
+                raise OutputError(
+                    f"{path.parent}: no room to check the model ({exc.strerror or exc})"
+                ) from None
             onnx.checker.check_model(str(skeleton), full_check=True)
         finally:
             skeleton.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from onnxprune import writer
 from onnxprune.errors import DeviceError, InvalidArgumentError, ModelLoadError
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -144,7 +145,10 @@ def open_session(
     if runtime.device == "cuda":
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     try:
-        session = ort.InferenceSession(source, options, providers=list(runtime.providers))
+        alias = writer.utf8_alias(source) if isinstance(source, str) else contextlib.nullcontext()
+        with alias as readable:
+            model = source if readable is None else str(readable)
+            session = ort.InferenceSession(model, options, providers=list(runtime.providers))
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if runtime.device == "cuda":

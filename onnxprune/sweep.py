@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxprune import pipeline
+from onnxprune import pipeline, writer
 from onnxprune.calibration import Calibration
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
 from onnxprune.report import format_table, human_bytes, human_count, step
@@ -346,7 +346,7 @@ def check_plotting() -> None:
         ) from None
 
 
-def plot_sweep(result: Sweep, path: str | os.PathLike) -> Path:
+def plot_sweep(result: Sweep, path: str | os.PathLike, *, force: bool = False) -> Path:
     """Accuracy (or agreement without labels) against sparsity, one line per method."""
     check_plotting()
     import matplotlib.pyplot as plt
@@ -373,7 +373,7 @@ def plot_sweep(result: Sweep, path: str | os.PathLike) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    try:
+        return writer.write_file(path, lambda tmp: fig.savefig(tmp, format="png"), force=force)
+    finally:
+        plt.close(fig)

@@ -180,7 +180,7 @@ def test_interrupt_is_one_line_exit_130_and_no_output(model, tmp_path, monkeypat
     out = tmp_path / "o.onnx"
     result = invoke(model, "-s", "0.5", "-o", out)
     assert result.exit_code == 130
-    assert result.stderr.strip() == "onnxprune: interrupted; no output was written"
+    assert result.stderr.strip() == "onnxprune: interrupted; nothing was written"
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onnxprune import writer
 from onnxprune.scoring import MagnitudeStats
 from onnxprune.selection import Plan
 
@@ -119,12 +120,9 @@ def _channel_calibration(plan: Any) -> dict[str, Any]:
     }
 
 
-def write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write JSON atomically, like the model: a reader never sees half a report."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+def write_json(data: dict[str, Any], path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write JSON through the one writer, like the model: whole or not at all, no clobbering."""
+    return writer.write_text(path, json.dumps(data, indent=2) + "\n", force=force)
 
 
 def human_count(n: int | float) -> str:

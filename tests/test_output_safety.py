@@ -1,0 +1,506 @@
+"""Output safety: no file is clobbered, a model and its data file are one unit, interrupts and
+kills leave the previous output intact and nothing behind, and every way out is one line with a
+documented exit code (0, 1, 2, 3, 130, 143)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import mlp, run, save, small_cnn
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune import io, writer
+from onnxprune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def cli(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "onnxprune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if not line.startswith("onnxprune: warning")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def external(tmp_path: Path, name: str = "m.onnx", location: str | None = None) -> Path:
+    path = tmp_path / name
+    onnx.save(
+        mlp(dims=(16, 64, 32, 8)),
+        str(path),
+        save_as_external_data=True,
+        location=location or f"{name}.data",
+        size_threshold=0,
+    )
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def temporaries(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(writer.TEMP_PREFIX)]
+
+
+def zeros(path: Path) -> int:
+    proto = onnx.load(str(path))  # external data loaded from the file the model names
+    return sum(int((numpy_helper.to_array(t) == 0).sum()) for t in proto.graph.initializer)
+
+
+# -- 1. no clobbering --------------------------------------------------------------------------
+
+
+def test_input_data_file_named_like_the_output_data_is_never_written(tmp_path) -> None:
+    src = external(tmp_path, location="out.onnx.data")
+    before = snapshot(tmp_path)
+    result = invoke(src, "-s", "0.5", "-o", tmp_path / "out.onnx", "--external-data", "-q")
+    assert result.exit_code == 0, result.output
+    after = snapshot(tmp_path)
+    assert {k: after[k] for k in before} == before  # the input and its data untouched
+    assert zeros(src) == 0
+    new = [p for p in io.model_files(tmp_path / "out.onnx")[1:]]
+    assert [p.name for p in new] == ["out.onnx.2.data"]
+    assert zeros(tmp_path / "out.onnx") > 0
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_output_is_an_input_data_file(tmp_path, force) -> None:
+    src = external(tmp_path, location="m.bin")
+    before = snapshot(tmp_path)
+    result = invoke(src, "-s", "0.5", "-o", tmp_path / "m.bin", *(["--force"] * force))
+    assert result.exit_code == 2
+    assert "is a data file of the input model" in one_line(result.stderr)
+    assert snapshot(tmp_path) == before
+
+
+def test_input_named_like_the_output_data_file(tmp_path) -> None:
+    src = save(small_cnn(), tmp_path / "out.onnx.data")
+    before = src.read_bytes()
+    result = invoke(src, "-s", "0.5", "-o", tmp_path / "out.onnx", "--external-data", "-q")
+    assert result.exit_code == 0, result.output
+    assert src.read_bytes() == before
+    assert [p.name for p in io.model_files(tmp_path / "out.onnx")[1:]] == ["out.onnx.2.data"]
+
+
+def test_links_to_the_input_are_the_input(tmp_path) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    os.link(src, tmp_path / "hard.onnx")
+    os.symlink(src, tmp_path / "soft.onnx")
+    for name in ("hard.onnx", "soft.onnx"):
+        result = invoke(src, "-s", "0.5", "-o", tmp_path / name, "--force")
+        assert result.exit_code == 2 and "is the input model" in one_line(result.stderr)
+    assert onnx.load(str(src)) == small_cnn()
+
+
+def test_reports_never_overwrite_inputs_or_outputs(tmp_path) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.ones((2, 3, 8, 8), np.float32))
+    before = snapshot(tmp_path)
+    cases = [
+        (["--report", src], "is the input model"),
+        (["--report", data, "--data", data], "is the --data file"),
+        (["-o", tmp_path / "o.onnx", "--report", tmp_path / "o.onnx"], "is also the output"),
+        (["-o", tmp_path / "o.onnx", "--report", tmp_path / "o.onnx.data"], "its data file"),
+    ]
+    for args, message in cases:
+        result = invoke(src, "-s", "0.5", "--force", *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in one_line(result.stderr)
+    assert snapshot(tmp_path) == before
+    sweep = invoke("sweep", src, "--sparsities", "0.5", "--markdown", src)
+    assert sweep.exit_code == 2 and "is the input model" in one_line(sweep.stderr)
+    assert snapshot(tmp_path) == before
+
+
+def test_reports_need_force_to_replace(tmp_path) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    report = tmp_path / "r.json"
+    report.write_text("keep")
+    result = invoke(src, "-s", "0.5", "-o", tmp_path / "o.onnx", "--report", report)
+    assert result.exit_code == 2 and "--force" in one_line(result.stderr)
+    assert report.read_text() == "keep" and not (tmp_path / "o.onnx").exists()
+    for command in (
+        ["inspect", src, "--report", report],
+        ["sweep", src, "--sparsities", "0.5", "--report", report],
+        ["validate", src, src, "--report", report],
+    ):
+        result = invoke(*command)
+        assert result.exit_code == 2 and "--force" in one_line(result.stderr), command
+        assert report.read_text() == "keep"
+        assert invoke(*command, "--force").exit_code == 0
+        assert report.read_text().startswith("{")
+        report.write_text("keep")
+
+
+def test_report_into_missing_folder_fails_before_any_work(tmp_path) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    result = invoke(src, "-s", "0.5", "-o", tmp_path / "o.onnx", "--report", tmp_path / "no/r.json")
+    assert result.exit_code == 2 and "does not exist" in one_line(result.stderr)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def test_a_file_created_while_the_run_worked_is_not_overwritten(tmp_path, monkeypatch) -> None:
+    src = external(tmp_path)
+    out = tmp_path / "o.onnx"
+
+    def other_run_wins(step: str) -> None:
+        if step == "committing":
+            out.write_bytes(b"the other run's model")
+
+    monkeypatch.setattr(io, "_fault", other_run_wins)
+    result = invoke(src, "-s", "0.5", "-o", out)
+    assert result.exit_code == 2
+    assert "created while this run worked" in one_line(result.stderr)
+    assert out.read_bytes() == b"the other run's model"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data", "o.onnx"]
+
+
+def test_two_runs_race_for_one_output(tmp_path) -> None:
+    """Two processes at once, no --force: one writes, the other is refused; never both exit 0."""
+    src = external(tmp_path)
+    out = tmp_path / "o.onnx"
+    args = [sys.executable, "-m", "onnxprune", str(src), "-s", "0.5", "-o", str(out), "-q"]
+    procs = [subprocess.Popen(args, stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(3)]
+    codes = sorted(p.wait(timeout=120) for p in procs)
+    errors = [p.stderr.read() for p in procs]
+    assert codes[0] == 0 and all(c in (0, 2) for c in codes), errors
+    assert codes.count(0) == 1 or all("already exists" not in e for e in errors)
+    assert zeros(out) > 0
+    assert not temporaries(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data", "o.onnx", "o.onnx.data"]
+
+
+# -- 2. a model and its data file are one unit ------------------------------------------------
+
+
+def _previous_output(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
+    src = external(tmp_path)
+    out = tmp_path / "o.onnx"
+    assert invoke(src, "-s", "0.5", "-o", out, "-q").exit_code == 0
+    return src, out, snapshot(tmp_path)
+
+
+@pytest.mark.parametrize("step", io.SAVE_STEPS)
+def test_failure_at_every_step_of_a_save(tmp_path, monkeypatch, step) -> None:
+    """An error at any step: the old model with its old data, or (after the rename) the new
+    model with its new data; never a mix, never a temporary file left."""
+    src, out, before = _previous_output(tmp_path)
+
+    def fail(at: str) -> None:
+        if at == step:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "_fault", fail)
+    result = invoke(src, "-s", "0.9", "-o", out, "--force", "-q")
+    assert result.exit_code in (2, 3)
+    assert "Traceback" not in result.stderr
+    assert not temporaries(tmp_path)
+    committed = io.SAVE_STEPS.index(step) >= io.SAVE_STEPS.index("committed")
+    if not committed:
+        assert snapshot(tmp_path) == before
+    else:
+        assert zeros(out) > zeros(tmp_path / "m.onnx") and run(out, {"x": np.ones((1, 16), "f")})
+
+
+@pytest.mark.parametrize("step", io.SAVE_STEPS)
+def test_kill_at_every_step_of_a_save(tmp_path, step) -> None:
+    """SIGKILL (nothing can clean up): a reader still sees one whole model with its own data,
+    and the next run removes what the killed one left, and says so."""
+    src, out, before = _previous_output(tmp_path)
+    old = zeros(out)
+    killer = (
+        "import os, signal, sys\n"
+        "import onnxprune.io as io\n"
+        "def fault(at):\n"
+        f"    if at == {step!r}: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "io._fault = fault\n"
+        "from onnxprune.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", killer, str(src), "-s", "0.9", "-o", str(out), "--force", "-q"],
+        capture_output=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL
+    now = zeros(out)  # loads whole, with the data file its header names
+    assert now == old or now > old
+    if io.SAVE_STEPS.index(step) < io.SAVE_STEPS.index("committed"):
+        assert {k: v for k, v in snapshot(tmp_path).items() if k in before} == before
+    again = cli(src, "-s", "0.9", "-o", out, "--force", "-q")
+    assert again.returncode == 0, again.stderr
+    assert not temporaries(tmp_path)
+    names = sorted(os.listdir(tmp_path))
+    data = [p.name for p in io.model_files(out)[1:]]
+    assert names == sorted(["m.onnx", "m.onnx.data", "o.onnx", *data]), names
+    if step not in ("cleaned",):
+        assert "temporary file(s) an interrupted run left" in again.stderr
+
+
+def test_stale_temporaries_of_live_runs_are_kept(tmp_path, caplog) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    host = writer._HOST
+    dead = tmp_path / f"{writer.TEMP_PREFIX}{host}-999999999-ab.onnx{writer.TEMP_SUFFIX}"
+    alive = tmp_path / f"{writer.TEMP_PREFIX}{host}-{os.getppid()}-cd.onnx{writer.TEMP_SUFFIX}"
+    other_host = tmp_path / f"{writer.TEMP_PREFIX}00000000-999999999-ef.onnx{writer.TEMP_SUFFIX}"
+    if host == "00000000":
+        pytest.skip("this host's tag is the made-up one")
+    for p in (dead, alive, other_host):
+        p.write_bytes(b"x")
+    result = invoke(src, "-s", "0.5", "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 0
+    assert not dead.exists() and alive.exists() and other_host.exists()
+    assert "removed 1 temporary file(s)" in caplog.text
+
+
+# -- interrupts and signals -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> Path:
+    """About 300 MB of weights in a data file: a run takes a second or two."""
+    folder = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(0)
+    dims = [512, 4096, 4096, 4096, 4096, 512]
+    nodes, inits, x = [], [], "x"
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
+        inits.append(numpy_helper.from_array(rng.standard_normal((a, b), np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"]))
+        x = f"h{i}"
+    graph = helper.make_graph(
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 512])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    path = folder / "big.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="big.onnx.data")
+    return path
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signals_during_a_big_run(big, tmp_path, signum) -> None:
+    out = tmp_path / "o.onnx"
+    first = cli(big, "-s", "0.3", "-o", out, "-q")
+    assert first.returncode == 0, first.stderr
+    before = snapshot(tmp_path)
+    args = [sys.executable, "-m", "onnxprune", str(big), "-s", "0.7", "-o", str(out), "--force"]
+    outcomes = set()
+    for delay in (0.05, 0.4, 0.8, 1.2, 1.6, 2.2):
+        proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        time.sleep(delay)
+        proc.send_signal(signum)
+        stderr = proc.communicate(timeout=120)[1]
+        outcomes.add(proc.returncode)
+        assert "Traceback" not in stderr, stderr
+        assert not temporaries(tmp_path), delay
+        if proc.returncode == 0:  # finished before the signal: the new output, whole
+            assert len(io.model_files(out)) == 2
+            before = snapshot(tmp_path)
+            continue
+        assert snapshot(tmp_path) == before, delay
+        if proc.returncode == -signum:  # before the interpreter ran any of onnxprune's code
+            assert not stderr
+            continue
+        assert proc.returncode == 128 + signum, (delay, stderr)
+        last = one_line(stderr)
+        assert last.startswith(
+            "onnxprune: interrupted"
+            if signum == signal.SIGINT
+            else "onnxprune: terminated (SIGTERM)"
+        )
+        assert snapshot(tmp_path) == before, delay
+    assert 128 + signum in outcomes
+
+
+def test_interrupt_during_start_up(tmp_path) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    command = Path(sys.executable).with_name("onnxprune")  # the console script users run
+    if not command.is_file():
+        pytest.skip("the onnxprune command is not installed beside this Python")
+    for delay in (0.1, 0.2, 0.3, 0.4):
+        proc = subprocess.Popen(
+            [command, str(src), "-s", "0.5", "-o", str(tmp_path / "o.onnx"), "--force"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        stderr = proc.communicate(timeout=60)[1]
+        assert "Traceback" not in stderr, (delay, stderr)
+        # -SIGINT: before the interpreter itself had set up its handler
+        assert proc.returncode in (0, 130, -signal.SIGINT), (delay, proc.returncode, stderr)
+        if proc.returncode == 130:
+            assert one_line(stderr).startswith("onnxprune: interrupted")
+
+
+def test_interrupt_after_the_output_is_in_place_says_so(tmp_path, monkeypatch) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    out = tmp_path / "o.onnx"
+
+    def interrupt(step: str) -> None:
+        if step == "cleaned":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "_fault", interrupt)
+    result = invoke(src, "-s", "0.5", "-o", out)
+    assert result.exit_code == 130
+    assert one_line(result.stderr) == f"onnxprune: interrupted; {out} was written whole"
+    assert out.is_file()
+
+
+def test_signals_are_held_while_a_commit_runs() -> None:
+    if sys.platform == "win32":
+        pytest.skip("POSIX signals")
+    with pytest.raises(writer.Terminated), writer.signals_deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        done = True  # reached: the signal waited for the block to end
+    assert done
+
+
+# -- 3. exit codes ----------------------------------------------------------------------------
+
+
+def test_internal_error_is_one_line_exit_3(tmp_path, monkeypatch) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    from onnxprune import pipeline
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(pipeline, "_prune_weights", bug)
+    result = invoke(src, "-s", "0.5", "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 3
+    line = one_line(result.stderr)
+    assert line.startswith("onnxprune: internal error: ZeroDivisionError: a bug")
+    assert "--debug" in line
+    assert not (tmp_path / "o.onnx").exists() and not temporaries(tmp_path)
+    debug = invoke(src, "-s", "0.5", "-o", tmp_path / "o.onnx", "--debug")
+    assert debug.exit_code == 3 and "Traceback" in debug.stderr
+    monkeypatch.setenv("ONNXPRUNE_DEBUG", "1")
+    env = invoke(src, "-s", "0.5", "-o", tmp_path / "o.onnx")
+    assert env.exit_code == 3 and "Traceback" in env.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--bogus"],
+        ["-s", "abc"],
+        ["-s"],
+        ["--device", "tpu"],
+        ["--round-to", "0", "--structured"],
+    ],
+)
+def test_usage_errors_are_one_line(tmp_path, args) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    result = invoke(src, *args)
+    assert result.exit_code == 2
+    assert one_line(result.stderr).startswith("onnxprune: error: ")
+
+
+def test_help_and_version_exit_0() -> None:
+    assert invoke("--help").exit_code == 0
+    assert invoke("--version").exit_code == 0
+    assert invoke("prune", "--help").exit_code == 0
+    assert cli("--version").returncode == 0
+
+
+# -- 4. paths ---------------------------------------------------------------------------------
+
+
+def test_bad_paths_are_one_line(tmp_path) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    cases = [
+        ([tmp_path, "-s", "0.5"], "not a file"),
+        ([tmp_path / ("a" * 300), "-s", "0.5"], "cannot be read"),
+        ([src, "-s", "0.5", "-o", tmp_path / ("b" * 300 + ".onnx")], "file name too long"),
+        ([src, "-s", "0.5", "-o", tmp_path], "is a folder"),
+        ([src, "-s", "0.5", "-o", str(tmp_path) + "/"], "not a file name"),
+    ]
+    for args, message in cases:
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in one_line(result.stderr), args
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def test_non_utf8_names(tmp_path) -> None:
+    if sys.platform != "linux":
+        pytest.skip("byte file names")
+    src = save(small_cnn(), tmp_path / os.fsdecode(b"m\xff.onnx"))
+    for extra in ([], ["--external-data"]):
+        out = tmp_path / os.fsdecode(b"o\xfe.onnx")
+        result = invoke(src, "-s", "0.5", "-o", out, "--force", "-q", *extra)
+        assert result.exit_code == 0, result.output
+        check = invoke("validate", src, out, "-q")
+        assert check.exit_code == 0, check.output
+        assert not temporaries(tmp_path)
+    assert len(io.model_files(out)) == 2  # a data file with a name ONNX can store
+
+
+def test_no_room_for_the_checker_skeleton(tmp_path, monkeypatch) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    real = onnx.save
+
+    def full(proto, path, *args, **kwargs):
+        if ".check" in str(path):
+            raise OSError(28, "No space left on device")
+        return real(proto, path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "save", full)
+    result = invoke(src, "-s", "0.5", "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 2 and "No space left" in one_line(result.stderr)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+# -- 6. layout --------------------------------------------------------------------------------
+
+
+def test_external_layout_is_kept_when_every_weight_is_pruned(tmp_path) -> None:
+    b = [numpy_helper.from_array(np.ones((64, 64), np.float32), f"w{i}") for i in range(2)]
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w0"], ["h"]),
+            helper.make_node("MatMul", ["h", "w1"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
+        b,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, str(src), save_as_external_data=True, location="m.onnx.data")
+    out = tmp_path / "o.onnx"
+    assert invoke(src, "-s", "0.99", "-o", out, "-q").exit_code == 0
+    assert [p.name for p in io.model_files(out)[1:]] == ["o.onnx.data"]
