@@ -684,6 +684,7 @@ def inspect_command(
     """
     _setup_logging(False)
     check_outputs(run_inputs(model), [(report_path, "the report")], force=force)
+    pipeline.check_structured_options(structured, target=target, round_to=round_to, heads=heads)
     if structured:
         _, report = pipeline.prune(
             model,
