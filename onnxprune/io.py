@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from onnxprune import datafile, wire, writer
+from onnxprune import datafile, wellformed, wire, writer
 from onnxprune.errors import ModelLoadError, OutputError
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with a margin.
@@ -71,7 +71,7 @@ def model_files(path: str | os.PathLike, model: ir.Model | None = None) -> list[
             for tensor in onnx.external_data_helper._get_all_tensors(proto)
             if tensor.data_location == onnx.TensorProto.EXTERNAL
             for e in tensor.external_data
-            if e.key == "location"
+            if e.key == "location" and isinstance(e.value, str)  # bytes: not UTF-8, no file
         }
         data = [path.parent / location for location in sorted(locations)]
     return [path, *(p for p in data if p.is_file())]
@@ -141,6 +141,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(
             f"{path}: not an ONNX model, or a truncated one (no graph nodes or opset imports)"
         )
+    wellformed.check_model(proto, path, payloads)  # refused here, before any work
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:

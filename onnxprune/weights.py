@@ -299,6 +299,9 @@ def find_weights(
                 continue
             if len(shape) < 2:
                 continue
+            if 0 in shape:
+                found.skipped.append((name, f"it holds no weights (shape {shape})"))
+                continue
             uses, blocked = _trace_uses(value, len(shape), graph_outputs)
             if blocked is not None:
                 found.skipped.append((name, blocked))

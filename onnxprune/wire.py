@@ -150,7 +150,10 @@ def load_mapped(
             if raw is not None:
                 header = onnx.TensorProto.FromString(tensor)
                 name = header.name
-                whole_bytes = ir.DataType(header.data_type).bitwidth % 8 == 0
+                try:
+                    whole_bytes = ir.DataType(header.data_type).bitwidth % 8 == 0
+                except (ValueError, TypeError):  # no such data type: left for the load to name
+                    whole_bytes = False
                 if name and name not in payloads and whole_bytes:
                     payloads[name] = raw
                     if as_external:

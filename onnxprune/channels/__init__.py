@@ -180,6 +180,10 @@ def concat_piece(value: ir.Value, position: int) -> tuple[ir.Node, int, int] | N
 
 # Ops through which a stored tensor is still "the same constant" (weights.PASS_THROUGH).
 _CONST_VIEWS = ("Transpose", "Cast", "Identity")
+# More channels on one axis than any layer has: each is an int64 id, so this bounds memory.
+MAX_CHANNELS = 1 << 26
+# The operands of each weight op that hold channels when stored (the weights of Conv/Gemm/MatMul).
+_WEIGHT_SLOTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}
 
 
 class Walk:
@@ -260,6 +264,9 @@ class Walk:
 
     # -- building --------------------------------------------------------------------------
     def new(self, n: int) -> np.ndarray:
+        if not 0 <= n <= MAX_CHANNELS:
+            # a declared shape no weight agrees with (a corrupt model): not ids to allocate
+            raise Unsupported(f"an axis of {n} channels is more than onnxprune tracks")
         ids = np.arange(self.count, self.count + n, dtype=np.int64)
         self.count += n
         return ids
@@ -384,10 +391,13 @@ class Walk:
     def visit(self, node: ir.Node) -> None:
         rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         name = f"{node.op_type} {node.name or node.outputs[0].name!r}"
+        empty = self._empty_weight(node)
         if rule is None:
             reason = f"{name} has no channel rule"
         elif any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values()):
             reason = f"{name} has a subgraph"
+        elif empty is not None:
+            reason = f"{name}: its weight {empty}"
         else:
             mark = (
                 len(self.links),
@@ -417,6 +427,19 @@ class Walk:
             self.freeze_value(value, reason)
         for sub in _subgraph_inputs(node):
             self.freeze_value(sub, reason)
+
+    def _empty_weight(self, node: ir.Node) -> str | None:
+        """Why a weight slot of a Conv/ConvTranspose/Gemm/MatMul holds nothing to slice, if so:
+        a stored tensor with a 0 dim has no channels to rank (and would divide by zero)."""
+        if node.op_type not in _WEIGHT_SLOTS or node.domain not in ("", "ai.onnx"):
+            return None
+        for index in _WEIGHT_SLOTS[node.op_type]:
+            value = node.inputs[index] if index < len(node.inputs) else None
+            view = self._const_view(value, 0)
+            shape = self.shape(view[0]) if view is not None else None
+            if shape is not None and 0 in shape:
+                return f"{view[0].name!r} holds no elements (shape {tuple(shape)})"
+        return None
 
     def _rollback(self, mark: tuple[int, int, int, int, int]) -> None:
         links, members, fixes, journal, heads = mark
