@@ -398,7 +398,9 @@ calibration_options = [
         "bias_correction",
         default=True,
         show_default=True,
-        help="With --calibration: fold each pruned layer's mean output shift into its bias.",
+        help="With --calibration: fold each pruned layer's mean output shift into its bias. "
+        "With --structured alone: fold what the removed channels still carried (a BatchNorm "
+        "shift, an added constant, f(0) != 0) into the biases of the layers that read them.",
     ),
 ]
 
@@ -581,11 +583,13 @@ def prune_command(
         criterion,
         calibration_mode,
         calibration_samples,
-        bias_correction,
+        bias_correction or (structured and calibration is None),
         batch_size,
         device,
         calibration_rounds,
     )
+    from onnxprune.inputs import parse_input_shapes
+
     _, report = pipeline.prune(
         model,
         sparsity or 0.0,
@@ -603,6 +607,8 @@ def prune_command(
         target=target,
         calibration=options,
         heads=heads,
+        compensate=bias_correction,
+        input_shapes=parse_input_shapes(input_shape),
     )
     if not quiet:
         click.echo(format_report(report))

@@ -40,6 +40,31 @@ def iter_tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol]]:
                 yield node.outputs[0].name or node.name, tensor
 
 
+def copy_model(model: ir.Model) -> ir.Model:
+    """A deep copy to change freely (a probe, a trial); external tensors still read their files.
+
+    A serialise/deserialise round trip loses where external data lies (the copy would look for
+    it in the working folder), so each graph gets its original's base folder back.
+    """
+    bases = {t.base_dir for _, t in iter_tensors(model) if isinstance(t, ir.ExternalTensor)}
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    copy.meta.update(model.meta)
+    if len(bases) == 1:
+        base = bases.pop()
+        for graph in all_graphs(copy):
+            ir.external_data.set_base_dir(graph, base)
+    return copy
+
+
+def inline_external(proto: onnx.ModelProto, model: ir.Model) -> onnx.ModelProto:
+    """`proto` (serialised from `model`) with its external tensors' bytes inside, for ONNX
+    Runtime sessions made from bytes (which resolve data files against the working folder)."""
+    bases = {t.base_dir for _, t in iter_tensors(model) if isinstance(t, ir.ExternalTensor)}
+    for base in bases:
+        onnx.external_data_helper.load_external_data_for_model(proto, os.fspath(base))
+    return proto
+
+
 def external_data_files(model: ir.Model) -> set[str]:
     """Real paths of the external data files the model reads from."""
     return {

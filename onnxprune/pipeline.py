@@ -42,6 +42,8 @@ def prune(
     calibration: Calibration | str | os.PathLike | None = None,
     criterion: str | None = None,
     heads: bool = False,
+    compensate: bool = True,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> tuple[ir.Model, Report]:
     """Prune a model (a path or an `ir.Model`, changed in place) and, if `output` is given, save it.
 
@@ -50,7 +52,9 @@ def prune(
     `round_to` keeps channel counts multiples of N where a layer allows, and `heads=True` makes
     each attention head one channel (removed whole) instead of coupling head_dim across heads.
     With `calibration`, channels are chosen by the output error their removal causes and the
-    layers that read them are re-solved by least squares.
+    layers that read them are re-solved by least squares. Without, `compensate` folds what the
+    removed channels still carried (a BatchNorm shift, a Sigmoid's 0.5...) into the biases of
+    the layers that read them, measured on generated inputs (`input_shapes` for open dims).
     `calibration` (an .npz of input samples, or a `Calibration`) ranks weights by what they do on
     those samples and repairs what is left: `criterion` sparsegpt (the default with data), wanda
     or magnitude.
@@ -70,7 +74,7 @@ def prune(
     if structured:
         report = _prune_channels(
             model, sparsity, method, min_keep, pattern, include, exclude, round_to, target,
-            options, heads,
+            options, heads, compensate, input_shapes,
         )  # fmt: skip
     else:
         report = _prune_weights(
@@ -188,9 +192,12 @@ def _prune_channels(
     target: str,
     options: Calibration | None = None,
     heads: bool = False,
+    compensate: bool = True,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> Report:
     """Structured: trace channel groups, rank channels globally, slice them out (with
-    calibration: ranked by their cost on the samples, and the readers re-solved)."""
+    calibration: ranked by their cost on the samples, and the readers re-solved; without,
+    the constants the removed channels carried folded into their readers' biases)."""
     from onnxprune import channels
     from onnxprune.rewrite.structured import apply_channel_plan
     from onnxprune.selection import channels as channel_selection
@@ -225,8 +232,17 @@ def _prune_channels(
         plan = channel_selection.plan_channels(
             model, graph, sparsity, min_keep=min_keep, round_to=round_to, target=target
         )
+    constants = None
+    if compensate and plan.removed.any():
+        from onnxprune.calibration import compensation
+
+        with step("measuring the constants removed channels carry"):
+            constants = compensation.measure(model, graph, plan, input_shapes=input_shapes)
     with step("removing channels"):
         apply_channel_plan(model, plan)
+    if constants is not None:
+        compensation.apply(model, constants)
+        plan.compensation = constants
     return Report(plan=None, channels=plan)
 
 

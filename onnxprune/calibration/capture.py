@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxprune import io
 from onnxprune.calibration import Calibration, CalibrationSummary, load_samples
 from onnxprune.calibration.design import Design, design_of
 from onnxprune.calibration.reconstruct import inverse_factor
@@ -183,7 +184,7 @@ def exposed_model(model: ir.Model, values: Sequence[ir.Value]) -> bytes:
     sequential calibration deep in the graph would otherwise pay for the whole model each time.
     Graph inputs need no output: the feeds are the activation.
     """
-    proto = ir.serde.serialize_model(model)
+    proto = io.inline_external(ir.serde.serialize_model(model), model)
     graph = proto.graph
     inputs = {i.name for i in graph.input}
     wanted = list(dict.fromkeys(v.name for v in values if v.name not in inputs))

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune import io
 from onnxprune.calibration import Calibration, CalibrationSummary, reconstruct
 from onnxprune.calibration.capture import (
     LayerStats,
@@ -379,7 +380,7 @@ def calibrated_channels(
     else:
         stats.layers.clear()
         stats.uses.clear()
-        dense_model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        dense_model = io.copy_model(model)
         with step("removing channels"):
             apply_channel_plan(model, plan)
         _sequential(model, dense_model, plan, found, samples, runtime, options, summary, solved)

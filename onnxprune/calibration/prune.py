@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune import selection
+from onnxprune import io, selection
 from onnxprune.calibration import Calibration, reconstruct
 from onnxprune.calibration.capture import (
     LayerStats,
@@ -319,7 +319,7 @@ def calibrated_plan(
             # the dense sums served the ranking; each round measures its own
             stats.layers.clear()
             stats.uses.clear()
-            dense = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+            dense = io.copy_model(model)
             for i in changed:  # layers without statistics: zeroed first, as the waves see them
                 mask = masks[i]
                 if i not in measured and mask is not None:

@@ -117,7 +117,37 @@ def _channel_calibration(plan: Any) -> dict[str, Any]:
         "criterion": "magnitude" if summary is None else summary.criterion,
         "calibration": None if summary is None else summary.to_dict(),
         "output_errors": dict(plan.errors),
+        "compensation": None if plan.compensation is None else plan.compensation.to_dict(),
     }
+
+
+def _compensation_lines(found: Any) -> list[str]:
+    """What constant compensation did: a line, and its notices."""
+    drift = found.drift
+    versus = (
+        f" (output drift on generated inputs {drift['all']:.3g} with, {drift['quiet']:.3g} without)"
+        if drift
+        else ""
+    )
+    border = (
+        f"; {found.bordered} zero-pad their input: exact inside, approximate at the border"
+        if found.bordered
+        else ""
+    )
+    lines = []
+    if found.chosen == "all" and found.layers:
+        lines.append(
+            "constants: what the removed channels still carried (a BatchNorm shift, an added "
+            f"constant, f(0) != 0) folded into the biases of {found.layers} layer(s) that read "
+            f"them{border}{versus}"
+        )
+    elif found.chosen == "quiet":
+        lines.append(
+            "constants: the removed channels' constants not folded: they moved the outputs "
+            f"further from the dense model's{versus}; those of dead channels only, in "
+            f"{found.layers} layer(s)"
+        )
+    return lines + [f"constants: {notice}" for notice in found.notices]
 
 
 def write_json(data: dict[str, Any], path: str | os.PathLike, *, force: bool = False) -> Path:
@@ -226,6 +256,8 @@ def format_report(report: Report) -> str:
         if plan.calibration is not None:
             lines.append(_calibration_line(plan.calibration, list(plan.errors.values()), True))
             lines += _calibration_notes(plan.calibration)
+        if plan.compensation is not None:
+            lines += _compensation_lines(plan.compensation)
         if report.size_after is not None:
             lines.append(
                 f"size: {human_bytes(report.size_before)} -> {human_bytes(report.size_after)}"

@@ -20,7 +20,7 @@ from onnxprune.rewrite.constants import NodeConstants
 from onnxprune.selection.channels import ChannelPlan
 
 
-def _set_tensor(value: ir.Value, tensor: ir.TensorProtocol) -> None:
+def store_tensor(value: ir.Value, tensor: ir.TensorProtocol) -> None:
     """Swap the stored tensor of an initializer or of a Constant node's output."""
     tensor.name = value.name
     node = value.producer()
@@ -50,7 +50,7 @@ def _slice_members(plan: ChannelPlan) -> None:
                 array = np.compress(mask, array, axis=axis)
             return ir.Tensor(np.ascontiguousarray(array), dtype=source.dtype)
 
-        _set_tensor(value, ir.LazyTensor(compute, dtype=source.dtype, shape=ir.Shape(shape)))
+        store_tensor(value, ir.LazyTensor(compute, dtype=source.dtype, shape=ir.Shape(shape)))
 
 
 def _kept(plan: ChannelPlan, value: ir.Value, axis: int) -> int:

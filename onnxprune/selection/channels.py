@@ -39,6 +39,7 @@ from onnxprune.weights import PRUNABLE_OPS
 
 if TYPE_CHECKING:
     from onnxprune.calibration import CalibrationSummary
+    from onnxprune.calibration.compensation import Compensation
 
 TARGETS = ("params", "macs")
 
@@ -77,6 +78,7 @@ class ChannelPlan:
     warnings: list[str] = field(default_factory=list)
     calibration: CalibrationSummary | None = None  # set when calibration chose and re-solved
     errors: dict[str, float] = field(default_factory=dict)  # weight -> relative output error
+    compensation: Compensation | None = None  # constants folded into readers' biases
 
     def kept_of(self, ids: np.ndarray) -> int:
         return int(np.count_nonzero(~self.removed[ids]))
