@@ -3,11 +3,14 @@
 Runs on the parsed protobuf, before onnx-ir builds its graph: onnx-ir accepts a node reading a
 name nothing produces (it invents a graph input), drops sparse initializers and reads tensors
 whose storage is shorter than their dims claim, and everything after it would then fail deep in
-the work with a traceback, or write a broken model. The checks are cheap: names, dims, and the
-length of each data field, never the values. The one copy is `len(tensor.raw_data)`, which
-protobuf (upb) answers with a copy of the bytes, one tensor at a time, for the tensors wire.py
-left in the message (small initializers, Constant values, subgraph tensors); the big main-graph
-payloads are stripped out by wire.py and their lengths come in `payloads`.
+the work with a traceback, or write a broken model. The own checks are cheap: names, dims, and
+the length of each data field, never the values. Then onnx.checker with strict shape inference
+runs on a copy of the graph, so nothing the output's check would refuse gets past the load.
+
+What is copied: `len(tensor.raw_data)` is answered by protobuf (upb) with a copy of the bytes,
+one tensor at a time, and the checker works on a copy of the message; both hold only what
+wire.py left in the message (small initializers, Constant values, subgraph tensors). The big
+main-graph payloads stay in the file; their lengths come in `payloads`.
 
 ONNX requires nodes in topological order, but ONNX Runtime runs any acyclic order, so only real
 cycles are refused, and an acyclic model is put in order for onnx-ir and the checker.
@@ -112,9 +115,7 @@ def check_tensor(
     dims = list(tensor.dims)
     if any(d < 0 for d in dims):
         return subject, f"has a negative dimension (dims {dims})"
-    count = 1
-    for d in dims:
-        count *= d
+    count = math.prod(dims)
     bits = BITS.get(data_type, 8)
     needed = -(-count * bits // 8)
     if needed > MAX_BYTES:
@@ -235,7 +236,7 @@ def _check_against_schema(scope: _Scope, node: onnx.NodeProto, label: str) -> st
         formal = schema.attributes.get(attr.name)
         if formal is None:
             return f"{label}: {node.op_type} has no attribute {attr.name!r}"
-        kind = AttributeProto.AttributeType.Name(attr.type) if attr.type else "UNDEFINED"
+        kind = AttributeProto.AttributeType.Name(attr.type)  # a closed enum: always named
         if kind != formal.type.name:
             return (
                 f"{label}: attribute {attr.name!r} of {node.op_type} must be {formal.type.name}, "
@@ -540,7 +541,7 @@ def check_model(
     _sort_graph(proto.graph)
     _spell_default_domain(proto)
     _check_declarations(proto.graph, path)
-    _check_inference(proto, path)
+    _check_with_onnx(proto, path, payloads)
 
 
 def _spell_default_domain(proto: onnx.ModelProto) -> None:
@@ -607,19 +608,44 @@ def _check_declarations(graph: onnx.GraphProto, path: str | os.PathLike) -> None
 _INFERENCE_ERROR = re.compile(r"\(op_type:([^,]*), node name: ([^)]*)\): \[\w+\] (.*)")
 
 
-def _check_inference(proto: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """ONNX shape and type inference, strict: an op given inputs it cannot take (a Conv fed a
-    matrix, an Add of float and int64) is refused here, not by the checker after the work.
+def _check_with_onnx(proto: onnx.ModelProto, path: str | os.PathLike, payloads: Payloads) -> None:
+    """onnx.checker with full (strict) shape and type inference, as the output will be checked:
+    what it refuses is refused here, before the work, not after it. An op given inputs it
+    cannot take (a Conv fed a matrix) is named by node.
 
-    Big payloads are not in the message (wire.py), so this costs the graph, not the weights.
+    Runs on a copy in which the main graph's initializers whose bytes are not in the message
+    (payloads wire.py left in the file, external data) are graph inputs of the same type and
+    shape: the checker would want their bytes (external ones relative to the working folder),
+    inference does not. The copy holds the graph, not the big weights. Where external data is
+    left elsewhere (a subgraph), strict inference runs without the checker.
     """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    graph = copy.graph
+    inputs = {value.name for value in graph.input}
+    for index in reversed(range(len(graph.initializer))):
+        tensor = graph.initializer[index]
+        stripped = tensor.name in payloads and not tensor.HasField("raw_data")
+        if stripped or tensor.data_location == TensorProto.EXTERNAL:
+            if tensor.name not in inputs:
+                graph.input.append(
+                    onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+                )
+            del graph.initializer[index]
+    external = any(
+        t.data_location == TensorProto.EXTERNAL
+        for t in onnx.external_data_helper._get_all_tensors(copy)
+    )
     try:
-        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+        if external:
+            onnx.shape_inference.infer_shapes(copy, check_type=True, strict_mode=True)
+        else:
+            onnx.checker.check_model(copy, full_check=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         lines = str(exc).splitlines() or [type(exc).__name__]
         match = _INFERENCE_ERROR.search(lines[0])
         if match is None:
-            raise _fail(path, f"ONNX shape inference refuses it: {lines[0]}") from None
+            raise _fail(path, f"onnx.checker refuses it: {lines[0].rstrip('.')}") from None
         op_type, name, message = match.groups()
         node = f"node {name!r}" if name else "an unnamed node"
         raise _fail(path, f"{node} ({op_type}): {message} (ONNX shape inference)") from None

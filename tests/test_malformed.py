@@ -619,3 +619,50 @@ def test_absurd_declared_channels_are_frozen_not_allocated(tmp_path) -> None:
     result = invoke("inspect", path, "--structured")
     assert result.exit_code == 0, result.output
     assert "an axis of 1099511627776 channels is more than onnxprune tracks" in result.stdout
+
+
+def test_what_onnx_checker_refuses_is_refused_before_the_work(tmp_path) -> None:
+    """The rest of onnx.checker's rules (the output is checked by them) apply to the input."""
+    model = small_cnn()
+    model.graph.name = ""
+    refused(tmp_path, model, "onnx.checker refuses it: Field 'name' of 'graph' is required to be")
+
+
+def test_external_data_in_a_subgraph_is_accepted(tmp_path) -> None:
+    """Checked by strict inference instead of the checker, which would look for the data file
+    from the working folder."""
+    model = if_model()
+    branch = next(a.g for a in model.graph.node[1].attribute if a.name == "then_branch")
+    branch.initializer.append(numpy_helper.from_array(np.eye(4, dtype=np.float32), "Wt"))
+    branch.node[0].input[1] = "Wt"
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="m.data", size_threshold=0)
+    proto = onnx.load(str(path), load_external_data=False)
+    then = next(a.g for a in proto.graph.node[1].attribute if a.name == "then_branch")
+    assert then.initializer[0].data_location == TensorProto.EXTERNAL
+    result = invoke(path, "-s", "0.5", "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 0, result.output
+    feeds = {"x": np.ones((2, 4), np.float32), "cond": np.array(True)}
+    assert run(tmp_path / "o.onnx", feeds)[0].shape == (2, 4)
+
+
+def test_valid_external_data_model_is_accepted(tmp_path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp(), str(path), save_as_external_data=True, location="m.data", size_threshold=0)
+    for args in ([path, "-s", "0.5", "-o", tmp_path / "o.onnx"], ["inspect", path]):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+
+
+def test_attribute_without_a_type(tmp_path) -> None:
+    """A type protobuf does not know (a flipped byte) reads as UNDEFINED: a closed enum."""
+    model = small_cnn()
+    raw = bytearray(model.SerializeToString())
+    pads = model.graph.node[0].attribute[0]
+    assert pads.name == "pads" and pads.type == onnx.AttributeProto.INTS
+    field = bytes([0xA0, 0x01, pads.type])  # AttributeProto.type is field 20, a varint
+    at = raw.index(field, raw.index(b"pads"))
+    raw[at + 2] = 99
+    path = tmp_path / "m.onnx"
+    path.write_bytes(bytes(raw))
+    assert_refused(path, "node 'Conv4': attribute 'pads' of Conv must be INTS, it is UNDEFINED")
