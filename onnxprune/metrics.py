@@ -3,24 +3,23 @@
 Output differences accumulate batch by batch in float64, so no output is held twice and the
 result does not depend on the batch size. Costs are read from the file: bytes on disk, bytes
 gzip-compressed (what zeroed weights buy on disk), parameters, and multiply-accumulates of Conv,
-Gemm and MatMul at one inference, dense and counting only non-zero weights.
+ConvTranspose, Gemm and MatMul at one inference at the shapes run (macs.py), dense and counting
+only non-zero weights.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
-from onnxprune import io, weights
+from onnxprune import io, macs, weights
 from onnxprune.errors import DataError
 
 # Relative error divides by |reference|, floored here so that exact zeros do not divide by zero.
@@ -28,7 +27,7 @@ REL_FLOOR = 1e-6
 GZIP_LEVEL = 6  # what `gzip` does by default
 CHUNK = 1 << 22
 GZIP_OVERHEAD = 18  # 10-byte header, 8-byte trailer (CRC-32 and length)
-MAC_OPS = ("Conv", "Gemm", "MatMul")
+MAC_OPS = macs.MAC_OPS
 PARAM_TYPES = weights.FLOAT_TYPES | {ir.DataType.INT8, ir.DataType.UINT8}
 
 
@@ -94,9 +93,14 @@ class DiffAccumulator:
         )
 
 
+# Top-1 needs a class axis with at least this many entries: argmax over one value always agrees.
+MIN_CLASSES = 2
+
+
 def top1(output: np.ndarray) -> np.ndarray | None:
-    """Predicted class per sample, for an output shaped [batch, classes]; None otherwise."""
-    if output.ndim != 2 or output.shape[1] < 1:
+    """Predicted class per sample, for an output shaped [batch, classes] with at least 2
+    classes; None otherwise."""
+    if output.ndim != 2 or output.shape[1] < MIN_CLASSES:
         return None
     return np.argmax(output, axis=1)
 
@@ -131,7 +135,9 @@ class Latency:
 
 @dataclass
 class ModelCost:
-    """What a model costs on disk and in arithmetic. MACs are per inference at `macs_at` shapes."""
+    """What a model costs on disk and in arithmetic. MACs are per inference at `macs_at` shapes;
+    with nodes in `macs_unknown` (`macs_complete` false) they are a lower bound, the sum of the
+    nodes that could be counted (None when none could)."""
 
     file_bytes: int
     gzip_bytes: int
@@ -141,6 +147,9 @@ class ModelCost:
     nonzero_macs: int | None
     macs_at: dict[str, list[int]]
     macs_unknown: list[str]
+    macs_complete: bool = True
+    macs_unknown_why: dict[str, str] = field(default_factory=dict)
+    macs_values: dict[str, float | int | bool] = field(default_factory=dict)  # scalar inputs
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -188,105 +197,67 @@ def count_params(model: ir.Model) -> tuple[int, int]:
     return params, nonzero
 
 
-def infer_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> None:
-    """Concrete shapes on every value at the given input shapes (ONNX shape inference, in place).
-
-    onnx-ir leaves big tensors out of what it hands to ONNX, so this costs no copy of the weights.
-    """
-    for value in model.graph.inputs:
-        if value.name in input_shapes:
-            value.shape = ir.Shape(input_shapes[value.name])
-    logging.getLogger("onnx_ir").disabled = True  # a failure only leaves some MACs uncounted
-    try:
-        ShapeInferencePass(strict_mode=False)(model)
-    finally:
-        logging.getLogger("onnx_ir").disabled = False
-
-
-def _shape(value: ir.Value | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return tuple(int(d) for d in value.const_value.shape)
-    if value.shape is None or not all(isinstance(d, int) for d in value.shape):
-        return None
-    return tuple(int(d) for d in value.shape)
-
-
-def _dense_macs(node: ir.Node) -> int | None:
-    inputs = [*node.inputs, None, None]
-    out, a = _shape(node.outputs[0]), _shape(inputs[0])
-    if out is None:
-        return None
-    if node.op_type == "Conv":
-        w = _shape(inputs[1])
-        return None if w is None else math.prod(out) * math.prod(w[1:])
-    if a is None:
-        return None
-    if node.op_type == "Gemm":
-        trans_a = node.attributes.get("transA")
-        k = a[0] if trans_a is not None and trans_a.value else a[-1]
-        return math.prod(out) * k
-    return math.prod(out) * a[-1]  # MatMul: every output element is a dot product of length K
-
-
 def count_macs(
-    model: ir.Model, input_shapes: dict[str, tuple[int, ...]]
-) -> tuple[int | None, int | None, list[str]]:
-    """(dense, non-zero) MACs of Conv, Gemm and MatMul in the main graph, and nodes not counted.
+    model: ir.Model,
+    input_shapes: dict[str, tuple[int, ...]],
+    input_values: dict[str, np.ndarray] | None = None,
+) -> macs.MacCount:
+    """Dense and non-zero MACs of Conv, ConvTranspose, Gemm and MatMul, subgraphs included, and
+    the nodes whose shapes stay unknown at `input_shapes` (their MACs are not in the sums).
 
     Non-zero MACs scale each node's dense count by the density of its constant operand: a zero
     weight multiplies nothing, whatever the activation. Sets the model's value shapes to those
-    at `input_shapes` (load a copy to keep the original's).
+    at `input_shapes` (load a copy to keep the original's). `input_values`: inputs fed the same
+    value in every run (scalars), which may decide shapes or an If's branch.
     """
-    infer_shapes(model, input_shapes)
+    macs.resolve_shapes(model, input_shapes, input_values)
     found = weights.find_weights(model)
     by_slot = {(id(u.node), u.input_index): w for w in found.weights for u in w.uses}
     density: dict[int, float] = {}
-    dense_total = nonzero_total = 0
-    unknown = []
-    for node in model.graph:
-        if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):
-            continue
-        dense = _dense_macs(node)
-        if dense is None:
-            unknown.append(node.name or node.outputs[0].name)
-            continue
-        ratio = 1.0
+
+    def node_density(node: ir.Node) -> float:
         for idx in (0, 1):
             weight = by_slot.get((id(node), idx))
             value = node.inputs[idx] if idx < len(node.inputs) else None
+            tensor = macs.const_tensor(value)
             if weight is not None:
                 key, array = id(weight), weight.numpy
-            elif value is not None and value.const_value is not None:
-                key, array = id(value), value.const_value.numpy
+            elif tensor is not None:
+                key, array = id(tensor), tensor.numpy
             else:
                 continue
             if key not in density:
                 a = array()
                 density[key] = np.count_nonzero(a) / a.size if a.size else 1.0
-            ratio = density[key]
-            break
-        dense_total += dense
-        nonzero_total += round(dense * ratio)
-    if unknown and not dense_total:
-        return None, None, unknown
-    return dense_total, nonzero_total, unknown
+            return density[key]
+        return 1.0
+
+    count = macs.MacCount()
+    macs.count_graph(model.graph, node_density, count)
+    return count
 
 
-def model_cost(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]]) -> ModelCost:
-    """File and gzip sizes, parameters and MACs of a saved model."""
+def model_cost(
+    path: str | os.PathLike,
+    input_shapes: dict[str, tuple[int, ...]],
+    input_values: dict[str, np.ndarray] | None = None,
+) -> ModelCost:
+    """File and gzip sizes, parameters and MACs of a saved model (count_macs)."""
     model = io.load_model(path)
     files = io.model_files(path, model)
     params, nonzero = count_params(model)
-    macs, nonzero_macs, unknown = count_macs(model, input_shapes)
+    count = count_macs(model, input_shapes, input_values)
+    known = count.dense > 0 or count.complete  # unknown nodes and nothing counted: no figure
     return ModelCost(
         file_bytes=sum(f.stat().st_size for f in files),
         gzip_bytes=gzip_size(files),
         params=params,
         nonzero_params=nonzero,
-        macs=macs,
-        nonzero_macs=nonzero_macs,
+        macs=count.dense if known else None,
+        nonzero_macs=count.nonzero if known else None,
         macs_at={name: list(shape) for name, shape in input_shapes.items()},
-        macs_unknown=unknown,
+        macs_values={name: np.asarray(v).item() for name, v in (input_values or {}).items()},
+        macs_unknown=count.unknown,
+        macs_complete=count.complete,
+        macs_unknown_why=count.why,
     )

@@ -225,12 +225,25 @@ def _prune_channels(
         from onnxprune.calibration.channels import calibrated_channels
 
         plan = calibrated_channels(
-            model, graph, sparsity, options, min_keep=min_keep, round_to=round_to, target=target
+            model,
+            graph,
+            sparsity,
+            options,
+            min_keep=min_keep,
+            round_to=round_to,
+            target=target,
+            input_shapes=input_shapes,
         )
         return Report(plan=None, channels=plan)
     with step("ranking channels"):
         plan = channel_selection.plan_channels(
-            model, graph, sparsity, min_keep=min_keep, round_to=round_to, target=target
+            model,
+            graph,
+            sparsity,
+            min_keep=min_keep,
+            round_to=round_to,
+            target=target,
+            input_shapes=input_shapes,
         )
     constants = None
     if compensate and plan.removed.any():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -336,11 +337,16 @@ def calibrated_channels(
     min_keep: MinKeep | str | float | int | None = None,
     round_to: int | None = None,
     target: str = "params",
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> ChannelPlan:
     """Choose channels from the samples, remove them from `model` (in place) and re-solve the
-    layers that read them. Returns the applied plan, with the calibration summary and errors."""
+    layers that read them. Returns the applied plan, with the calibration summary and errors.
+    MACs (target="macs") count at `input_shapes` (plan_channels)."""
+    settings: dict[str, Any] = {
+        "min_keep": min_keep, "round_to": round_to, "target": target, "input_shapes": input_shapes
+    }  # fmt: skip
     # argument errors and infeasible targets surface before any sample runs
-    plan_channels(model, graph, sparsity, min_keep=min_keep, round_to=round_to, target=target)
+    plan_channels(model, graph, sparsity, **settings)
     found, unsolved = consumers(graph, find_weights(model).weights)
     stats, samples, runtime, summary = measure(model, [c.weight for c in found], options)
     with step("scoring channels"):
@@ -352,8 +358,7 @@ def calibrated_channels(
         )
     steps = selection_steps(options, found, stats)
     with step(f"ranking channels in {steps} step(s)"):
-        plan = _select(model, graph, sparsity, scores, found, stats, options, steps,
-                       min_keep=min_keep, round_to=round_to, target=target)  # fmt: skip
+        plan = _select(model, graph, sparsity, scores, found, stats, options, steps, **settings)
     plan.calibration = summary
     left = [(w.name, why) for w, ids, why in unsolved if plan.removed[ids].any()]
     if left:

@@ -35,7 +35,15 @@ def channel_dict(plan: ChannelPlan) -> dict[str, Any]:
         "min_keep": None if plan.min_keep is None else str(plan.min_keep),
         "round_to": plan.round_to,
         "params": {"before": params[0], "after": params[1]},
-        "macs": {"before": macs[0], "after": macs[1]},
+        # MACs of the prunable layers for one sample; unknown (None) where they depend on sizes
+        # the model leaves open, listed in "open"
+        "macs": {
+            "before": None if plan.macs_open else macs[0],
+            "after": None if plan.macs_open else macs[1],
+            "complete": not plan.macs_open,
+            "open": plan.macs_open,
+            "at": plan.macs_at,
+        },
         "channels_removed": int(plan.removed.sum()),
         "layers": [
             {
@@ -72,6 +80,18 @@ def channel_dict(plan: ChannelPlan) -> dict[str, Any]:
     }
 
 
+def _macs(plan: ChannelPlan) -> str:
+    """The MACs of the prunable layers before -> after, or why they are not known here."""
+    before, after = plan.macs
+    if not plan.macs_open:
+        at = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in plan.macs_at.items())
+        return f"MACs {human_count(before)} -> {human_count(after)}" + (f" at {at}" if at else "")
+    return (
+        f"MACs unknown ({len(plan.macs_open)} layers depend on sizes the model leaves open, "
+        f"e.g. {plan.macs_open[0]!r}: `onnxprune validate` counts them at the shapes it runs)"
+    )
+
+
 def format_channels(plan: ChannelPlan) -> str:
     """Per-layer channels before/after, the heads kept per attention (when heads are classes),
     then the frozen groups with their reasons."""
@@ -88,7 +108,7 @@ def format_channels(plan: ChannelPlan) -> str:
                 f"{100 * after / before:.1f}%",
             ]
         )
-    params, macs = plan.params, plan.macs
+    params = plan.params
     lines = [format_table(["layer", "op", "channels", "kept", "kept %"], rows, left=2)]
     if graph.heads:
         heads = [
@@ -106,8 +126,8 @@ def format_channels(plan: ChannelPlan) -> str:
         kept = sum(entry.kept(plan.removed) for entry in graph.heads)
         lines.append(f"heads {total} -> {kept} in {len(graph.heads)} attention blocks")
     lines.append(
-        f"params {human_count(params[0])} -> {human_count(params[1])}, "
-        f"MACs {human_count(macs[0])} -> {human_count(macs[1])}: target {plan.metric} "
+        f"params {human_count(params[0])} -> {human_count(params[1])}, {_macs(plan)}: target "
+        f"{plan.metric} "
         f"sparsity {plan.target:g}, achieved {plan.achieved:.4f}"
         + (f", min-keep {plan.min_keep}" if plan.min_keep else "")
         + (f", round-to {plan.round_to}" if plan.round_to else "")

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune import macs
 from onnxprune.channels import ChannelGraph, const_tensor
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
 from onnxprune.scoring import channel_scores
@@ -52,6 +53,8 @@ class Counted:
     shape: tuple[int, ...]
     macs_per_param: int
     axes: dict[int, np.ndarray] = field(default_factory=dict)  # axis -> classes along it
+    # nodes whose MACs depend on a size the model leaves open (counted as 1 there)
+    open_dims: list[str] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -79,6 +82,7 @@ class ChannelPlan:
     calibration: CalibrationSummary | None = None  # set when calibration chose and re-solved
     errors: dict[str, float] = field(default_factory=dict)  # weight -> relative output error
     compensation: Compensation | None = None  # constants folded into readers' biases
+    macs_at: dict[str, list[int]] = field(default_factory=dict)  # input shapes MACs count at
 
     def kept_of(self, ids: np.ndarray) -> int:
         return int(np.count_nonzero(~self.removed[ids]))
@@ -99,27 +103,99 @@ class ChannelPlan:
         )
 
     @property
+    def macs_open(self) -> list[str]:
+        """Nodes whose MACs depend on sizes the model leaves open (a symbolic height, width or
+        sequence): with any, `macs` counts those sizes as 1 and is no MAC count."""
+        return [name for c in self.counted for name in c.open_dims]
+
+    @property
     def achieved(self) -> float:
         before, after = self.macs if self.metric == "macs" else self.params
         return 1 - after / before if before else 0.0
 
 
-def _static(shape: ir.Shape | None) -> list[int]:
-    """Dims of an activation, symbolic ones (the batch) counted as 1."""
-    return [d if isinstance(d, int) else 1 for d in (shape or [])]
+def sample_shapes(
+    model: ir.Model, given: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, tuple[int, ...]] | None:
+    """The model's input shapes for one sample: `given` (--input-shape) where it names an input,
+    else the declared ones with a symbolic dim named like one `given` sets at its size and a
+    symbolic first axis (the batch) as 1; None when some other size stays open (a symbolic
+    height, width or sequence)."""
+    given = dict(given or {})
+    inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+    bound: dict[str, int] = {}
+    for value in inputs:
+        for d, n in zip(value.shape or (), given.get(str(value.name), ()), strict=False):
+            if isinstance(d, ir.SymbolicDim) and d.value:
+                bound.setdefault(d.value, n)
+    shapes = {}
+    for value in inputs:
+        name = str(value.name)
+        if name in given:
+            shapes[name] = tuple(given[name])
+            continue
+        if value.shape is None:
+            return None
+        dims = []
+        for axis, d in enumerate(value.shape):
+            if isinstance(d, int) and d > 0:
+                dims.append(d)
+            elif isinstance(d, ir.SymbolicDim) and d.value in bound:
+                dims.append(bound[d.value])
+            elif axis == 0:
+                dims.append(1)
+            else:
+                return None
+        shapes[name] = tuple(dims)
+    return shapes
 
 
-def _macs_per_param(node: ir.Node) -> int:
-    """Multiply-accumulates one weight element costs in this node, for one sample."""
-    out = _static(node.outputs[0].shape)
-    if node.op_type == "Conv":
-        return int(np.prod(out[2:], dtype=np.int64)) if len(out) > 2 else 1
-    if node.op_type == "ConvTranspose":
-        x = _static(node.inputs[0].shape)
-        return int(np.prod(x[2:], dtype=np.int64)) if len(x) > 2 else 1
-    if node.op_type == "MatMul":
-        return int(np.prod(out[:-1], dtype=np.int64)) if len(out) > 1 else 1
-    return int(out[0]) if out else 1  # Gemm: one MAC per row
+def _macs_at(model: ir.Model, shapes: dict[str, tuple[int, ...]] | None) -> dict[ir.Node, int]:
+    """Each Conv/ConvTranspose/Gemm/MatMul node's MACs at `shapes`, counted on a copy whose
+    shapes are resolved there (macs.resolve_shapes: what validation counts); nodes that stay
+    unknown are left out."""
+    if shapes is None:
+        return {}
+    copy = model.clone()  # shares the tensors; nodes in the same order
+    macs.resolve_shapes(copy, shapes)
+    found = {}
+    for node, twin in zip(model.graph, copy.graph, strict=True):
+        if node.op_type in PRUNABLE_OPS:
+            count = macs.node_macs(twin, macs.known_dims)
+            if count is not None:
+                found[node] = count
+    return found
+
+
+def _macs_per_param(node: ir.Node, size: int, at: dict[ir.Node, int]) -> tuple[int, bool]:
+    """Multiply-accumulates one element of a weight of `size` elements costs in this node, for
+    one sample: from `at` (_macs_at), else macs.node_macs at the model's own shapes, a symbolic
+    batch counted as 1; and whether that needed a size the model leaves open (a symbolic
+    height, width or sequence, counted as 1: the figure is then per unit of it, not a count)."""
+    if node in at:
+        return max(1, round(at[node] / size)) if size else 0, False
+    open_dims = False
+
+    def dims(value: ir.Value | None) -> tuple[int, ...] | None:
+        nonlocal open_dims
+        tensor = const_tensor(value)
+        if tensor is not None:
+            return tuple(int(d) for d in tensor.shape)
+        if value is None or value.shape is None:
+            return None
+        out = []
+        for axis, d in enumerate(value.shape):
+            if isinstance(d, int) and d > 0:
+                out.append(d)
+            else:
+                open_dims = open_dims or axis > 0
+                out.append(1)
+        return tuple(out)
+
+    dense = macs.node_macs(node, dims)
+    if dense is None:
+        return 1, True
+    return max(1, round(dense / size)) if size else 0, open_dims
 
 
 def _stored_source(value: ir.Value | None) -> ir.Value | None:
@@ -134,8 +210,15 @@ def _stored_source(value: ir.Value | None) -> ir.Value | None:
     return value
 
 
-def counted_weights(model: ir.Model, graph: ChannelGraph) -> list[Counted]:
-    """Every stored weight of Conv, ConvTranspose, Gemm and MatMul, with the sliced axes."""
+def counted_weights(
+    model: ir.Model,
+    graph: ChannelGraph,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> list[Counted]:
+    """Every stored weight of Conv, ConvTranspose, Gemm and MatMul, with the sliced axes; MACs
+    per parameter at `input_shapes` (sample_shapes: the model's own for one sample where they
+    leave something out)."""
+    at = _macs_at(model, sample_shapes(model, input_shapes))
     found: dict[ir.Value, Counted] = {}
     for node in model.graph:
         if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx"):
@@ -145,11 +228,12 @@ def counted_weights(model: ir.Model, graph: ChannelGraph) -> list[Counted]:
             tensor = const_tensor(value)
             if tensor is None or value is None or len(tensor.shape) < 2:
                 continue
-            if value in found:
-                found[value].macs_per_param += _macs_per_param(node)
-                continue
             shape = tuple(int(d) for d in tensor.shape)
-            found[value] = Counted(value, shape, _macs_per_param(node))
+            counted = found.setdefault(value, Counted(value, shape, 0))
+            per_param, open_dims = _macs_per_param(node, counted.size, at)
+            counted.macs_per_param += per_param
+            if open_dims:
+                counted.open_dims.append(node.name or node.outputs[0].name or node.op_type)
     for member in graph.members:
         if member.role in ("out", "in"):
             counted = found.get(member.value)
@@ -230,12 +314,14 @@ def plan_channels(
     normalize: str = "mean",
     scores: np.ndarray | None = None,
     per_cost: bool = False,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> ChannelPlan:
     """Choose the channel classes to remove so that `sparsity` of the target metric goes.
 
     `scores` (one per class, lowest removed first) replace the weight norms: calibration's;
     `per_cost` divides them by what each class saves of the target metric (class_costs), so the
-    cheapest error per parameter or MAC goes first."""
+    cheapest error per parameter or MAC goes first. MACs count at `input_shapes` (--input-shape;
+    sample_shapes: the model's own for one sample where they leave something out)."""
     sparsity = check_sparsity(sparsity)
     if target not in TARGETS:
         raise InvalidArgumentError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
@@ -243,10 +329,18 @@ def plan_channels(
         raise InvalidArgumentError(f"--round-to {round_to!r}: must be a positive whole number")
     if not isinstance(min_keep, MinKeep):
         min_keep = MinKeep.parse(min_keep)
-    counted = counted_weights(model, graph)
+    shapes = sample_shapes(model, input_shapes)
+    counted = counted_weights(model, graph, shapes)
     plan = ChannelPlan(
         graph, np.zeros(graph.n_classes, dtype=bool), counted, sparsity, target, min_keep, round_to
     )
+    plan.macs_at = {name: list(dims) for name, dims in (shapes or {}).items()}
+    if target == "macs" and plan.macs_open:
+        plan.warnings.append(
+            f"--target macs: {len(plan.macs_open)} layers' MACs depend on sizes the model leaves "
+            f"open (a symbolic height, width or sequence; e.g. {plan.macs_open[0]!r}), counted "
+            "as 1 each: layers are weighed by MACs per unit of those sizes, not by MACs"
+        )
     before = (plan.macs if target == "macs" else plan.params)[0]
     goal = round(sparsity * before)
     if goal == 0:
