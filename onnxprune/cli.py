@@ -252,8 +252,10 @@ run_options = [
         "input_shape",
         multiple=True,
         metavar="NAME=DIMS",
-        help="Shape of a generated input, e.g. input=1x3x224x224 (repeatable); needed for "
-        "symbolic dimensions other than the batch.",
+        help="Shape of a generated input, e.g. input=1x3x224x224; several at once as "
+        "input_ids=1x128,attention_mask=1x128 or repeated. Needed for symbolic dimensions other "
+        "than the batch (a dim named alike in another input takes the same size); MACs are "
+        "counted at these shapes.",
     ),
     click.option(
         "--seed",

@@ -13,12 +13,15 @@ import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
 from onnxprune.errors import DataError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 LABELS = "labels"
 DEFAULT_BATCH = 32
@@ -84,10 +87,15 @@ class Inputs:
     source: str
     batch_size: int
     notices: list[str] = field(default_factory=list)
+    generated: bool = False  # made up by `generate`, not the user's samples
 
     @property
     def samples(self) -> int:
-        return sum(_rows(batch) for batch in self.batches)
+        return sum(batch_rows(batch) for batch in self.batches)
+
+    def sample_values(self) -> dict[str, np.ndarray]:
+        """The scalar (0-d) inputs: fed the same in every batch, so a count may use them."""
+        return {name: a for name, a in self.batches[0].items() if a.ndim == 0}
 
     def sample_shapes(self, specs: Sequence[InputSpec]) -> dict[str, tuple[int, ...]]:
         """Input shapes of one inference, batch 1 where the batch axis is free: what MACs count."""
@@ -98,15 +106,18 @@ class Inputs:
         return shapes
 
 
-def _rows(batch: dict[str, np.ndarray]) -> int:
-    first = next(iter(batch.values()))
-    return int(first.shape[0]) if first.ndim else 1
+def batch_rows(batch: Mapping[str, np.ndarray]) -> int:
+    """Samples in a batch: the first axis of its arrays (a scalar input is the same for all)."""
+    return next((int(a.shape[0]) for a in batch.values() if a.ndim), 1)
 
 
 def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
-    """['x=1x3x224x224'] -> {'x': (1, 3, 224, 224)}."""
+    """['x=1x3x224x224'] -> {'x': (1, 3, 224, 224)}; one entry may name several inputs,
+    'ids=1x128,mask=1x128', and 'x=' is a scalar (0-d)."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for spec in specs or ():
+    for spec in (part.strip() for entry in specs or () for part in entry.split(",")):
+        if not spec:
+            continue
         name, sep, dims = spec.rpartition("=")
         try:
             if not sep or not name:
@@ -116,7 +127,8 @@ def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]
                 raise ValueError
         except ValueError:
             raise InvalidArgumentError(
-                f"--input-shape {spec!r}: write NAME=DIMS, e.g. input=1x3x224x224"
+                f"--input-shape {spec!r}: write NAME=DIMS, e.g. input=1x3x224x224 (several: "
+                "input_ids=1x128,attention_mask=1x128)"
             ) from None
         shapes[name] = shape
     return shapes
@@ -275,6 +287,11 @@ def _shape_text(shape: Sequence[Dim]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
+def _scalar_type(dtype: np.dtype) -> str:
+    """How numpy code makes a scalar of `dtype` (np.bool_ in every numpy version)."""
+    return "np.bool_" if dtype.kind == "b" else f"np.{dtype.name}"
+
+
 def _check_array(key: str, array: np.ndarray, spec: InputSpec) -> None:
     if array.dtype != spec.dtype:
         raise DataError(
@@ -282,10 +299,13 @@ def _check_array(key: str, array: np.ndarray, spec: InputSpec) -> None:
             f"convert it, e.g. np.savez(..., {spec.name}=a.astype(np.{spec.dtype.name}))"
         )
     if not spec.shape:
-        raise DataError(
-            f"model input {spec.name!r} is a scalar; --data needs inputs with a sample axis "
-            "(run without --data to use generated inputs)"
-        )
+        if array.ndim:
+            raise DataError(
+                f"array {key!r} has shape {list(array.shape)}, model input {spec.name!r} is a "
+                f"scalar (0-d, the same for every sample): save one value, e.g. "
+                f"np.savez(..., {spec.name}={_scalar_type(spec.dtype)}(value))"
+            )
+        return
     wrong = array.ndim != len(spec.shape) or any(
         isinstance(d, int) and d != n for d, n in zip(spec.shape[1:], array.shape[1:], strict=False)
     )
@@ -342,13 +362,14 @@ def match(
 
     for spec in specs:
         _check_array(*by_input[spec.name], spec)
-    counts = {key: int(a.shape[0]) for key, a in by_input.values()}
+    # a 0-d array (a scalar input) is the same for every sample: it counts none
+    counts = {key: int(a.shape[0]) for key, a in by_input.values() if a.ndim}
     if len(set(counts.values())) > 1:
         raise DataError(
             f"{source}: input arrays have different numbers of samples: "
             + ", ".join(f"{k} {n}" for k, n in counts.items())
         )
-    total = next(iter(counts.values()), 0)
+    total = next(iter(counts.values()), 0 if counts or not by_input else 1)
     if total == 0:
         raise DataError(f"{source}: the arrays hold no samples")
     for key, a in by_input.values():
@@ -366,7 +387,7 @@ def match(
                 "samples"
             )
 
-    fixed = {s.shape[0] for s in specs if isinstance(s.shape[0], int)}
+    fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
     if len(fixed) > 1:
         raise DataError(f"model inputs have different fixed batch sizes {sorted(fixed)}")
     if fixed:
@@ -412,7 +433,7 @@ def from_arrays(
     if m.labels is not None:
         check_labels(m.labels, None, source)
     batches = [
-        {name: a[start : start + m.size] for name, (_, a) in m.by_input.items()}
+        {name: a[start : start + m.size] if a.ndim else a for name, (_, a) in m.by_input.items()}
         for start in range(0, m.usable, m.size)
     ]
     return Inputs(
@@ -514,7 +535,10 @@ def resolve_shapes(
     *,
     batch_size: int | None = None,
 ) -> tuple[dict[str, tuple[int, ...]], list[str]]:
-    """Concrete shapes for generated inputs: --input-shape, else the model's with batch -> 1."""
+    """Concrete shapes for generated inputs: --input-shape, else the model's with batch -> 1.
+
+    A symbolic dim named like one that --input-shape gave a size (the sequence of input_ids)
+    takes that size in every input."""
     shapes = dict(shapes or {})
     names = {s.name for s in specs}
     unknown = sorted(set(shapes) - names)
@@ -526,6 +550,11 @@ def resolve_shapes(
         )
     notices = []
     out: dict[str, tuple[int, ...]] = {}
+    bound: dict[str, int] = {}  # symbolic dim name -> the size --input-shape gave it
+    for spec in specs:
+        for d, n in zip(spec.shape, shapes.get(spec.name, ()), strict=False):
+            if isinstance(d, str) and d:
+                bound.setdefault(d, n)
     for spec in specs:
         if spec.name in shapes:
             shape = shapes[spec.name]
@@ -543,6 +572,8 @@ def resolve_shapes(
         for axis, d in enumerate(spec.shape):
             if isinstance(d, int):
                 dims.append(d)
+            elif d in bound:
+                dims.append(bound[d])  # type: ignore[index]
             elif axis == 0:
                 size = batch_size or 1
                 dims.append(size)
@@ -583,13 +614,144 @@ def generated_shapes(
     return concrete, notices
 
 
-def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+@dataclass(frozen=True)
+class Usable:
+    """The values a generated input takes where the graph says what it can use.
+
+    Integers are drawn from [low, high); `fill` is one value everywhere (a mask: 1, all
+    attended; a scalar the graph compares with constants: the first of them)."""
+
+    low: int = 0
+    high: int | None = None
+    fill: float | None = None
+    why: str = ""
+
+
+# Ops an index passes through unchanged on its way to the table it indexes.
+_INDEX_PASS = frozenset(
+    {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand", "Transpose",
+     "Slice", "Tile"}
+)  # fmt: skip
+# A table's row count and the offset an index carries (ids + 2 indexes rows 2..).
+_GATHERS = ("Gather", "GatherElements", "GatherND")
+_TRACE_DEPTH = 16
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    """The number a stored one-element tensor (initializer or Constant) holds."""
+    from onnxprune import macs
+
+    tensor = macs.const_tensor(value)
+    if tensor is None or tensor.size != 1:
+        return None
+    return float(tensor.numpy().reshape(-1)[0])
+
+
+def _uses(value: ir.Value, offset: float = 0.0, depth: int = 0) -> Iterator[tuple[str, Any]]:
+    """What the graph does with an integer input: ('rows', (low, high, rows, node)) for a table
+    of `rows` rows it indexes, the input then usable in [low, high); ('mask', node) where it is
+    used as a mask; ('equals', number) where it is compared with a constant; ('other', node)
+    anywhere else. Followed through casts, reshapes and added constants (the offset)."""
+    from onnxprune import macs
+
+    if depth > _TRACE_DEPTH:
+        yield "other", None
+        return
+    for node, index in value.uses():
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        others = [v for i, v in enumerate(node.inputs) if i != index and v is not None]
+        if op in _GATHERS and index == 1:
+            dims = macs.known_dims(node.inputs[0])
+            attr = node.attributes.get("axis")
+            axis = int(attr.value) if attr is not None else 0
+            if dims is None or not -len(dims) <= axis < len(dims):
+                yield "other", node
+                continue
+            rows = min(dims) if op == "GatherND" else dims[axis]
+            yield "rows", (max(0, math.ceil(-offset)), math.floor(rows - offset), rows, node)
+        elif op in _INDEX_PASS and index == 0:
+            for out in node.outputs:
+                yield from _uses(out, offset, depth + 1)
+        elif op in ("Add", "Sub") and len(others) == 1 and _scalar(others[0]) is not None:
+            c = _scalar(others[0])
+            if op == "Sub" and index == 1:  # c - x: a mask turned into "masked out"
+                yield ("mask", node) if c == 1 else ("other", node)
+                continue
+            shift = c if op == "Add" else -c  # type: ignore[operator]
+            for out in node.outputs:
+                yield from _uses(out, offset + shift, depth + 1)
+        elif op == "Equal" and len(others) == 1 and _scalar(others[0]) is not None:
+            yield "equals", _scalar(others[0])
+        elif (op == "Where" and index == 0) or op == "Not":
+            yield "mask", node
+        else:
+            yield "other", node
+
+
+def usable_values(model: ir.Model, specs: Sequence[InputSpec]) -> dict[str, Usable]:
+    """For each integer or bool input of an onnx-ir model, the values the graph can use, where
+    its uses say: the rows of the tables it indexes (Gather, GatherElements, GatherND; through
+    casts, reshapes and an added constant such as a position offset), 1 for a mask (by name,
+    float masks too, or used as one: 1 - mask, Where's condition), a constant it is compared
+    with for a scalar. Inputs whose use says nothing are left out (they keep the default)."""
+    inputs = {v.name: v for v in model.graph.inputs}
+    found: dict[str, Usable] = {}
+    for spec in specs:
+        value = inputs.get(spec.name)
+        named_mask = "mask" in spec.name.lower()
+        if value is None or (spec.dtype.kind not in "iub" and not named_mask):
+            continue
+        uses = list(_uses(value))
+        rows = [info for kind, info in uses if kind == "rows"]
+        compared = [info for kind, info in uses if kind == "equals"]
+        # a scalar read as a condition is a switch, not a mask
+        masked = named_mask or (bool(spec.shape) and any(kind == "mask" for kind, _ in uses))
+        if rows:
+            low = max(r[0] for r in rows)
+            high = min(r[1] for r in rows)
+            _, _, count, node = min(rows, key=lambda r: r[1])
+            if high > low:
+                table = node.inputs[0].name if node.inputs[0] is not None else "?"
+                found[spec.name] = Usable(low, high, why=f"it indexes {table!r}, {count} rows")
+            continue
+        if masked:
+            found[spec.name] = Usable(fill=1, why="a mask: everything attended")
+        elif compared and not spec.shape:
+            found[spec.name] = Usable(
+                fill=compared[0], why=f"the graph compares it with {compared[0]:g}"
+            )
+    return found
+
+
+def _random(
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, usable: Usable | None
+) -> np.ndarray:
+    if usable is not None and usable.fill is not None:
+        return np.full(shape, usable.fill, dtype=dtype)
     if dtype.kind == "f":
         return rng.standard_normal(shape).astype(dtype)
     if dtype.kind == "b":
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)
+    if usable is not None and usable.high is not None:
+        return rng.integers(usable.low, usable.high, size=shape, dtype=dtype)
     high = 256 if dtype == np.uint8 else INT_HIGH
     return rng.integers(0, high, size=shape, dtype=dtype)
+
+
+def _usable_notice(spec: InputSpec, usable: Usable | None) -> str | None:
+    """What a generated input was set to when that is a choice the user may want to change."""
+    if usable is not None and usable.fill is not None:
+        return f"input {spec.name!r}: all {usable.fill:g} ({usable.why})"
+    if usable is not None and usable.high is not None:
+        return (
+            f"input {spec.name!r}: integers drawn from [{usable.low}, {usable.high}) ({usable.why})"
+        )
+    if spec.dtype.kind in "iu" and spec.dtype != np.uint8:
+        return (
+            f"input {spec.name!r}: integers drawn from [0, {INT_HIGH}): the graph does not say "
+            "what range it can use; give real values with --data"
+        )
+    return None
 
 
 def generate(
@@ -599,21 +761,45 @@ def generate(
     batch_size: int | None = None,
     batches: int = GENERATED_BATCHES,
     seed: int = 0,
+    usable: Mapping[str, Usable] | None = None,
 ) -> Inputs:
     """Random inputs from the model's own types and shapes, the same for the same seed.
 
-    Floats are standard normal, integers uniform in [0, 10) (uint8 in [0, 256)), bools fair coins.
+    Floats are standard normal, bools fair coins, integers uniform in the range `usable` gives
+    (usable_values: the rows of the table they index, 1 for a mask), else in [0, 10) (uint8 in
+    [0, 256)). A scalar (0-d) input gets one value, the same in every batch.
     """
+    usable = dict(usable or {})
     concrete, notices = generated_shapes(specs, shapes, batch_size=batch_size)
     rng = np.random.default_rng(seed)
+    fixed: dict[str, np.ndarray] = {}
+    for spec in specs:
+        notice = _usable_notice(spec, usable.get(spec.name))
+        if not spec.shape:
+            value = _random(rng, (), spec.dtype, usable.get(spec.name))
+            fixed[spec.name] = value
+            example = f"{_scalar_type(spec.dtype)}({value.item()!r})"
+            notice = (
+                f"input {spec.name!r} is a scalar: set to {value.item()!r} for every batch"
+                + (f" ({usable[spec.name].why})" if spec.name in usable else "")
+                + f"; give another with --data, e.g. np.savez(..., {spec.name}={example})"
+            )
+        if notice:
+            notices.append(notice)
     feeds = [
-        {s.name: _random(rng, concrete[s.name], s.dtype) for s in specs} for _ in range(batches)
+        {
+            s.name: fixed[s.name]
+            if s.name in fixed
+            else _random(rng, concrete[s.name], s.dtype, usable.get(s.name))
+            for s in specs
+        }
+        for _ in range(batches)
     ]
-    first = concrete[specs[0].name] if specs else ()
     return Inputs(
         batches=feeds,
         labels=None,
         source=f"generated (seed {seed})",
-        batch_size=int(first[0]) if first else 1,
+        batch_size=batch_rows(feeds[0]) if feeds else 1,
         notices=notices,
+        generated=True,
     )

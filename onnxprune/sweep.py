@@ -22,11 +22,15 @@ import numpy as np
 from onnxprune import pipeline, writer
 from onnxprune.calibration import Calibration
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
-from onnxprune.report import format_table, human_bytes, human_count, step
+from onnxprune.report import format_table, human_bytes, step
 from onnxprune.validate import (
+    GENERATED_CAVEAT,
     ModelResult,
     agreement,
+    agreement_note,
     compare,
+    mac_figure,
+    macs_text,
     model_file,
     open_session,
     prepare_inputs,
@@ -52,8 +56,10 @@ class SweepRow:
     min_cosine: float | None = None
     gzip_bytes: int | None = None
     file_bytes: int | None = None
-    macs: int | None = None
+    macs: int | None = None  # a lower bound where macs_complete is false
     nonzero_macs: int | None = None
+    macs_complete: bool = True
+    macs_unknown: list[str] = field(default_factory=list)  # nodes whose MACs are not known
     latency_ms: float | None = None  # structured sweeps only
     collapsed: int = 0  # layers left with under 1% of their weights
     error: str | None = None
@@ -73,6 +79,8 @@ class Sweep:
     notices: list[str] = field(default_factory=list)
     structured: bool = False
     target: str = "params"
+    generated: bool = False  # inputs made up from the model's types, not the user's samples
+    agreement_note: str | None = None  # why there is no top-1 agreement, where there is none
 
     @property
     def methods(self) -> list[str]:
@@ -85,6 +93,8 @@ class Sweep:
             "inputs": self.inputs,
             "samples": self.samples,
             "labels": self.labels,
+            "generated_inputs": self.generated,
+            "top1_agreement_note": self.agreement_note,
             "rows": [row.to_dict() for row in self.rows],
             "notices": self.notices,
             "structured": self.structured,
@@ -172,7 +182,12 @@ def sweep(
     with model_file(model) as path:
         session = open_session(path, runtime)
         specs, inputs = prepare_inputs(
-            session, data=data, batch_size=batch_size, input_shapes=input_shapes, seed=seed
+            session,
+            data=data,
+            batch_size=batch_size,
+            input_shapes=input_shapes,
+            seed=seed,
+            model=path,
         )
         for notice in inputs.notices:
             log.info("%s", notice)
@@ -197,6 +212,7 @@ def sweep(
                         target=target,
                         round_to=round_to,
                         heads=heads,
+                        input_shapes=input_shapes,
                         calibration=None
                         if criterion is None or calibration is None
                         else dataclasses.replace(calibration, criterion=criterion),
@@ -215,6 +231,8 @@ def sweep(
                     row.achieved = report.plan.sparsity
                 row.file_bytes = run.result.cost.file_bytes
                 row.macs = run.result.cost.macs
+                row.macs_complete = run.result.cost.macs_complete
+                row.macs_unknown = run.result.cost.macs_unknown
                 if run.result.latency is not None:
                     row.latency_ms = run.result.latency.median_ms
                 row.accuracy = run.result.accuracy
@@ -233,6 +251,8 @@ def sweep(
         notices=list(inputs.notices),
         structured=structured,
         target=target,
+        generated=inputs.generated,
+        agreement_note=agreement_note(reference),
     )
 
 
@@ -240,8 +260,9 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
-def _count(n: int | None) -> str:
-    return "-" if n is None else human_count(n)
+def _macs(row: SweepRow, nonzero: bool = False) -> str:
+    """A row's MACs as validation prints them (a lower bound says so; never a partial total)."""
+    return mac_figure(row.nonzero_macs if nonzero else row.macs, row.macs_unknown)
 
 
 def _ms(x: float | None) -> str:
@@ -260,21 +281,21 @@ def format_sweep(result: Sweep) -> str:
         headers += ["file size", "MACs", "latency"]
         dense = [
             human_bytes(ref.cost.file_bytes),
-            _count(ref.cost.macs),
+            macs_text(ref.cost),
             _ms(ref.latency.median_ms if ref.latency else None),
         ]
     else:
         headers += ["gzip size", "MACs (non-zero)"]
-        dense = [human_bytes(ref.cost.gzip_bytes), _count(ref.cost.nonzero_macs)]
+        dense = [human_bytes(ref.cost.gzip_bytes), macs_text(ref.cost, nonzero=True)]
     rows = [["dense", "0", "-", _pct(ref.accuracy), "-", "-", *dense]]
     for row in result.rows:
         if row.error:
             rows.append([row.method, f"{row.sparsity:g}", "infeasible", *[""] * 5])
             continue
         if result.structured:
-            costs = [human_bytes(row.file_bytes), _count(row.macs), _ms(row.latency_ms)]
+            costs = [human_bytes(row.file_bytes), _macs(row), _ms(row.latency_ms)]
         else:
-            costs = [human_bytes(row.gzip_bytes), _count(row.nonzero_macs)]
+            costs = [human_bytes(row.gzip_bytes), _macs(row, nonzero=True)]
         rows.append(
             [
                 row.method,
@@ -290,6 +311,10 @@ def format_sweep(result: Sweep) -> str:
     lines.append(
         f"{result.samples} samples from {result.inputs} on {ref.providers[0]}; {_meaning(result)}"
     )
+    if result.agreement_note:
+        lines.append(f"agreement: {result.agreement_note.removeprefix('no top-1: ')}")
+    if result.generated:
+        lines.append(GENERATED_CAVEAT)
     for row in result.rows:
         if row.collapsed:
             lines.append(

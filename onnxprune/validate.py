@@ -105,8 +105,7 @@ def measure_latency(
         start = time.perf_counter()
         once()
         times.append(time.perf_counter() - start)
-    first = next(iter(feeds.values()))
-    return Latency.from_seconds(times, int(first.shape[0]) if first.ndim else 1)
+    return Latency.from_seconds(times, _inputs.batch_rows(feeds))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +190,7 @@ def run_model(
     result = ModelResult(
         path=str(path),
         providers=list(session.get_providers()),
-        cost=model_cost(path, data.sample_shapes(specs)) if cost else None,
+        cost=model_cost(path, data.sample_shapes(specs), data.sample_values()) if cost else None,
         accuracy=accuracy,
     )
     if latency:
@@ -227,12 +226,17 @@ def prepare_inputs(
     batch_size: int | None = None,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     seed: int = 0,
+    model: str | os.PathLike | None = None,
 ) -> tuple[list[_inputs.InputSpec], _inputs.Inputs]:
-    """The reference session's input specs, and the batches: the user's data or generated ones."""
+    """The reference session's input specs, and the batches: the user's data or generated ones
+    (integers in the range `model`'s graph can use, when its path is given)."""
     _inputs.check_batch_size(batch_size)
     specs = _inputs.input_specs(session)
     if data is None:
-        return specs, _inputs.generate(specs, shapes=input_shapes, batch_size=batch_size, seed=seed)
+        usable = _inputs.usable_values(io.load_model(model), specs) if model is not None else None
+        return specs, _inputs.generate(
+            specs, shapes=input_shapes, batch_size=batch_size, seed=seed, usable=usable
+        )
     if isinstance(data, dict):
         arrays, source = data, "data"
     else:
@@ -296,11 +300,13 @@ def preflight(
     if max_accuracy_drop is not None and not labels:
         raise DataError(_NEEDS_LABELS)
     rank = signature.output_rank if signature is not None else None
+    classes = signature.classes if signature is not None else None
     for gate, value in (
         ("--max-accuracy-drop", max_accuracy_drop),
         ("--min-agreement", min_agreement),
     ):
-        if value is not None and rank is not None and rank != 2:
+        few = classes is not None and classes < metrics.MIN_CLASSES
+        if value is not None and ((rank is not None and rank != 2) or few):
             raise DataError(f"{gate} {_NEEDS_CLASSES}")
 
 
@@ -323,6 +329,8 @@ class Validation:
     device: str
     note: str | None = None
     notices: list[str] = field(default_factory=list)
+    generated: bool = False  # inputs made up from the model's types, not the user's samples
+    agreement_note: str | None = None  # why there is no top-1 agreement, where there is none
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -347,8 +355,10 @@ class Validation:
             "samples": self.samples,
             "batch_size": self.batch_size,
             "labels": self.labels,
+            "generated_inputs": self.generated,
             "accuracy_drop": self.accuracy_drop,
             "top1_agreement": self.agreement,
+            "top1_agreement_note": self.agreement_note,
             "min_cosine": self.min_cosine,
             "outputs": [asdict(o) for o in self.outputs],
             "reference": self.reference.to_dict(),
@@ -379,10 +389,32 @@ def compare(reference: Run, candidate: Run) -> list[OutputDiff]:
 
 
 def agreement(reference: Run, candidate: Run) -> float | None:
-    """Top-1 agreement of two runs on the same inputs; None without a [batch, classes] output."""
+    """Top-1 agreement of two runs on the same inputs; None without a [batch, classes] output
+    of at least 2 classes (agreement_note says why)."""
     if reference.predictions is None or candidate.predictions is None:
         return None
     return metrics.agreement(reference.predictions, candidate.predictions)
+
+
+def agreement_note(run: Run) -> str | None:
+    """Why a run has no top-1 predictions (None where it has them)."""
+    if run.predictions is not None:
+        return None
+    if not run.outputs or not run.outputs[0]:
+        return "no top-1: the model has no outputs"
+    first = np.asarray(run.outputs[0][0])
+    name = run.output_names[0]
+    if first.ndim == 2:
+        entries = "entry" if first.shape[1] == 1 else "entries"
+        return (
+            f"no top-1: output {name!r} has {first.shape[1]} {entries} on its class axis (shape "
+            f"{list(first.shape)}); agreement needs at least {metrics.MIN_CLASSES} classes, since "
+            "one value always agrees"
+        )
+    return (
+        f"no top-1: output {name!r} has shape {list(first.shape)}, not [batch, classes] with at "
+        f"least {metrics.MIN_CLASSES} classes"
+    )
 
 
 def validate(
@@ -405,15 +437,20 @@ def validate(
         cand_path = stack.enter_context(model_file(candidate, "candidate.onnx"))
         session = open_session(ref_path, runtime)
         specs, data_ = prepare_inputs(
-            session, data=data, batch_size=batch_size, input_shapes=input_shapes, seed=seed
+            session,
+            data=data,
+            batch_size=batch_size,
+            input_shapes=input_shapes,
+            seed=seed,
+            model=ref_path,
         )
         for notice in data_.notices:
             log.info("%s", notice)
         # Costs (gzip of both files, zero counts) are read in threads while the models run;
         # latency is timed only after they are done, with nothing else busy.
-        shapes = data_.sample_shapes(specs)
+        shapes, values = data_.sample_shapes(specs), data_.sample_values()
         with ThreadPoolExecutor(max_workers=2) as pool:
-            costs = [pool.submit(model_cost, p, shapes) for p in (ref_path, cand_path)]
+            costs = [pool.submit(model_cost, p, shapes, values) for p in (ref_path, cand_path)]
             ref_run = run_model(
                 ref_path, data_, runtime, specs, latency=False, cost=False, session=session
             )
@@ -440,11 +477,15 @@ def validate(
         device=runtime.device,
         note=runtime.note,
         notices=list(data_.notices),
+        generated=data_.generated,
+        agreement_note=agreement_note(ref_run),
     )
 
 
 _NEEDS_LABELS = "--max-accuracy-drop needs labels: add a 'labels' array to --data"
-_NEEDS_CLASSES = "needs a first output shaped [batch, classes]"
+_NEEDS_CLASSES = (
+    f"needs a first output shaped [batch, classes] with at least {metrics.MIN_CLASSES} classes"
+)
 # Each gate's range: accuracy drop and agreement are fractions, cosine a cosine.
 GATE_RANGES = {
     "max_accuracy_drop": ("--max-accuracy-drop", 0.0, 1.0),
@@ -535,6 +576,52 @@ def _count(n: int | None) -> str:
     return "-" if n is None else human_count(n)
 
 
+def mac_figure(n: int | None, unknown: Sequence[str] = ()) -> str:
+    """A MAC figure as it may be read: the count, a lower bound that says how many nodes it
+    leaves out ("≥ 7.7G (12 nodes unknown)"), or "unknown"; never a partial sum as a total."""
+    if n is None or n < 0:
+        return "unknown"
+    if unknown:
+        nodes = "node" if len(unknown) == 1 else "nodes"
+        return f"≥ {human_count(n)} ({len(unknown)} {nodes} unknown)"
+    return human_count(n)
+
+
+def macs_text(cost: ModelCost | None, nonzero: bool = False) -> str:
+    """A model's dense (or non-zero) MACs as `mac_figure` writes them."""
+    if cost is None:
+        return "-"
+    return mac_figure(cost.nonzero_macs if nonzero else cost.macs, cost.macs_unknown)
+
+
+def macs_ratio(before: ModelCost | None, after: ModelCost | None, nonzero: bool = False) -> str:
+    """after / before, only where both are whole counts."""
+    if before is None or after is None or not (before.macs_complete and after.macs_complete):
+        return ""
+    key = "nonzero_macs" if nonzero else "macs"
+    return _ratio(getattr(before, key), getattr(after, key))
+
+
+def macs_note(cost: ModelCost) -> str | None:
+    """A line on the nodes a MAC figure leaves out, and why (the first of them)."""
+    if cost.macs_complete:
+        return None
+    first = cost.macs_unknown[0]
+    why = cost.macs_unknown_why.get(first)
+    nodes = "node is" if len(cost.macs_unknown) == 1 else "nodes are"
+    return (
+        f"MACs of {len(cost.macs_unknown)} {nodes} not known (e.g. {first!r}"
+        + (f": {why}" if why else "")
+        + "): the figure counts the rest, a lower bound"
+    )
+
+
+GENERATED_CAVEAT = (
+    "generated inputs measure output drift only, not task accuracy: --data val.npz (with "
+    "'labels') does"
+)
+
+
 def format_validation(result: Validation) -> str:
     """The terminal table: each model's numbers side by side, then the per-output errors."""
     ref, cand = result.reference, result.candidate
@@ -575,12 +662,17 @@ def format_validation(result: Validation) -> str:
             _count(cand.cost.nonzero_params),
             _ratio(ref.cost.nonzero_params, cand.cost.nonzero_params),
         ],
-        ["MACs (dense)", _count(ref.cost.macs), _count(cand.cost.macs), ""],
+        [
+            "MACs (dense)",
+            macs_text(ref.cost),
+            macs_text(cand.cost),
+            macs_ratio(ref.cost, cand.cost),
+        ],
         [
             "MACs (non-zero)",
-            _count(ref.cost.nonzero_macs),
-            _count(cand.cost.nonzero_macs),
-            _ratio(ref.cost.nonzero_macs, cand.cost.nonzero_macs),
+            macs_text(ref.cost, nonzero=True),
+            macs_text(cand.cost, nonzero=True),
+            macs_ratio(ref.cost, cand.cost, nonzero=True),
         ],
     ]
     lines = [format_table(["", "reference", "candidate", "change"], rows)]
@@ -603,6 +695,17 @@ def format_validation(result: Validation) -> str:
     lines.append(
         f"{result.samples} samples from {result.inputs}, batch {result.batch_size}; "
         f"latency per batch of {batch} on {result.provider}; MACs per inference at "
-        + ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in ref.cost.macs_at.items())
+        + ", ".join(
+            f"{k}={ref.cost.macs_values.get(k, 'x'.join(map(str, v)) or 'scalar')}"
+            for k, v in ref.cost.macs_at.items()
+        )
     )
+    for label, cost in (("reference", ref.cost), ("candidate", cand.cost)):
+        note = macs_note(cost) if cost is not None else None
+        if note:
+            lines.append(f"{label}: {note}")
+    if result.agreement is None and result.agreement_note:
+        lines.append(f"top-1 agreement: {result.agreement_note.removeprefix('no top-1: ')}")
+    if result.generated:
+        lines.append(GENERATED_CAVEAT)
     return "\n".join(lines)

@@ -161,7 +161,11 @@ def test_generated_inputs_follow_types() -> None:
     assert batch["ids"].shape == (2, 7) and batch["ids"].dtype == np.int64
     assert batch["ids"].min() >= 0 and batch["ids"].max() < inputs.INT_HIGH
     assert batch["mask"].dtype == np.bool_ and batch["img"].dtype == np.uint8
-    assert got.notices == []  # the batch size was given
+    # the batch size was given: the only notice is that nothing said what range "ids" can use
+    assert got.notices == [
+        "input 'ids': integers drawn from [0, 10): the graph does not say what range it can "
+        "use; give real values with --data"
+    ]
 
 
 def test_symbolic_non_batch_dim_needs_input_shape(tmp_path) -> None:
