@@ -10,7 +10,9 @@ import functools
 import importlib.util
 import io as _io
 import os
+import re
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,18 @@ from onnxprune.errors import DeviceError, InvalidArgumentError, ModelLoadError
 DEVICES = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+# Ops that do the arithmetic of a model: with --device cuda none may run on the CPU. Everything
+# else (Shape, Gather of a shape, Concat of ints, Unsqueeze, Cast...) ONNX Runtime places on the
+# CPU by design when it computes shapes, and that is accepted (and reported).
+COMPUTE_OPS = frozenset(
+    """Conv ConvTranspose ConvInteger MatMul MatMulInteger Gemm Einsum QLinearConv QLinearMatMul
+    FusedConv FusedGemm FusedMatMul NhwcConv Attention MultiHeadAttention GroupQueryAttention
+    PackedAttention DecoderAttention LongformerAttention LayerNormalization SkipLayerNormalization
+    SimplifiedLayerNormalization SkipSimplifiedLayerNormalization EmbedLayerNormalization
+    BatchNormalization InstanceNormalization GroupNormalization BiasGelu FastGelu Gelu QuickGelu
+    BiasSoftmax Softmax LogSoftmax LSTM GRU RNN MaxPool AveragePool GlobalAveragePool
+    GlobalMaxPool LpPool Resize Upsample ConvTransposeWithDynamicPads""".split()  # noqa: SIM905
+)
 
 
 @contextlib.contextmanager
@@ -96,6 +110,98 @@ def cuda_problem() -> str | None:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Which execution provider runs each node of a session's (optimised) graph."""
+
+    nodes: dict[str, list[tuple[str, str]]]  # provider -> [(op type, node name)]
+
+    def counts(self) -> dict[str, int]:
+        return {provider: len(nodes) for provider, nodes in self.nodes.items()}
+
+    def fallen(self) -> list[tuple[str, str]]:
+        """Compute nodes (COMPUTE_OPS) that a CUDA session left on another provider."""
+        return [
+            node
+            for provider, nodes in self.nodes.items()
+            if provider != CUDA
+            for node in nodes
+            if node[0] in COMPUTE_OPS
+        ]
+
+    def summary(self) -> str:
+        """One line: nodes per provider; what runs off CUDA, by op type."""
+        parts = [f"{p.removesuffix('ExecutionProvider')} {n}" for p, n in self.counts().items()]
+        off = sorted({op for p, nodes in self.nodes.items() if p != CUDA for op, _ in nodes})
+        extra = f" (off CUDA: {', '.join(off[:8])}{' ...' if len(off) > 8 else ''})" if off else ""
+        return f"nodes per provider: {', '.join(parts)}{extra}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "counts": self.counts(),
+            "off_cuda": sorted({op for p, ns in self.nodes.items() if p != CUDA for op, _ in ns}),
+            "compute_off_cuda": [f"{op} {name}" for op, name in self.fallen()],
+        }
+
+
+_PLACED = re.compile(r"(All nodes|Node\(s\)) placed on \[(\w+)\]\. Number of nodes: (\d+)")
+_NODE = re.compile(r"\s{2,}(\S+) \((.*)\)\s*")
+
+
+def parse_placement(log: str) -> Placement | None:
+    """The "Node placements" section ONNX Runtime's verbose log writes at session creation:
+
+        Node placements
+         All nodes placed on [CPUExecutionProvider]. Number of nodes: 7
+    or, per provider,
+         Node(s) placed on [CUDAExecutionProvider]. Number of nodes: 2
+          Conv (conv1)
+          Relu (relu1)
+    """
+    lines = log.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.rstrip().endswith("Node placements"))
+    except StopIteration:
+        return None
+    nodes: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for line in lines[start + 1 :]:
+        placed = _PLACED.search(line)
+        node = _NODE.fullmatch(line)
+        if placed:
+            current = nodes.setdefault(placed[2], [])
+            if placed[1] == "All nodes":
+                current.extend(("?", "?") for _ in range(int(placed[3])))
+                break
+        elif node and current is not None:
+            current.append((node[1], node[2]))
+        elif ":onnxruntime:" in line:  # the next log record
+            break
+    return Placement(nodes) if nodes else None
+
+
+def placement_of(source: str | bytes, providers: tuple[str, ...]) -> Placement | None:
+    """Where ONNX Runtime places every node, read from its verbose log of a session made for
+    that alone (the sessions that measure never log verbosely: it would slow their runs)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 0
+    options.log_verbosity_level = 0
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(log.fileno(), 2)
+            try:
+                ort.InferenceSession(source, options, providers=list(providers))
+            except Exception:
+                return None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        return parse_placement(log.read().decode(errors="replace"))
+
+
+@dataclass(frozen=True)
 class Runtime:
     """Which providers sessions get, and why CUDA is not among them when it is not."""
 
@@ -114,7 +220,9 @@ def select_runtime(device: str = "auto") -> Runtime:
     if device == "cuda":
         if problem:
             raise DeviceError(f"--device cuda: {problem}; use --device auto or cpu")
-        return Runtime("cuda", (CUDA,))
+        # the CPU provider stays listed: ONNX Runtime puts shape computation there by design;
+        # compute nodes that fall back are refused after the session is made (open_session)
+        return Runtime("cuda", (CUDA, CPU))
     if problem:
         return Runtime("auto", (CPU,), f"running on CPU: {problem}")
     return Runtime("auto", (CUDA, CPU))
@@ -142,8 +250,6 @@ def open_session(
     options.log_severity_level = 3
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if runtime.device == "cuda":
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     try:
         alias = writer.utf8_alias(source) if isinstance(source, str) else contextlib.nullcontext()
         with alias as readable:
@@ -157,6 +263,33 @@ def open_session(
                 "--device auto lets the CPU run the nodes CUDA has no kernel for"
             ) from None
         raise ModelLoadError(f"{path}: ONNX Runtime cannot load it ({reason})") from None
-    if runtime.device == "cuda" and session.get_providers()[0] != CUDA:
-        raise DeviceError(f"--device cuda: the session for {path} did not start on CUDA")
+    if CUDA in runtime.providers:
+        if session.get_providers()[0] != CUDA:
+            raise DeviceError(f"--device cuda: the session for {path} did not start on CUDA")
+        placed = placement_of(source, runtime.providers)
+        session.onnxprune_placement = placed  # type: ignore[attr-defined]
+        check_placement(placed, runtime, str(path))
     return session
+
+
+def check_placement(placed: Placement | None, runtime: Runtime, what: str) -> None:
+    """--device cuda: refuse (exit 2) a model whose compute nodes ONNX Runtime would run on
+    the CPU, naming them; shape computation on the CPU is ONNX Runtime's design and fine."""
+    if runtime.device != "cuda" or placed is None:
+        return
+    elsewhere = {p: len(n) for p, n in placed.nodes.items() if p != CUDA and ("?", "?") in n}
+    if elsewhere:  # the log names no node when all of them went to one provider
+        provider, count = next(iter(elsewhere.items()))
+        raise DeviceError(
+            f"--device cuda: ONNX Runtime placed all {count} nodes of {what} on "
+            f"{provider.removesuffix('ExecutionProvider')}; --device auto runs it there"
+        )
+    fallen = placed.fallen()
+    if fallen:
+        names = ", ".join(f"{op} {name!r}" for op, name in fallen[:5])
+        more = f" and {len(fallen) - 5} more" if len(fallen) > 5 else ""
+        raise DeviceError(
+            f"--device cuda: ONNX Runtime would run {len(fallen)} compute node(s) of {what} on "
+            f"the CPU (no CUDA kernel for them at this type or opset): {names}{more}; "
+            "--device auto runs them there"
+        )

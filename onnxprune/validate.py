@@ -46,6 +46,7 @@ from onnxprune.runtime import (  # noqa: F401  (re-exported)
     CPU,
     CUDA,
     DEVICES,
+    Placement,
     Runtime,
     cuda_problem,
     open_session,
@@ -121,11 +122,13 @@ class ModelResult:
     cost: ModelCost | None
     latency: Latency | None = None
     accuracy: float | None = None
+    placement: Placement | None = None  # nodes per provider, when CUDA was among them
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": self.path,
             "providers": self.providers,
+            "placement": None if self.placement is None else self.placement.to_dict(),
             "accuracy": self.accuracy,
             "latency_ms": None
             if self.latency is None
@@ -190,6 +193,7 @@ def run_model(
     result = ModelResult(
         path=str(path),
         providers=list(session.get_providers()),
+        placement=getattr(session, "onnxprune_placement", None),
         cost=model_cost(path, data.sample_shapes(specs), data.sample_values()) if cost else None,
         accuracy=accuracy,
     )
@@ -704,6 +708,9 @@ def format_validation(result: Validation) -> str:
         note = macs_note(cost) if cost is not None else None
         if note:
             lines.append(f"{label}: {note}")
+    for label, model in (("reference", ref), ("candidate", cand)):
+        if model.placement is not None:
+            lines.append(f"{label} on CUDA: {model.placement.summary()}")
     if result.agreement is None and result.agreement_note:
         lines.append(f"top-1 agreement: {result.agreement_note.removeprefix('no top-1: ')}")
     if result.generated:

@@ -153,12 +153,13 @@ def _activations(
     """The probe's runs on two generated batches, and the batches the choice is made on (of a
     shape the model runs at); or why the model would not run."""
     specs = model_input_specs(copy)
+    usable = _inputs.usable_values(copy, specs)  # token ids within their tables, masks 1
     runner = Runner(copy, values, select_runtime("cpu"), "constant compensation")
     reason = "no shape it runs at"
     for shapes in _probe_shapes(specs, given):
         try:
             batches = _inputs.generate(
-                specs, shapes=shapes, batches=2 + CHOICE_BATCHES, seed=0
+                specs, shapes=shapes, batches=2 + CHOICE_BATCHES, seed=0, usable=usable
             ).batches
             return [runner.run(b, i) for i, b in enumerate(batches[:2])], batches[2:], None
         except OnnxPruneError as exc:
@@ -218,7 +219,7 @@ def measure(
     if not runs:
         result.notices.append(
             f"constants of removed channels not compensated: the model did not run on "
-            f"generated inputs ({why}); give --input-shape"
+            f"generated inputs ({why}); give --input-shape (or --calibration samples)"
         )
         return result
     quiet = quiet_classes(graph, plan.removed, QUIET)
