@@ -45,6 +45,8 @@ def channel_dict(plan: ChannelPlan) -> dict[str, Any]:
             "at": plan.macs_at,
         },
         "channels_removed": int(plan.removed.sum()),
+        # the most of the target metric whole channels can remove (under --min-keep)
+        "reach": plan.reach,
         "layers": [
             {
                 "name": layer.name,
@@ -132,6 +134,17 @@ def format_channels(plan: ChannelPlan) -> str:
         + (f", min-keep {plan.min_keep}" if plan.min_keep else "")
         + (f", round-to {plan.round_to}" if plan.round_to else "")
     )
+    if plan.reach is not None:
+        before = (plan.macs if plan.metric == "macs" else params)[0]
+        share = plan.reach / max(before, 1)
+        held = "frozen groups, model inputs and outputs, one channel per layer" + (
+            ", --min-keep" if plan.min_keep else ""
+        )
+        lines.append(
+            f"reach: whole channels can remove at most {share:.0%} of the {plan.metric} ({held} "
+            f"hold the rest): --sparsity {plan.target:g} is {plan.target / max(share, 1e-12):.0%}"
+            " of that"
+        )
     for group in graph.groups:
         if group.frozen:
             why = "; ".join(group.reasons) or "no reason recorded"

@@ -43,6 +43,10 @@ if TYPE_CHECKING:
     from onnxprune.calibration.compensation import Compensation
 
 TARGETS = ("params", "macs")
+# A layer with at least this many channels that keeps at most COLLAPSE_KEEP of them (one at
+# least) is reported as collapsed: a bottleneck that no re-solve can widen again.
+COLLAPSE_MIN_CHANNELS = 4
+COLLAPSE_KEEP = 0.05
 
 
 @dataclass(eq=False)
@@ -83,6 +87,7 @@ class ChannelPlan:
     errors: dict[str, float] = field(default_factory=dict)  # weight -> relative output error
     compensation: Compensation | None = None  # constants folded into readers' biases
     macs_at: dict[str, list[int]] = field(default_factory=dict)  # input shapes MACs count at
+    reach: int | None = None  # the most of the target metric whole channels can remove
 
     def kept_of(self, ids: np.ndarray) -> int:
         return int(np.count_nonzero(~self.removed[ids]))
@@ -361,6 +366,7 @@ def plan_channels(
 
     lo, hi = 0, len(accepted)
     most = removed_by(hi)[1]
+    plan.reach = most
     if most < goal:
         best = math.floor(most / before * 10000) / 10000
         raise InfeasibleError(
@@ -387,6 +393,21 @@ def plan_channels(
                 f"(e.g. {ragged[0]}): ONNX Runtime's blocked (NCHWc) CPU kernels then fall back "
                 "to slower ones; --round-to 8 (16 on AVX-512) avoids that"
             )
+    collapsed = [
+        (layer.name, plan.kept_of(layer.classes), n)
+        for layer in graph.layers
+        if (n := len(np.unique(layer.classes))) >= COLLAPSE_MIN_CHANNELS
+        and plan.kept_of(layer.classes) <= max(1, COLLAPSE_KEEP * n)
+    ]
+    if collapsed:
+        name, kept, n = collapsed[0]
+        plan.warnings.append(
+            f"channel collapse: {len(collapsed)} layer(s) keep {COLLAPSE_KEEP:.0%} of their "
+            f"channels or fewer (e.g. {name}: {kept} of {n}); --sparsity {sparsity:g} asks for "
+            f"{sparsity / max(most / before, 1e-12):.0%} of what whole channels can remove here "
+            f"({most / before:.0%} of the {target}); a per-layer minimum (--min-keep 10%) "
+            "spreads the removal"
+        )
     normed = {
         m.node.name or m.node.op_type
         for m in graph.members
