@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-large zoo mnist-models ocr-model digits-calib calibration-table clean
+.PHONY: install demo test lint bench bench-large bench-gpu zoo mnist-models ocr-model digits-calib calibration-table clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ zoo: $(STAMP)
 # afterwards); takes about 5 minutes.
 bench-large: $(STAMP)
 	$(PY) bench/bench_large.py
+
+# GPU latency of pruned torchvision models at batch 1 and 64 with node placement (needs torch and
+# onnxruntime-gpu with CUDA: pip install '.[cuda]'); says why and exits 0 without CUDA.
+bench-gpu: $(STAMP)
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) bench/gpu.py --profile
 
 # Two MNIST measurement models (a CNN with BatchNorm folded and kept, a small ViT) with calibration
 # and test data, into build/mnist (models/MNIST.md); about 4 minutes on 2 idle CPU cores. Needs
