@@ -144,8 +144,12 @@ def _compensation_lines(found: Any) -> list[str]:
     elif found.chosen == "quiet":
         lines.append(
             "constants: the removed channels' constants not folded: they moved the outputs "
-            f"further from the dense model's{versus}; those of dead channels only, in "
-            f"{found.layers} layer(s)"
+            f"further from the dense model's{versus}; "
+            + (
+                f"those of dead channels only, in {found.layers} layer(s)"
+                if found.layers
+                else "no removed channel is dead"
+            )
         )
     return lines + [f"constants: {notice}" for notice in found.notices]
 
