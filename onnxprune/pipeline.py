@@ -221,6 +221,7 @@ def _prune_channels(
     if excludes:
         hit = [i for i, layer in enumerate(graph.layers) if named(layer, excludes)]
         channels.freeze_layers(graph, hit, "matched by --exclude")
+    channels.check_removable(graph)
     if options is not None:
         from onnxprune.calibration.channels import calibrated_channels
 

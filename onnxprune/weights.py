@@ -1,8 +1,15 @@
-"""Find the prunable weights: constant operands of Conv, ConvTranspose, Gemm and MatMul.
+"""Find the prunable weights: constant operands of Conv, ConvTranspose, Gemm and MatMul, and the
+input (W) and recurrence (R) weights of LSTM, GRU and RNN.
 
 A weight is a stored tensor (initializer or Constant node), reached directly or through Transpose,
 Cast and Identity nodes. Each is found once however many nodes share it, and knows, for every use,
 which axis of the stored tensor carries output channels and which carries input channels.
+
+Recurrent weights are [directions, gates x hidden, inputs]: axis 1 stacks every gate's rows (LSTM
+i, o, f, c; GRU z, r, h; RNN one), a row per hidden unit and gate, so it is the output axis; axis
+2 holds the inputs (x's features in W, the hidden state's in R), the input axis (N:M runs along
+it). A zero there contributes nothing to its gate, so zeroing is as sound as in a MatMul; their
+biases (B) and initial states are never pruned.
 """
 
 from __future__ import annotations
@@ -20,6 +27,13 @@ from onnxprune import wire
 from onnxprune.errors import InvalidArgumentError
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Recurrent ops: W (input 1) and R (input 2) are pruned unstructured (see the module's doc).
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+# The inputs of each op that may hold a weight.
+WEIGHT_INPUTS = {
+    **{op: (0, 1) for op in PRUNABLE_OPS},
+    **{op: (1, 2) for op in RECURRENT_OPS},
+}
 FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 )
@@ -193,6 +207,8 @@ def _slot_axes(node: ir.Node, index: int, rank: int) -> tuple[int | None, int | 
             return rank - 1, rank - 2
         if index == 0:
             return rank - 2, rank - 1
+    if op in RECURRENT_OPS and index in (1, 2) and rank == 3:
+        return 1, 2  # [directions, gates x hidden, inputs]
     return None
 
 
@@ -267,7 +283,7 @@ def find_weights(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
 ) -> Found:
-    """Every prunable weight once, in graph order (subgraphs included).
+    """Every prunable weight once, in graph order (subgraphs included: If, Loop and Scan bodies).
 
     `include`/`exclude` are regular expressions searched in the weight's name and its consumers'
     node names: with `include`, only matching weights are pruned; `exclude` removes matches.
@@ -278,10 +294,11 @@ def find_weights(
     found = Found()
     seen: set[int] = set()
     for node in model.graph.all_nodes():
-        if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx"):
+        slots = WEIGHT_INPUTS.get(node.op_type, ())
+        if not slots or node.domain not in ("", "ai.onnx"):
             continue
         for idx, inp in enumerate(node.inputs):
-            if inp is None or idx > 1:
+            if inp is None or idx not in slots:
                 continue
             source = _source_of(inp)
             if source is None:

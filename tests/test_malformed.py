@@ -612,13 +612,14 @@ def test_ops_given_inputs_they_cannot_take(tmp_path) -> None:
 
 def test_absurd_declared_channels_are_frozen_not_allocated(tmp_path) -> None:
     """x declared with 2**40 channels against a Conv of 3: no id array of that size is made;
-    the Conv's channels are frozen with the reason."""
+    the Conv's channels are frozen with the reason (and with nothing else removable, the model
+    is refused, saying so)."""
     model = small_cnn()
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 2**40
     path = save(model, tmp_path / "m.onnx")
     result = invoke("inspect", path, "--structured")
-    assert result.exit_code == 0, result.output
-    assert "an axis of 1099511627776 channels is more than onnxprune tracks" in result.stdout
+    assert result.exit_code == 2, result.output
+    assert "an axis of 1099511627776 channels is more than onnxprune tracks" in result.output
 
 
 def test_what_onnx_checker_refuses_is_refused_before_the_work(tmp_path) -> None:

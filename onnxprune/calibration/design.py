@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.weights import Use, Weight
+from onnxprune.weights import RECURRENT_OPS, Use, Weight
 
 # Elements of im2col patches built at once; bounds the temporary memory of a Conv's rows.
 PATCH_ELEMENTS = 1 << 24
@@ -493,12 +493,16 @@ def design_of(weight: Weight) -> tuple[list[Design], str | None]:
         rule = DESIGNS.get(use.node.op_type)
         design = rule(weight, use) if rule is not None else None
         if design is None:
-            why = (
-                f"{use.node.op_type} has no calibration rule"
-                if rule is None
-                else f"{use.node.op_type} {use.node.name!r} reads it in a layout calibration "
-                "does not cover"
-            )
+            op = use.node.op_type
+            if rule is not None:
+                why = f"{op} {use.node.name!r} reads it in a layout calibration does not cover"
+            elif op in RECURRENT_OPS:
+                why = (
+                    f"{op} weights are not calibrated (a recurrent layer reads its own state "
+                    "step by step: no design X with X @ W its output)"
+                )
+            else:
+                why = f"{op} has no calibration rule"
             return [], why
         designs.append(design)
     if len({d.layout for d in designs}) > 1:

@@ -10,7 +10,9 @@ Working per index rather than per whole axis is what lets Concat offsets, Split 
 
 A class can be removed when some producer (a Conv, Gemm or MatMul weight whose output channels it
 names) makes it and nothing froze it. An op with no rule freezes every class it touches, with the
-reason; so do model inputs and outputs, which keep their shapes.
+reason; so do model inputs and outputs, which keep their shapes. A weight the walk cannot make a
+layer of (inside an If/Loop/Scan body, read by a recurrent op or by a node whose rule gave up) is
+listed in `ChannelGraph.unreached` with the reason, so that no weight is left out in silence.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
+from onnxprune import weights
 from onnxprune.channels import shapemath
 from onnxprune.channels.oprules import RULES, Unsupported
+from onnxprune.errors import NothingToPruneError
 
 # Member roles. out/in: a weight's output/input-channel axis; bias: the producer's bias; scale and
 # shift: per-channel carrier parameters (a dead channel has its shifts zero); param: anything else.
@@ -96,6 +100,21 @@ class Heads:
         return int(np.count_nonzero(~removed[self.classes]))
 
 
+@dataclass(frozen=True)
+class Unreached:
+    """A prunable weight (as `weights.find_weights` finds it) that channel removal leaves whole:
+    no layer reads its output channels. The report lists it with `reason`."""
+
+    name: str  # the node that reads it, else the weight
+    op_type: str
+    weight: str
+    channels: int | None  # its output channels, where it has an output axis
+    params: int
+    reason: str
+    subgraph: str | None  # the If/Loop/Scan body it sits in ("then_branch of If 'x'"), if so
+    after: int  # how many layers come before it in graph order (where the table lists it)
+
+
 @dataclass
 class ChannelGraph:
     """The analysis result. After `build`, every ids array holds class labels 0..n_classes-1."""
@@ -110,6 +129,7 @@ class ChannelGraph:
     layers: list[Layer]
     groups: list[Group]
     heads: list[Heads] = field(default_factory=list)  # attentions whose heads are classes
+    unreached: list[Unreached] = field(default_factory=list)  # weights no layer stands for
 
     @property
     def produced(self) -> np.ndarray:
@@ -817,7 +837,156 @@ def build(model: ir.Model, heads: bool = False) -> ChannelGraph:
     for value in model.graph.outputs:
         walk.freeze_value(value, f"reaches model output {value.name!r}, which keeps its shape")
     _check_readers(walk)
-    return _resolve(walk)
+    graph = _resolve(walk)
+    graph.unreached = _unreached(model, walk, graph)
+    return graph
+
+
+# Why channel removal leaves a recurrent layer's weights whole.
+RECURRENT_REASON = (
+    "a recurrent hidden size couples W, R, B and the initial states: channel removal leaves "
+    "{op} weights whole (unstructured pruning zeroes them)"
+)
+
+
+def _unreached(model: ir.Model, walk: Walk, graph: ChannelGraph) -> list[Unreached]:
+    """Every stored weight of a weight slot (Conv, ConvTranspose, Gemm, MatMul, LSTM, GRU, RNN;
+    subgraphs included) that no member of the channel graph slices, with the reason: inside a
+    subgraph, read by a recurrent op, the reason its reader's rule gave, or why `find_weights`
+    skipped it. A weight sliced only as some layer's input (a grouped ConvTranspose's, whose
+    channels go with its input's groups) is reached."""
+    owners = _subgraph_owners(model)
+    order = {node: i for i, node in enumerate(model.graph)}
+    placed = sorted(order[layer.member.node] for layer in graph.layers)
+    found = weights.find_weights(model)
+    found_at = {w.constant.outputs[0] if w.constant else w.value: w for w in found.weights}
+    skipped = dict(found.skipped)
+    seen = {m.value for m in graph.members}
+    result = []
+    for node in model.graph.all_nodes():
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        for index in weights.WEIGHT_INPUTS.get(node.op_type, ()):
+            source = weights._source_of(node.inputs[index]) if index < len(node.inputs) else None
+            tensor = None if source is None else const_tensor(source[0])
+            if source is None or source[0] in seen or tensor is None or len(tensor.shape) < 2:
+                continue
+            value = source[0]
+            seen.add(value)
+            weight = found_at.get(value)
+            name = weight.name if weight is not None else value.name or "?"
+            if weight is None and name not in skipped:
+                continue
+            body = None
+            if node in owners:
+                top, where = owners[node]
+                body = f"{where} of {top.op_type} {top.name or top.outputs[0].name!r}"
+                reason = (
+                    f"inside the {body}: channel removal reaches the main graph's weights only"
+                    + (" (unstructured pruning zeroes them)" if weight is not None else "")
+                )
+            elif node.op_type in weights.RECURRENT_OPS:
+                reason = RECURRENT_REASON.format(op=node.op_type)
+            else:
+                reason = next(
+                    (walk.no_rule[v] for v in node.outputs if v in walk.no_rule),
+                    skipped.get(name)
+                    or f"{node.op_type} {node.name or node.outputs[0].name!r} reads it as no "
+                    "layer: channel removal does not reach it",
+                )
+            shape = [int(d) for d in tensor.shape]
+            if weight is not None:
+                axis = weight.out_axis
+            else:  # the axis as the node sees it, where nothing lies between
+                slot = weights._slot_axes(node, index, len(shape))
+                axis = slot[0] if slot and node.inputs[index] is value else None
+            position = order.get(owners[node][0] if node in owners else node, len(order))
+            label = node.name or name
+            if node.op_type in weights.RECURRENT_OPS and node.name:
+                label = f"{node.name}:{'W' if index == 1 else 'R'}"  # two weights, one node
+            result.append(
+                Unreached(
+                    name=label,
+                    op_type=weight.op_type if weight is not None else node.op_type,
+                    weight=name,
+                    channels=None if axis is None else shape[axis],
+                    params=int(np.prod(shape, dtype=np.int64)),
+                    reason=reason,
+                    subgraph=body,
+                    after=int(np.searchsorted(placed, position)),
+                )
+            )
+    return result
+
+
+def _subgraph_owners(model: ir.Model) -> dict[ir.Node, tuple[ir.Node, str]]:
+    """Each node inside an If/Loop/Scan body: (the main-graph node that holds it, which body)."""
+    owners: dict[ir.Node, tuple[ir.Node, str]] = {}
+    for node in model.graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                graphs = [attr.value]
+            elif attr.type == ir.AttributeType.GRAPHS:
+                graphs = list(attr.value)
+            else:
+                continue
+            for sub in graphs:
+                for inner in sub.all_nodes():
+                    owners[inner] = (node, attr.name)
+    return owners
+
+
+def check_removable(graph: ChannelGraph) -> None:
+    """Refuse a model where channel removal can remove nothing, saying why (the reasons of the
+    frozen layers, the weights it cannot reach), as unstructured pruning refuses a model with no
+    prunable weight: never an output that only looks pruned."""
+    if graph.prunable.any():
+        return
+    parts = []
+    inside = [u for u in graph.unreached if u.subgraph]
+    if inside:
+        bodies = list(dict.fromkeys(str(u.subgraph) for u in inside))
+        more = f" and {len(bodies) - 2} more" if len(bodies) > 2 else ""
+        parts.append(
+            f"the weights of {len(inside)} layer(s) sit inside subgraphs (the "
+            + ", the ".join(bodies[:2])
+            + f"{more}): onnxprune removes channels of the main graph's weights only"
+        )
+    recurrent = sorted(
+        {
+            u.op_type
+            for u in graph.unreached
+            if u.op_type in weights.RECURRENT_OPS and not u.subgraph
+        }
+    )
+    if recurrent:
+        parts.append(
+            f"{'/'.join(recurrent)} weights keep their channels (a recurrent hidden "
+            "size couples W, R, B and the initial states)"
+        )
+    others = [
+        u for u in graph.unreached if not u.subgraph and u.op_type not in weights.RECURRENT_OPS
+    ]
+    if others:
+        parts.append(
+            f"{len(others)} layer(s) are not reached ({others[0].name}: {others[0].reason})"
+        )
+    if graph.layers:
+        reasons = list(dict.fromkeys(r for group in graph.groups for r in group.reasons))
+        parts.append(
+            f"every channel of the {len(graph.layers)} layer(s) it reaches is frozen ("
+            + "; ".join(reasons[:2])
+            + (f" and {len(reasons) - 2} more reasons" if len(reasons) > 2 else "")
+            + ")"
+        )
+    if not parts:
+        parts.append("the model has no Conv, ConvTranspose, Gemm or MatMul weight")
+    hint = (
+        "; unstructured pruning (without --structured) zeroes weights there"
+        if inside or recurrent
+        else ""
+    )
+    raise NothingToPruneError("no channel can be removed: " + "; ".join(parts) + hint)
 
 
 def _check_readers(walk: Walk) -> None:

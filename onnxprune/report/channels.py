@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import numpy as np
+
+from onnxprune.channels import Layer, Unreached
 from onnxprune.report import format_table, human_count
 from onnxprune.selection.channels import ChannelPlan
 
@@ -54,6 +58,7 @@ def channel_dict(plan: ChannelPlan) -> dict[str, Any]:
                 "weight": layer.member.value.name,
                 "channels": len(layer.classes),
                 "kept": plan.kept_of(layer.classes),
+                **_frozen_of(plan, layer),
             }
             for layer in graph.layers
         ],
@@ -78,6 +83,8 @@ def channel_dict(plan: ChannelPlan) -> dict[str, Any]:
             for group in graph.groups
             if group.frozen
         ],
+        # prunable weights no layer above stands for, left whole: why
+        "unreached": [dataclasses.asdict(u) for u in graph.unreached],
         "warnings": list(plan.warnings),
     }
 
@@ -98,20 +105,10 @@ def format_channels(plan: ChannelPlan) -> str:
     """Per-layer channels before/after, the heads kept per attention (when heads are classes),
     then the frozen groups with their reasons."""
     graph = plan.graph
-    rows = []
-    for layer in graph.layers:
-        before, after = len(layer.classes), plan.kept_of(layer.classes)
-        rows.append(
-            [
-                _short(layer.name),
-                layer.op_type,
-                str(before),
-                str(after),
-                f"{100 * after / before:.1f}%",
-            ]
-        )
     params = plan.params
-    lines = [format_table(["layer", "op", "channels", "kept", "kept %"], rows, left=2)]
+    lines = [
+        format_table(["layer", "op", "channels", "kept", "kept %", "note"], _rows(plan), left=2)
+    ]
     if graph.heads:
         heads = [
             [
@@ -152,5 +149,65 @@ def format_channels(plan: ChannelPlan) -> str:
                 f"frozen: {group.frozen} of {len(group.classes)} channels of "
                 f"{_names(plan, group.layers)}: {why}"
             )
+    lines += _unreached_lines(graph.unreached)
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
+
+
+def _frozen_of(plan: ChannelPlan, layer: Layer) -> dict[str, Any]:
+    """How many of a layer's channels are frozen, and why."""
+    graph = plan.graph
+    frozen = graph.frozen[layer.classes]
+    why = np.unique(graph.reason[layer.classes][frozen])
+    return {"frozen": int(frozen.sum()), "reasons": [graph.reasons[i] for i in why if i >= 0]}
+
+
+def _rows(plan: ChannelPlan) -> list[list[str]]:
+    """The table's rows in graph order: every layer, and every weight no layer stands for
+    (channels kept whole, noted "not reached"; the reasons follow the table)."""
+    graph = plan.graph
+    unreached = sorted(graph.unreached, key=lambda u: u.after)
+    rows = []
+
+    def add_unreached(upto: int) -> None:
+        while unreached and unreached[0].after <= upto:
+            u = unreached.pop(0)
+            n = "-" if u.channels is None else str(u.channels)
+            rows.append([_short(u.name), u.op_type, n, n, "100.0%", "not reached"])
+
+    for i, layer in enumerate(graph.layers):
+        add_unreached(i)
+        before, after = len(layer.classes), plan.kept_of(layer.classes)
+        frozen = _frozen_of(plan, layer)["frozen"]
+        note = "frozen" if frozen == before else f"{frozen} frozen" if frozen else ""
+        rows.append(
+            [
+                _short(layer.name),
+                layer.op_type,
+                str(before),
+                str(after),
+                f"{100 * after / before:.1f}%",
+                note,
+            ]
+        )
+    add_unreached(len(graph.layers))
+    return rows
+
+
+def _unreached_lines(unreached: list[Unreached]) -> list[str]:
+    """One line per reason for the weights channel removal leaves whole."""
+    by_reason: dict[str, list[Unreached]] = {}
+    for u in unreached:
+        by_reason.setdefault(u.reason, []).append(u)
+    lines = []
+    for reason, items in by_reason.items():
+        names = [u.name for u in items[:SHOWN_LAYERS]]
+        more = len(items) - SHOWN_LAYERS
+        params = sum(u.params for u in items)
+        lines.append(
+            f"not reached: {len(items)} layer(s), {human_count(params)} params ("
+            + ", ".join(names)
+            + (f" and {more} more" if more > 0 else "")
+            + f"): {reason}"
+        )
+    return lines

@@ -24,7 +24,7 @@ import onnx_ir as ir
 from onnxprune.errors import InfeasibleError, InvalidArgumentError, NothingToPruneError
 from onnxprune.scoring import key_chunks, key_dtype, magnitude_keys
 from onnxprune.selection.threshold import Cut, GlobalSelection, cut_for_count
-from onnxprune.weights import PRUNABLE_OPS, Weight
+from onnxprune.weights import PRUNABLE_OPS, RECURRENT_OPS, Weight
 
 METHODS = ("global", "uniform")
 # A layer left with fewer than this share of its weights is reported as collapsed.
@@ -257,7 +257,8 @@ def plan(
     """Decide, for every weight, how many and which elements become zero."""
     if not weights:
         raise NothingToPruneError(
-            "no prunable weights: looked for constant weights of " + ", ".join(PRUNABLE_OPS)
+            "no prunable weights: looked for constant weights of "
+            + ", ".join((*PRUNABLE_OPS, *RECURRENT_OPS))
         )
     if method not in METHODS:
         raise InvalidArgumentError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
@@ -327,20 +328,39 @@ def plan(
 def _plan_pattern(weights: Sequence[Weight], nm: tuple[int, int], keys: np.dtype) -> Plan:
     n, m = nm
     result = Plan(method=f"{n}:{m}", target=1 - n / m, layers=[], keys=keys, pattern=nm)
+    dense: dict[str, list[str]] = {}  # why -> the layers left dense for it
     for weight in weights:
         k = magnitude_keys(weight.numpy(), keys)
         zeros = int(np.count_nonzero(k == 0))
         axis = weight.in_axis
         layer = LayerPlan(weight=weight, size=weight.size, zeros=zeros, keep_min=0, prune=zeros)
-        if axis is None or weight.shape[axis] % m:
-            result.warnings.append(
-                f"{weight.name}: input-channel dimension "
-                f"{'?' if axis is None else weight.shape[axis]} is not a multiple of {m}; "
-                "left dense"
-            )
+        why = _dense_reason(None if axis is None else weight.shape[axis], m)
+        if why is not None:
+            dense.setdefault(why, []).append(weight.name)
         else:
             layer.pattern = nm
             mask = pattern_mask(k, weight.shape, axis, n, m)  # as layer_masks makes it
             layer.prune = int(np.count_nonzero(mask | (k == 0)))
         result.layers.append(layer)
+    result.warnings += [_dense_line(names, why) for why, names in dense.items()]
     return result
+
+
+def _dense_reason(width: int | None, m: int) -> str | None:
+    """Why a layer whose input axis holds `width` weights is left dense under N:M, if it is."""
+    if width is None:
+        return "they have no input axis to group along"
+    if width < m:
+        return f"their input axis has fewer than {m} weights"
+    if width % m:
+        return f"their input axis is not a multiple of {m}"
+    return None
+
+
+def _dense_line(names: list[str], why: str, shown: int = 3) -> str:
+    """One summary line for the layers an N:M pattern leaves dense for one reason."""
+    if len(names) == 1:
+        why = why.replace("they have", "it has").replace("their", "its")
+        return f"1 layer left dense: {why} ({names[0]})"
+    some = ", ".join(names[:shown])
+    return f"{len(names)} layers left dense: {why} ({'e.g. ' if len(names) > shown else ''}{some})"
