@@ -496,6 +496,13 @@ def with_options(options: list[Callable[..., Any]]) -> Callable[..., Any]:
     help="Store weights in a .data file beside the output (default: as the input).",
 )
 @click.option(
+    "--sparse-storage/--dense-storage",
+    "sparse_storage",
+    default=None,
+    help="Store weights as ONNX sparse initializers (COO) where that is smaller: less disk and "
+    "download, the same memory once ONNX Runtime has loaded them (default: as the input).",
+)
+@click.option(
     "--check/--no-check",
     default=True,
     show_default=True,
@@ -535,6 +542,7 @@ def prune_command(
     force: bool,
     report_path: str | None,
     external_data: bool | None,
+    sparse_storage: bool | None,
     check: bool,
     validate_: bool,
     data: str | None,
@@ -603,6 +611,7 @@ def prune_command(
         output=output,
         force=force,
         external_data=external_data,
+        sparse_storage=sparse_storage,
         check=check,
         structured=structured,
         round_to=round_to,

@@ -13,6 +13,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from onnxprune import datafile, wellformed, wire, writer
+from onnxprune import sparse as sparse_storage
 from onnxprune.errors import ModelLoadError, OutputError
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with a margin.
@@ -72,6 +73,12 @@ def external_data_files(model: ir.Model) -> set[str]:
     }
 
 
+def source_files(model: ir.Model) -> set[str]:
+    """Real paths of every data file the model was read from: those its tensors read, and those
+    its sparse initializers' values and indices came from (read whole at load)."""
+    return external_data_files(model) | set(model.meta.get(sparse_storage.SOURCES_KEY, ()))
+
+
 def tensor_nbytes(model: ir.Model) -> int:
     """Bytes of all stored tensors, without reading any of them."""
     return sum(t.nbytes for _, t in iter_tensors(model))
@@ -84,7 +91,7 @@ def model_files(path: str | os.PathLike, model: ir.Model | None = None) -> list[
     """
     path = Path(path)
     if model is not None:
-        data = [Path(p) for p in sorted(external_data_files(model))]
+        data = [Path(p) for p in sorted(source_files(model))]
     else:
         try:
             proto, _, mapped = wire.load_mapped(str(path))
@@ -93,7 +100,7 @@ def model_files(path: str | os.PathLike, model: ir.Model | None = None) -> list[
             return [path]  # an unreadable file is just its own bytes
         locations = {
             e.value
-            for tensor in onnx.external_data_helper._get_all_tensors(proto)
+            for tensor in sparse_storage.proto_tensors(proto)
             if tensor.data_location == onnx.TensorProto.EXTERNAL
             for e in tensor.external_data
             if e.key == "location" and isinstance(e.value, str)  # bytes: not UTF-8, no file
@@ -166,7 +173,10 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(
             f"{path}: not an ONNX model, or a truncated one (no graph nodes or opset imports)"
         )
-    wellformed.check_model(proto, path, payloads)  # refused here, before any work
+    # onnx-ir drops sparse initializers: checked, and taken out as dense ones, before it runs
+    taken = sparse_storage.take(proto, path, _check_external_tensor)
+    stubs = {name: (0, coo.nbytes) for name, coo in taken.main.items() if name not in payloads}
+    wellformed.check_model(proto, path, {**payloads, **stubs})  # refused here, before any work
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:
@@ -184,6 +194,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         except wire.WireError as exc:
             raise ModelLoadError(f"{path}: malformed ONNX model ({exc})") from None
         model.graph.initializers[name].const_value = mapped_tensor
+    for name, coo in taken.main.items():
+        model.graph.initializers[name].const_value = coo.lazy()
     if not payloads:
         mapped.close()  # nothing reads from it; mapped tensors keep their own reference
     ir.external_data.set_base_dir(model.graph, path.parent)
@@ -192,7 +204,9 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     for name, tensor in iter_tensors(model):
         if isinstance(tensor, ir.ExternalTensor):
             _check_external_tensor(name, tensor, path.parent)
-    model.meta[EXTERNAL_KEY] = bool(external_data_files(model))
+    model.meta[sparse_storage.SPARSE_KEY] = bool(taken)
+    model.meta[sparse_storage.SOURCES_KEY] = frozenset(taken.sources)
+    model.meta[EXTERNAL_KEY] = bool(source_files(model))
     return model
 
 
@@ -206,7 +220,7 @@ def input_files(path: str | os.PathLike | None, model: ir.Model | None = None) -
     if model is not None:
         files.update(
             (Path(p), "a data file of the input model")
-            for p in external_data_files(model)
+            for p in source_files(model)
             if Path(p) not in files
         )
     return files
@@ -267,6 +281,7 @@ def save_model(
     force: bool = False,
     external_data: bool | None = None,
     check: bool = False,
+    sparse: bool | sparse_storage.Layout | None = None,
 ) -> Path:
     """Write a model and its data file as one unit; the destination sees the old model with its
     old data, or the new model with its new data, never a mix, and never a half-written file.
@@ -276,9 +291,13 @@ def save_model(
     and renamed over the output last, and the replaced model's own data file removed.
     External data is kept when the input had it, forced by ``external_data=True``, or needed
     because the tensors would not fit a 2 GB protobuf. Tensors stream to disk one at a time.
+    ``sparse=True`` writes each main-graph initializer as a sparse initializer where that is
+    smaller (`sparse.plan`; a `sparse.Layout` gives the decisions made already); the default
+    keeps the input's form.
     """
     inputs = input_files(input_path, model)
     out = writer.check_destination(output, inputs=inputs, force=force)
+    layout = sparse_layout(model, sparse)
     if external_data is None:
         external_data = (
             bool(model.meta.get(EXTERNAL_KEY) or external_data_files(model))
@@ -293,11 +312,11 @@ def save_model(
     try:
         try:
             if tmp_data is not None:
-                header = _write_external(model, tmp_data)
+                header = _write_external(model, tmp_data, layout)
                 onnx.save(header, str(tmp_model))
                 writer.sync(tmp_data)
             else:
-                _write_inline(model, tmp_model)
+                _write_inline(model, tmp_model, layout)
             writer.sync(tmp_model)
         except OSError as exc:
             raise OutputError(f"{out}: write failed ({exc.strerror or exc})") from None
@@ -336,6 +355,23 @@ def save_model(
     return out
 
 
+def sparse_layout(
+    model: ir.Model, sparse: bool | sparse_storage.Layout | None = None
+) -> sparse_storage.Layout | None:
+    """Which initializers a save writes sparse: None for none. `sparse=None` keeps the input's
+    form (sparse where the input had sparse initializers and its IR version allows them)."""
+    if isinstance(sparse, sparse_storage.Layout):
+        return sparse
+    if sparse is None:
+        sparse = bool(model.meta.get(sparse_storage.SPARSE_KEY))
+        if (model.ir_version or 0) < sparse_storage.MIN_IR_VERSION:
+            return None
+    if not sparse:
+        return None
+    sparse_storage.check_possible(model)
+    return sparse_storage.plan(model)
+
+
 # The steps of a save, in order, where tests inject a failure or a kill (see `_fault`).
 SAVE_STEPS = ("written", "checked", "data placed", "committing", "committed", "cleaned")
 
@@ -361,7 +397,7 @@ def _claim_data_name(tmp_data: Path, out: Path, claim: Path, record: dict) -> Pa
 
 def _relocate(header: onnx.ModelProto, old: str, new: str) -> None:
     """Point the header's external tensors from the temporary data file at the final one."""
-    for tensor in onnx.external_data_helper._get_all_tensors(header):
+    for tensor in sparse_storage.proto_tensors(header):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             for entry in tensor.external_data:
                 if entry.key == "location" and entry.value == old:
@@ -382,24 +418,47 @@ def _keep_value_info_as_loaded(proto: onnx.ModelProto, model: ir.Model) -> None:
         proto.graph.value_info.extend(kept)
 
 
-def _write_external(model: ir.Model, data_path: Path) -> onnx.ModelProto:
+def _write_external(
+    model: ir.Model, data_path: Path, layout: sparse_storage.Layout | None = None
+) -> onnx.ModelProto:
     """Write the initializers into `data_path`; return the model's header referring to them.
 
-    The model object is left as it was: its initializers point at their sources again after.
+    A sparse initializer (`layout`) puts its values and its indices in the data file as two
+    tensors of their own, or both in the header where together they are no bigger than an
+    inline tensor. The model object is left as it was: its initializers point at their sources
+    again after.
     """
     data_name = data_path.name
     values = [
         v for g in all_graphs(model) for v in g.initializers.values() if v.const_value is not None
     ]
-    external = [v for v in values if datafile.goes_external(v.const_value)]
-    if not external:  # the layout is kept: a model read from a data file keeps one
-        external = [v for v in values if v.const_value.dtype != ir.DataType.STRING][:1]
+    forms = layout.forms if layout is not None else {}
+    parts = {
+        id(v): sparse_storage.Parts(v.const_value, v.name, forms[v.name])
+        for v in model.graph.initializers.values()
+        if v.name in forms and v.const_value is not None
+    }
+    dense = [v for v in values if id(v) not in parts]
+    external = [v for v in dense if datafile.goes_external(v.const_value)]
+    streams: dict[str, list[ir.Value]] = {}  # the parts of each sparse tensor in the data file
+    for part in parts.values():
+        if part.values_nbytes + part.indices_nbytes > datafile.INLINE_MAX_BYTES:
+            streams[part.name] = [ir.Value(name=t.name, const_value=t) for t in part.as_tensors()]
+    if not external and not streams:  # the layout is kept: a model read from a data file keeps one
+        external = [v for v in dense if v.const_value.dtype != ir.DataType.STRING][:1]
+        if not external and parts:
+            part = next(iter(parts.values()))
+            streams[part.name] = [ir.Value(name=t.name, const_value=t) for t in part.as_tensors()]
     placed = {id(v) for v in external}
-    placements = datafile.layout(external)
+    placements = datafile.layout([*external, *(v for pair in streams.values() for v in pair)])
     datafile.write_data_file(data_path, placements)
+    where = {id(p.value): p for p in placements}
     originals = [v.const_value for v in values]
+    placeholder = ir.Tensor(np.zeros(0, dtype=np.float32))
     try:
         for p in placements:
+            if id(p.value) not in placed:
+                continue
             tensor = p.value.const_value
             p.value.const_value = ir.ExternalTensor(
                 data_name,
@@ -410,27 +469,57 @@ def _write_external(model: ir.Model, data_path: Path) -> onnx.ModelProto:
                 name=tensor.name or p.value.name,
                 base_dir=data_path.parent,
             )
-        for v in values:  # a small tensor from the input's data file goes inline
-            if id(v) not in placed and isinstance(v.const_value, ir.ExternalTensor):
+        for v in values:
+            if id(v) in parts:  # written as a sparse initializer below
+                v.const_value = placeholder
+            elif id(v) not in placed and isinstance(v.const_value, ir.ExternalTensor):
+                # a small tensor from the input's data file goes inline
                 v.const_value = ir.Tensor(v.const_value.numpy(), name=v.const_value.name)
         header = ir.serde.serialize_model(model)
     finally:
         for v, tensor in zip(values, originals, strict=True):
             v.const_value = tensor
     _keep_value_info_as_loaded(header, model)
+    if parts:
+        graph = header.graph
+        names = {part.name for part in parts.values()}
+        for i in reversed(range(len(graph.initializer))):
+            if graph.initializer[i].name in names:
+                del graph.initializer[i]
+        for part in parts.values():
+            entry = graph.sparse_initializer.add(dims=part.tensor.shape.numpy())
+            entry.values.CopyFrom(part.values_head())
+            entry.indices.CopyFrom(part.indices_head())
+            if part.name in streams:
+                for proto, value in zip(
+                    (entry.values, entry.indices), streams[part.name], strict=True
+                ):
+                    placement = where[id(value)]
+                    for key, text in (
+                        ("location", data_name),
+                        ("offset", str(placement.offset)),
+                        ("length", str(placement.length)),
+                    ):
+                        proto.external_data.add(key=key, value=text)
+                    proto.data_location = onnx.TensorProto.EXTERNAL
+            else:
+                entry.values.raw_data = b"".join(c.view(np.uint8).tobytes() for c in part.values())
+                entry.indices.raw_data = b"".join(c.tobytes() for c in part.indices())
     return header
 
 
-def _write_inline(model: ir.Model, path: Path) -> None:
+def _write_inline(model: ir.Model, path: Path, layout: sparse_storage.Layout | None = None) -> None:
     """Write a single-file model one initializer at a time instead of as one big message.
 
     Protobuf merges a message field that occurs several times and appends repeated fields, so a
-    ModelProto without initializers followed by one small ModelProto per initializer parses as the
-    whole model. Peak memory is then one tensor, not a second copy of the model (plus a third for
-    the serialised bytes) as with a plain serialise-and-write.
+    ModelProto without initializers followed by one small ModelProto per initializer (or sparse
+    initializer, `layout`) parses as the whole model. Peak memory is then one tensor, not a
+    second copy of the model (plus a third for the serialised bytes) as with a plain
+    serialise-and-write.
     """
     values = [v for v in model.graph.initializers.values() if v.const_value is not None]
     tensors = [v.const_value for v in values]
+    forms = layout.forms if layout is not None else {}
     placeholder = ir.Tensor(np.zeros(0, dtype=np.float32))
     try:
         for v in values:
@@ -445,7 +534,11 @@ def _write_inline(model: ir.Model, path: Path) -> None:
         f.write(header.SerializeToString())
         del header
         for v, tensor in zip(values, tensors, strict=True):
-            wire.write_initializer(f, tensor, v.name)
+            form = forms.get(v.name)
+            if form is None:
+                wire.write_initializer(f, tensor, v.name)
+            else:
+                sparse_storage.Parts(tensor, v.name, form).write(f)
 
 
 def check_model_file(path: str | os.PathLike) -> None:
@@ -454,15 +547,18 @@ def check_model_file(path: str | os.PathLike) -> None:
     A model with external data is checked by path (which also works over 2 GB). A single-file
     model is checked as a skeleton whose weights are described as external data inside the file
     itself, after checking that each payload has exactly the bytes its shape and type need.
+    Sparse initializers are checked one by one (`sparse.check_written`), and the graph as a
+    skeleton with each of them a graph input of its dense type and shape.
     """
     path = Path(path)
     proto, payloads, mapped = wire.load_mapped(str(path), as_external=True)
     try:
+        sparse = sparse_storage.check_written(proto, path, _check_external_tensor)
         external = any(
             t.data_location == onnx.TensorProto.EXTERNAL and t.name not in payloads
             for t in proto.graph.initializer
         )
-        if external:
+        if external and not sparse:
             onnx.checker.check_model(str(path), full_check=True)
             return
         for tensor in proto.graph.initializer:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxprune import io, rewrite, selection, weights
+from onnxprune import io, rewrite, selection, sparse, weights
 from onnxprune.calibration import Calibration
 from onnxprune.errors import InvalidArgumentError
 from onnxprune.report import Report, step
@@ -35,6 +35,7 @@ def prune(
     output: str | os.PathLike | None = None,
     force: bool = False,
     external_data: bool | None = None,
+    sparse_storage: bool | None = None,
     check: bool = True,
     structured: bool = False,
     round_to: int | None = None,
@@ -57,7 +58,8 @@ def prune(
     the layers that read them, measured on generated inputs (`input_shapes` for open dims).
     `calibration` (an .npz of input samples, or a `Calibration`) ranks weights by what they do on
     those samples and repairs what is left: `criterion` sparsegpt (the default with data), wanda
-    or magnitude.
+    or magnitude. `sparse_storage=True` writes weights as sparse initializers where that takes
+    fewer bytes (None: as the input; see `onnxprune.sparse`).
     Returns the pruned model and the report. Errors a user can cause raise `OnnxPruneError`.
     """
     start = time.perf_counter()
@@ -71,6 +73,8 @@ def prune(
         with step(f"loading {input_path}"):
             model = io.load_model(input_path)
     assert isinstance(model, ir.Model)
+    if sparse_storage and output is not None:
+        sparse.check_possible(model)  # before any work
     if structured:
         report = _prune_channels(
             model, sparsity, method, min_keep, pattern, include, exclude, round_to, target,
@@ -85,6 +89,7 @@ def prune(
         report.size_before = io.file_size(input_path)
     if output is not None:
         with step(f"writing {output}"):
+            layout = io.sparse_layout(model, sparse_storage)
             out = io.save_model(
                 model,
                 output,
@@ -92,7 +97,10 @@ def prune(
                 force=force,
                 external_data=external_data,
                 check=check,
+                sparse=layout or False,
             )
+        if layout is not None:
+            report.extra["sparse_storage"] = layout.summary()
         report.output_path = str(out)
         report.size_after = io.file_size(out)
     report.seconds = round(time.perf_counter() - start, 3)

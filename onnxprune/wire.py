@@ -11,7 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 import numpy as np
@@ -22,6 +22,10 @@ import onnx_ir as ir
 # raw_data, external_data and data_location.
 MODEL_GRAPH = 7
 GRAPH_INITIALIZER = 5
+GRAPH_SPARSE_INITIALIZER = 15
+# SparseTensorProto's values, indices and dims.
+SPARSE_VALUES = 1
+SPARSE_INDICES = 2
 TENSOR_RAW_DATA = 9
 TENSOR_EXTERNAL_DATA = 13
 TENSOR_DATA_LOCATION = 14
@@ -182,22 +186,13 @@ def mapped_tensor(
     return ir.LazyTensor(view, dtype=dtype, shape=shape, name=name)
 
 
-def write_initializer(file: BinaryIO, tensor: ir.TensorProtocol, name: str) -> None:
-    """Append one initializer to a model file as `graph { initializer { ... } }`.
-
-    The payload goes to the file through the tensor's own `tofile` (a view of an array, or a
-    pruned tensor streaming chunk by chunk): no bytes object, no protobuf copy, no serialised
-    copy. Tensors whose bytes are not a plain little-endian array (strings, sub-byte types) go
-    through onnx-ir's serialiser instead.
-    """
+def initializer_head(tensor: ir.TensorProtocol, name: str) -> bytes | None:
+    """What `write_initializer` writes before a plain tensor's payload (`tensor.nbytes` bytes
+    follow it); None for tensors that go through onnx-ir's serialiser instead."""
     dtype = tensor.dtype
     plain = dtype.bitwidth % 8 == 0 and dtype != ir.DataType.STRING and sys.byteorder == "little"
     if not plain:
-        chunk = onnx.ModelProto()
-        tensor.name = name
-        ir.serde.serialize_tensor_into(chunk.graph.initializer.add(), from_=tensor)
-        file.write(chunk.SerializeToString())
-        return
+        return None
     length = tensor.nbytes
     header = onnx.TensorProto(name=name, dims=tensor.shape.numpy(), data_type=int(dtype))
     if tensor.doc_string:
@@ -207,8 +202,58 @@ def write_initializer(file: BinaryIO, tensor: ir.TensorProtocol, name: str) -> N
     tensor_head = header.SerializeToString() + _field_head(TENSOR_RAW_DATA, length)
     init_head = _field_head(GRAPH_INITIALIZER, len(tensor_head) + length)
     graph_head = _field_head(MODEL_GRAPH, len(init_head) + len(tensor_head) + length)
-    file.write(graph_head + init_head + tensor_head)
+    return graph_head + init_head + tensor_head
+
+
+def write_initializer(file: BinaryIO, tensor: ir.TensorProtocol, name: str) -> None:
+    """Append one initializer to a model file as `graph { initializer { ... } }`.
+
+    The payload goes to the file through the tensor's own `tofile` (a view of an array, or a
+    pruned tensor streaming chunk by chunk): no bytes object, no protobuf copy, no serialised
+    copy. Tensors whose bytes are not a plain little-endian array (strings, sub-byte types) go
+    through onnx-ir's serialiser instead.
+    """
+    head = initializer_head(tensor, name)
+    if head is None:
+        chunk = onnx.ModelProto()
+        tensor.name = name
+        ir.serde.serialize_tensor_into(chunk.graph.initializer.add(), from_=tensor)
+        file.write(chunk.SerializeToString())
+        return
+    length = tensor.nbytes
+    file.write(head)
     start = file.tell()
     tensor.tofile(file)
     if file.tell() - start != length:
         raise ValueError(f"tensor {name!r} wrote {file.tell() - start} bytes, expected {length}")
+
+
+def sparse_initializer_frame(
+    values: onnx.TensorProto,
+    values_length: int,
+    indices: onnx.TensorProto,
+    indices_length: int,
+    dims: Sequence[int],
+) -> tuple[bytes, bytes, bytes]:
+    """`graph { sparse_initializer { values {...} indices {...} dims } }` around two payloads.
+
+    `values` and `indices` are the tensors' headers without raw_data; their raw_data payloads
+    (`values_length` and `indices_length` bytes) are streamed between the three parts returned:
+    what comes before the values' payload, between the two payloads, and after the indices'.
+    """
+    values_head = values.SerializeToString() + _field_head(TENSOR_RAW_DATA, values_length)
+    indices_head = indices.SerializeToString() + _field_head(TENSOR_RAW_DATA, indices_length)
+    values_field = _field_head(SPARSE_VALUES, len(values_head) + values_length)
+    indices_field = _field_head(SPARSE_INDICES, len(indices_head) + indices_length)
+    tail = onnx.SparseTensorProto(dims=dims).SerializeToString()
+    sparse_length = (
+        len(values_field) + len(values_head) + values_length
+        + len(indices_field) + len(indices_head) + indices_length + len(tail)
+    )  # fmt: skip
+    sparse_field = _field_head(GRAPH_SPARSE_INITIALIZER, sparse_length)
+    graph_field = _field_head(MODEL_GRAPH, len(sparse_field) + sparse_length)
+    return (
+        graph_field + sparse_field + values_field + values_head,
+        indices_field + indices_head,
+        tail,
+    )

@@ -250,6 +250,24 @@ def _calibration_notes(summary: Any) -> list[str]:
     return lines + [f"calibration: {notice}" for notice in summary.notices]
 
 
+def _sparse_lines(report: Report) -> list[str]:
+    """What sparse storage did: tensors written as sparse initializers and the bytes saved."""
+    storage = report.extra.get("sparse_storage")
+    if storage is None:
+        return []
+    if not storage["tensors"]:
+        return [
+            f"sparse storage: none of {storage['considered']} tensors is smaller sparse; "
+            "all written dense"
+        ]
+    return [
+        f"sparse storage: {storage['tensors']} of {storage['considered']} tensors as sparse "
+        f"initializers ({'/'.join(storage['index_types'])} indices), "
+        f"{human_bytes(storage['dense_bytes'])} -> {human_bytes(storage['sparse_bytes'])} "
+        f"(saved {human_bytes(storage['saved_bytes'])})"
+    ]
+
+
 def format_report(report: Report) -> str:
     """The terminal table of a prune run, in graph order, with totals and sizes."""
     if report.channels is not None:
@@ -267,6 +285,7 @@ def format_report(report: Report) -> str:
                 f"size: {human_bytes(report.size_before)} -> {human_bytes(report.size_after)}"
                 + (f"  written to {report.output_path}" if report.output_path else "")
             )
+        lines += _sparse_lines(report)
         return "\n".join(lines)
     plan = report.plan
     calibrated = plan.calibration is not None
@@ -321,6 +340,7 @@ def format_report(report: Report) -> str:
             f"size: {human_bytes(report.size_before)} -> {human_bytes(report.size_after)}"
             + (f"  written to {report.output_path}" if report.output_path else "")
         )
+    lines += _sparse_lines(report)
     for name, reason in report.skipped:
         lines.append(f"skipped {name}: {reason}")
     if calibrated:
