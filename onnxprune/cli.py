@@ -90,14 +90,19 @@ class DefaultCommandGroup(click.Group):
         except click.ClickException as exc:
             click.echo(f"onnxprune: error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt as exc:
-            sys.exit(_interrupted(exc))
-        except OnnxPruneError as exc:
-            click.echo(f"onnxprune: error: {exc}", err=True)
-            sys.exit(getattr(exc, "exit_code", 2))
-        except Exception as exc:
-            sys.exit(_internal_error(exc, _debugging(argv)))
+        except (Exception, KeyboardInterrupt) as exc:  # outside a command: in click's parsing
+            sys.exit(_failed(exc, _debugging(argv)))
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _failed(exc: Exception | KeyboardInterrupt, debug: bool) -> int:
+    """One line on stderr for a command that did not finish; its exit code."""
+    if isinstance(exc, OnnxPruneError):
+        click.echo(f"onnxprune: error: {exc}", err=True)
+        return getattr(exc, "exit_code", 2)
+    if isinstance(exc, KeyboardInterrupt):
+        return _interrupted(exc)
+    return _internal_error(exc, debug)
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -109,14 +114,9 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
-            raise
-        except OnnxPruneError as exc:
-            click.echo(f"onnxprune: error: {exc}", err=True)
-            sys.exit(getattr(exc, "exit_code", 2))
-        except KeyboardInterrupt as exc:
-            sys.exit(_interrupted(exc))
-        except Exception as exc:
-            sys.exit(_internal_error(exc, _debugging()))
+            raise  # click's own: the group says them
+        except (Exception, KeyboardInterrupt) as exc:
+            sys.exit(_failed(exc, _debugging()))
 
     return wrapper
 

@@ -260,9 +260,7 @@ def _own_data_files(out: Path, inputs: dict[Path, str]) -> list[Path]:
     replaced: named like the files `data_file_names` gives, in its folder, and no input's."""
     if not out.is_file():
         return []
-    names = set()
-    for name in data_file_names(out):
-        names.add(name)
+    names = set(data_file_names(out))
     own = []
     for p in model_files(out)[1:]:
         if p.parent.resolve() != out.parent.resolve() or p.name not in names:
