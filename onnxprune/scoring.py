@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 def key_dtype(weights: Iterable[Weight]) -> np.dtype:
     """The narrowest key type that orders every weight's magnitude exactly."""
-    dtypes = {w.dtype for w in weights}
+    dtypes = {w.values_dtype for w in weights}
     if ir.DataType.DOUBLE in dtypes:
         return np.dtype(np.uint64)
     if dtypes == {ir.DataType.FLOAT16} or dtypes == {ir.DataType.BFLOAT16}:
@@ -151,7 +151,7 @@ def channel_squares(array: np.ndarray, axis: int) -> np.ndarray:
 def channel_scores(graph: ChannelGraph, normalize: str = "mean") -> np.ndarray:
     """Importance per channel class: the sum over its weight members (the producers' output
     channels and the consumers' input channels) of each member's normalised L2 norm."""
-    from onnxprune.channels import const_tensor
+    from onnxprune.channels import stored_values
 
     if normalize not in CHANNEL_NORMS:
         raise ValueError(f"normalize={normalize!r}: choose one of {CHANNEL_NORMS}")
@@ -159,9 +159,8 @@ def channel_scores(graph: ChannelGraph, normalize: str = "mean") -> np.ndarray:
     for member in graph.members:
         if member.role not in ("out", "in"):
             continue
-        tensor = const_tensor(member.value)
-        assert tensor is not None
-        squares = channel_squares(tensor.numpy(), member.axis)
+        array = stored_values(member.value)  # a quantized weight's dequantized values
+        squares = channel_squares(array, member.axis)
         per_class = np.bincount(member.ids, weights=squares, minlength=graph.n_classes)
         present = np.unique(member.ids)
         norms = np.sqrt(per_class[present])
@@ -169,7 +168,7 @@ def channel_scores(graph: ChannelGraph, normalize: str = "mean") -> np.ndarray:
             norms = norms / max(float(norms.mean()), np.finfo(np.float64).tiny)
         elif normalize == "rms":
             counts = np.bincount(member.ids, minlength=graph.n_classes)[present]
-            per_index = int(np.prod(tensor.shape)) // max(1, len(member.ids))
+            per_index = array.size // max(1, len(member.ids))
             norms = norms / np.sqrt(counts * max(1, per_index))
         scores[present] += norms
     return scores

@@ -5,6 +5,10 @@ A weight is a stored tensor (initializer or Constant node), reached directly or 
 Cast and Identity nodes. Each is found once however many nodes share it, and knows, for every use,
 which axis of the stored tensor carries output channels and which carries input channels.
 
+A quantized weight is an integer q (int8, uint8, int16, uint16, int4, uint4) stored right behind
+a DequantizeLinear whose scale and zero point are stored (QDQ models, see `quantized.py`); after
+the DequantizeLinear it may go through the same views. Its magnitudes are the dequantized values'.
+
 Recurrent weights are [directions, gates x hidden, inputs]: axis 1 stacks every gate's rows (LSTM
 i, o, f, c; GRU z, r, h; RNN one), a row per hidden unit and gate, so it is the output axis; axis
 2 holds the inputs (x's features in W, the hidden state's in R), the input axis (N:M runs along
@@ -23,8 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune import wire
+from onnxprune import quantized, wire
 from onnxprune.errors import InvalidArgumentError
+from onnxprune.quantized import DequantizedTensor, Quantization
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Recurrent ops: W (input 1) and R (input 2) are pruned unstructured (see the module's doc).
@@ -63,6 +68,9 @@ class Weight:
     value: ir.Value | None = None  # set when the tensor is an initializer
     constant: ir.Node | None = None  # set when the tensor is a Constant node's value
     external: bool = False
+    # set when the stored tensor is an integer q read through DequantizeLinear: `dtype` is then
+    # q's type, `tensor()` and `numpy()` the dequantized float32 values, `stored()` q itself
+    quant: Quantization | None = None
 
     @property
     def size(self) -> int:
@@ -84,15 +92,27 @@ class Weight:
     def in_axis(self) -> int | None:
         return self.uses[0].in_axis
 
-    def tensor(self) -> ir.TensorProtocol:
+    @property
+    def values_dtype(self) -> ir.DataType:
+        """The type of the weight's values as its layer computes with them (`tensor()`)."""
+        return quantized.VALUES if self.quant is not None else self.dtype
+
+    def stored(self) -> ir.TensorProtocol:
+        """The tensor as stored (q for a quantized weight)."""
         if self.value is not None:
             assert self.value.const_value is not None
             return self.value.const_value
         assert self.constant is not None
         return self.constant.attributes["value"].value
 
+    def tensor(self) -> ir.TensorProtocol:
+        """The weight's values: as stored, or dequantized when read (a quantized weight)."""
+        stored = self.stored()
+        return stored if self.quant is None else DequantizedTensor(stored, self.quant)
+
     def numpy(self) -> np.ndarray:
-        """The weights as stored (a memory map for external data: read-only, no copy)."""
+        """The weights' values (as stored: a memory map for external data, read-only, no copy;
+        a quantized weight's dequantized, a new float32 array)."""
         return self.tensor().numpy()
 
     def set_tensor(self, tensor: ir.TensorProtocol) -> None:
@@ -103,6 +123,18 @@ class Weight:
         else:
             assert self.constant is not None
             self.constant.attributes["value"] = ir.AttrTensor("value", tensor)
+
+    def set_values(self, values: np.ndarray) -> None:
+        """Store new values, laid out as `numpy()` gives them. A quantized weight is only ever
+        zeroed, never updated: its entries whose value is 0 go to their zero point, the rest of
+        q stays as it was."""
+        if self.quant is None:
+            self.set_tensor(ir.Tensor(values, dtype=self.dtype))
+            return
+        q = self.stored().numpy()
+        self.set_tensor(
+            ir.Tensor(self.quant.with_zero_points(q, np.asarray(values) == 0), dtype=self.dtype)
+        )
 
 
 # Weights are read in flat chunks of this many elements, bounding temporary memory; a quarter
@@ -121,12 +153,22 @@ def tensor_chunks(
     page); the mapping is file-backed, so it is not anonymous memory, and goes with the views.
     """
     size = size or CHUNK
-    if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth % 8 == 0:
-        flat = _map_external(tensor)
-    else:
-        flat = tensor.numpy().reshape(-1)
+    if isinstance(tensor, DequantizedTensor):  # q chunk by chunk, each dequantized
+        for where, chunk in tensor_chunks(tensor.stored, size):
+            positions = np.arange(where.start, where.start + chunk.size, dtype=np.int64)
+            yield where, tensor.quant.dequantize(chunk, positions)
+        return
+    flat = flat_view(tensor)
     for start in range(0, flat.size, size):
         yield slice(start, start + size), flat[start : start + size]
+
+
+def flat_view(tensor: ir.TensorProtocol) -> np.ndarray:
+    """The tensor's elements as one flat array: mapped from its data file for external data
+    (read-only, no copy), else its numpy() view."""
+    if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth % 8 == 0:
+        return _map_external(tensor)
+    return tensor.numpy().reshape(-1)
 
 
 def _map_external(tensor: ir.ExternalTensor) -> np.ndarray:
@@ -157,6 +199,10 @@ def tensor_blocks(tensor: ir.TensorProtocol, starts: np.ndarray, length: int) ->
     External data is read block by block with positioned reads, so sampling a huge model touches
     a few megabytes of it, not the whole file.
     """
+    if isinstance(tensor, DequantizedTensor):
+        q = tensor_blocks(tensor.stored, starts, length)
+        positions = (np.asarray(starts, dtype=np.int64)[:, None] + np.arange(length)).reshape(-1)
+        return tensor.quant.dequantize(q, positions)
     if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth % 8 == 0:
         dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
         out = np.empty((len(starts), length), dtype=dtype)
@@ -218,9 +264,11 @@ def _perm(node: ir.Node, rank: int) -> list[int]:
 
 
 def _trace_uses(
-    value: ir.Value, rank: int, graph_outputs: set[int]
+    value: ir.Value, rank: int, graph_outputs: set[int], dequantize: ir.Node | None = None
 ) -> tuple[list[Use], str | None]:
-    """Follow a constant forward to its weight slots; name the first use that is not one."""
+    """Follow a constant forward to its weight slots; name the first use that is not one.
+
+    A quantized weight's q goes through its DequantizeLinear (`dequantize`) first."""
     uses: list[Use] = []
     # stack of (value, axis map from the value's axes to the stored tensor's axes, path)
     stack: list[tuple[ir.Value, list[int], tuple[str, ...]]] = [(value, list(range(rank)), ())]
@@ -230,6 +278,9 @@ def _trace_uses(
             return uses, "it is also a graph output"
         for usage in current.uses():
             node, idx = usage.node, usage.idx
+            if dequantize is not None and node is dequantize and idx == 0 and current is value:
+                stack.append((node.outputs[0], axes, (*via, node.op_type)))
+                continue
             if node.op_type in PASS_THROUGH and node.domain == "" and idx == 0:
                 if node.op_type == "Cast":
                     to = ir.DataType(node.attributes["to"].value)
@@ -249,17 +300,26 @@ def _trace_uses(
     return uses, None
 
 
-def _source_of(value: ir.Value) -> tuple[ir.Value, ir.Node | None] | None:
-    """Walk back through pass-through ops to a stored constant: (its value, its Constant node)."""
+def _source_of(value: ir.Value) -> tuple[ir.Value, ir.Node | None, ir.Node | None] | None:
+    """Walk back through pass-through ops to a stored constant: (its value, its Constant node,
+    the DequantizeLinear it is read through when it is a quantized weight's q)."""
     seen = 0
+    dequantize = None
     while value is not None and seen < 64:
         if value.const_value is not None and value.producer() is None:
-            return value, None
+            return value, None, dequantize
         node = value.producer()
         if node is None:
             return None
         if node.op_type == "Constant" and node.domain == "" and "value" in node.attributes:
-            return value, node
+            return value, node, dequantize
+        if quantized.is_dequantize(node) and dequantize is None:
+            # a quantized weight: q stored right behind its DequantizeLinear (no view of q)
+            dequantize, value = node, node.inputs[0]
+            producer = None if value is None else value.producer()
+            if value is None or (producer is not None and producer.op_type != "Constant"):
+                return None
+            continue
         if node.op_type not in PASS_THROUGH or node.domain != "":
             return None
         value = node.inputs[0]
@@ -303,7 +363,7 @@ def find_weights(
             source = _source_of(inp)
             if source is None:
                 continue
-            value, constant = source
+            value, constant, dequantize = source
             key = id(constant) if constant is not None else id(value)
             if key in seen:
                 continue
@@ -311,7 +371,17 @@ def find_weights(
             tensor = constant.attributes["value"].value if constant else value.const_value
             name = value.name or (constant.name if constant else "") or f"weight_{len(seen)}"
             shape = tuple(int(d) for d in tensor.shape)
-            if tensor.dtype not in FLOAT_TYPES:
+            quant = None
+            if dequantize is not None:
+                if len(shape) < 2:
+                    continue
+                quant, why = quantized.quantization(dequantize, tensor)
+                if quant is not None and tensor.dtype not in quantized.TYPES:
+                    quant, why = None, f"{tensor.dtype.name} weights are not pruned"
+                if quant is None:
+                    found.skipped.append((name, why))
+                    continue
+            elif tensor.dtype not in FLOAT_TYPES:
                 found.skipped.append((name, f"{tensor.dtype.name} weights are not pruned"))
                 continue
             if len(shape) < 2:
@@ -319,7 +389,7 @@ def find_weights(
             if 0 in shape:
                 found.skipped.append((name, f"it holds no weights (shape {shape})"))
                 continue
-            uses, blocked = _trace_uses(value, len(shape), graph_outputs)
+            uses, blocked = _trace_uses(value, len(shape), graph_outputs, dequantize)
             if blocked is not None:
                 found.skipped.append((name, blocked))
                 continue
@@ -341,6 +411,7 @@ def find_weights(
                     value=None if constant is not None else value,
                     constant=constant,
                     external=isinstance(tensor, ir.ExternalTensor),
+                    quant=quant,
                 )
             )
     return found

@@ -795,16 +795,14 @@ _DEAD_ROLES = ("out", "bias", "shift", "scale")
 
 
 def kill(graph: channels.ChannelGraph, removed: np.ndarray) -> None:
-    """Zero every producer weight, bias and per-channel shift/scale of the removed classes."""
+    """Zero every producer weight, bias and per-channel shift/scale of the removed classes
+    (a quantized one at its zero point)."""
     for m in graph.members:
         if m.role not in _DEAD_ROLES or (m.role == "scale" and m.node.op_type == "Div"):
             continue
         tensor = channels.const_tensor(m.value)
-        array = np.array(tensor.numpy(), copy=True)
-        index = [slice(None)] * array.ndim
-        index[m.axis] = removed[m.ids]
-        array[tuple(index)] = 0
-        new = ir.Tensor(array, name=m.value.name)
+        array = channels.zeroed(m.value, m.axis, removed[m.ids])
+        new = ir.Tensor(array, dtype=tensor.dtype, name=m.value.name)
         node = m.value.producer()
         if node is not None and node.op_type == "Constant":
             node.attributes["value"] = ir.AttrTensor("value", new)

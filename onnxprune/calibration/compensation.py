@@ -36,7 +36,7 @@ from onnxprune.calibration import model_input_specs
 from onnxprune.calibration.capture import Runner
 from onnxprune.calibration.channels import consumers
 from onnxprune.calibration.design import design_of
-from onnxprune.channels import ChannelGraph, const_tensor
+from onnxprune.channels import ChannelGraph, const_tensor, stored_values, zeroed
 from onnxprune.errors import OnnxPruneError
 from onnxprune.rewrite.bias import shift_bias
 from onnxprune.rewrite.constants import NodeConstants
@@ -105,11 +105,8 @@ def _zeroed_copy(model: ir.Model, graph: ChannelGraph, removed: np.ndarray) -> i
         tensor = const_tensor(value) if value is not None else None
         if tensor is None:
             continue
-        array = np.array(tensor.numpy(), copy=True)
-        index: list[slice | np.ndarray] = [slice(None)] * array.ndim
-        index[member.axis] = removed[member.ids]
-        array[tuple(index)] = 0
-        store_tensor(value, ir.Tensor(array))
+        array = zeroed(value, member.axis, removed[member.ids])  # quantized: the zero point
+        store_tensor(value, ir.Tensor(array, dtype=tensor.dtype))
     return copy
 
 
@@ -120,7 +117,7 @@ def quiet_classes(graph: ChannelGraph, removed: np.ndarray, ratio: float) -> np.
     for member in graph.members:
         if member.role != "out":
             continue
-        array = np.asarray(const_tensor(member.value).numpy(), dtype=np.float64)
+        array = np.asarray(stored_values(member.value), dtype=np.float64)
         rows = np.moveaxis(array, member.axis, 0).reshape(array.shape[member.axis], -1)
         norms = np.linalg.norm(rows, axis=1)
         relative = norms / max(float(norms.mean()), 1e-30)
@@ -201,11 +198,11 @@ def measure(
         return result
     found, unsolved = consumers(graph, find_weights(model).weights)
     changed = [c for c in found if plan.removed[c.columns].any()]
-    left = [w.name for w, ids, _ in unsolved if plan.removed[ids].any()]
+    left = [(w.name, why) for w, ids, why in unsolved if plan.removed[ids].any()]
     if left:
         result.notices.append(
-            f"{len(left)} layer(s) read removed channels in a layout with no design, their "
-            f"constants not compensated: e.g. {left[0]}"
+            f"{len(left)} layer(s) read removed channels but have no design, their constants "
+            f"not compensated: e.g. {left[0][0]} ({left[0][1]})"
         )
     if not changed:
         return result

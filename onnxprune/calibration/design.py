@@ -482,12 +482,23 @@ DESIGNS: dict[str, Callable[[Weight, Use], Design | None]] = {
 }
 
 
+# Calibration re-solves weights in float and compensation shifts biases in float; a quantized
+# layer's new values would leave its quantization grid, so it gets no design: calibration ranks
+# it by magnitude and only zeroes it, compensation leaves it as it is.
+QUANTIZED_REASON = (
+    "quantized weights ({dtype} behind DequantizeLinear) are not calibrated nor compensated: "
+    "re-solved values would leave the quantization grid (prune the float model, then quantize)"
+)
+
+
 def design_of(weight: Weight) -> tuple[list[Design], str | None]:
     """The designs of every use of a weight, or the reason it has none.
 
     A weight shared by several nodes has one design per use; their statistics add up (the error
     to minimise is the sum over uses), which needs every use to see the weight the same way.
     """
+    if weight.quant is not None:
+        return [], QUANTIZED_REASON.format(dtype=weight.dtype.name.lower())
     designs = []
     for use in weight.uses:
         rule = DESIGNS.get(use.node.op_type)

@@ -263,11 +263,7 @@ def repair(
 
 
 def _dtype(weight: Weight) -> np.dtype:
-    return np.dtype(weight.dtype.numpy())
-
-
-def _set(weight: Weight, values: np.ndarray) -> None:
-    weight.set_tensor(ir.Tensor(values, dtype=weight.dtype))
+    return np.dtype(weight.values_dtype.numpy())
 
 
 def calibrated_plan(
@@ -324,7 +320,7 @@ def calibrated_plan(
                 mask = masks[i]
                 if i not in measured and mask is not None:
                     stored[i] = _store(np.where(mask, 0.0, arrays[i]), mask, _dtype(weights[i]))
-                    _set(weights[i], stored[i])
+                    weights[i].set_values(stored[i])
             waves = measurement_rounds(model, weights, measured, options.rounds)
             summary.passes += len(waves)
             for wave in waves:
@@ -336,7 +332,7 @@ def calibrated_plan(
                 for i in wave:
                     results[i] = repaired(i, paired)
                     stored[i] = _store(results[i].values, results[i].mask, _dtype(weights[i]))
-                    _set(weights[i], stored[i])
+                    weights[i].set_values(stored[i])
     summary.bias_corrected = sum(r.bias_moved for r in results.values())
     for i in changed:
         layer = base.layers[i]

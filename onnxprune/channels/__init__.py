@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from onnxprune import weights
+from onnxprune import quantized, weights
 from onnxprune.channels import shapemath
 from onnxprune.channels.oprules import RULES, Unsupported
 from onnxprune.errors import NothingToPruneError
@@ -178,6 +178,32 @@ def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
         if attr is not None:
             return attr.value
     return None
+
+
+def stored_values(value: ir.Value) -> np.ndarray:
+    """A stored tensor's values as the model computes with them: q dequantized where a
+    DequantizeLinear reads it (a quantized weight), else as stored."""
+    tensor = const_tensor(value)
+    assert tensor is not None, f"{value.name!r} is not stored"
+    quant = quantized.of_stored(value)
+    return tensor.numpy() if quant is None else quantized.DequantizedTensor(tensor, quant).numpy()
+
+
+def zeroed(value: ir.Value, axis: int, mask: np.ndarray) -> np.ndarray:
+    """A stored tensor with the indices `mask` selects along `axis` at zero: at their zero point
+    where a DequantizeLinear reads it, so that what the model computes with is exactly 0."""
+    tensor = const_tensor(value)
+    assert tensor is not None, f"{value.name!r} is not stored"
+    array = np.array(tensor.numpy(), copy=True)
+    index: list[slice | np.ndarray] = [slice(None)] * array.ndim
+    index[axis] = mask
+    quant = quantized.of_stored(value)
+    if quant is None:
+        array[tuple(index)] = 0
+        return array
+    where = np.zeros(array.shape, dtype=bool)
+    where[tuple(index)] = True
+    return quant.with_zero_points(array, where)
 
 
 def concat_piece(value: ir.Value, position: int) -> tuple[ir.Node, int, int] | None:
@@ -334,7 +360,8 @@ class Walk:
         self.fixes.append(Fix(kind, node, ids or {}, data))
 
     def _const_view(self, value: ir.Value | None, axis: int) -> tuple[ir.Value, int] | None:
-        """(stored constant, its axis) that `value`'s axis is, through Transpose/Cast/Identity."""
+        """(stored constant, its axis) that `value`'s axis is, through Transpose/Cast/Identity
+        and the DequantizeLinear of a quantized weight or bias (q's axis is the value's)."""
         seen = 0
         while value is not None and seen < 16:
             if const_tensor(value) is not None:
@@ -342,7 +369,7 @@ class Walk:
             node = value.producer()
             if node is None or node.domain not in ("", "ai.onnx"):
                 return None
-            if node.op_type not in _CONST_VIEWS:
+            if node.op_type not in _CONST_VIEWS and not quantized.viewable(node):
                 return None
             axis = self._input_axis(node, axis)
             if axis is None:
@@ -350,6 +377,25 @@ class Walk:
             value = node.inputs[0]
             seen += 1
         return None
+
+    def _dequantized(self, node: ir.Node, axis: int, ids: np.ndarray) -> None:
+        """q's axis carries channels `ids` through DequantizeLinear `node`: a scale and zero
+        point per index of that axis are sliced with it (a per-tensor one, or one per index of
+        another axis, stays whole)."""
+        q = const_tensor(node.inputs[0])
+        assert q is not None
+        quant, why = quantized.quantization(node, q)
+        if quant is None:
+            raise Unsupported(why)
+        if quant.block_size:
+            raise Unsupported(
+                f"{node.inputs[0].name!r} is quantized in {quant.kind}: blocked scales are not "
+                "sliced"
+            )
+        if quant.axis == axis:
+            for parameter in node.inputs[1:3]:
+                if parameter is not None:
+                    self.union(ids, self.space(parameter, 0, "param", node))
 
     def _input_axis(self, view: ir.Node, axis: int) -> int | None:
         """The input axis a Transpose/Cast/Identity output axis comes from."""
@@ -377,6 +423,8 @@ class Walk:
             source_axis = self._input_axis(producer, axis)
             assert source_axis is not None
             ids = self.space(producer.inputs[0], source_axis, role, node)
+            if quantized.is_dequantize(producer):
+                self._dequantized(producer, source_axis, ids)
             self._put(value, axis, ids)
             return ids
         n = self.dim(value, axis)
@@ -1003,7 +1051,8 @@ def _check_readers(walk: Walk) -> None:
                 walk.freeze_value(source, f"stored tensor {source.name!r} is a model output")
             for use in value.uses():
                 reader = use.node
-                if reader.op_type in _CONST_VIEWS and reader.domain in ("", "ai.onnx"):
+                view = reader.op_type in _CONST_VIEWS and reader.domain in ("", "ai.onnx")
+                if view or (use.idx == 0 and quantized.viewable(reader)):
                     stack.append(reader.outputs[0])
                 elif (reader, value) not in walk.looked:
                     name = f"{reader.op_type} {reader.name or reader.outputs[0].name!r}"

@@ -331,6 +331,30 @@ def softmax(node: ir.Node, ctx: Walk) -> None:
     ctx.carry(x, node.outputs[0])
 
 
+def quantize_linear(node: ir.Node, ctx: Walk) -> None:
+    """QuantizeLinear and DequantizeLinear between layers (QDQ): element-wise, a zero channel
+    stays zero (at the zero point in between). A scale and zero point per index of a channel
+    axis are sliced with it; per-tensor ones, or per index of another axis, broadcast. A stored
+    weight's DequantizeLinear is left to the layer that reads it (channels.Walk.space)."""
+    x = node.inputs[0]
+    spaces = ctx.spaces_of(x)
+    if not spaces:
+        return
+    rank = ctx.rank(x)
+    shape = ctx.shape(node.inputs[1])
+    if rank is None or shape is None:
+        raise Unsupported("unknown rank or scale shape")
+    if any(d != 1 for d in shape):
+        axis = _axis(int(_attr(node, "axis", 1)), rank)
+        if len(shape) != 1 or _attr(node, "block_size", 0):
+            raise Unsupported("blocked quantization of a tensor with channels")
+        if axis in spaces:
+            for parameter in node.inputs[1:3]:
+                if parameter is not None:
+                    ctx.union(spaces[axis], ctx.space(parameter, 0, "param", node))
+    ctx.carry(x, node.outputs[0])
+
+
 # -- placing and cutting channels ----------------------------------------------------------------
 def concat(node: ir.Node, ctx: Walk) -> None:
     out = node.outputs[0]
@@ -937,6 +961,8 @@ RULES: dict[str, Rule] = {
     "LayerNormalization": layernorm,
     "Softmax": softmax,
     "LogSoftmax": softmax,
+    "QuantizeLinear": quantize_linear,
+    "DequantizeLinear": quantize_linear,
     "Concat": concat,
     "Split": split,
     "Slice": slice_,

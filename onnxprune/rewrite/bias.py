@@ -89,9 +89,12 @@ def shift_bias(
         if has_c and old is None:
             return _add_after(model, node, term.astype(dtype))
         base = np.zeros((1, 1)) if old is None else old.numpy().astype(np.float64)
-        consts.replace(
-            node, 2, (base + term).astype(old.dtype.numpy() if old is not None else dtype)
-        )
+        merged = base + term
+        if merged.shape[0] == 1 and (old is None or len(old.shape) == 1):
+            # one row broadcast over the batch: C stays 1-D as exporters write it (tools that
+            # read C per output, onnxruntime.quantization's bias quantizer, want it so)
+            merged = merged.reshape(-1)
+        consts.replace(node, 2, merged.astype(old.dtype.numpy() if old is not None else dtype))
         return None
     # MatMul: reuse the constant of a following Add that holds one value per output feature
     y = node.outputs[0]

@@ -3,6 +3,8 @@
 Each pruned tensor is computed from the original when it is read (by the saver, the checker or
 ONNX Runtime), and written to disk chunk by chunk: no pruned copy of the model, nor of a whole
 tensor, is ever held in memory while saving, so external data streams through in bounded memory.
+A quantized weight's q gets the zero point of each pruned entry (its value is then exactly 0);
+the plan's masks come from its dequantized values, chunk by chunk alike.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import BinaryIO
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.quantized import DequantizedTensor
 from onnxprune.selection import LayerPlan, Plan, layer_masks
+from onnxprune.weights import flat_view
 
 
 def zeroed(values: np.ndarray, mask: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -42,12 +46,15 @@ class PrunedTensor(ir.LazyTensor):
 
     def __init__(self, layer: LayerPlan, source: ir.TensorProtocol, keys: np.dtype) -> None:
         super().__init__(
-            lambda: ir.Tensor(pruned_array(layer, source, keys), dtype=source.dtype),
+            lambda: ir.Tensor(self.array(), dtype=source.dtype),
             dtype=source.dtype,
             shape=source.shape,
             name=layer.weight.name,
         )
         self._layer, self._source, self._keys = layer, source, keys
+
+    def array(self) -> np.ndarray:
+        return pruned_array(self._layer, self._source, self._keys)
 
     def chunks(self) -> Iterator[np.ndarray]:
         """The pruned values chunk by chunk, the next one pruned on a helper thread meanwhile.
@@ -81,11 +88,52 @@ class PrunedTensor(ir.LazyTensor):
             file.write(chunk.view(np.uint8).data)
 
 
+def pruned_quantized(
+    layer: LayerPlan, stored: ir.TensorProtocol, keys: np.dtype
+) -> Iterator[np.ndarray]:
+    """A quantized layer's q (`stored`, the original), chunk by chunk, with the planned entries
+    at their zero points."""
+    quant = layer.weight.quant
+    assert quant is not None
+    q = flat_view(stored)
+    for where, _, mask in layer_masks(layer, DequantizedTensor(stored, quant), keys):
+        start = where.start or 0
+        yield quant.with_zero_points(q[start : start + mask.size], mask, start)
+
+
+class PrunedQuantized(PrunedTensor):
+    """A pruned quantized weight (a byte or more per element: int8, uint8, int16, uint16): q
+    (`source`) with the planned entries at their zero points, computed when read, streamed
+    chunk by chunk when written."""
+
+    __slots__ = ()
+
+    def array(self) -> np.ndarray:
+        return quantized_array(self._layer, self._source, self._keys)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        return pruned_quantized(self._layer, self._source, self._keys)
+
+
+def quantized_array(layer: LayerPlan, source: ir.TensorProtocol, keys: np.dtype) -> np.ndarray:
+    """The layer's q with the planned entries at their zero points, whole."""
+    pieces = list(pruned_quantized(layer, source, keys))
+    return np.concatenate(pieces).reshape(layer.weight.shape)
+
+
 def apply_plan(model: ir.Model, plan: Plan) -> ir.Model:
     """Replace every changed weight of `model` (in place) by its pruned version; returns `model`."""
     for layer in plan.layers:
+        weight = layer.weight
         if layer.values is not None:  # calibrated: the repaired weights were computed already
-            layer.weight.set_tensor(ir.Tensor(layer.values, dtype=layer.weight.dtype))
+            weight.set_values(layer.values)
+        elif layer.changed and weight.quant is not None:
+            source = weight.stored()
+            if weight.dtype.bitwidth % 8 == 0:
+                weight.set_tensor(PrunedQuantized(layer, source, plan.keys))
+            else:  # packed sub-byte q (int4): written whole by onnx-ir, not streamed in chunks
+                array = quantized_array(layer, source, plan.keys)
+                weight.set_tensor(ir.Tensor(array, dtype=weight.dtype))
         elif layer.changed:
-            layer.weight.set_tensor(PrunedTensor(layer, layer.weight.tensor(), plan.keys))
+            weight.set_tensor(PrunedTensor(layer, weight.tensor(), plan.keys))
     return model

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune import macs
+from onnxprune import macs, quantized
 from onnxprune.channels import ChannelGraph, const_tensor
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
 from onnxprune.scoring import channel_scores
@@ -204,12 +204,15 @@ def _macs_per_param(node: ir.Node, size: int, at: dict[ir.Node, int]) -> tuple[i
 
 
 def _stored_source(value: ir.Value | None) -> ir.Value | None:
-    """The stored tensor behind Identity/Cast/Transpose (how exporters often hand weights over)."""
+    """The stored tensor behind Identity/Cast/Transpose (how exporters often hand weights over)
+    and DequantizeLinear (a quantized weight's q)."""
     for _ in range(16):
         if value is None or const_tensor(value) is not None:
             return value
         node = value.producer()
-        if node is None or node.op_type not in ("Identity", "Cast", "Transpose"):
+        if node is None or (
+            node.op_type not in ("Identity", "Cast", "Transpose") and not quantized.viewable(node)
+        ):
             return value
         value = node.inputs[0]
     return value
