@@ -44,6 +44,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_prune.py
 	$(PY) bench/bench_sparse.py
+	$(PY) bench/quantize.py
 	$(PY) bench/bench_structured.py
 	$(PY) bench/bench_calibrate.py --mode one-pass
 
