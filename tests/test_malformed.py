@@ -665,3 +665,26 @@ def test_attribute_without_a_type(tmp_path) -> None:
     path = tmp_path / "m.onnx"
     path.write_bytes(bytes(raw))
     assert_refused(path, "node 'Conv4': attribute 'pads' of Conv must be INTS, it is UNDEFINED")
+
+
+def test_unknown_element_type_of_an_external_tensor_is_one_line(tmp_path) -> None:
+    """Found by the slow property test: onnx.checker's C++ side raised a plain ValueError
+    ("Invalid tensor data type 29") for a graph input it made from an external tensor."""
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="m.data", size_threshold=0)
+    proto = onnx.load(str(path), load_external_data=False)
+    proto.graph.initializer[0].data_type = 29
+    path.write_bytes(proto.SerializeToString())
+    result = CliRunner().invoke(main, [str(path), "-s", "0.5", "-o", str(tmp_path / "o.onnx")])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.data", "m.onnx"]
