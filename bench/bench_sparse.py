@@ -95,8 +95,12 @@ def main() -> None:
         original = io.file_size(src)
         for s in sparsities:
             dense, smallest, wide = (OUT / f"{dtype}_{s}_{k}.onnx" for k in ("dense", "sp", "i64"))
-            onnxprune.prune(src, s, output=dense, force=True, sparse_storage=False)
-            _, report = onnxprune.prune(src, s, output=smallest, force=True, sparse_storage=True)
+            onnxprune.prune(
+                src, s, output=dense, force=True, save=onnxprune.Save(sparse_storage=False)
+            )
+            _, report = onnxprune.prune(
+                src, s, output=smallest, force=True, save=onnxprune.Save(sparse_storage=True)
+            )
             model, _ = onnxprune.prune(src, s)
             io.save_model(
                 model, wide, force=True, check=True, sparse=sparse.plan(model, index="int64")

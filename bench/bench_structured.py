@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from zoo import latencies_ms  # bench/ is the script's folder
 
+import onnxprune
 from models import resnet50  # bench/models.py (ruff files it first-party: the root models/)
 from onnxprune import pipeline
 
@@ -35,7 +36,10 @@ def main(argv: list[str]) -> None:
         for round_to in (None, 8, 16):
             out = Path(tmp) / f"pruned{round_to}.onnx"
             _, report = pipeline.prune(
-                dense, 0.5, structured=True, target="macs", round_to=round_to, output=out
+                dense,
+                0.5,
+                output=out,
+                structured=onnxprune.Structured(target="macs", round_to=round_to),
             )
             macs = report.channels.macs
             variants[round_to] = (out, macs[1] / macs[0])

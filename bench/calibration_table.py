@@ -59,6 +59,8 @@ def cosines(out: np.ndarray, dense: np.ndarray) -> np.ndarray:
     """Per-sample cosine of the flattened outputs."""
     out, dense = out.reshape(len(out), -1), dense.reshape(len(dense), -1)
     return np.sum(out * dense, 1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(dense, axis=1))
+
+
 SETTINGS = ("0.5", "0.8", "0.9", "0.95", "0.98", "2:4")
 METHODS = (
     ("magnitude", None, None),
@@ -165,9 +167,11 @@ def structured_table(args: argparse.Namespace) -> None:
                             data=calib, criterion=criterion, mode=mode, device="cpu"
                         )
                     model, _ = onnxprune.prune(
-                        path, float(setting), structured=True, target=target, heads=args.heads,
+                        path,
+                        float(setting),
                         calibration=options,
-                    )  # fmt: skip
+                        structured=onnxprune.Structured(target=target, heads=args.heads),
+                    )
                     out = logits(model, x)
                     cosine = cosines(out, dense)
                     seconds = time.perf_counter() - start
@@ -177,9 +181,13 @@ def structured_table(args: argparse.Namespace) -> None:
                 options = Calibration(data=calib, device="cpu")
                 try:
                     model, _ = onnxprune.prune(
-                        path, float(setting), structured=True, target=target, heads=args.heads,
-                        calibration=options, round_to=8,
-                    )  # fmt: skip
+                        path,
+                        float(setting),
+                        calibration=options,
+                        structured=onnxprune.Structured(
+                            target=target, heads=args.heads, round_to=8
+                        ),
+                    )
                 except InfeasibleError:  # layers too narrow to round and still reach it
                     print(f"| {setting} of {target} | " + " | ".join(cells) + " | infeasible | |")
                     continue

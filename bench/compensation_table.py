@@ -45,7 +45,9 @@ def main() -> None:
             cells = []
             for compensate in (False, True):
                 model, _ = onnxprune.prune(
-                    path, sparsity, structured=True, target="macs", compensate=compensate
+                    path,
+                    sparsity,
+                    structured=onnxprune.Structured(target="macs", compensate=compensate),
                 )
                 cells.append(f"{accuracy(logits(model, x), y):.2f}")
             row.append(" / ".join(cells))

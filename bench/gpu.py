@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+import onnxprune
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "gpu"
 DEFAULT = ["resnet50", "mobilenet_v2", "efficientnet_b0", "vit_b_16"]
@@ -100,7 +102,6 @@ def main() -> None:
         print(f"bench/gpu.py: skipped, CUDA cannot run here: {problem}")
         return
     logging.disable(logging.WARNING)
-    import onnxprune
     from onnxprune.metrics import model_cost
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -113,8 +114,14 @@ def main() -> None:
         variants = {"dense": dense}
         with tempfile.TemporaryDirectory(dir=OUT) as tmp:
             structured = Path(tmp) / "structured.onnx"
-            onnxprune.prune(dense, 0.5, structured=True, target="macs", round_to=8,
-                            output=structured, input_shapes={"x": (1, 3, 224, 224)})  # fmt: skip
+            onnxprune.prune(
+                dense,
+                0.5,
+                output=structured,
+                structured=onnxprune.Structured(
+                    target="macs", round_to=8, input_shapes={"x": (1, 3, 224, 224)}
+                ),
+            )
             unstructured = Path(tmp) / "unstructured.onnx"
             onnxprune.prune(dense, 0.5, output=unstructured)
             variants.update(structured=structured, unstructured=unstructured)

@@ -23,6 +23,8 @@ import time
 import traceback
 from pathlib import Path
 
+import onnxprune
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "zoo"
 MODELS = {
@@ -140,7 +142,11 @@ def one(name: str) -> dict:
         start = time.perf_counter()
         out = OUT / f"{name}{'.ts' if LEGACY else ''}.pruned{ROUND_TO or ''}.onnx"
         _, report = pipeline.prune(
-            src, SPARSITY, structured=True, round_to=ROUND_TO, output=out, force=True
+            src,
+            SPARSITY,
+            output=out,
+            force=True,
+            structured=onnxprune.Structured(round_to=ROUND_TO),
         )
         row["prune_s"] = round(time.perf_counter() - start, 1)
         plan = report.channels

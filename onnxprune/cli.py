@@ -561,6 +561,16 @@ def prune_command(
         raise click.UsageError("give --sparsity (e.g. --sparsity 0.9) or --pattern (e.g. 2:4)")
     if sparsity is not None and pattern is not None:
         raise click.UsageError("--sparsity and --pattern exclude each other")
+    from onnxprune.inputs import parse_input_shapes
+
+    channels = pipeline.structured_options(
+        structured,
+        target=target,
+        round_to=round_to,
+        heads=heads,
+        compensate=bias_correction,
+        input_shapes=parse_input_shapes(input_shape),
+    )
     io.check_model_path(model)
     output = output or str(pipeline.default_output(model))
     check_outputs(
@@ -598,8 +608,6 @@ def prune_command(
         device,
         calibration_rounds,
     )
-    from onnxprune.inputs import parse_input_shapes
-
     _, report = pipeline.prune(
         model,
         sparsity or 0.0,
@@ -608,18 +616,11 @@ def prune_command(
         pattern=pattern,
         include=include,
         exclude=exclude,
+        structured=channels or False,
+        calibration=options,
         output=output,
         force=force,
-        external_data=external_data,
-        sparse_storage=sparse_storage,
-        check=check,
-        structured=structured,
-        round_to=round_to,
-        target=target,
-        calibration=options,
-        heads=heads,
-        compensate=bias_correction,
-        input_shapes=parse_input_shapes(input_shape),
+        save=io.Save(external_data=external_data, sparse_storage=sparse_storage, check=check),
     )
     if not quiet:
         click.echo(format_report(report))
@@ -701,18 +702,18 @@ def inspect_command(
     """
     _setup_logging(False)
     check_outputs(run_inputs(model), [(report_path, "the report")], force=force)
-    pipeline.check_structured_options(structured, target=target, round_to=round_to, heads=heads)
-    if structured:
+    channels = pipeline.structured_options(
+        structured, target=target, round_to=round_to, heads=heads
+    )
+    if channels is not None:
         _, report = pipeline.prune(
             model,
             sparsity or 0.0,
             min_keep=min_keep,
             include=include,
             exclude=exclude,
-            structured=True,
-            round_to=round_to,
-            target=target,
-            heads=heads,
+            # what would go, not a model to keep: the constants need not be measured
+            structured=pipeline.Structured(target, round_to, heads, compensate=False),
         )
         click.echo(format_report(report))
         if report_path:
@@ -923,7 +924,7 @@ def sweep_command(
     from onnxprune.validate import preflight
 
     _setup_logging(False)
-    pipeline.check_structured_options(structured, target=target, round_to=round_to, heads=heads)
+    pipeline.structured_options(structured, target=target, round_to=round_to, heads=heads)
     preflight(
         model,
         data=data,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +270,21 @@ def _own_data_files(out: Path, inputs: dict[Path, str]) -> list[Path]:
             continue
         own.append(p)
     return own
+
+
+@dataclass(frozen=True)
+class Save:
+    """How `pipeline.prune` writes its output (the path and --force travel beside it).
+
+    `external_data`: weights in a data file beside the model (None: as the input, or when they
+    would not fit a 2 GB protobuf); `sparse_storage`: weights as sparse initializers where that
+    takes fewer bytes (None: as the input); `check`: onnx.checker with full shape inference on
+    the written model before it is moved into place.
+    """
+
+    external_data: bool | None = None
+    sparse_storage: bool | None = None
+    check: bool = True
 
 
 def save_model(

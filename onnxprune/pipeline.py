@@ -6,6 +6,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
@@ -23,102 +24,53 @@ def default_output(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}.pruned{path.suffix or '.onnx'}")
 
 
-def prune(
-    model: str | os.PathLike | ir.Model,
-    sparsity: float = 0.0,
-    *,
-    method: str = "global",
-    min_keep: str | float | int | None = None,
-    pattern: str | tuple[int, int] | None = None,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    output: str | os.PathLike | None = None,
-    force: bool = False,
-    external_data: bool | None = None,
-    sparse_storage: bool | None = None,
-    check: bool = True,
-    structured: bool = False,
-    round_to: int | None = None,
-    target: str = "params",
-    calibration: Calibration | str | os.PathLike | None = None,
-    criterion: str | None = None,
-    heads: bool = False,
-    compensate: bool = True,
-    input_shapes: dict[str, tuple[int, ...]] | None = None,
-) -> tuple[ir.Model, Report]:
-    """Prune a model (a path or an `ir.Model`, changed in place) and, if `output` is given, save it.
-
-    `structured=True` removes whole channels instead of zeroing weights: `sparsity` is then the
-    share of the weights' parameters (target="params") or MACs (target="macs") removed, and
-    `round_to` keeps channel counts multiples of N where a layer allows, and `heads=True` makes
-    each attention head one channel (removed whole) instead of coupling head_dim across heads.
-    With `calibration`, channels are chosen by the output error their removal causes and the
-    layers that read them are re-solved by least squares. Without, `compensate` folds what the
-    removed channels still carried (a BatchNorm shift, a Sigmoid's 0.5...) into the biases of
-    the layers that read them, measured on generated inputs (`input_shapes` for open dims).
-    `calibration` (an .npz of input samples, or a `Calibration`) ranks weights by what they do on
-    those samples and repairs what is left: `criterion` sparsegpt (the default with data), wanda
-    or magnitude. `sparse_storage=True` writes weights as sparse initializers where that takes
-    fewer bytes (None: as the input; see `onnxprune.sparse`).
-    Returns the pruned model and the report. Errors a user can cause raise `OnnxPruneError`.
-    """
-    start = time.perf_counter()
-    input_path = None if isinstance(model, ir.Model) else Path(model)
-    sparsity = selection.check_sparsity(sparsity)
-    options = calibration_options(calibration, criterion)
-    check_structured_options(structured, target=target, round_to=round_to, heads=heads)
-    if output is not None:
-        io.check_output_path(output, input_path=input_path, force=force)
-    if input_path is not None:
-        with step(f"loading {input_path}"):
-            model = io.load_model(input_path)
-    assert isinstance(model, ir.Model)
-    if sparse_storage and output is not None:
-        sparse.check_possible(model)  # before any work
-    if structured:
-        report = _prune_channels(
-            model, sparsity, method, min_keep, pattern, include, exclude, round_to, target,
-            options, heads, compensate, input_shapes,
-        )  # fmt: skip
-    else:
-        report = _prune_weights(
-            model, sparsity, method, min_keep, pattern, include, exclude, options
-        )
-    if input_path is not None:
-        report.input_path = str(input_path)
-        report.size_before = io.file_size(input_path)
-    if output is not None:
-        with step(f"writing {output}"):
-            layout = io.sparse_layout(model, sparse_storage)
-            out = io.save_model(
-                model,
-                output,
-                input_path=input_path,
-                force=force,
-                external_data=external_data,
-                check=check,
-                sparse=layout or False,
-            )
-        if layout is not None:
-            report.extra["sparse_storage"] = layout.summary()
-        report.output_path = str(out)
-        report.size_after = io.file_size(out)
-    report.seconds = round(time.perf_counter() - start, 3)
-    return model, report
-
-
 TARGETS = ("params", "macs")
 
 
-def check_structured_options(
-    structured: bool, *, target: str = "params", round_to: int | None = None, heads: bool = False
-) -> None:
-    """Options that only mean something for channel removal are refused without --structured,
-    rather than silently ignored."""
+@dataclass(frozen=True)
+class Structured:
+    """Channel removal's settings (`prune(structured=Structured(...))`; True means the defaults).
+
+    `target`: `sparsity` counts removed parameters ("params") or multiply-accumulates ("macs");
+    `round_to`: channel counts kept multiples of N where a layer allows; `heads`: each attention
+    head is one channel, removed whole; `compensate`: without calibration, what removed channels
+    still carried (a BatchNorm shift, a Sigmoid's 0.5...) is folded into their readers' biases,
+    measured on generated inputs; `input_shapes`: the sizes open dims take there and in MAC
+    counts.
+    """
+
+    target: str = "params"
+    round_to: int | None = None
+    heads: bool = False
+    compensate: bool = True
+    input_shapes: dict[str, tuple[int, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise InvalidArgumentError(
+                f"--target {self.target!r}: choose one of {', '.join(TARGETS)}"
+            )
+        if self.round_to is not None and (int(self.round_to) != self.round_to or self.round_to < 1):
+            raise InvalidArgumentError(
+                f"--round-to {self.round_to!r}: must be a positive whole number"
+            )
+
+
+def structured_options(
+    structured: bool,
+    *,
+    target: str = "params",
+    round_to: int | None = None,
+    heads: bool = False,
+    compensate: bool = True,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> Structured | None:
+    """The Structured settings the command line's flags ask for (None without --structured);
+    flags that only mean something for channel removal are refused without it, never ignored."""
+    if structured:
+        return Structured(target, round_to, heads, compensate, input_shapes)
     if target not in TARGETS:
         raise InvalidArgumentError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
-    if structured:
-        return
     if heads:
         raise InvalidArgumentError("--heads removes whole attention heads: it needs --structured")
     if target != "params":
@@ -130,6 +82,79 @@ def check_structured_options(
         raise InvalidArgumentError(
             f"--round-to {round_to} rounds channel counts: it needs --structured"
         )
+    return None
+
+
+def prune(
+    model: str | os.PathLike | ir.Model,
+    sparsity: float = 0.0,
+    *,
+    method: str = "global",
+    min_keep: str | float | int | None = None,
+    pattern: str | tuple[int, int] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    structured: bool | Structured = False,
+    calibration: Calibration | str | os.PathLike | None = None,
+    criterion: str | None = None,
+    output: str | os.PathLike | None = None,
+    force: bool = False,
+    save: io.Save | None = None,
+) -> tuple[ir.Model, Report]:
+    """Prune a model (a path or an `ir.Model`, changed in place) and, if `output` is given, save it.
+
+    `structured` (True, or a `Structured` for its settings) removes whole channels instead of
+    zeroing weights: `sparsity` is then the share of the weights' parameters or MACs removed.
+    `calibration` (an .npz of input samples, or a `Calibration`) ranks weights by what they do on
+    those samples and repairs what is left: `criterion` sparsegpt (the default with data), wanda
+    or magnitude; with `structured`, channels are chosen by the output error their removal causes
+    and the layers that read them are re-solved by least squares. `save` sets how the output is
+    written (`io.Save`: external data, sparse storage, the checker), `force` lets it replace a
+    file. Returns the pruned model and the report. Errors a user can cause raise `OnnxPruneError`.
+    """
+    start = time.perf_counter()
+    input_path = None if isinstance(model, ir.Model) else Path(model)
+    sparsity = selection.check_sparsity(sparsity)
+    options = calibration_options(calibration, criterion)
+    channels = Structured() if structured is True else structured or None
+    save = save or io.Save()
+    if output is not None:
+        io.check_output_path(output, input_path=input_path, force=force)
+    if input_path is not None:
+        with step(f"loading {input_path}"):
+            model = io.load_model(input_path)
+    assert isinstance(model, ir.Model)
+    if save.sparse_storage and output is not None:
+        sparse.check_possible(model)  # before any work
+    if channels is not None:
+        report = _prune_channels(
+            model, sparsity, method, min_keep, pattern, include, exclude, channels, options
+        )
+    else:
+        report = _prune_weights(
+            model, sparsity, method, min_keep, pattern, include, exclude, options
+        )
+    if input_path is not None:
+        report.input_path = str(input_path)
+        report.size_before = io.file_size(input_path)
+    if output is not None:
+        with step(f"writing {output}"):
+            layout = io.sparse_layout(model, save.sparse_storage)
+            out = io.save_model(
+                model,
+                output,
+                input_path=input_path,
+                force=force,
+                external_data=save.external_data,
+                check=save.check,
+                sparse=layout or False,
+            )
+        if layout is not None:
+            report.extra["sparse_storage"] = layout.summary()
+        report.output_path = str(out)
+        report.size_after = io.file_size(out)
+    report.seconds = round(time.perf_counter() - start, 3)
+    return model, report
 
 
 def _prune_weights(
@@ -196,12 +221,8 @@ def _prune_channels(
     pattern: str | tuple[int, int] | None,
     include: Sequence[str] | None,
     exclude: Sequence[str] | None,
-    round_to: int | None,
-    target: str,
+    settings: Structured,
     options: Calibration | None = None,
-    heads: bool = False,
-    compensate: bool = True,
-    input_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> Report:
     """Structured: trace channel groups, rank channels globally, slice them out (with
     calibration: ranked by their cost on the samples, and the readers re-solved; without,
@@ -218,7 +239,7 @@ def _prune_channels(
     excludes = weights._compile(exclude, "--exclude")
     with step("tracing channels"):
         channels.prepare(model)
-        graph = channels.build(model, heads=heads) if heads else channels.build(model)
+        graph = channels.build(model, heads=True) if settings.heads else channels.build(model)
 
     def named(layer: channels.Layer, patterns: list) -> bool:
         return any(p.search(n) for p in patterns for n in (layer.name, layer.member.value.name))
@@ -239,9 +260,9 @@ def _prune_channels(
             sparsity,
             options,
             min_keep=min_keep,
-            round_to=round_to,
-            target=target,
-            input_shapes=input_shapes,
+            round_to=settings.round_to,
+            target=settings.target,
+            input_shapes=settings.input_shapes,
         )
         return Report(plan=None, channels=plan)
     with step("ranking channels"):
@@ -250,16 +271,16 @@ def _prune_channels(
             graph,
             sparsity,
             min_keep=min_keep,
-            round_to=round_to,
-            target=target,
-            input_shapes=input_shapes,
+            round_to=settings.round_to,
+            target=settings.target,
+            input_shapes=settings.input_shapes,
         )
     constants = None
-    if compensate and plan.removed.any():
+    if settings.compensate and plan.removed.any():
         from onnxprune.calibration import compensation
 
         with step("measuring the constants removed channels carry"):
-            constants = compensation.measure(model, graph, plan, input_shapes=input_shapes)
+            constants = compensation.measure(model, graph, plan, input_shapes=settings.input_shapes)
     with step("removing channels"):
         apply_channel_plan(model, plan)
     if constants is not None:

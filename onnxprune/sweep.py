@@ -175,7 +175,9 @@ def sweep(
     are timed too (median latency of one batch), unstructured ones are not (zeros are not faster).
     """
     sparsities = parse_sparsities(sparsities)
-    pipeline.check_structured_options(structured, target=target, round_to=round_to, heads=heads)
+    channels = pipeline.structured_options(
+        structured, target=target, round_to=round_to, heads=heads, input_shapes=input_shapes
+    )
     runtime = select_runtime(device)
     if runtime.note:
         log.info("%s", runtime.note)
@@ -208,11 +210,7 @@ def sweep(
                         sparsity,
                         method=method,
                         min_keep=keep,
-                        structured=structured,
-                        target=target,
-                        round_to=round_to,
-                        heads=heads,
-                        input_shapes=input_shapes,
+                        structured=channels or False,
                         calibration=None
                         if criterion is None or calibration is None
                         else dataclasses.replace(calibration, criterion=criterion),

@@ -10,6 +10,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+import onnxprune
 from onnxprune import channels, io, pipeline
 from onnxprune.calibration import compensation
 from onnxprune.report import format_report
@@ -200,7 +201,7 @@ def test_pipeline_compensates_by_default_and_says_so(tmp_path) -> None:
     assert "constants:" in format_report(report)
     assert report.to_dict()["compensation"]["layers"] == 1
     _, plain = pipeline.prune(
-        source, 0.3, structured=True, output=tmp_path / "b.onnx", compensate=False
+        source, 0.3, output=tmp_path / "b.onnx", structured=onnxprune.Structured(compensate=False)
     )
     assert plain.channels.compensation is None
     assert plain.to_dict()["compensation"] is None
@@ -222,9 +223,8 @@ def test_model_that_will_not_run_is_left_uncompensated_with_a_notice(tmp_path) -
     _, report = pipeline.prune(
         source,
         0.3,
-        structured=True,
         output=tmp_path / "p.onnx",
         force=True,
-        input_shapes={"x": (1, 3, 6, 6)},
+        structured=onnxprune.Structured(input_shapes={"x": (1, 3, 6, 6)}),
     )
     assert report.channels.compensation.layers == 1

@@ -10,6 +10,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+import onnxprune
 from onnxprune import channels
 from onnxprune.report.channels import channel_dict, format_channels
 from onnxprune.selection.channels import ChannelPlan, counted_weights, plan_channels
@@ -219,7 +220,7 @@ def test_pipeline_removes_the_weakest_head_whole(tmp_path: Path) -> None:
             weights[m.value.name].CopyFrom(onnx.numpy_helper.from_array(array, m.value.name))
     source = save(proto, tmp_path / "in.onnx")
     _, report = pipeline.prune(
-        source, 0.05, structured=True, heads=True, output=tmp_path / "o.onnx"
+        source, 0.05, output=tmp_path / "o.onnx", structured=onnxprune.Structured(heads=True)
     )
     plan = report.channels
     (entry,) = plan.graph.heads

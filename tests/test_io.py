@@ -105,7 +105,7 @@ def test_external_data_in_many_files_is_read_and_written_to_one(tmp_path, path) 
 
 def test_external_data_forced_for_small_model(tmp_path) -> None:
     src = save(small_cnn(), tmp_path / "m.onnx")
-    onnxprune.prune(src, 0.5, output=tmp_path / "o.onnx", external_data=True)
+    onnxprune.prune(src, 0.5, output=tmp_path / "o.onnx", save=onnxprune.Save(external_data=True))
     assert (tmp_path / "o.onnx.data").is_file()
     onnx.checker.check_model(str(tmp_path / "o.onnx"), full_check=True)
 

@@ -186,7 +186,7 @@ def test_weights_inside_if_branches_are_pruned_and_run(tmp_path) -> None:
 def test_subgraph_weights_go_to_the_external_data_file_too(tmp_path) -> None:
     src = save(if_model(16, 8), tmp_path / "if.onnx")  # 512-byte weights: big enough to go out
     out = tmp_path / "o.onnx"
-    onnxprune.prune(src, 0.5, output=out, external_data=True)
+    onnxprune.prune(src, 0.5, output=out, save=onnxprune.Save(external_data=True))
     header = onnx.load(str(out), load_external_data=False)
     branch = next(a.g for a in header.graph.node[0].attribute if a.name == "then_branch")
     for tensor in (header.graph.initializer[0], branch.initializer[0]):

@@ -449,7 +449,11 @@ def test_calibrated_paths_fall_back_for_quantized_weights(tmp_path) -> None:
     run(out, data())
     out = tmp_path / "s.onnx"
     _, report = onnxprune.prune(
-        path, sparsity=0.3, structured=True, target="macs", calibration=calib, output=out
+        path,
+        sparsity=0.3,
+        calibration=calib,
+        output=out,
+        structured=onnxprune.Structured(target="macs"),
     )
     assert report.channels.removed.any()
     notices = " ".join(report.channels.calibration.notices)
@@ -483,7 +487,9 @@ def test_external_data_same_as_in_memory(tmp_path) -> None:
     outs = []
     for source in (inline, external):
         out = tmp_path / f"{source.stem}.pruned.onnx"
-        onnxprune.prune(source, sparsity=0.6, output=out, external_data=source == external)
+        onnxprune.prune(
+            source, sparsity=0.6, output=out, save=onnxprune.Save(external_data=source == external)
+        )
         outs.append(initializers(out))
     assert outs[0].keys() == outs[1].keys()
     for name, array in outs[0].items():

@@ -10,6 +10,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+import onnxprune
 from onnxprune import pipeline
 from onnxprune.cli import main
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
@@ -119,7 +120,7 @@ def test_round_to_keeps_multiples(tmp_path: Path) -> None:
     b.node("Conv", [h, b.weight((2, 16, 1, 1))], out="y")
     b.output("y", shape=["N", 2, 6, 6])
     source = save(b.model(), tmp_path / "in.onnx")
-    _, report = pipeline.prune(source, 0.5, structured=True, round_to=8)
+    _, report = pipeline.prune(source, 0.5, structured=onnxprune.Structured(round_to=8))
     plan = report.channels
     kept = [plan.kept_of(layer.classes) for layer in plan.graph.layers]
     assert all(k % 8 == 0 and k > 0 for k in kept[:3]), kept
@@ -131,7 +132,7 @@ def test_round_to_keeps_multiples(tmp_path: Path) -> None:
 def test_mac_target_counts_macs(tmp_path: Path) -> None:
     source = save(combined(), tmp_path / "in.onnx")
     _, by_params = pipeline.prune(source, 0.4, structured=True)
-    _, by_macs = pipeline.prune(source, 0.4, structured=True, target="macs")
+    _, by_macs = pipeline.prune(source, 0.4, structured=onnxprune.Structured(target="macs"))
     params, macs = by_macs.channels.params, by_macs.channels.macs
     assert 1 - macs[1] / macs[0] >= 0.4
     assert by_macs.channels.achieved == pytest.approx(1 - macs[1] / macs[0])
@@ -158,7 +159,7 @@ def test_min_keep_is_respected_and_infeasible_is_an_error(tmp_path: Path) -> Non
     with pytest.raises(InvalidArgumentError):
         pipeline.prune(source, 0.3, structured=True, pattern="2:4")
     with pytest.raises(InvalidArgumentError):
-        pipeline.prune(source, 0.3, structured=True, target="flops")
+        pipeline.prune(source, 0.3, structured=onnxprune.Structured(target="flops"))
 
 
 def test_selection_is_deterministic(tmp_path: Path) -> None:

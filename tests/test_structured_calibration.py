@@ -22,6 +22,7 @@ import pytest
 from click.testing import CliRunner, Result
 from onnx import numpy_helper
 
+import onnxprune
 from onnxprune import pipeline
 from onnxprune.calibration import Calibration, reconstruct
 from onnxprune.cli import main
@@ -72,13 +73,11 @@ def calibrated(
     pruned, report = pipeline.prune(
         source,
         sparsity,
-        structured=True,
         calibration=Calibration(data=data, **{"device": "cpu", **options}),
         min_keep=min_keep,
-        round_to=round_to,
-        target=target,
         output=output,
         force=True,
+        structured=onnxprune.Structured(round_to=round_to, target=target),
     )
     assert report.channels is not None and report.channels.calibration is not None
     return pruned, report.channels

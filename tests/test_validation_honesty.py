@@ -106,7 +106,7 @@ def test_structured_attention_macs_at_the_shapes_run(tmp_path) -> None:
     counted at the sequence length run, and the ratio is one of two whole counts."""
     src = save(heads_torchscript(), tmp_path / "a.onnx")
     out = tmp_path / "p.onnx"
-    _, report = onnxprune.prune(src, 0.3, structured=True, heads=True, output=out)
+    _, report = onnxprune.prune(src, 0.3, output=out, structured=onnxprune.Structured(heads=True))
     # the output projection [width, 12] reads the `width` channels q, k and v keep of 12
     stored = [list(t.dims) for t in onnx.load(str(out)).graph.initializer]
     width = next(d[0] for d in stored if len(d) == 2 and d[1] == 12 and d[0] != 6)
@@ -129,7 +129,7 @@ def test_structured_attention_macs_at_the_shapes_run(tmp_path) -> None:
     shapes = {"x": (1, 5, 6), "keep": (1, 5)}
     again = tmp_path / "again.onnx"
     _, report = onnxprune.prune(
-        src, 0.3, structured=True, heads=True, output=again, input_shapes=shapes
+        src, 0.3, output=again, structured=onnxprune.Structured(heads=True, input_shapes=shapes)
     )
     assert not report.channels.macs_open and report.channels.macs_at == {
         "x": [1, 5, 6],
@@ -182,7 +182,7 @@ def test_symbolic_height_width(tmp_path) -> None:
     data = channel_dict(report.channels)["macs"]
     assert data["before"] is None and not data["complete"] and len(data["open"]) == 2
     # --target macs cannot weigh layers by MACs it does not know: a warning says so
-    _, report = onnxprune.prune(path, 0.3, structured=True, target="macs")
+    _, report = onnxprune.prune(path, 0.3, structured=onnxprune.Structured(target="macs"))
     assert any(w.startswith("--target macs: 2 layers' MACs depend") for w in report.warnings)
 
     out, rep = tmp_path / "p.onnx", tmp_path / "r.json"
