@@ -52,7 +52,7 @@ PRODUCER_ROLES = ("out", "bias")
 # it are at most this share of the layer's mean channel norm.
 QUIET = 1e-3
 # Generated batches the choice between the candidates is made on.
-CHOICE_BATCHES = 8
+CHOICE_BATCHES = 4
 # A symbolic dim the probe must choose (a spatial size, a sequence length): any size the model
 # runs at gives the same constants.
 PROBE_SIZES = (32, 64, 224, 16, 128)
@@ -275,6 +275,18 @@ def _same(a: Shifts, b: Shifts) -> bool:
     )
 
 
+def _rest(every: Shifts, part: Shifts) -> Shifts:
+    """`every` less `part`, layer by layer and use by use (what `every` adds on top of `part`)."""
+    rest: Shifts = {}
+    for name, uses in every.items():
+        mine = part.get(name, [None] * len(uses))
+        rest[name] = [
+            None if a is None else (a if b is None else _nonzero(a - b))
+            for a, b in zip(uses, mine, strict=True)
+        ]
+    return rest
+
+
 def _nonzero(shift: np.ndarray) -> np.ndarray | None:
     return shift if np.any(shift != 0) else None
 
@@ -298,10 +310,12 @@ def apply(model: ir.Model, found: Compensation) -> None:
     place): every removed channel's constant, or the quiet ones' only, whichever keeps the
     outputs closer to the dense model's on generated inputs."""
     if found.dense:
-        for chosen, shifts in (("all", found.shifts), ("quiet", found.quiet)):
-            trial = io.copy_model(model)
+        # one trial copy: the quiet constants first, then the rest on top of them
+        trial = io.copy_model(model)
+        for chosen, shifts in (("quiet", found.quiet), ("all", _rest(found.shifts, found.quiet))):
             _shift(trial, shifts)
             found.drift[chosen] = _drift(_outputs(trial, found.probe), found.dense)
+        del trial
         found.chosen = "all" if found.drift["all"] <= found.drift["quiet"] else "quiet"
         found.probe, found.dense = [], []
     shifts = found.applied()
