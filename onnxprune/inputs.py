@@ -130,6 +130,11 @@ def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]
                 f"--input-shape {spec!r}: write NAME=DIMS, e.g. input=1x3x224x224 (several: "
                 "input_ids=1x128,attention_mask=1x128)"
             ) from None
+        if 0 in shape:
+            raise InvalidArgumentError(
+                f"--input-shape {spec!r}: a dimension of 0 makes an empty input; every size must "
+                "be at least 1"
+            )
         shapes[name] = shape
     return shapes
 

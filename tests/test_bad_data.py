@@ -429,3 +429,10 @@ def test_headers_are_read_without_the_data(tmp_path) -> None:
     compressed = tmp_path / "c.npz"
     np.savez_compressed(compressed, x=x())
     assert np.array_equal(inputs.load_npz(compressed)["x"], x())
+
+
+def test_input_shape_with_a_zero_dim_is_refused(model, tmp_path) -> None:
+    before = files(tmp_path)
+    result = invoke(model, "-s", "0.5", "--validate", "--input-shape", "x=0x3x8x8")
+    assert_user_error(result, "a dimension of 0 makes an empty input")
+    assert files(tmp_path) == before
