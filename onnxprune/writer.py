@@ -139,7 +139,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # EPERM: alive, somebody else's
+    except (OSError, OverflowError):  # EPERM: alive, somebody else's; no pid at all: not ours
         return True
     return True
 
