@@ -269,13 +269,14 @@ def test_stale_temporaries_of_live_runs_are_kept(tmp_path, caplog) -> None:
     dead = tmp_path / f"{writer.TEMP_PREFIX}{host}-999999999-ab.onnx{writer.TEMP_SUFFIX}"
     alive = tmp_path / f"{writer.TEMP_PREFIX}{host}-{os.getppid()}-cd.onnx{writer.TEMP_SUFFIX}"
     other_host = tmp_path / f"{writer.TEMP_PREFIX}00000000-999999999-ef.onnx{writer.TEMP_SUFFIX}"
+    no_pid = tmp_path / f"{writer.TEMP_PREFIX}{host}-{'9' * 25}-aa.onnx{writer.TEMP_SUFFIX}"
     if host == "00000000":
         pytest.skip("this host's tag is the made-up one")
-    for p in (dead, alive, other_host):
+    for p in (dead, alive, other_host, no_pid):
         p.write_bytes(b"x")
     result = invoke(src, "-s", "0.5", "-o", tmp_path / "o.onnx")
     assert result.exit_code == 0
-    assert not dead.exists() and alive.exists() and other_host.exists()
+    assert not dead.exists() and alive.exists() and other_host.exists() and no_pid.exists()
     assert "removed 1 temporary file(s)" in caplog.text
 
 
