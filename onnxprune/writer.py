@@ -217,10 +217,10 @@ def _release_claim(path: Path, in_use: Callable[[Path, Path], bool]) -> list[Pat
     the files it replaced are. Either way they go, unless the model in place reads them."""
     try:
         record = json.loads(path.read_text())
-        model = path.parent / record["model"]
+        model = path.parent / _plain(record["model"])
         committed = _identity(model) == tuple(record["inode"])
         names = record["replaced"] if committed else [record["data"]]
-        orphans = [path.parent / name for name in names if name]
+        orphans = [path.parent / _plain(name) for name in names if name]
     except (OSError, ValueError, KeyError, TypeError):
         return []
     removed = []
@@ -262,6 +262,14 @@ def utf8_alias(path: str | os.PathLike) -> Iterator[Path]:
         yield alias
     finally:
         discard([alias])
+
+
+def _plain(name: object) -> str:
+    """A file name of the claim's own folder, nothing else (a claim is a file anyone there
+    could have written: it never names a path elsewhere)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise ValueError(f"not a plain file name: {name!r}")
+    return name
 
 
 def sync(path: Path) -> None:

@@ -509,3 +509,18 @@ def test_external_layout_is_kept_when_every_weight_is_pruned(tmp_path) -> None:
     out = tmp_path / "o.onnx"
     assert invoke(src, "-s", "0.99", "-o", out, "-q").exit_code == 0
     assert [p.name for p in io.model_files(out)[1:]] == ["o.onnx.data"]
+
+
+def test_a_forged_claim_never_reaches_outside_its_folder(tmp_path) -> None:
+    """A claim names files of its own folder only: one that names a path elsewhere is dropped
+    without touching that path."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    victim = tmp_path / "victim.data"
+    victim.write_bytes(b"keep")
+    src = save(small_cnn(), folder / "m.onnx")
+    claim = folder / f"{writer.TEMP_PREFIX}{writer._HOST}-999999999-ab.claim{writer.TEMP_SUFFIX}"
+    claim.write_text('{"model": "../x.onnx", "data": "../victim.data", "inode": [0, 0], '
+                     '"replaced": []}')  # fmt: skip
+    assert invoke(src, "-s", "0.5", "-o", folder / "o.onnx").exit_code == 0
+    assert victim.read_bytes() == b"keep" and not claim.exists()
