@@ -11,9 +11,6 @@ With samples of the model's inputs, pruning is calibrated (SparseGPT by default)
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 __version__ = "0.1.0"
 
 # Loaded on first use, so that `import onnxprune.launch` (the command's first step) is instant.
@@ -36,9 +33,11 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'onnxprune' has no attribute {name!r}")
+    import importlib
+
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value
