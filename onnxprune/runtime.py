@@ -40,17 +40,23 @@ COMPUTE_OPS = frozenset(
 
 
 @contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence ONNX Runtime's own C++ log lines (they go to fd 2) while probing CUDA."""
+def _stderr_to(fd: int) -> Iterator[None]:
+    """ONNX Runtime's own C++ log lines go to fd 2: send them to `fd` for a while."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
+        os.dup2(fd, 2)
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence ONNX Runtime's log lines while probing CUDA."""
+    with open(os.devnull, "w") as null, _stderr_to(null.fileno()):
+        yield
 
 
 def _tiny_model() -> bytes:
@@ -186,17 +192,11 @@ def placement_of(source: str | bytes, providers: tuple[str, ...]) -> Placement |
     options.log_severity_level = 0
     options.log_verbosity_level = 0
     with tempfile.TemporaryFile(mode="w+b") as log:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        try:
-            os.dup2(log.fileno(), 2)
+        with _stderr_to(log.fileno()):
             try:
                 ort.InferenceSession(source, options, providers=list(providers))
             except Exception:
                 return None
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
         log.seek(0)
         return parse_placement(log.read().decode(errors="replace"))
 
