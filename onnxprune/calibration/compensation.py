@@ -115,8 +115,8 @@ def quiet_classes(graph: ChannelGraph, removed: np.ndarray, ratio: float) -> np.
     channel norm (every producer of the class): nearly all they carry is their constant."""
     worst = np.zeros(graph.n_classes)
     for member in graph.members:
-        if member.role != "out":
-            continue
+        if member.role != "out" or not removed[member.ids].any():
+            continue  # a producer of kept channels only: none of its classes is asked about
         array = np.asarray(stored_values(member.value), dtype=np.float64)
         rows = np.moveaxis(array, member.axis, 0).reshape(array.shape[member.axis], -1)
         norms = np.linalg.norm(rows, axis=1)
