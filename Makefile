@@ -106,7 +106,7 @@ decoder-tiny: $(STAMP) $(OPTIMUM_CLI)
 
 # Torch reference for the decoder (after decoder-model): dense, magnitude, Wanda and SparseGPT at
 # 0.5, 0.7 and 2:4, perplexity on both held-out texts, into build/decoder/reference.json; about
-# N minutes on 2 busy CPU cores.
+# 4 minutes on 2 busy CPU cores.
 bench-decoder: $(STAMP)
 	$(PY) -c "$(DECODER_CHECK)" 2>/dev/null || $(PY) -m pip install --quiet $(DECODER_DEPS)
 	$(PY) bench/torch_reference.py --dir build/decoder

@@ -356,8 +356,10 @@ def measured_sparsity(model: Any) -> float:
 
 
 def run_reference(
-    directory: Path,
+    model_dir: Path,
     calib_path: Path,
+    heldout: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    onnx_files: list[Path],
     methods: list[str],
     sparsities: list[float | str],
     threads: int,
@@ -368,10 +370,9 @@ def run_reference(
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(threads)
-    model = LlamaForCausalLM.from_pretrained(directory / "model", dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
     calib = _load_tokens(calib_path)[0].astype(np.int64)
-    heldout = {name: _load_tokens(directory / f"heldout_{name}.npz") for name in ("code", "doc")}
 
     def evaluate() -> dict[str, float]:
         return {k: torch_perplexity(model, ids, mask)[0] for k, (ids, mask) in heldout.items()}
@@ -425,12 +426,12 @@ def run_reference(
     model.load_state_dict(dense)
 
     onnx_rows = {}
-    for path in sorted(directory.glob("decoder*.onnx")):
+    for path in onnx_files:
         ppl = {k: onnx_perplexity(path, ids, mask)[0] for k, (ids, mask) in heldout.items()}
         rel = max(abs(ppl[k] - base[k]) / base[k] for k in ppl)
         onnx_rows[path.name] = {"perplexity": ppl, "rel_diff_vs_torch": rel}
     return {
-        "model": str(directory / "model"),
+        "model": str(model_dir),
         "calibration": {"file": str(calib_path), "shape": list(calib.shape)},
         "heldout": {k: list(v[0].shape) for k, v in heldout.items()},
         "threads": threads,
@@ -481,8 +482,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--dir",
         type=Path,
-        default=REPO / "build" / "decoder",
-        help="train_decoder.py's output folder (model/, *.npz, *.onnx)",
+        default=None,
+        help="train_decoder.py's output folder (model/, *.npz, decoder*.onnx); default "
+        "build/decoder, or models/decoder with --tiny",
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the committed tiny model: weights from build/decoder/tiny-model (make decoder-tiny), "
+        "calibration tokens.npz, held-out rows 0-7 (code) and 8-15 (doc) of heldout.npz",
     )
     p.add_argument("--calib", type=Path, default=None, help="default DIR/calib.npz")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -493,13 +501,35 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="torch threads (1: on a shared 2-core machine two were slower)",
     )
-    p.add_argument("--output", type=Path, default=None, help="default DIR/reference.json")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="default build/decoder/reference.json (reference.tiny.json with --tiny)",
+    )
     a = p.parse_args(argv)
     sparsities: list[float | str] = [s if ":" in s else float(s) for s in a.sparsities.split(",")]
+    build = REPO / "build" / "decoder"
+    if a.tiny:
+        d = a.dir or REPO / "models" / "decoder"
+        model_dir, calib = build / "tiny-model", a.calib or d / "tokens.npz"
+        ids, mask = _load_tokens(d / "heldout.npz")
+        half = len(ids) // 2
+        heldout = {
+            "code": (ids[:half], None if mask is None else mask[:half]),
+            "doc": (ids[half:], None if mask is None else mask[half:]),
+        }
+        onnx_files = sorted(d.glob("tiny*.onnx"))
+        out = a.output or build / "reference.tiny.json"
+    else:
+        d = a.dir or build
+        model_dir, calib = d / "model", a.calib or d / "calib.npz"
+        heldout = {k: _load_tokens(d / f"heldout_{k}.npz") for k in ("code", "doc")}
+        onnx_files = sorted(d.glob("decoder*.onnx"))
+        out = a.output or d / "reference.json"
     ref = run_reference(
-        a.dir, a.calib or a.dir / "calib.npz", a.methods.split(","), sparsities, a.threads
+        model_dir, calib, heldout, onnx_files, a.methods.split(","), sparsities, a.threads
     )
-    out = a.output or a.dir / "reference.json"
     out.write_text(json.dumps(ref, indent=1))
     print_table(ref)
     print(f"\nwrote {out}")

@@ -852,6 +852,7 @@ def main() -> None:
     )
     parser.add_argument("--tiny", action="store_true", help="the small committed test model")
     parser.add_argument("--steps", type=int, default=None, help="override the training steps")
+    parser.add_argument("--lr", type=float, default=None, help="override the peak learning rate")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument(
@@ -870,6 +871,8 @@ def main() -> None:
     spec = TINY if args.tiny else MAIN
     if args.steps is not None:
         spec = Spec(**{**asdict(spec), "steps": args.steps})
+    if args.lr is not None:
+        spec = Spec(**{**asdict(spec), "lr": args.lr})
     out = args.out_dir or REPO / "build" / "decoder" / ("tiny" if args.tiny else "")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
