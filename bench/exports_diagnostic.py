@@ -1,0 +1,452 @@
+"""How the current onnxprune handles real exporters' graph shapes: models/exports/DIAGNOSTIC.md.
+
+Runs the onnxprune CLI (`.venv/bin/onnxprune`, a subprocess per run, so a crash is one row) on
+every model in models/exports/ and on every tests/export_builders.py model, in each mode below,
+and records the exit code, the last stderr lines, the wall time, what the JSON report says
+(sparsity reached, layers pruned, skipped, not reached) and the validation numbers. It then
+checks what a report cannot say about itself:
+
+- every float constant of 1024 or more elements (initializers and Constant nodes, subgraphs
+  included) should be in the report (pruned, skipped with a reason, or not reached); the ones
+  that are not were passed over in silence;
+- the zeros actually written, against the zeros the report claims;
+- fixed, non-learned tensors (an STFT basis, YOLO's DFL projection) must come out unchanged;
+- the outputs' cosine to the dense model after 0.5 magnitude.
+
+    .venv/bin/python bench/exports_diagnostic.py                 # everything (about 10 min)
+    .venv/bin/python bench/exports_diagnostic.py crepe_like vad  # models whose name contains
+    .venv/bin/python bench/exports_diagnostic.py --no-full-width # skip the 33 MB CREPE layer
+
+Outputs go to bench/out/exports/ (git-ignored); the table to models/exports/DIAGNOSTIC.md
+(only when every model ran, unless --markdown names another file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests import export_builders as eb  # noqa: E402
+
+EXPORTS = ROOT / "models" / "exports"
+OUT = ROOT / "bench" / "out" / "exports"
+CLI = ROOT / ".venv" / "bin" / "onnxprune"
+BIG = 1024  # elements: a float constant this large is a weight a pruner should account for
+TIMEOUT_S = 240
+MEMORY_LIMIT = 16 << 30  # address space of one run: the machine has 24 GiB
+FIXED = ("basis", "dfl")  # names of tensors that are signal processing, not learned weights
+
+# (mode, arguments); {C} and {V} are the calibration and validation files
+MODES: list[tuple[str, list[str]]] = [
+    ("mag 0.5 (generated inputs)", ["-s", "0.5", "--validate"]),
+    ("mag 0.5 --data", ["-s", "0.5", "--data", "{V}"]),
+    ("structured 0.3 (generated inputs)", ["--structured", "-s", "0.3", "--validate"]),
+    ("sparsegpt 0.5", ["-s", "0.5", "--calibration", "{C}", "--data", "{V}"]),
+    ("structured 0.3", ["--structured", "-s", "0.3", "--data", "{V}"]),
+    ("structured 0.3 macs", ["--structured", "--target", "macs", "-s", "0.3", "--data", "{V}"]),
+    ("structured 0.3 calibrated",
+     ["--structured", "-s", "0.3", "--calibration", "{C}", "--data", "{V}"]),
+    ("2:4", ["--pattern", "2:4", "--data", "{V}"]),
+]
+SHAPES = {  # sizes of generated inputs that onnxprune cannot guess (batch off axis 0)
+    "vad_silero_like": ["input=1x512", "state=2x1x128"],
+    "builder:vad_lstm": ["input=1x64", "state=2x1x32"],
+    "bert_tiny": ["input_ids=1x16", "attention_mask=1x16", "token_type_ids=1x16"],
+}
+FULL_WIDTH_MODES = {"mag 0.5 (generated inputs)", "sparsegpt 0.5", "structured 0.3 calibrated"}
+
+
+@dataclass
+class Subject:
+    """A model to run: where it is, its data files, where it came from."""
+
+    name: str
+    path: Path
+    calib: Path | None
+    val: Path | None
+    origin: str
+    modes: set[str] | None = None  # None: every mode
+    # --input-shape for the runs on generated inputs, where a dim is symbolic off axis 0
+    shapes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Row:
+    model: str
+    mode: str
+    command: str
+    exit_code: int | None
+    seconds: float
+    stderr_tail: list[str]
+    summary: dict[str, Any] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
+
+
+# -- what a model holds ---------------------------------------------------------------------------
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            for sub in attr.graphs:
+                yield from _graphs(sub)
+
+
+def big_float_constants(model: onnx.ModelProto, least: int = BIG) -> dict[str, np.ndarray]:
+    """Float initializers and Constant node values with >= `least` elements, in every graph."""
+    found: dict[str, np.ndarray] = {}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+              onnx.TensorProto.BFLOAT16}  # fmt: skip
+    for graph in _graphs(model.graph):
+        tensors = [(t.name, t) for t in graph.initializer]
+        for node in graph.node:
+            if node.op_type == "Constant":
+                tensors += [(node.output[0], a.t) for a in node.attribute if a.name == "value"]
+        for name, tensor in tensors:
+            if tensor.data_type in floats and int(np.prod(tensor.dims)) >= least:
+                found[name] = numpy_helper.to_array(tensor)
+    return found
+
+
+def readers(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Op types that read each value, in any graph (subgraphs read outer values by name)."""
+    found: dict[str, list[str]] = {}
+    for graph in _graphs(model.graph):
+        for node in graph.node:
+            for name in node.input:
+                if name:
+                    found.setdefault(name, []).append(node.op_type)
+            for attr in node.attribute:  # an If/Loop body's outer-scope reads count for the node
+                bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+                for body in bodies:
+                    inner = {o for n in body.node for o in n.output}
+                    for sub in _graphs(body):
+                        for n in sub.node:
+                            for name in n.input:
+                                if name and name not in inner:
+                                    found.setdefault(name, []).append(n.op_type)
+    return {k: sorted(set(v)) for k, v in found.items()}
+
+
+def _report_names(report: dict[str, Any]) -> tuple[set[str], set[str], set[str]]:
+    """Names the JSON report gives: pruned layers, skipped, not reached (weights and nodes)."""
+    layers = report.get("layers") or []
+    listed = {x.get("name") for x in layers} | {x.get("weight") for x in layers}
+    for x in layers:
+        listed |= set(x.get("nodes") or [])
+    skipped = {x.get("name") for x in report.get("skipped") or []}
+    unreached = set()
+    for x in report.get("unreached") or []:
+        unreached |= {x.get("weight"), x.get("name")}
+    return {n for n in listed if n}, {n for n in skipped if n}, {n for n in unreached if n}
+
+
+# -- one run ---------------------------------------------------------------------------------------
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+def run_one(subject: Subject, mode: str, args: list[str]) -> Row:
+    """Run the CLI once; read back the report and the pruned model."""
+    slug = "".join(c if c.isalnum() or c in ".-" else "_" for c in mode)
+    tag = f"{subject.name.replace(':', '_')}.{slug}"
+    out_model = OUT / f"{tag}.onnx"
+    report_path = OUT / f"{tag}.json"
+    for stale in (out_model, report_path):
+        stale.unlink(missing_ok=True)
+    filled = [a.replace("{C}", str(subject.calib)).replace("{V}", str(subject.val)) for a in args]
+    if "--validate" in filled:
+        for shape in subject.shapes:
+            filled += ["--input-shape", shape]
+    argv = [str(CLI), str(subject.path), *filled, "-o", str(out_model), "--force",
+            "--report", str(report_path), "--device", "cpu"]  # fmt: skip
+    shown = shlex.join(os.path.relpath(a, ROOT) if a.startswith(str(ROOT)) else a for a in argv)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S,
+                              preexec_fn=_limit_memory, cwd=ROOT)  # fmt: skip
+        code, stderr = proc.returncode, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        code = None
+        raw = exc.stderr or ""
+        stderr = raw.decode() if isinstance(raw, bytes) else raw
+        stderr += f"\n(killed after {TIMEOUT_S} s)"
+    seconds = time.perf_counter() - start
+    tail = [line for line in stderr.strip().splitlines() if line.strip()][-3:]
+    row = Row(subject.name, mode, shown, code, seconds, tail)
+    if report_path.exists():
+        summarise(row, subject, json.loads(report_path.read_text()), out_model)
+    elif code == 0:
+        row.flags.append("exit 0 but no JSON report written")
+    return row
+
+
+def summarise(row: Row, subject: Subject, report: dict[str, Any], out_model: Path) -> None:
+    """The report's numbers, and the checks against the model files themselves."""
+    s = row.summary
+    structured = bool(report.get("structured"))
+    s["achieved"] = report.get("achieved_sparsity")
+    if structured:
+        s["params"] = report.get("params")
+        s["channels_removed"] = report.get("channels_removed")
+        s["frozen_groups"] = len(report.get("frozen_groups") or [])
+    else:
+        s["prunable"] = report.get("prunable_weights")
+        s["zeros_claimed"] = report.get("zeros_after")
+    validation = report.get("validation") or {}
+    if validation:
+        outs = validation.get("outputs") or []
+        s["cosine"] = {o.get("name"): o.get("cosine") for o in outs}
+        s["min_cosine"] = validation.get("min_cosine")
+        s["agreement"] = validation.get("top1_agreement")
+        s["accuracy_drop"] = validation.get("accuracy_drop")
+        s["generated_inputs"] = validation.get("generated_inputs")
+    warnings = report.get("warnings") or []
+    s["warnings"] = len(warnings)
+
+    source = onnx.load(str(subject.path))
+    big = big_float_constants(source)
+    listed, skipped, unreached = _report_names(report)
+    s["big_constants"] = len(big)
+    s["in_report"] = sum(1 for n in big if n in listed | skipped | unreached)
+    silent = sorted(n for n in big if n not in listed | skipped | unreached)
+    if silent:
+        read_by = readers(source)
+        described = {n: "/".join(read_by.get(n, ["nothing"])) for n in silent}
+        s["not_in_report"] = described
+        # embedding tables (read by Gather alone) are left out of the report by design
+        odd = {n: r for n, r in described.items() if r != "Gather"}
+        if odd:
+            shown = ", ".join(f"{n} (read by {r})" for n, r in list(odd.items())[:6])
+            row.flags.append(f"{len(odd)} of {len(big)} float constants >= {BIG} elements "
+                             f"not in the report: {shown}" + (" ..." if len(odd) > 6 else ""))
+    if not out_model.exists():
+        return
+    written = onnx.load(str(out_model))
+    pruned = big_float_constants(written, least=1)
+    if not structured:
+        before = sum(int((a == 0).sum()) for a in big.values())
+        after = sum(int((a == 0).sum()) for n, a in pruned.items() if n in big)
+        s["zeros_written_big"] = after - before
+        claimed = (report.get("zeros_after") or 0) - (report.get("zeros_before") or 0)
+        if claimed and after - before < 0.9 * claimed:
+            row.flags.append(f"report claims {claimed} new zeros; the big constants of "
+                             f"the output hold {after - before} more than the input's")
+    for name, array in big_float_constants(source, least=1).items():
+        if any(f in name.lower() for f in FIXED):
+            new = pruned.get(name)
+            if new is None:
+                row.flags.append(f"fixed tensor {name} gone or renamed in the output")
+            elif new.shape != array.shape or not np.array_equal(new, array):
+                zeros = float((new == 0).mean()) if new.size else 0.0
+                row.flags.append(f"fixed tensor {name} changed: {array.shape} -> {new.shape}, "
+                                 f"{zeros:.0%} zeros")  # fmt: skip
+    cos = s.get("min_cosine")
+    if cos is not None and (cos != cos or cos < 0.9) and row.mode.startswith(("mag", "sparse")):
+        row.flags.append(f"min output cosine {cos:.3f} after {row.mode}")
+    if validation and validation.get("generated_inputs"):
+        s["inputs"] = "generated"
+
+
+# -- what to run -----------------------------------------------------------------------------------
+def export_subjects() -> list[Subject]:
+    readme_origin = {
+        "vad_silero_like": "torch.jit.script + torch.onnx.export(dynamo=False)",
+        "crepe_like": "torch.onnx.export(dynamo=False, do_constant_folding=False)",
+        "yolov8_like": "torch.onnx.export(dynamo=False)",
+        "bert_tiny": "transformers BertModel + torch.onnx.export(dynamo=False)",
+        "magika_like": "tensorflow + tf2onnx",
+        "paddle_ocr_rec": "paddle2onnx (input dims patched to -1)",
+        "paddle_cls": "paddle2onnx (input dims patched to -1)",
+    }
+    subjects = []
+    for path in sorted(EXPORTS.glob("*.onnx")):
+        name = path.stem
+        calib, val = EXPORTS / f"{name}_calib.npz", EXPORTS / f"{name}_val.npz"
+        subjects.append(Subject(name, path, calib if calib.exists() else None,
+                                val if val.exists() else None,
+                                readme_origin.get(name, "export"),
+                                shapes=SHAPES.get(name, [])))  # fmt: skip
+    return subjects
+
+
+def _builder_data(name: str, model: onnx.ModelProto, samples: int) -> tuple[Path, Path]:
+    """Calibration and validation .npz for a builder's model, from its `feeds`."""
+    paths = []
+    for kind, seed in (("calib", 1), ("val", 2)):
+        data = eb.feeds(model, batch=samples, seed=seed)
+        path = OUT / f"builder_{name}_{kind}.npz"
+        np.savez(path, **data)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def builder_subjects(full_width: bool) -> list[Subject]:
+    subjects = []
+    builders = dict(eb.all_builders())
+    if full_width:
+        builders["crepe_full_width"] = eb.crepe_like(channels=1024, out_channels=128)
+    for name, model in builders.items():
+        path = OUT / f"builder_{name}.onnx"
+        onnx.save(model, str(path))
+        calib, val = _builder_data(name, model, 8 if name == "crepe_full_width" else 32)
+        modes = FULL_WIDTH_MODES if name == "crepe_full_width" else None
+        subjects.append(Subject(f"builder:{name}", path, calib, val,
+                                "tests/export_builders.py", modes,
+                                SHAPES.get(f"builder:{name}", [])))  # fmt: skip
+    return subjects
+
+
+# -- the table -------------------------------------------------------------------------------------
+def _status(row: Row) -> str:
+    if row.exit_code is None:
+        return "TIMEOUT"
+    if row.exit_code == 0:
+        return "ok" if not row.flags else "ok?"
+    return f"exit {row.exit_code}"
+
+
+def _numbers(row: Row) -> str:
+    s = row.summary
+    parts = []
+    if s.get("achieved") is not None:
+        parts.append(f"reached {s['achieved']:.3f}")
+    if s.get("min_cosine") is not None:
+        parts.append(f"min cos {s['min_cosine']:.3f}")
+    if s.get("agreement") is not None:
+        parts.append(f"top1 agree {s['agreement']:.3f}")
+    if s.get("accuracy_drop") is not None:
+        parts.append(f"acc drop {s['accuracy_drop']:.3f}")
+    if "big_constants" in s:
+        parts.append(f"big consts in report {s['in_report']}/{s['big_constants']}")
+    if s.get("inputs") == "generated":
+        parts.append("generated inputs")
+    return "; ".join(parts)
+
+
+def markdown(rows: list[Row], subjects: list[Subject], started: str) -> str:
+    modes = [m for m, _ in MODES]
+    lines = [
+        "# onnxprune on real exporters' graph shapes: diagnostic",
+        "",
+        f"Generated by `.venv/bin/python bench/exports_diagnostic.py` ({started}; onnxprune at "
+        f"commit `{_commit()}`). Every row ran the CLI in a subprocess with `--device cpu`, a "
+        f"{TIMEOUT_S} s timeout and a {MEMORY_LIMIT >> 30} GiB address-space limit; outputs "
+        "and JSON reports in bench/out/exports/ (git-ignored). `ok?` = exit 0 with a "
+        "suspicious finding (see the flags). Checks made against the files, not taken from "
+        f"the report: every float constant of >= {BIG} elements (initializers and Constant "
+        "nodes, If/Loop bodies included) must be named in the report (layers, skipped or "
+        "unreached); the zeros written must match the zeros claimed; fixed tensors "
+        "(names containing `basis` or `dfl`) must be unchanged; the outputs' cosine to the "
+        "dense model after 0.5 magnitude / sparsegpt should stay >= 0.9.",
+        "",
+        "## Summary",
+        "",
+        "| model | " + " | ".join(modes) + " |",
+        "|---|" + "---|" * len(modes),
+    ]
+    by = {(r.model, r.mode): r for r in rows}
+    for subject in subjects:
+        cells = []
+        for m in modes:
+            r = by.get((subject.name, m))
+            cells.append("-" if r is None else _status(r))
+        lines.append(f"| {subject.name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Failures and flags", ""]
+    for r in rows:
+        if r.exit_code != 0 or r.flags:
+            why = r.stderr_tail[-1] if r.exit_code != 0 and r.stderr_tail else "; ".join(r.flags)
+            lines.append(f"- **{r.model}**, {r.mode}: {_status(r)}: {_md(why)}")
+    lines += ["", "## Every run", ""]
+    for subject in subjects:
+        lines += [f"### {subject.name}", "", f"`{os.path.relpath(subject.path, ROOT)}`; "
+                  f"made by {subject.origin}.", ""]  # fmt: skip
+        for r in rows:
+            if r.model != subject.name:
+                continue
+            lines.append(f"- {r.mode}: **{_status(r)}** in {r.seconds:.1f} s"
+                         + (f"; {_numbers(r)}" if _numbers(r) else ""))  # fmt: skip
+            lines.append(f"  - `{r.command}`")
+            for f in r.flags:
+                lines.append(f"  - flag: {_md(f)}")
+            quiet = r.summary.get("not_in_report") or {}
+            expected = [n for n, rd in quiet.items() if rd == "Gather"]
+            if expected:
+                lines.append(f"  - not in the report, read by Gather only (embedding tables, "
+                             f"by design): {', '.join(expected)}")
+            if r.exit_code != 0 and r.stderr_tail:
+                for line in r.stderr_tail:
+                    lines.append(f"  - stderr: `{line.strip()[:400]}`")
+            cos = r.summary.get("cosine")
+            if cos and len(cos) > 1:
+                lines.append("  - cosine per output: " + ", ".join(
+                    f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in cos.items()))  # fmt: skip
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:500]
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True).stdout.strip()  # fmt: skip
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("only", nargs="*", help="run models whose name contains one of these")
+    parser.add_argument("--no-full-width", action="store_true")
+    parser.add_argument("--markdown", type=Path, default=None)
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    subjects = export_subjects() + builder_subjects(not args.no_full_width)
+    if args.only:
+        subjects = [s for s in subjects if any(o in s.name for o in args.only)]
+    started = time.strftime("%Y-%m-%d")
+    rows: list[Row] = []
+    for subject in subjects:
+        for mode, mode_args in MODES:
+            if subject.modes is not None and mode not in subject.modes:
+                continue
+            if ("{V}" in " ".join(mode_args) and subject.val is None) or (
+                "{C}" in " ".join(mode_args) and subject.calib is None):
+                continue
+            row = run_one(subject, mode, mode_args)
+            rows.append(row)
+            print(f"{subject.name:36} {mode:28} {_status(row):8} {row.seconds:6.1f}s "
+                  f"{_numbers(row)}", flush=True)  # fmt: skip
+            for f in row.flags:
+                print(f"{'':36} flag: {f}", flush=True)
+            if row.exit_code != 0 and row.stderr_tail:
+                print(f"{'':36} {row.stderr_tail[-1][:200]}", flush=True)
+    (OUT / "diagnostic.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    target = args.markdown or (EXPORTS / "DIAGNOSTIC.md" if not args.only else None)
+    if target is not None:
+        target.write_text(markdown(rows, subjects, started))
+        print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()
