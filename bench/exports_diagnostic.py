@@ -16,6 +16,10 @@ checks what a report cannot say about itself:
     .venv/bin/python bench/exports_diagnostic.py                 # everything (about 10 min)
     .venv/bin/python bench/exports_diagnostic.py crepe_like vad  # models whose name contains
     .venv/bin/python bench/exports_diagnostic.py --no-full-width # skip the 33 MB CREPE layer
+    .venv/bin/python bench/exports_diagnostic.py --from-json bench/out/exports/diagnostic.json
+
+With model names, the rows are merged into bench/out/exports/diagnostic.json and no markdown
+is written; --from-json redoes the file checks on what the runs left and writes the markdown.
 
 Outputs go to bench/out/exports/ (git-ignored); the table to models/exports/DIAGNOSTIC.md
 (only when every model ran, unless --markdown names another file).
@@ -162,12 +166,16 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
 
+def _paths(model: str, mode: str) -> tuple[Path, Path]:
+    """Where a run's JSON report and pruned model go."""
+    slug = "".join(c if c.isalnum() or c in ".-" else "_" for c in mode)
+    tag = f"{model.replace(':', '_')}.{slug}"
+    return OUT / f"{tag}.json", OUT / f"{tag}.onnx"
+
+
 def run_one(subject: Subject, mode: str, args: list[str]) -> Row:
     """Run the CLI once; read back the report and the pruned model."""
-    slug = "".join(c if c.isalnum() or c in ".-" else "_" for c in mode)
-    tag = f"{subject.name.replace(':', '_')}.{slug}"
-    out_model = OUT / f"{tag}.onnx"
-    report_path = OUT / f"{tag}.json"
+    report_path, out_model = _paths(subject.name, mode)
     for stale in (out_model, report_path):
         stale.unlink(missing_ok=True)
     filled = [a.replace("{C}", str(subject.calib)).replace("{V}", str(subject.val)) for a in args]
@@ -240,15 +248,18 @@ def summarise(row: Row, subject: Subject, report: dict[str, Any], out_model: Pat
         return
     written = onnx.load(str(out_model))
     pruned = big_float_constants(written, least=1)
+    every = big_float_constants(source, least=1)
     if not structured:
-        before = sum(int((a == 0).sum()) for a in big.values())
-        after = sum(int((a == 0).sum()) for n, a in pruned.items() if n in big)
-        s["zeros_written_big"] = after - before
+        # the zeros the report claims, counted in the tensors it names, in the written file
+        named = [x.get("name") for x in report.get("layers") or [] if x.get("name") in every]
+        before = sum(int((every[n] == 0).sum()) for n in named)
+        after = sum(int((pruned[n] == 0).sum()) for n in named if n in pruned)
+        s["zeros_written"] = after - before
         claimed = (report.get("zeros_after") or 0) - (report.get("zeros_before") or 0)
-        if claimed and after - before < 0.9 * claimed:
-            row.flags.append(f"report claims {claimed} new zeros; the big constants of "
-                             f"the output hold {after - before} more than the input's")
-    for name, array in big_float_constants(source, least=1).items():
+        if claimed and after - before < 0.99 * claimed:
+            row.flags.append(f"report claims {claimed} new zeros; the tensors it names hold "
+                             f"{after - before} more zeros in the written file")
+    for name, array in every.items():
         if any(f in name.lower() for f in FIXED):
             new = pruned.get(name)
             if new is None:
@@ -262,6 +273,73 @@ def summarise(row: Row, subject: Subject, report: dict[str, Any], out_model: Pat
         row.flags.append(f"min output cosine {cos:.3f} after {row.mode}")
     if validation and validation.get("generated_inputs"):
         s["inputs"] = "generated"
+    if subject.val is not None:
+        own = own_check(subject, out_model)
+        s["own"] = own
+        if "error" in own:
+            row.flags.append(f"the pruned model does not run on the validation data: "
+                             f"{own['error']}")
+            return
+        worst = min(own["centred_cosine"].values(), default=1.0)
+        if worst < 0.9 and (cos is None or cos >= 0.99):
+            row.flags.append(f"reported cosine {cos if cos is None else round(cos, 4)} hides a "
+                             f"change: cosine of the outputs minus the dense mean (per position) "
+                             f"is {worst:.3f} ({own['centred_cosine']})")
+        if s.get("inputs") == "generated" and worst < 0.9:
+            row.flags.append(f"on the validation data (not the generated inputs onnxprune "
+                             f"validated on) the centred output cosine is {worst:.3f}")
+
+
+def _sample_axis(name: str, shape: tuple[int, ...]) -> int:
+    """The batch axis of an output: 1 for a recurrent state [2, N, H] (Silero), else 0."""
+    return 1 if name.lower().endswith("staten") and len(shape) == 3 else 0
+
+
+def _run_all(path: Path, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs on all samples; one sample at a time where the model's batch is fixed at 1."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    inputs = {i.name: i for i in session.get_inputs()}
+    feeds = {k: v for k, v in data.items() if k in inputs}
+    first = inputs[next(iter(inputs))].shape
+    if first and first[0] == 1 and len(next(iter(feeds.values()))) > 1:
+        parts = [session.run(None, {k: v[i : i + 1] for k, v in feeds.items()})
+                 for i in range(len(next(iter(feeds.values()))))]  # fmt: skip
+        return {n: np.concatenate([p[j] for p in parts]) for j, n in enumerate(names)}
+    return dict(zip(names, session.run(None, feeds), strict=True))
+
+
+def own_check(subject: Subject, out_model: Path) -> dict[str, Any]:
+    """Dense and pruned outputs on the validation data, computed here: the plain cosine and the
+    cosine after subtracting the dense outputs' mean over samples (constant parts, such as
+    YOLO's anchor grid in its box coordinates, make a plain cosine look perfect)."""
+    data = dict(np.load(subject.val))
+    try:
+        dense, pruned = _run_all(subject.path, data), _run_all(out_model, data)
+    except Exception as exc:  # the diagnostic records it; a failed run is a finding
+        return {"error": str(exc).splitlines()[0][:300]}
+    plain, centred, max_err = {}, {}, {}
+    for name, d in dense.items():
+        p = pruned[name].astype(np.float64)
+        d = d.astype(np.float64)
+        if p.shape != d.shape:
+            return {"error": f"output {name}: shape {p.shape} against the dense {d.shape}"}
+        mean = d.mean(axis=_sample_axis(name, d.shape), keepdims=True)
+        plain[name] = round(_cosine(d, p), 4)
+        centred[name] = round(_cosine(d - mean, p - mean), 4)
+        max_err[name] = float(np.abs(d - p).max()) if d.size else 0.0
+    return {"cosine": plain, "centred_cosine": centred, "max_abs_err": max_err}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(np.dot(a.ravel(), b.ravel()) / (na * nb))
 
 
 # -- what to run -----------------------------------------------------------------------------------
@@ -322,6 +400,27 @@ def _status(row: Row) -> str:
     return f"exit {row.exit_code}"
 
 
+def _cell(row: Row) -> str:
+    s = row.summary
+    parts = [_status(row)]
+    if row.exit_code == 0 and s.get("min_cosine") is not None:
+        parts.append(f"cos {s['min_cosine']:.3f}")
+    if row.exit_code == 0 and s.get("accuracy_drop") is not None:
+        parts.append(f"drop {s['accuracy_drop']:.3f}")
+    centred = (s.get("own") or {}).get("centred_cosine")
+    if row.exit_code == 0 and centred:
+        parts.append(f"[c {min(centred.values()):.3f}]")
+    return " ".join(parts)
+
+
+def _cause(row: Row) -> str:
+    """The error line without the paths that make each run's message its own."""
+    text = row.stderr_tail[-1] if row.stderr_tail else f"exit {row.exit_code}, nothing on stderr"
+    for path in (str(EXPORTS) + "/", str(OUT) + "/", str(ROOT) + "/"):
+        text = text.replace(path, "")
+    return text.strip()
+
+
 def _numbers(row: Row) -> str:
     s = row.summary
     parts = []
@@ -333,6 +432,10 @@ def _numbers(row: Row) -> str:
         parts.append(f"top1 agree {s['agreement']:.3f}")
     if s.get("accuracy_drop") is not None:
         parts.append(f"acc drop {s['accuracy_drop']:.3f}")
+    own = s.get("own") or {}
+    if own.get("centred_cosine"):
+        parts.append("own centred cos " + ", ".join(
+            f"{k} {v:.3f}" for k, v in own["centred_cosine"].items()))
     if "big_constants" in s:
         parts.append(f"big consts in report {s['in_report']}/{s['big_constants']}")
     if s.get("inputs") == "generated":
@@ -366,9 +469,25 @@ def markdown(rows: list[Row], subjects: list[Subject], started: str) -> str:
         cells = []
         for m in modes:
             r = by.get((subject.name, m))
-            cells.append("-" if r is None else _status(r))
+            cells.append("-" if r is None else _cell(r))
         lines.append(f"| {subject.name} | " + " | ".join(cells) + " |")
-    lines += ["", "## Failures and flags", ""]
+    lines += ["", "Cells: status; `cos`: onnxprune's reported smallest output cosine to the "
+              "dense model (on its generated inputs in the two `generated inputs` columns, "
+              "else on the validation data); `drop`: its top-1 accuracy drop where the data "
+              "have labels; `[c ...]`: this script's own check on the validation data, the "
+              "smallest cosine over outputs after subtracting the dense outputs' mean over "
+              "samples (per position), which a constant part of an output (YOLO's anchor "
+              "grid) cannot hide. `-`: not run (no data for that mode).",
+              "", "## Failures by cause", ""]
+    causes: dict[str, list[Row]] = {}
+    for r in rows:
+        if r.exit_code != 0:
+            causes.setdefault(_cause(r), []).append(r)
+    for cause, hit in sorted(causes.items(), key=lambda kv: -len(kv[1])):
+        models = sorted({r.model for r in hit})
+        lines.append(f"- `{_md(cause)}`: {len(hit)} run(s); " + "; ".join(
+            f"{m} ({', '.join(r.mode for r in hit if r.model == m)})" for m in models))
+    lines += ["", "## Failures and flags, run by run", ""]
     for r in rows:
         if r.exit_code != 0 or r.flags:
             why = r.stderr_tail[-1] if r.exit_code != 0 and r.stderr_tail else "; ".join(r.flags)
@@ -419,13 +538,30 @@ def main() -> None:
     parser.add_argument("only", nargs="*", help="run models whose name contains one of these")
     parser.add_argument("--no-full-width", action="store_true")
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="rewrite the markdown from a diagnostic.json, running nothing")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     subjects = export_subjects() + builder_subjects(not args.no_full_width)
     if args.only:
         subjects = [s for s in subjects if any(o in s.name for o in args.only)]
     started = time.strftime("%Y-%m-%d")
-    rows: list[Row] = []
+    if args.from_json:
+        rows: list[Row] = [Row(**r) for r in json.loads(args.from_json.read_text())]
+        by_name = {x.name: x for x in subjects}
+        for row in rows:  # the checks again, on the reports and models the runs left
+            subject = by_name.get(row.model)
+            report_path, out_model = _paths(row.model, row.mode)
+            if subject is None or not report_path.exists():
+                continue
+            row.summary, row.flags = {}, []
+            summarise(row, subject, json.loads(report_path.read_text()), out_model)
+        (OUT / "diagnostic.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        target = args.markdown or EXPORTS / "DIAGNOSTIC.md"
+        target.write_text(markdown(rows, subjects, started))
+        print(f"wrote {target}")
+        return
+    rows = []
     for subject in subjects:
         for mode, mode_args in MODES:
             if subject.modes is not None and mode not in subject.modes:
@@ -441,7 +577,12 @@ def main() -> None:
                 print(f"{'':36} flag: {f}", flush=True)
             if row.exit_code != 0 and row.stderr_tail:
                 print(f"{'':36} {row.stderr_tail[-1][:200]}", flush=True)
-    (OUT / "diagnostic.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    store = OUT / "diagnostic.json"
+    if args.only and store.exists():  # merge: these models' rows replace the stored ones
+        ran = {r.model for r in rows}
+        kept = [Row(**r) for r in json.loads(store.read_text()) if r["model"] not in ran]
+        rows = kept + rows
+    store.write_text(json.dumps([asdict(r) for r in rows], indent=1))
     target = args.markdown or (EXPORTS / "DIAGNOSTIC.md" if not args.only else None)
     if target is not None:
         target.write_text(markdown(rows, subjects, started))

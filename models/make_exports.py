@@ -382,34 +382,56 @@ class YoloLike(nn.Module):
         return self.detect([o3, o4, o5])
 
 
-def _shapes_images(rng: np.random.Generator, n: int) -> np.ndarray:
-    """32x32 RGB in [0, 1]: a textured background with 1-3 filled rectangles or discs."""
+def _shapes_images(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """32x32 RGB in [0, 1]: a textured background with 1-3 filled squares or discs, and the
+    training targets per anchor [n, 4 + NC, 21]: the box (centre x, y, width, height in pixels)
+    and class (square or disc, dark or bright) of the object centred in each anchor's cell at
+    every level, zeros elsewhere."""
     images = np.empty((n, 3, IMG, IMG), np.float32)
+    targets = np.zeros((n, 4 + NC, 21), np.float32)
+    cells = [(s, IMG // s) for s in (8, 16, 32)]
     yy, xx = np.mgrid[:IMG, :IMG]
     for i in range(n):
         img = rng.uniform(0.2, 0.6, (3, 1, 1)) + 0.05 * rng.standard_normal((3, IMG, IMG))
         for _ in range(rng.integers(1, 4)):
             cy, cx, r = rng.integers(4, 28), rng.integers(4, 28), rng.integers(2, 8)
-            mask = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r) if rng.random() < 0.5 else (
-                (yy - cy) ** 2 + (xx - cx) ** 2 < r * r)  # fmt: skip
-            img[:, mask] = rng.uniform(0, 1, (3, 1))
+            disc = rng.random() < 0.5
+            mask = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) if disc else (
+                (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r))  # fmt: skip
+            colour = rng.uniform(0, 1, (3, 1))
+            img[:, mask] = colour
+            cls = 2 * int(disc) + int(colour.mean() > 0.5)
+            offset = 0
+            for stride, side in cells:
+                a = offset + (cy // stride) * side + cx // stride
+                targets[i, :4, a] = [cx + 0.5, cy + 0.5, 2 * r, 2 * r]
+                targets[i, 4:, a] = 0
+                targets[i, 4 + cls, a] = 1
+                offset += side * side
         images[i] = np.clip(img, 0, 1)
-    return images
+    return images, targets
 
 
 def make_yolo() -> None:
     torch.manual_seed(0)
     model = YoloLike()
     rng = np.random.default_rng(20)
-    # BatchNorm statistics from the images (random weights otherwise), so activations have
-    # the spread of a trained model's rather than a fresh init's
+    # a short training run (class scores by BCE, boxes by L1 where an object is), so that the
+    # outputs depend on the image as a detector's do: a random detector's barely do
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    with torch.no_grad():
-        for _ in range(5):
-            model(torch.from_numpy(_shapes_images(rng, 16)))
+    for _ in range(200):
+        x, t = (torch.from_numpy(a) for a in _shapes_images(rng, 32))
+        out = model(x)
+        positive = t[:, 4:].sum(1, keepdim=True) > 0
+        loss = F.binary_cross_entropy(out[:, 4:].clamp(1e-6, 1 - 1e-6), t[:, 4:])
+        loss = loss + ((out[:, :4] - t[:, :4]).abs() * positive).sum() / positive.sum() / IMG
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     model.eval()
-    calib = _shapes_images(np.random.default_rng(21), 16)
-    val = _shapes_images(np.random.default_rng(22), 16)
+    calib, _ = _shapes_images(np.random.default_rng(21), 16)
+    val, _ = _shapes_images(np.random.default_rng(22), 16)
     x = torch.from_numpy(val[:1])
     with torch.no_grad():
         expected = model(x).numpy()
