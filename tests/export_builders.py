@@ -449,12 +449,17 @@ def crepe_like(
     first_kernel: int = 128,
     first_stride: int = 4,
     classes: int = 36,
+    pad_chain: str = "torch",
     seed: int = 0,
     opset: int = 13,
 ) -> onnx.ModelProto:
     """CREPE as torch exports it: the frame reshaped to [N, 1, frame, 1], each conv preceded by a
-    Pad whose amounts come from a chain fed by constants only (Shape of the kernel's constant ->
-    Gather -> Sub -> Div -> Concat with zeros -> Pad), conv1 with `channels` filters, then the
+    Pad whose amounts come from a chain fed by constants only; `pad_chain="torch"` is the one
+    torch's opset-11+ F.pad lowering writes without constant folding (Shape of the torch-order
+    pads constant -> Gather -> Sub from 2 x rank -> ConstantOfShape -> Concat -> Reshape [-1, 2]
+    -> reversing Slice -> Transpose -> Reshape [-1] -> Cast -> Pad), `"simple"` a shorter one
+    (Shape of a constant -> Gather -> Sub -> Div -> Concat with zeros -> Pad); conv1 with
+    `channels` filters, then the
     wide layer: conv2 reads `channels` channels through a `taps`-tap kernel (an input design of
     channels x taps columns: 1024 x 64 = 65536 in the full model), BatchNorm, MaxPool, a Dense
     head and a Sigmoid. `crepe_like(channels=1024)` is the full-width layer (about 33 MB of
@@ -465,8 +470,27 @@ def crepe_like(
     g = _Graph(seed)
     h = g.op("Reshape", [g.input("frames", ["N", frame]), g.ints([-1, 1, frame, 1])])
 
+    if pad_chain not in ("torch", "simple"):
+        raise ValueError(f"pad_chain is 'torch' or 'simple', not {pad_chain!r}")
+
+    def torch_pad(t: str, kernel: int) -> str:
+        """F.pad(t, (0, 0, (k - 1) // 2, k // 2)) as the legacy exporter lowers it."""
+        torch_order = g.ints([0, 0, (kernel - 1) // 2, kernel // 2])
+        length = g.op("Gather", [g.op("Shape", [torch_order]), g.ints([0])], axis=0)
+        missing = g.op("Sub", [g.op("Mul", [g.const(np.int64(4)), g.const(np.int64(2))]), length])
+        zeros = g.op("ConstantOfShape", [missing],
+                     value=numpy_helper.from_array(np.array([0], np.int64)))  # fmt: skip
+        pairs = g.op("Reshape", [g.op("Concat", [g.op("Cast", [torch_order], to=7), zeros],
+                                      axis=0), g.ints([-1, 2])])  # fmt: skip
+        flipped = g.op("Slice", [pairs, g.ints([-1]), g.ints([-(2**63) + 1]), g.ints([0]),
+                                 g.ints([-1])])  # fmt: skip
+        onnx_order = g.op("Reshape", [g.op("Transpose", [flipped], perm=[1, 0]), g.ints([-1])])
+        return g.op("Pad", [t, g.op("Cast", [onnx_order], to=7)], mode="constant")
+
     def computed_pad(t: str, kernel: int) -> str:
         """'same' padding for a kernel of that height, from constants through shape ops."""
+        if pad_chain == "torch":
+            return torch_pad(t, kernel)
         k = g.const(np.zeros((kernel, 1), np.float32))  # a constant the exporter kept
         size = g.op("Gather", [g.op("Shape", [k]), g.ints([0])], axis=0)
         total = g.op("Sub", [size, g.ints([1])])
@@ -658,6 +682,7 @@ def all_builders() -> dict[str, onnx.ModelProto]:
         "paddle_cls_opset13": paddle_opset11(head="cls", opset=13),
         "stft_frontend": stft_frontend(),
         "crepe_like": crepe_like(),
+        "crepe_like_simple_pads": crepe_like(pad_chain="simple"),
         "c2f_block": c2f_block(),
         "yolo_head": yolo_head(),
     }

@@ -20,6 +20,7 @@ BUILDERS = {
     "paddle_cls_opset11": lambda: eb.paddle_opset11(head="cls", opset=11),
     "stft_frontend": lambda: eb.stft_frontend(),
     "crepe_like": lambda: eb.crepe_like(channels=32, taps=16),
+    "crepe_like_simple_pads": lambda: eb.crepe_like(channels=32, taps=16, pad_chain="simple"),
     "c2f_block": lambda: eb.c2f_block(n=2),
     "c2f_no_shortcut": lambda: eb.c2f_block(shortcut=False),
     "yolo_head": lambda: eb.yolo_head(),
@@ -176,8 +177,10 @@ def test_stft_basis_is_a_dft() -> None:
     assert np.allclose(got[9:], spectrum.imag, atol=1e-4)
 
 
-def test_crepe_pads_come_from_constants_only() -> None:
-    model = eb.crepe_like(channels=16, taps=8, out_channels=4, frame=256, first_kernel=16)
+@pytest.mark.parametrize("chain", ["torch", "simple"])
+def test_crepe_pads_come_from_constants_only(chain: str) -> None:
+    model = eb.crepe_like(channels=16, taps=8, out_channels=4, frame=256, first_kernel=16,
+                          pad_chain=chain)  # fmt: skip
     producers = _producers(model.graph)
     inputs = {i.name for i in model.graph.input}
 
@@ -194,10 +197,21 @@ def test_crepe_pads_come_from_constants_only() -> None:
     pads = [n for n in model.graph.node if n.op_type == "Pad"]
     assert len(pads) == 2
     for pad in pads:
-        assert producers[pad.input[1]].op_type == "Concat"
         assert sources(pad.input[1]) == {"Constant"}
-        chain = {producers[i].op_type for i in producers[pad.input[1]].input}
-        assert chain & {"Div", "Sub"}
+        if chain == "simple":
+            assert producers[pad.input[1]].op_type == "Concat"
+            assert {producers[i].op_type for i in producers[pad.input[1]].input} & {"Div", "Sub"}
+        else:  # Cast <- Reshape <- Transpose <- Slice (reversed) <- Reshape <- Concat
+            walk, node = [], producers[pad.input[1]]
+            while node.op_type != "Concat":
+                walk.append(node.op_type)
+                node = producers[node.input[0]]
+            assert walk == ["Cast", "Reshape", "Transpose", "Slice", "Reshape"]
+    # both chains compute the same 'same' padding: the same weights give the same outputs
+    other = eb.crepe_like(channels=16, taps=8, out_channels=4, frame=256, first_kernel=16,
+                          pad_chain="simple" if chain == "torch" else "torch")  # fmt: skip
+    feeds = eb.feeds(model, batch=2)
+    assert np.allclose(_session(model).run(None, feeds)[0], _session(other).run(None, feeds)[0])
     wide = next(t for t in model.graph.initializer if t.name == "conv2.weight")
     assert list(wide.dims) == [4, 16, 8, 1]
     out = _session(model).run(None, eb.feeds(model, batch=2))[0]
@@ -258,6 +272,6 @@ def test_feeds_cover_every_input() -> None:
 
 def test_all_builders_lists_the_defaults() -> None:
     built = eb.all_builders()
-    assert len(built) == 9
+    assert len(built) == 10
     for model in built.values():
         onnx.checker.check_model(model, full_check=True)
