@@ -229,12 +229,11 @@ def summarise(row: Row, subject: Subject, report: dict[str, Any], out_model: Pat
     s["warnings"] = len(warnings)
 
     source = onnx.load(str(subject.path))
-    big = big_float_constants(source)
+    # 1-D tensors are biases and normalisation parameters, never weights
+    big = {n: a for n, a in big_float_constants(source).items() if a.ndim >= 2}
     listed, skipped, unreached = _report_names(report)
     s["big_constants"] = len(big)
     s["in_report"] = sum(1 for n in big if n in listed | skipped | unreached)
-    # 1-D tensors are biases and normalisation parameters, never weights
-    big = {n: a for n, a in big.items() if a.ndim >= 2}
     silent = sorted(n for n in big if n not in listed | skipped | unreached)
     if silent:
         read_by = readers(source)
