@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-large bench-gpu zoo mnist-models ocr-model digits-calib calibration-table decoder-model decoder-tiny bench-decoder clean
+.PHONY: install demo test lint bench bench-large bench-gpu zoo mnist-models ocr-model digits-calib calibration-table decoder-model decoder-tiny bench-decoder exports-models exports-diagnostic clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -110,6 +110,29 @@ decoder-tiny: $(STAMP) $(OPTIMUM_CLI)
 bench-decoder: $(STAMP)
 	$(PY) -c "$(DECODER_CHECK)" 2>/dev/null || $(PY) -m pip install --quiet $(DECODER_DEPS)
 	$(PY) bench/torch_reference.py --dir build/decoder
+=======
+# Small look-alikes of real held-out exports (Silero VAD, CREPE, YOLOv8, BERT from transformers,
+# Magika via tf2onnx, PaddleOCR via paddle2onnx) with calibration and validation data, into
+# models/exports (models/exports/README.md); about 3 minutes on 2 CPU cores. The three exporters
+# do not install side by side: each gets its own virtual environment (git-ignored), never a
+# package dependency.
+EXPORT_TORCH := .venv-train
+EXPORT_TF := .venv-tf
+EXPORT_PADDLE := .venv-paddle
+exports-models:
+	test -x $(EXPORT_TORCH)/bin/python || $(PYTHON) -m venv $(EXPORT_TORCH)
+	$(EXPORT_TORCH)/bin/python -c "import torch, transformers, onnx, onnxruntime, onnxscript" 2>/dev/null || $(EXPORT_TORCH)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 transformers onnx onnxruntime onnxscript numpy
+	test -x $(EXPORT_TF)/bin/python || $(PYTHON) -m venv $(EXPORT_TF)
+	$(EXPORT_TF)/bin/python -c "import tensorflow, tf2onnx, onnxruntime" 2>/dev/null || $(EXPORT_TF)/bin/pip install --quiet tensorflow-cpu tf2onnx onnx onnxruntime numpy
+	test -x $(EXPORT_PADDLE)/bin/python || $(PYTHON) -m venv $(EXPORT_PADDLE)
+	$(EXPORT_PADDLE)/bin/python -c "import paddle, paddle2onnx, onnxruntime" 2>/dev/null || $(EXPORT_PADDLE)/bin/pip install --quiet paddlepaddle paddle2onnx onnx onnxruntime numpy
+	$(EXPORT_TORCH)/bin/python models/make_exports.py --tf-python $(EXPORT_TF)/bin/python \
+		--paddle-python $(EXPORT_PADDLE)/bin/python
+
+# Runs the current onnxprune on every model of models/exports and every tests/export_builders.py
+# shape in each mode, into models/exports/DIAGNOSTIC.md; about 10 minutes.
+exports-diagnostic: $(STAMP)
+	$(PY) bench/exports_diagnostic.py
 
 digits-calib: $(STAMP)
 	$(PY) -c "import sklearn" 2>/dev/null || $(PY) -m pip install --quiet scikit-learn
