@@ -110,7 +110,7 @@ decoder-tiny: $(STAMP) $(OPTIMUM_CLI)
 bench-decoder: $(STAMP)
 	$(PY) -c "$(DECODER_CHECK)" 2>/dev/null || $(PY) -m pip install --quiet $(DECODER_DEPS)
 	$(PY) bench/torch_reference.py --dir build/decoder
-=======
+
 # Small look-alikes of real held-out exports (Silero VAD, CREPE, YOLOv8, BERT from transformers,
 # Magika via tf2onnx, PaddleOCR via paddle2onnx) with calibration and validation data, into
 # models/exports (models/exports/README.md); about 3 minutes on 2 CPU cores. The three exporters
