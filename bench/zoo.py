@@ -89,9 +89,9 @@ def invariant(path: Path) -> tuple[float, bool]:
     import onnx
     import onnx_ir as ir
 
-    from onnxprune import io
     from onnxprune.rewrite.structured import apply_channel_plan
     from onnxprune.selection.channels import ChannelPlan, counted_weights
+    from onnxprune.storage import io
     from tests.builders import run
     from tests.channel_models import analyse, choose, feeds, kill
 

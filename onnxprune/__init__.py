@@ -20,16 +20,16 @@ _EXPORTS = {
     "OnnxPruneError": "onnxprune.errors",
     "Plan": "onnxprune.selection",
     "Report": "onnxprune.report",
-    "Save": "onnxprune.io",
+    "Save": "onnxprune.storage.io",
     "Structured": "onnxprune.pipeline",
     "Weight": "onnxprune.weights",
     "apply_plan": "onnxprune.rewrite",
     "find_weights": "onnxprune.weights",
     "inspect": "onnxprune.pipeline",
-    "load_model": "onnxprune.io",
+    "load_model": "onnxprune.storage.io",
     "plan": "onnxprune.selection",
     "prune": "onnxprune.pipeline",
-    "save_model": "onnxprune.io",
+    "save_model": "onnxprune.storage.io",
 }
 
 

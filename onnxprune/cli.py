@@ -14,9 +14,10 @@ from typing import Any
 
 import click
 
-from onnxprune import __version__, io, pipeline, selection, writer
+from onnxprune import __version__, pipeline, selection
 from onnxprune.errors import InvalidArgumentError, OnnxPruneError
 from onnxprune.report import format_inspect, format_report, write_json
+from onnxprune.storage import io, writer
 
 DEBUG_ENV = "ONNXPRUNE_DEBUG"
 
@@ -630,7 +631,7 @@ def prune_command(
     result = None
     if validating:
         from onnxprune.errors import DataError
-        from onnxprune.io import model_files
+        from onnxprune.storage.io import model_files
         from onnxprune.validate import format_validation
 
         try:

@@ -465,7 +465,7 @@ def model_signature(path: str | os.PathLike) -> Signature | None:
     None when the file cannot be read this way, or declares an input without a shape: the
     checks that need it are left to the run (and a broken model to the loader's own error).
     """
-    from onnxprune import wire
+    from onnxprune.core import wire
 
     try:
         proto, _, mapped = wire.load_mapped(str(path))

@@ -20,6 +20,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
+from onnxprune.core.tensors import const_tensor
+
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 # Dims of a value: a tuple of positive ints, or None where the rank or any dim is not known.
@@ -129,16 +131,6 @@ def node_macs(node: ir.Node, dims: Dims) -> int | None:
         return None
     rule = RULES.get(node.op_type)
     return None if rule is None else rule(node, dims)
-
-
-def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """A stored tensor (initializer or Constant node) that a run cannot override."""
-    if value is None or (value.is_graph_input() and value.producer() is None):
-        return None
-    try:
-        return ir.convenience.get_const_tensor(value)
-    except ValueError:
-        return None
 
 
 def known_dims(value: ir.Value | None) -> tuple[int, ...] | None:

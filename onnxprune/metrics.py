@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune import io, macs, weights
+from onnxprune import macs, weights
 from onnxprune.errors import DataError
+from onnxprune.storage import io
 
 # Relative error divides by |reference|, floored here so that exact zeros do not divide by zero.
 REL_FLOOR = 1e-6

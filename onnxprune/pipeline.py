@@ -11,11 +11,12 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxprune import io, rewrite, selection, sparse, weights
+from onnxprune import rewrite, selection, weights
 from onnxprune.calibration import Calibration
 from onnxprune.errors import InvalidArgumentError
 from onnxprune.report import Report, step
 from onnxprune.scoring import MagnitudeStats, magnitude_hazard, magnitude_stats
+from onnxprune.storage import io, sparse
 
 
 def default_output(path: str | os.PathLike) -> Path:

@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from onnxprune import pipeline, writer
+from onnxprune import pipeline
 from onnxprune.calibration import Calibration
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
 from onnxprune.report import format_table, human_bytes, step
+from onnxprune.storage import writer
 from onnxprune.validate import (
     GENERATED_CAVEAT,
     ModelResult,

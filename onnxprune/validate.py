@@ -26,7 +26,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxprune import inputs as _inputs
-from onnxprune import io, metrics
+from onnxprune import metrics
 from onnxprune.errors import (
     DataError,
     InvalidArgumentError,
@@ -52,6 +52,7 @@ from onnxprune.runtime import (  # noqa: F401  (re-exported)
     open_session,
     select_runtime,
 )
+from onnxprune.storage import io
 
 log = logging.getLogger("onnxprune")
 

@@ -11,11 +11,13 @@ import onnx_ir as ir
 import pytest
 
 import onnxprune
-from onnxprune import channels, io, pipeline
+from onnxprune import channels, pipeline
 from onnxprune.calibration import compensation
+from onnxprune.core.tensors import const_tensor
 from onnxprune.report import format_report
 from onnxprune.rewrite.structured import apply_channel_plan
 from onnxprune.selection.channels import ChannelPlan
+from onnxprune.storage import io
 from tests.builders import GraphBuilder, run, save
 from tests.channel_models import MODELS, analyse, choose, counted_weights, feeds
 
@@ -80,7 +82,7 @@ def zero_producers(graph: channels.ChannelGraph, removed: np.ndarray) -> None:
     for m in graph.members:
         if m.role not in compensation.PRODUCER_ROLES or not removed[m.ids].any():
             continue
-        array = np.array(channels.const_tensor(m.value).numpy(), copy=True)
+        array = np.array(const_tensor(m.value).numpy(), copy=True)
         index = [slice(None)] * array.ndim
         index[m.axis] = removed[m.ids]
         array[tuple(index)] = 0
@@ -174,7 +176,7 @@ def test_nearly_dead_channels_are_repaired_too(tmp_path) -> None:
     removed = choose(graph, seed=0)
     for m in graph.members:  # shrink, not zero, the removed channels' producers
         if m.role in compensation.PRODUCER_ROLES and removed[m.ids].any():
-            array = np.array(channels.const_tensor(m.value).numpy(), copy=True)
+            array = np.array(const_tensor(m.value).numpy(), copy=True)
             index = [slice(None)] * array.ndim
             index[m.axis] = removed[m.ids]
             array[tuple(index)] *= 0.001

@@ -13,7 +13,7 @@ from builders import GraphBuilder, initializers, mlp, run, save, small_cnn
 from onnx import helper
 
 import onnxprune
-from onnxprune.io import check_model_file
+from onnxprune.storage.io import check_model_file
 
 
 def digest(path: Path) -> str:

@@ -250,7 +250,7 @@ def test_min_keep_parse_errors(spec) -> None:
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 def test_chunked_reads_give_the_same_masks(monkeypatch, chunk, path) -> None:
     """Ties and thresholds must carry across chunk boundaries exactly."""
-    import onnxprune.weights as weights
+    import onnxprune.core.tensors as weights
 
     arrays = random_arrays(11, 4, ties=True)
     expected = masks(plan(weights_of(arrays), 0.55, min_keep=3))

@@ -21,7 +21,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxprune import io
 from onnxprune.calibration import Calibration, CalibrationSummary, load_samples
 from onnxprune.calibration.design import Design, design_of
 from onnxprune.calibration.reconstruct import inverse_factor
@@ -29,6 +28,7 @@ from onnxprune.errors import DataError
 from onnxprune.inputs import Inputs
 from onnxprune.report import step
 from onnxprune.runtime import Runtime, open_session, select_runtime
+from onnxprune.storage import io
 from onnxprune.weights import Weight
 
 log = logging.getLogger("onnxprune")

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune import io
 from onnxprune.calibration import Calibration, CalibrationSummary, reconstruct
 from onnxprune.calibration.capture import (
     LayerStats,
@@ -51,6 +50,7 @@ from onnxprune.runtime import Runtime
 from onnxprune.scoring import channel_scores
 from onnxprune.selection import MinKeep
 from onnxprune.selection.channels import ChannelPlan, plan_channels
+from onnxprune.storage import io
 from onnxprune.weights import Weight, find_weights
 
 

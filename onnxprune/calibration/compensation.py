@@ -31,18 +31,19 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune import inputs as _inputs
-from onnxprune import io
 from onnxprune.calibration import model_input_specs
 from onnxprune.calibration.capture import Runner
 from onnxprune.calibration.channels import consumers
 from onnxprune.calibration.design import design_of
-from onnxprune.channels import ChannelGraph, const_tensor, stored_values, zeroed
+from onnxprune.channels import ChannelGraph, stored_values, zeroed
+from onnxprune.core.tensors import const_tensor
 from onnxprune.errors import OnnxPruneError
 from onnxprune.rewrite.bias import shift_bias
 from onnxprune.rewrite.constants import NodeConstants
 from onnxprune.rewrite.structured import store_tensor
 from onnxprune.runtime import select_runtime
 from onnxprune.selection.channels import ChannelPlan
+from onnxprune.storage import io
 from onnxprune.weights import find_weights
 
 # Roles of a removed class's members zeroed in the probe: its producers. Shifts and scales stay:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune import io, selection
+from onnxprune import selection
 from onnxprune.calibration import Calibration, reconstruct
 from onnxprune.calibration.capture import (
     LayerStats,
@@ -34,6 +34,7 @@ from onnxprune.rewrite.bias import shift_bias
 from onnxprune.rewrite.constants import NodeConstants
 from onnxprune.scoring import UINT32
 from onnxprune.selection import LayerPlan, MinKeep, Plan
+from onnxprune.storage import io
 from onnxprune.weights import Weight
 
 # The smallest positive score, so a non-zero weight always ranks above a zero one.

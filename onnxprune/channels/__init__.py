@@ -26,9 +26,11 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from onnxprune import quantized, weights
+from onnxprune import weights
 from onnxprune.channels import shapemath
 from onnxprune.channels.oprules import RULES, Unsupported
+from onnxprune.core import quantized
+from onnxprune.core.tensors import const_tensor
 from onnxprune.errors import NothingToPruneError
 
 # Member roles. out/in: a weight's output/input-channel axis; bias: the producer's bias; scale and
@@ -166,18 +168,6 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
             label = jumped
 
 
-def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The stored tensor of an initializer or a Constant node's output; None otherwise."""
-    if value is None:
-        return None
-    if value.const_value is not None and value.producer() is None and not value.is_graph_input():
-        return value.const_value
-    node = value.producer()
-    if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-        attr = node.attributes.get("value")
-        if attr is not None:
-            return attr.value
-    return None
 
 
 def stored_values(value: ir.Value) -> np.ndarray:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxprune import writer
 from onnxprune.scoring import MagnitudeStats
 from onnxprune.selection import Plan
+from onnxprune.storage import writer
 
 log = logging.getLogger("onnxprune")
 

@@ -15,7 +15,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from onnxprune.channels import Fix, concat_piece, const_tensor
+from onnxprune.channels import Fix, concat_piece
+from onnxprune.core.tensors import const_tensor
 from onnxprune.rewrite.constants import NodeConstants
 from onnxprune.selection.channels import ChannelPlan
 

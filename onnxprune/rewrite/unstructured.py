@@ -16,9 +16,9 @@ from typing import BinaryIO
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.quantized import DequantizedTensor
+from onnxprune.core.quantized import DequantizedTensor
+from onnxprune.core.tensors import flat_view
 from onnxprune.selection import LayerPlan, Plan, layer_masks
-from onnxprune.weights import flat_view
 
 
 def zeroed(values: np.ndarray, mask: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -31,8 +31,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune import macs, quantized
-from onnxprune.channels import ChannelGraph, const_tensor
+from onnxprune import macs
+from onnxprune.channels import ChannelGraph
+from onnxprune.core import quantized
+from onnxprune.core.tensors import const_tensor
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
 from onnxprune.scoring import channel_scores
 from onnxprune.selection import MinKeep, check_sparsity

@@ -26,8 +26,9 @@ from functools import partial
 
 import numpy as np
 
+from onnxprune.core.tensors import tensor_blocks, tensor_chunks
 from onnxprune.scoring import key_chunks, magnitude_keys
-from onnxprune.weights import Weight, tensor_blocks, tensor_chunks
+from onnxprune.weights import Weight
 
 DIGIT_BITS = 16
 # Threads reading layers at once; bounded so temporary memory stays a few chunks.

@@ -35,9 +35,10 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto
 
-from onnxprune import wellformed, wire
+from onnxprune.core import wire
+from onnxprune.core.tensors import tensor_chunks
 from onnxprune.errors import InvalidArgumentError, ModelLoadError
-from onnxprune.weights import tensor_chunks
+from onnxprune.storage import wellformed
 
 # model.meta keys: the input held sparse initializers (the output keeps the form), and the data
 # files their values or indices were read from (inputs of the run, never destinations).

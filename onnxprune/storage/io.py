@@ -13,9 +13,10 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from onnxprune import datafile, wellformed, wire, writer
-from onnxprune import sparse as sparse_storage
+from onnxprune.core import wire
 from onnxprune.errors import ModelLoadError, OutputError
+from onnxprune.storage import datafile, wellformed, writer
+from onnxprune.storage import sparse as sparse_storage
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with a margin.
 PROTO_LIMIT_BYTES = 2**31 - 2**27
