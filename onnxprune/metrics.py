@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune import macs, weights
+from onnxprune.core.graphs import iter_tensors
 from onnxprune.errors import DataError
 from onnxprune.storage import io
 
@@ -191,7 +192,7 @@ def gzip_size(paths: Sequence[str | os.PathLike]) -> int:
 def count_params(model: ir.Model) -> tuple[int, int]:
     """(parameters, non-zero parameters) over stored float and 8-bit tensors, one at a time."""
     params = nonzero = 0
-    for _, tensor in io.iter_tensors(model):
+    for _, tensor in iter_tensors(model):
         if tensor.dtype in PARAM_TYPES:
             params += int(tensor.size)
             nonzero += int(np.count_nonzero(tensor.numpy()))

@@ -13,8 +13,9 @@ import onnx_ir as ir
 
 from onnxprune import rewrite, selection, weights
 from onnxprune.calibration import Calibration
+from onnxprune.core.progress import step
 from onnxprune.errors import InvalidArgumentError
-from onnxprune.report import Report, step
+from onnxprune.report import Report
 from onnxprune.scoring import MagnitudeStats, magnitude_hazard, magnitude_stats
 from onnxprune.storage import io, sparse
 

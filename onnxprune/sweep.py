@@ -21,8 +21,9 @@ import numpy as np
 
 from onnxprune import pipeline
 from onnxprune.calibration import Calibration
+from onnxprune.core.progress import step
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
-from onnxprune.report import format_table, human_bytes, step
+from onnxprune.report import format_table, human_bytes
 from onnxprune.storage import writer
 from onnxprune.validate import (
     GENERATED_CAVEAT,

@@ -42,7 +42,8 @@ from onnxprune.calibration.capture import (
 )
 from onnxprune.calibration.design import Design, design_of
 from onnxprune.channels import ChannelGraph, Member
-from onnxprune.report import step
+from onnxprune.core.graphs import copy_model
+from onnxprune.core.progress import step
 from onnxprune.rewrite.bias import shift_bias
 from onnxprune.rewrite.constants import NodeConstants
 from onnxprune.rewrite.structured import apply_channel_plan
@@ -50,7 +51,6 @@ from onnxprune.runtime import Runtime
 from onnxprune.scoring import channel_scores
 from onnxprune.selection import MinKeep
 from onnxprune.selection.channels import ChannelPlan, plan_channels
-from onnxprune.storage import io
 from onnxprune.weights import Weight, find_weights
 
 
@@ -385,7 +385,7 @@ def calibrated_channels(
     else:
         stats.layers.clear()
         stats.uses.clear()
-        dense_model = io.copy_model(model)
+        dense_model = copy_model(model)
         with step("removing channels"):
             apply_channel_plan(model, plan)
         _sequential(model, dense_model, plan, found, samples, runtime, options, summary, solved)

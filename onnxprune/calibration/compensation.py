@@ -36,6 +36,7 @@ from onnxprune.calibration.capture import Runner
 from onnxprune.calibration.channels import consumers
 from onnxprune.calibration.design import design_of
 from onnxprune.channels import ChannelGraph, stored_values, zeroed
+from onnxprune.core.graphs import copy_model
 from onnxprune.core.tensors import const_tensor
 from onnxprune.errors import OnnxPruneError
 from onnxprune.rewrite.bias import shift_bias
@@ -43,7 +44,6 @@ from onnxprune.rewrite.constants import NodeConstants
 from onnxprune.rewrite.structured import store_tensor
 from onnxprune.runtime import select_runtime
 from onnxprune.selection.channels import ChannelPlan
-from onnxprune.storage import io
 from onnxprune.weights import find_weights
 
 # Roles of a removed class's members zeroed in the probe: its producers. Shifts and scales stay:
@@ -94,7 +94,7 @@ class Compensation:
 
 def _zeroed_copy(model: ir.Model, graph: ChannelGraph, removed: np.ndarray) -> ir.Model:
     """A copy of `model` whose removed classes' producers (weights, biases) are zero."""
-    copy = io.copy_model(model)
+    copy = copy_model(model)
     stored = {v.name: v for v in copy.graph.initializers.values()}
     for node in copy.graph:
         if node.op_type == "Constant":
@@ -312,7 +312,7 @@ def apply(model: ir.Model, found: Compensation) -> None:
     outputs closer to the dense model's on generated inputs."""
     if found.dense:
         # one trial copy: the quiet constants first, then the rest on top of them
-        trial = io.copy_model(model)
+        trial = copy_model(model)
         for chosen, shifts in (("quiet", found.quiet), ("all", _rest(found.shifts, found.quiet))):
             _shift(trial, shifts)
             found.drift[chosen] = _drift(_outputs(trial, found.probe), found.dense)

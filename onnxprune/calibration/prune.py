@@ -29,12 +29,12 @@ from onnxprune.calibration.capture import (
     measurement_rounds,
 )
 from onnxprune.calibration.design import Design
-from onnxprune.report import step
+from onnxprune.core.graphs import copy_model
+from onnxprune.core.progress import step
 from onnxprune.rewrite.bias import shift_bias
 from onnxprune.rewrite.constants import NodeConstants
 from onnxprune.scoring import UINT32
 from onnxprune.selection import LayerPlan, MinKeep, Plan
-from onnxprune.storage import io
 from onnxprune.weights import Weight
 
 # The smallest positive score, so a non-zero weight always ranks above a zero one.
@@ -316,7 +316,7 @@ def calibrated_plan(
             # the dense sums served the ranking; each round measures its own
             stats.layers.clear()
             stats.uses.clear()
-            dense = io.copy_model(model)
+            dense = copy_model(model)
             for i in changed:  # layers without statistics: zeroed first, as the waves see them
                 mask = masks[i]
                 if i not in measured and mask is not None:

@@ -30,6 +30,7 @@ from onnxprune import weights
 from onnxprune.channels import shapemath
 from onnxprune.channels.oprules import RULES, Unsupported
 from onnxprune.core import quantized
+from onnxprune.core.graphs import subgraph_owners
 from onnxprune.core.tensors import const_tensor
 from onnxprune.errors import NothingToPruneError
 
@@ -893,7 +894,7 @@ def _unreached(model: ir.Model, walk: Walk, graph: ChannelGraph) -> list[Unreach
     subgraph, read by a recurrent op, the reason its reader's rule gave, or why `find_weights`
     skipped it. A weight sliced only as some layer's input (a grouped ConvTranspose's, whose
     channels go with its input's groups) is reached."""
-    owners = _subgraph_owners(model)
+    owners = subgraph_owners(model)
     order = {node: i for i, node in enumerate(model.graph)}
     placed = sorted(order[layer.member.node] for layer in graph.layers)
     found = weights.find_weights(model)
@@ -957,21 +958,6 @@ def _unreached(model: ir.Model, walk: Walk, graph: ChannelGraph) -> list[Unreach
     return result
 
 
-def _subgraph_owners(model: ir.Model) -> dict[ir.Node, tuple[ir.Node, str]]:
-    """Each node inside an If/Loop/Scan body: (the main-graph node that holds it, which body)."""
-    owners: dict[ir.Node, tuple[ir.Node, str]] = {}
-    for node in model.graph:
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                graphs = [attr.value]
-            elif attr.type == ir.AttributeType.GRAPHS:
-                graphs = list(attr.value)
-            else:
-                continue
-            for sub in graphs:
-                for inner in sub.all_nodes():
-                    owners[inner] = (node, attr.name)
-    return owners
 
 
 def check_removable(graph: ChannelGraph) -> None:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,24 +16,6 @@ from onnxprune.storage import writer
 
 log = logging.getLogger("onnxprune")
 
-# A step is announced on stderr only once it has taken this long, so fast runs stay quiet.
-PROGRESS_AFTER_S = 1.0
-
-
-@contextlib.contextmanager
-def step(message: str) -> Iterator[None]:
-    """Announce a slow step on the log (stderr in the CLI) and how long it took."""
-    start = time.perf_counter()
-    timer = threading.Timer(PROGRESS_AFTER_S, lambda: log.info("%s ...", message))
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-        elapsed = time.perf_counter() - start
-        if elapsed >= PROGRESS_AFTER_S:
-            log.info("%s: done in %.1f s", message, elapsed)
 
 
 @dataclass
