@@ -631,8 +631,8 @@ def prune_command(
     result = None
     if validating:
         from onnxprune.errors import DataError
+        from onnxprune.report.validation import format_validation
         from onnxprune.storage.io import model_files
-        from onnxprune.validate import format_validation
 
         try:
             result = _run_validation(
@@ -791,7 +791,8 @@ def validate_command(
       onnxprune validate model.onnx model.pruned.onnx --data val.npz --max-accuracy-drop 0.01
     """
     from onnxprune import inputs
-    from onnxprune.validate import check_gates, format_validation, preflight
+    from onnxprune.report.validation import format_validation
+    from onnxprune.validate import check_gates, preflight
 
     _setup_logging(quiet)
     preflight(
@@ -922,6 +923,7 @@ def sweep_command(
       onnxprune sweep model.onnx --data val.npz --structured --calibration calib.npz
     """
     from onnxprune import inputs, sweep
+    from onnxprune.report import sweep as report_sweep
     from onnxprune.validate import preflight
 
     _setup_logging(False)
@@ -939,7 +941,7 @@ def sweep_command(
         force=force,
     )
     if plot:
-        sweep.check_plotting()
+        report_sweep.check_plotting()
     result = sweep.sweep(
         model,
         sweep.parse_sparsities(sparsities),
@@ -958,10 +960,10 @@ def sweep_command(
         ),
         criteria=[c.strip() for c in criteria.split(",") if c.strip()],
     )
-    click.echo(sweep.format_sweep(result))
+    click.echo(report_sweep.format_sweep(result))
     if markdown:
-        writer.write_text(markdown, sweep.format_markdown(result) + "\n", force=force)
+        writer.write_text(markdown, report_sweep.format_markdown(result) + "\n", force=force)
     if plot:
-        click.echo(f"plot written to {sweep.plot_sweep(result, plot, force=force)}")
+        click.echo(f"plot written to {report_sweep.plot_sweep(result, plot, force=force)}")
     if report_path:
         write_json(result.to_dict(), report_path, force=force)

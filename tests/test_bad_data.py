@@ -18,9 +18,9 @@ from click.testing import CliRunner
 
 from onnxprune import inputs, pipeline, validate
 from onnxprune.cli import main
-from onnxprune.errors import DataError
-from onnxprune.metrics import DiffAccumulator, OutputDiff
+from onnxprune.errors import DataError, ValidationFailed
 from onnxprune.selection import MinKeep
+from onnxprune.validate.metrics import DiffAccumulator, OutputDiff
 
 SAMPLES = 12
 
@@ -399,11 +399,11 @@ def _result(cosines: list[float], agreement: float, drop: float | None = None) -
 
 
 def test_nan_measurements_fail_gates() -> None:
-    with pytest.raises(validate.ValidationFailed, match="output 'y1' is nan"):
+    with pytest.raises(ValidationFailed, match="output 'y1' is nan"):
         validate.check_gates(_result([1.0, math.nan, 0.5], 1.0), min_cosine=0.1)
-    with pytest.raises(validate.ValidationFailed, match="top-1 agreement nan"):
+    with pytest.raises(ValidationFailed, match="top-1 agreement nan"):
         validate.check_gates(_result([1.0], math.nan), min_agreement=0.5)
-    with pytest.raises(validate.ValidationFailed, match="accuracy dropped by nan"):
+    with pytest.raises(ValidationFailed, match="accuracy dropped by nan"):
         validate.check_gates(_result([1.0], 1.0, drop=math.nan), max_accuracy_drop=0.5)
     validate.check_gates(_result([1.0, 0.9], 1.0, drop=0.0), min_cosine=0.9, max_accuracy_drop=0)
     # outputs that overflow or are NaN do not come out with a cosine of 1

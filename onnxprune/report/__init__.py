@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onnxprune.report.tables import format_table, human_bytes, human_count, pct, shorten
 from onnxprune.scoring import MagnitudeStats
 from onnxprune.selection import Plan
 from onnxprune.storage import writer
@@ -137,56 +138,14 @@ def write_json(data: dict[str, Any], path: str | os.PathLike, *, force: bool = F
     return writer.write_text(path, json.dumps(data, indent=2) + "\n", force=force)
 
 
-def human_count(n: int | float) -> str:
-    """1234567 -> '1.23M': parameter counts people can read at a glance."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:g}" if isinstance(n, float) else str(n)
 
 
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
 
 
-def _shorten(text: str, width: int) -> str:
-    return (
-        text if len(text) <= width else text[: width // 2 - 1] + "…" + text[-(width - width // 2) :]
-    )
 
 
-def format_table(
-    headers: list[str],
-    rows: list[list[str]],
-    *,
-    footer: list[str] | None = None,
-    left: int = 1,
-) -> str:
-    """A plain aligned table: the first `left` columns (names) left-aligned, the rest right."""
-    all_rows = [headers, *rows, *([footer] if footer else [])]
-    widths = [max(len(r[i]) for r in all_rows) for i in range(len(headers))]
-
-    def line(row: list[str]) -> str:
-        cells = [
-            c.ljust(w) if i < left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        return "  ".join(cells).rstrip()
-
-    rule = "-" * len(line(headers))
-    out = [line(headers), rule, *(line(r) for r in rows)]
-    if footer:
-        out += [rule, line(footer)]
-    return "\n".join(out)
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
 
 
 NAME_WIDTH = 44
@@ -199,7 +158,7 @@ def _consumers(weight: Any) -> str:
     if not names:
         return ""
     more = f" +{len(names) - 1}" if len(names) > 1 else ""
-    return _shorten(names[0], NODE_WIDTH - len(more)) + more
+    return shorten(names[0], NODE_WIDTH - len(more)) + more
 
 
 def _error(error: float | None) -> str:
@@ -269,13 +228,13 @@ def format_report(report: Report) -> str:
     calibrated = plan.calibration is not None
     rows = [
         [
-            _shorten(layer.weight.name, NAME_WIDTH),
+            shorten(layer.weight.name, NAME_WIDTH),
             _consumers(layer.weight),
             layer.weight.op_type,
             "x".join(map(str, layer.weight.shape)),
             human_count(layer.size),
             human_count(layer.kept),
-            _pct(layer.sparsity),
+            pct(layer.sparsity),
             *([_error(layer.error)] if calibrated else []),
         ]
         for layer in plan.layers
@@ -287,7 +246,7 @@ def format_report(report: Report) -> str:
         "",
         human_count(plan.total),
         human_count(plan.total - plan.pruned),
-        _pct(plan.sparsity),
+        pct(plan.sparsity),
         *([""] if calibrated else []),
     ]
     lines = [
@@ -338,7 +297,7 @@ def format_inspect(stats: list[tuple[Any, MagnitudeStats]], plan: Plan | None) -
     rows = []
     for weight, s in stats:
         row = [
-            _shorten(weight.name, NAME_WIDTH),
+            shorten(weight.name, NAME_WIDTH),
             _consumers(weight),
             weight.op_type,
             "x".join(map(str, weight.shape)),
@@ -351,7 +310,7 @@ def format_inspect(stats: list[tuple[Any, MagnitudeStats]], plan: Plan | None) -
         ]
         if plan:
             layer = kept[id(weight)]
-            row += [human_count(layer.kept), _pct(layer.sparsity)]
+            row += [human_count(layer.kept), pct(layer.sparsity)]
         rows.append(row)
     total = sum(s.size for _, s in stats)
     footer = [
@@ -367,7 +326,7 @@ def format_inspect(stats: list[tuple[Any, MagnitudeStats]], plan: Plan | None) -
         "",
     ]
     if plan:
-        footer += [human_count(plan.total - plan.pruned), _pct(plan.sparsity)]
+        footer += [human_count(plan.total - plan.pruned), pct(plan.sparsity)]
     out = [format_table(headers, rows, footer=footer, left=3)]
     if plan:
         out += [f"warning: {w}" for w in plan.warnings]
