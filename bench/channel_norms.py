@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from onnxprune import channels
 from onnxprune.rewrite.structured import apply_channel_plan
-from onnxprune.scoring import CHANNEL_NORMS
+from onnxprune.scoring.magnitude import CHANNEL_NORMS
 from onnxprune.selection.channels import plan_channels
 from onnxprune.storage import io
 

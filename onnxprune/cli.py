@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -15,8 +16,8 @@ from typing import Any
 import click
 
 from onnxprune import __version__, pipeline, selection
-from onnxprune.errors import InvalidArgumentError, OnnxPruneError
-from onnxprune.report import format_inspect, format_report, write_json
+from onnxprune.errors import InvalidArgumentError, OnnxPruneError, ValidationFailed
+from onnxprune.report import write_json
 from onnxprune.storage import io, writer
 
 DEBUG_ENV = "ONNXPRUNE_DEBUG"
@@ -433,7 +434,7 @@ def _calibration(
         if given:
             raise InvalidArgumentError(f"{given[0]} needs --calibration FILE.npz")
         return pipeline.calibration_options(None, criterion)
-    from onnxprune.calibration import Calibration
+    from onnxprune.options import Calibration
 
     return Calibration(
         data=path,
@@ -445,6 +446,37 @@ def _calibration(
         bias_correction=bias_correction,
         rounds=rounds,
     )
+
+
+def structured_settings(
+    structured: bool,
+    *,
+    target: str = "params",
+    round_to: int | None = None,
+    heads: bool = False,
+    compensate: bool = True,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> Any:
+    """The Structured settings the command line's flags ask for (None without --structured);
+    flags that only mean something for channel removal are refused without it, never ignored."""
+    from onnxprune.options import TARGETS, Structured
+
+    if structured:
+        return Structured(target, round_to, heads, compensate, input_shapes)
+    if target not in TARGETS:
+        raise InvalidArgumentError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
+    if heads:
+        raise InvalidArgumentError("--heads removes whole attention heads: it needs --structured")
+    if target != "params":
+        raise InvalidArgumentError(
+            f"--target {target} counts what removing whole channels saves: it needs --structured "
+            "(zeroed weights count as parameters)"
+        )
+    if round_to is not None:
+        raise InvalidArgumentError(
+            f"--round-to {round_to} rounds channel counts: it needs --structured"
+        )
+    return None
 
 
 def with_options(options: list[Callable[..., Any]]) -> Callable[..., Any]:
@@ -562,22 +594,26 @@ def prune_command(
         raise click.UsageError("give --sparsity (e.g. --sparsity 0.9) or --pattern (e.g. 2:4)")
     if sparsity is not None and pattern is not None:
         raise click.UsageError("--sparsity and --pattern exclude each other")
-    from onnxprune.inputs import parse_input_shapes
+    from onnxprune.inputs import check_batch_size, parse_input_shapes
+    from onnxprune.options import Save, Selection, Validation
 
-    channels = pipeline.structured_options(
+    check_batch_size(batch_size)
+    shapes = parse_input_shapes(input_shape)
+    options = Selection(
+        sparsity or 0.0,
+        method=method,
+        min_keep=min_keep,
+        pattern=pattern,
+        include=include,
+        exclude=exclude,
+    )
+    channels = structured_settings(
         structured,
         target=target,
         round_to=round_to,
         heads=heads,
         compensate=bias_correction,
-        input_shapes=parse_input_shapes(input_shape),
-    )
-    io.check_model_path(model)
-    output = output or str(pipeline.default_output(model))
-    check_outputs(
-        run_inputs(model, data=data, calibration=calibration),
-        [(output, "the output model"), (report_path, "the report")],
-        force=force,
+        input_shapes=shapes,
     )
     gates = {
         "max_accuracy_drop": max_accuracy_drop,
@@ -585,21 +621,10 @@ def prune_command(
         "min_cosine": min_cosine,
     }
     validating = validate_ or data is not None or any(v is not None for v in gates.values())
-    if validating or calibration is not None or batch_size is not None:
-        from onnxprune import inputs
-        from onnxprune.validate import preflight
-
-        # bad samples, batch size or gate values stop here, before a model is pruned or written
-        preflight(
-            model,
-            data=data,
-            calibration=calibration,
-            validating=validating,
-            batch_size=batch_size,
-            input_shapes=inputs.parse_input_shapes(input_shape),
-            **gates,
-        )
-    options = _calibration(
+    validation = (
+        Validation(data, batch_size, device, shapes, seed, **gates) if validating else None
+    )
+    settings = _calibration(
         calibration,
         criterion,
         calibration_mode,
@@ -609,56 +634,37 @@ def prune_command(
         device,
         calibration_rounds,
     )
-    _, report = pipeline.prune(
-        model,
-        sparsity or 0.0,
-        method=method,
-        min_keep=min_keep,
-        pattern=pattern,
-        include=include,
-        exclude=exclude,
-        structured=channels or False,
-        calibration=options,
-        output=output,
-        force=force,
-        save=io.Save(external_data=external_data, sparse_storage=sparse_storage, check=check),
-    )
-    if not quiet:
-        click.echo(format_report(report))
-    else:
+    try:
+        _, report = pipeline.prune(
+            model,
+            options,
+            structured=channels or False,
+            calibration=settings,
+            validation=validation,
+            save=Save(external_data=external_data, sparse_storage=sparse_storage, check=check),
+            output=output or str(pipeline.default_output(model)),
+            force=force,
+            report=report_path,
+        )
+    except ValidationFailed as exc:
+        _print_run(exc.report, quiet)  # type: ignore[attr-defined]
+        raise
+    _print_run(report, quiet)
+
+
+def _print_run(report: Any, quiet: bool) -> None:
+    """The run's tables (prune, then validation), or only its warnings with --quiet."""
+    from onnxprune.report.weights import format_report
+
+    if quiet:
         for warning in report.warnings:
             click.echo(f"onnxprune: warning: {warning}", err=True)
-    result = None
-    if validating:
-        from onnxprune.errors import DataError
+        return
+    click.echo(format_report(report))
+    if report.validation is not None:
         from onnxprune.report.validation import format_validation
-        from onnxprune.storage.io import model_files
 
-        try:
-            result = _run_validation(
-                model,
-                str(report.output_path),
-                data=data,
-                batch_size=batch_size,
-                device=device,
-                input_shape=input_shape,
-                seed=seed,
-            )
-        except DataError as exc:
-            # what only running the models tells (an output width the file leaves open, ONNX
-            # Runtime refusing a batch): the data does not fit, so no pruned model is left
-            for path in model_files(report.output_path):
-                path.unlink(missing_ok=True)
-            raise DataError(f"{exc} (no pruned model was kept)") from None
-        report.extra["validation"] = result.to_dict()
-        if not quiet:
-            click.echo(format_validation(result))
-    if report_path:
-        write_json(report.to_dict(), report_path, force=force)
-    if result is not None:
-        from onnxprune.validate import check_gates
-
-        check_gates(result, **gates)
+        click.echo(format_validation(report.validation))
 
 
 @main.command("inspect")
@@ -701,21 +707,20 @@ def inspect_command(
     With --structured: the channels per layer, the frozen channel groups and why, and (with
     --sparsity) how many channels each layer would keep.
     """
+    from onnxprune.options import Selection
+
     _setup_logging(False)
-    check_outputs(run_inputs(model), [(report_path, "the report")], force=force)
-    channels = pipeline.structured_options(
-        structured, target=target, round_to=round_to, heads=heads
+    options = Selection(
+        sparsity or 0.0, method=method, min_keep=min_keep, include=include, exclude=exclude
     )
+    channels = structured_settings(structured, target=target, round_to=round_to, heads=heads)
+    check_outputs(run_inputs(model), [(report_path, "the report")], force=force)
     if channels is not None:
-        _, report = pipeline.prune(
-            model,
-            sparsity or 0.0,
-            min_keep=min_keep,
-            include=include,
-            exclude=exclude,
-            # what would go, not a model to keep: the constants need not be measured
-            structured=pipeline.Structured(target, round_to, heads, compensate=False),
-        )
+        from onnxprune.report.weights import format_report
+
+        # what would go, not a model to keep: the constants need not be measured
+        channels = dataclasses.replace(channels, compensate=False)
+        _, report = pipeline.prune(model, options, structured=channels)
         click.echo(format_report(report))
         if report_path:
             write_json(report.to_dict(), report_path, force=force)
@@ -724,6 +729,8 @@ def inspect_command(
     plan = None
     if sparsity is not None:
         plan = selection.plan(found.weights, sparsity, method=method, min_keep=min_keep)
+    from onnxprune.report.weights import format_inspect
+
     click.echo(format_inspect(stats, plan))
     for name, reason in found.skipped:
         click.echo(f"skipped {name}: {reason}")
@@ -927,7 +934,13 @@ def sweep_command(
     from onnxprune.validate import preflight
 
     _setup_logging(False)
-    pipeline.structured_options(structured, target=target, round_to=round_to, heads=heads)
+    channels = structured_settings(
+        structured,
+        target=target,
+        round_to=round_to,
+        heads=heads,
+        input_shapes=inputs.parse_input_shapes(input_shape),
+    )
     preflight(
         model,
         data=data,
@@ -951,10 +964,7 @@ def sweep_command(
         device=device,
         input_shapes=inputs.parse_input_shapes(input_shape),
         seed=seed,
-        structured=structured,
-        target=target,
-        round_to=round_to,
-        heads=heads,
+        structured=channels,
         calibration=_calibration(
             calibration, None, calibration_mode, None, True, batch_size, device
         ),

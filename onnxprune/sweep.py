@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from onnxprune import pipeline
-from onnxprune.calibration import Calibration
 from onnxprune.core.progress import step
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
+from onnxprune.options import Calibration, Selection, Structured
 from onnxprune.runtime import open_session, select_runtime
+from onnxprune.scoring import importance
 from onnxprune.validate import (
     ModelResult,
     agreement,
@@ -111,9 +112,6 @@ def parse_sparsities(text: str | Sequence[float]) -> list[float]:
     return values
 
 
-CRITERIA = ("magnitude", "wanda", "sparsegpt")
-
-
 def methods_for(
     min_keep: str | float | None,
     structured: bool = False,
@@ -128,9 +126,9 @@ def methods_for(
     methods: list[tuple[str, str, str | float | None, str | None]] = [(name, "global", None, None)]
     if criteria:
         for criterion in criteria:
-            if criterion not in CRITERIA:
+            if criterion not in importance.names():
                 raise InvalidArgumentError(
-                    f"--criteria {criterion!r}: choose from {', '.join(CRITERIA)}"
+                    f"--criteria {criterion!r}: choose from {', '.join(importance.names())}"
                 )
             label = f"{criterion}+calibration"
             methods.append((label, "global", None, criterion))
@@ -154,25 +152,20 @@ def sweep(
     device: str = "auto",
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     seed: int = 0,
-    structured: bool = False,
-    target: str = "params",
-    round_to: int | None = None,
+    structured: bool | Structured | None = None,
     calibration: Calibration | None = None,
     criteria: Sequence[str] | None = None,
-    heads: bool = False,
 ) -> Sweep:
     """Prune `model` at each sparsity with each method, validate each against the dense model.
 
     With `calibration`, the lines compare the calibrated `criteria` (default: all three) with
     plain global magnitude.
 
-    `structured`, `target`, `round_to` and `heads` are those of `pipeline.prune`; structured rows
-    are timed too (median latency of one batch), unstructured ones are not (zeros are not faster).
+    `structured` (channel removal's settings) as in `pipeline.prune`; structured rows are timed
+    too (median latency of one batch), unstructured ones are not (zeros are not faster).
     """
     sparsities = parse_sparsities(sparsities)
-    channels = pipeline.structured_options(
-        structured, target=target, round_to=round_to, heads=heads, input_shapes=input_shapes
-    )
+    structured = Structured() if structured is True else structured or None
     runtime = select_runtime(device)
     if runtime.note:
         log.info("%s", runtime.note)
@@ -188,13 +181,14 @@ def sweep(
         )
         for notice in inputs.notices:
             log.info("%s", notice)
-        reference = run_model(path, inputs, runtime, specs, latency=structured, session=session)
+        timed = structured is not None
+        reference = run_model(path, inputs, runtime, specs, latency=timed, session=session)
         del session
         rows = []
         if calibration is not None and not criteria:
-            criteria = CRITERIA
+            criteria = importance.names()
         for label, method, keep, criterion in methods_for(
-            min_keep, structured, criteria if calibration is not None else None
+            min_keep, timed, criteria if calibration is not None else None
         ):
             for sparsity in sparsities:
                 row = SweepRow(method=label, sparsity=sparsity)
@@ -202,10 +196,8 @@ def sweep(
                 try:
                     pruned, report = pipeline.prune(
                         path,
-                        sparsity,
-                        method=method,
-                        min_keep=keep,
-                        structured=channels or False,
+                        Selection(sparsity, method=method, min_keep=keep),
+                        structured=structured or False,
                         calibration=None
                         if criterion is None or calibration is None
                         else dataclasses.replace(calibration, criterion=criterion),
@@ -217,11 +209,11 @@ def sweep(
                     step(f"validating {label} at {sparsity:g}"),
                     model_file(pruned, "pruned.onnx") as pruned_path,
                 ):
-                    run = run_model(pruned_path, inputs, runtime, specs, latency=structured)
+                    run = run_model(pruned_path, inputs, runtime, specs, latency=timed)
                 if report.channels is not None:
                     row.achieved = report.channels.achieved
                 else:
-                    row.achieved = report.plan.sparsity
+                    row.achieved = report.sparsity
                 row.file_bytes = run.result.cost.file_bytes
                 row.macs = run.result.cost.macs
                 row.macs_complete = run.result.cost.macs_complete
@@ -242,8 +234,8 @@ def sweep(
         samples=inputs.samples,
         labels=inputs.labels is not None,
         notices=list(inputs.notices),
-        structured=structured,
-        target=target,
+        structured=timed,
+        target="params" if structured is None else structured.target,
         generated=inputs.generated,
         agreement_note=agreement_note(reference),
     )

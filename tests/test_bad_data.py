@@ -16,10 +16,10 @@ import pytest
 from builders import GraphBuilder, save, small_cnn
 from click.testing import CliRunner
 
-from onnxprune import inputs, pipeline, validate
+from onnxprune import inputs, validate
 from onnxprune.cli import main
 from onnxprune.errors import DataError, ValidationFailed
-from onnxprune.selection import MinKeep
+from onnxprune.options import MinKeep
 from onnxprune.validate.metrics import DiffAccumulator, OutputDiff
 
 SAMPLES = 12
@@ -329,10 +329,11 @@ def test_structured_only_options_need_structured(model, tmp_path, args, message)
     assert_user_error(invoke(model, "-s", "0.5", *args), message)
     assert_user_error(invoke("sweep", model, "--device", "cpu", *args), message)
     assert files(tmp_path) == before
+    from onnxprune.cli import structured_settings
     from onnxprune.errors import InvalidArgumentError
 
     with pytest.raises(InvalidArgumentError, match="needs --structured"):
-        pipeline.structured_options(False, target="macs")
+        structured_settings(False, target="macs")
 
 
 def test_min_keep_decimal_is_a_fraction_integer_a_count(model, tmp_path) -> None:

@@ -13,6 +13,7 @@ from builders import PATHS, GraphBuilder, initializers, mlp, run, save, small_cn
 
 import onnxprune
 from onnxprune.errors import ModelLoadError, OutputError
+from onnxprune.options import Selection
 from onnxprune.storage import datafile
 from onnxprune.storage.datafile import ALIGNMENT
 from onnxprune.storage.io import load_model
@@ -70,9 +71,11 @@ def test_external_and_in_memory_paths_give_identical_weights(tmp_path, path) -> 
         location="m.data",
         size_threshold=0,
     )
-    onnxprune.prune(inline, 0.7, min_keep="0.1", output=tmp_path / "a.onnx")
+    onnxprune.prune(inline, Selection(0.7, min_keep="0.1"), output=tmp_path / "a.onnx")
     with threshold_path(path):
-        onnxprune.prune(ext_dir / "m.onnx", 0.7, min_keep="0.1", output=tmp_path / "b.onnx")
+        onnxprune.prune(
+            ext_dir / "m.onnx", Selection(0.7, min_keep="0.1"), output=tmp_path / "b.onnx"
+        )
     a, b = initializers(tmp_path / "a.onnx"), initializers(tmp_path / "b.onnx")
     assert a.keys() == b.keys()
     for name in a:

@@ -402,7 +402,7 @@ def test_internal_error_is_one_line_exit_3(tmp_path, monkeypatch) -> None:
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(pipeline, "_prune_weights", bug)
+    monkeypatch.setattr(pipeline, "prune_weights", bug)
     result = invoke(src, "-s", "0.5", "-o", tmp_path / "o.onnx")
     assert result.exit_code == 3
     line = one_line(result.stderr)

@@ -11,9 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from onnxprune.errors import InfeasibleError, InvalidArgumentError, NothingToPruneError
+from onnxprune.options import MinKeep
 from onnxprune.rewrite.unstructured import pruned_array
-from onnxprune.scoring import magnitude_keys
-from onnxprune.selection import MinKeep, plan
+from onnxprune.scoring.magnitude import magnitude_keys
+from onnxprune.selection import plan
 from onnxprune.selection import threshold as global_threshold
 from onnxprune.weights import find_weights
 

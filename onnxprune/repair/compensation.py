@@ -33,9 +33,9 @@ import onnx_ir as ir
 from onnxprune import inputs as _inputs
 from onnxprune.calibration import model_input_specs
 from onnxprune.calibration.capture import Runner
-from onnxprune.calibration.channels import consumers
 from onnxprune.calibration.design import design_of
 from onnxprune.channels import ChannelGraph, stored_values, zeroed
+from onnxprune.channels.consumers import consumers
 from onnxprune.core.graphs import copy_model
 from onnxprune.core.tensors import const_tensor
 from onnxprune.errors import OnnxPruneError
@@ -304,6 +304,19 @@ def _shift(model: ir.Model, shifts: Shifts) -> None:
                 continue
             dtype = np.dtype((use.node.outputs[0].dtype or weight.dtype).numpy())
             shift_bias(model, use.node, shift, design.out_axis, dtype, consts)
+
+
+class CompensateConstantsPass(ir.passes.InPlacePass):
+    """Fold what removed channels still carried into their readers' biases (`apply`), after
+    `RemoveChannelsPass`; `found` was measured by `measure` before the removal."""
+
+    def __init__(self, found: Compensation) -> None:
+        super().__init__()
+        self.found = found
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        apply(model, self.found)
+        return ir.passes.PassResult(model, modified=self.found.layers > 0)
 
 
 def apply(model: ir.Model, found: Compensation) -> None:
