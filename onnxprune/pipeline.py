@@ -261,17 +261,21 @@ def calibration_options(
     return Calibration(data=calibration, criterion=criterion or "sparsegpt")
 
 
-def _run_files(
-    model: Path | None, calibration: Calibration | None, validation: Validation | None
+def input_files(
+    *models: str | os.PathLike | None,
+    data: object = None,
+    calibration: object = None,
 ) -> dict[Path, str]:
-    """The files a run reads: the model (with its data files) and the sample files."""
-    files = io.input_files(model) if model is not None else {}
-    for source, what in (
-        (None if validation is None else validation.data, "the --data file"),
-        (None if calibration is None else calibration.data, "the --calibration file"),
-    ):
-        if isinstance(source, str | os.PathLike):
-            files[Path(source)] = what
+    """The files a run reads: models (with their data files) and sample files (`data` and
+    `calibration` count where they are paths)."""
+    files: dict[Path, str] = {}
+    given = [m for m in models if m is not None]
+    for model in given:
+        for path, what in io.input_files(model).items():
+            files.setdefault(path, what if len(given) == 1 else f"{what} {model}")
+    for path, what in ((data, "the --data file"), (calibration, "the --calibration file")):
+        if isinstance(path, str | os.PathLike):
+            files[Path(path)] = what
     return files
 
 
@@ -321,7 +325,11 @@ def prune(
     input_path = None if isinstance(model, ir.Model) else io.check_model_path(model)
     if output is not None or report is not None:
         check_outputs(
-            _run_files(input_path, calibration, validation),
+            input_files(
+                input_path,
+                data=None if validation is None else validation.data,
+                calibration=None if calibration is None else calibration.data,
+            ),
             [(output, "the output model"), (report, "the report")],
             force=force,
         )
@@ -450,6 +458,7 @@ __all__ = [
     "calibration_options",
     "check_outputs",
     "default_output",
+    "input_files",
     "inspect",
     "prune",
     "prune_channels",
