@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
+from onnxprune.core.graphs import infer_shapes
 from onnxprune.core.tensors import const_tensor
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -173,7 +173,7 @@ def _forget_shapes(model: ir.Model) -> None:
 def _infer(model: ir.Model) -> None:
     logging.getLogger("onnx_ir").disabled = True  # a failure only leaves some shapes unknown
     try:
-        ShapeInferencePass(strict_mode=False)(model)
+        infer_shapes(model, strict=False)
     finally:
         logging.getLogger("onnx_ir").disabled = False
 

@@ -3,9 +3,12 @@ which If/Loop/Scan body holds a node, and a deep copy that keeps external data r
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Iterator
 
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 
 
 def all_graphs(model: ir.Model) -> list[ir.Graph]:
@@ -64,3 +67,22 @@ def subgraph_owners(model: ir.Model) -> dict[ir.Node, tuple[ir.Node, str]]:
                 for inner in sub.all_nodes():
                     owners[inner] = (node, attr.name)
     return owners
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def infer_shapes(model: ir.Model, *, strict: bool = True) -> bool:
+    """onnx shape inference on `model` (in place); whether it changed anything. Where it fails
+    (an op it cannot type, a shape it cannot resolve), the model is left as it was, silently:
+    the callers read what shapes there are and say what they could not use."""
+    with _quiet("onnx_ir.passes.common.shape_inference"):
+        return ShapeInferencePass(strict_mode=strict)(model).modified

@@ -25,6 +25,7 @@ def step(message: str) -> Iterator[None]:
         yield
     finally:
         timer.cancel()
-        elapsed = time.perf_counter() - start
-        if elapsed >= PROGRESS_AFTER_S:
-            log.info("%s: done in %.1f s", message, elapsed)
+    # "done" only when it is: an error or an interrupt says its own line instead
+    elapsed = time.perf_counter() - start
+    if elapsed >= PROGRESS_AFTER_S:
+        log.info("%s: done in %.1f s", message, elapsed)

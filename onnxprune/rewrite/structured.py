@@ -13,9 +13,10 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxprune.channels import Fix, concat_piece
+from onnxprune.core.graphs import infer_shapes
 from onnxprune.core.tensors import const_tensor
 from onnxprune.rewrite.constants import NodeConstants
 from onnxprune.rewrite.unstructured import Rewritten
@@ -203,4 +204,4 @@ def _remove(model: ir.Model, plan: ChannelPlan) -> None:
         FIXES[fix.kind](plan, fix, consts)
     _set_dims(plan)
     RemoveUnusedNodesPass()(model)  # the shape constants the fixes replaced
-    ShapeInferencePass()(model)
+    infer_shapes(model)
