@@ -141,8 +141,9 @@ def instrument(layers: bool) -> Timers:
     Module attributes are replaced, so a function counts where it is looked up at call time:
     prune.py imported collect and shift_bias by name, so its own references are wrapped too.
     """
-    from onnxprune.calibration import capture, reconstruct
+    from onnxprune.calibration import capture
     from onnxprune.calibration import prune as cprune
+    from onnxprune.calibration import solvers as reconstruct
 
     timers = Timers()
     timers.wrap(capture, "collect", "capture")  # the first pass (capture.measure)
@@ -170,8 +171,9 @@ def instrument(layers: bool) -> Timers:
 
 def instrument_channels() -> Timers:
     """Timers around calibrated structured pruning's stages (calibration/channels.py)."""
-    from onnxprune.calibration import capture, reconstruct
+    from onnxprune.calibration import capture
     from onnxprune.calibration import channels as cchannels
+    from onnxprune.calibration import solvers as reconstruct
 
     timers = Timers()
     timers.wrap(capture, "collect", "capture")  # the first pass (capture.measure)

@@ -27,8 +27,8 @@ from onnx import TensorProto, numpy_helper
 
 import models
 import onnxprune
-from onnxprune import io, sparse
-from onnxprune.metrics import gzip_size
+from onnxprune.storage import io, sparse
+from onnxprune.validate.metrics import gzip_size
 
 OUT = Path(__file__).parent / "out" / "sparse"
 

@@ -28,6 +28,7 @@ import onnxruntime as ort
 import onnxprune
 from onnxprune.calibration import Calibration
 from onnxprune.errors import InfeasibleError
+from onnxprune.options import Selection
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = ROOT / "build" / "mnist"
@@ -137,7 +138,9 @@ def main() -> None:
                 options = None
                 if criterion is not None:
                     options = Calibration(data=calib, criterion=criterion, mode=mode, device="cpu")
-                model, _ = onnxprune.prune(path, sparsity, pattern=pattern, calibration=options)
+                model, _ = onnxprune.prune(
+                    path, Selection(sparsity, pattern=pattern), calibration=options
+                )
                 out = logits(model, x)
                 cosine = cosines(out, dense)
                 seconds = time.perf_counter() - start

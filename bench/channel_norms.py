@@ -12,10 +12,11 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxprune import channels, io
+from onnxprune import channels
 from onnxprune.rewrite.structured import apply_channel_plan
-from onnxprune.scoring import CHANNEL_NORMS
+from onnxprune.scoring.magnitude import CHANNEL_NORMS
 from onnxprune.selection.channels import plan_channels
+from onnxprune.storage import io
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5)
 

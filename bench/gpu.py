@@ -102,7 +102,7 @@ def main() -> None:
         print(f"bench/gpu.py: skipped, CUDA cannot run here: {problem}")
         return
     logging.disable(logging.WARNING)
-    from onnxprune.metrics import model_cost
+    from onnxprune.validate.metrics import model_cost
 
     OUT.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]

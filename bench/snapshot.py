@@ -1,4 +1,4 @@
-"""Behaviour snapshot: the bytes a fixed set of commands writes, to prove a refactor changed nothing.
+"""Behaviour snapshot: the bytes a fixed set of commands writes, proving a refactor changed nothing.
 
     python bench/snapshot.py bench/out/before.json     # before the change
     python bench/snapshot.py bench/out/after.json      # after it

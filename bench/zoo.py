@@ -89,9 +89,9 @@ def invariant(path: Path) -> tuple[float, bool]:
     import onnx
     import onnx_ir as ir
 
-    from onnxprune import io
     from onnxprune.rewrite.structured import apply_channel_plan
     from onnxprune.selection.channels import ChannelPlan, counted_weights
+    from onnxprune.storage import io
     from tests.builders import run
     from tests.channel_models import analyse, choose, feeds, kill
 
@@ -182,7 +182,7 @@ def _verdict(row: dict) -> str:
 
 
 def _fmt(row: dict) -> list[str]:
-    from onnxprune.report import human_count
+    from onnxprune.report.tables import human_count
 
     if row["status"] != "pruned" and "params" not in row:
         return [row["model"], "FAILED", row.get("reason", "")[:90], "", "", "", "", ""]
@@ -203,7 +203,7 @@ def _fmt(row: dict) -> list[str]:
 
 
 def main(names: list[str]) -> None:
-    from onnxprune.report import format_table
+    from onnxprune.report.tables import format_table
 
     OUT.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -1,12 +1,17 @@
 """onnxprune: prune ONNX models before deployment.
 
     import onnxprune
-    model, report = onnxprune.prune("model.onnx", sparsity=0.9, output="model.pruned.onnx")
+    model, report = onnxprune.prune("model.onnx", 0.9, output="model.pruned.onnx")
 
-Every stage is importable alone: `load_model`, `find_weights`, `plan`, `apply_plan`, `save_model`.
-With samples of the model's inputs, pruning is calibrated (SparseGPT by default):
+Settings are small dataclasses (`Selection`, `Calibration`, `Structured`, `Save`,
+`Validation`); with samples of the model's inputs, pruning is calibrated (SparseGPT by default):
 
-    model, report = onnxprune.prune("model.onnx", sparsity=0.9, calibration="calib.npz")
+    model, report = onnxprune.prune("model.onnx", 0.9, calibration="calib.npz",
+                                    validation=onnxprune.Validation(data="val.npz"),
+                                    output="model.pruned.onnx")
+
+Every stage is importable alone (`find_weights`, `plan`, `apply_plan`, `save_model`,
+`validate`), and `PrunePass` is the in-memory part as one onnx-ir pass.
 """
 
 from __future__ import annotations
@@ -15,21 +20,24 @@ __version__ = "0.1.0"
 
 # Loaded on first use, so that `import onnxprune.launch` (the command's first step) is instant.
 _EXPORTS = {
-    "Calibration": "onnxprune.calibration",
-    "MinKeep": "onnxprune.selection",
+    "Calibration": "onnxprune.options",
+    "MinKeep": "onnxprune.options",
     "OnnxPruneError": "onnxprune.errors",
     "Plan": "onnxprune.selection",
+    "PrunePass": "onnxprune.pipeline",
     "Report": "onnxprune.report",
-    "Save": "onnxprune.io",
-    "Structured": "onnxprune.pipeline",
+    "Save": "onnxprune.options",
+    "Selection": "onnxprune.options",
+    "Structured": "onnxprune.options",
+    "Validation": "onnxprune.options",
     "Weight": "onnxprune.weights",
     "apply_plan": "onnxprune.rewrite",
     "find_weights": "onnxprune.weights",
     "inspect": "onnxprune.pipeline",
-    "load_model": "onnxprune.io",
+    "load_model": "onnxprune.storage.io",
     "plan": "onnxprune.selection",
     "prune": "onnxprune.pipeline",
-    "save_model": "onnxprune.io",
+    "save_model": "onnxprune.storage.io",
 }
 
 
@@ -47,21 +55,4 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 
 
-__all__ = [
-    "Calibration",
-    "MinKeep",
-    "OnnxPruneError",
-    "Plan",
-    "Report",
-    "Save",
-    "Structured",
-    "Weight",
-    "__version__",
-    "apply_plan",
-    "find_weights",
-    "inspect",
-    "load_model",
-    "plan",
-    "prune",
-    "save_model",
-]
+__all__ = ["__version__", *sorted(_EXPORTS)]

@@ -15,7 +15,7 @@ import sys
 def main() -> None:
     """Entry point of the `onnxprune` console script and of `python -m onnxprune`."""
     try:
-        from onnxprune import writer
+        from onnxprune.storage import writer
 
         writer.install_signal_handlers()
         from onnxprune.cli import main as cli

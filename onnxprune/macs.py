@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
+
+from onnxprune.core.graphs import infer_shapes
+from onnxprune.core.tensors import const_tensor
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -131,16 +133,6 @@ def node_macs(node: ir.Node, dims: Dims) -> int | None:
     return None if rule is None else rule(node, dims)
 
 
-def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """A stored tensor (initializer or Constant node) that a run cannot override."""
-    if value is None or (value.is_graph_input() and value.producer() is None):
-        return None
-    try:
-        return ir.convenience.get_const_tensor(value)
-    except ValueError:
-        return None
-
-
 def known_dims(value: ir.Value | None) -> tuple[int, ...] | None:
     """Dims of a stored tensor or of a value whose inferred shape is all positive numbers."""
     if value is None:
@@ -181,7 +173,7 @@ def _forget_shapes(model: ir.Model) -> None:
 def _infer(model: ir.Model) -> None:
     logging.getLogger("onnx_ir").disabled = True  # a failure only leaves some shapes unknown
     try:
-        ShapeInferencePass(strict_mode=False)(model)
+        infer_shapes(model, strict=False)
     finally:
         logging.getLogger("onnx_ir").disabled = False
 

@@ -1,4 +1,13 @@
-"""The whole job as one call: load, find, select, rewrite, save. Each stage is usable alone too."""
+"""The whole job, in the order it happens:
+
+    load -> find -> capture -> score -> select -> rewrite -> repair -> save -> validate -> report
+
+`prune()` runs all of it, as the command line does (the CLI only maps flags to options);
+`PrunePass` is the in-memory part (find to repair) as one onnx-ir pass, for a deployment
+pipeline to put between its own passes. Each stage is usable alone too: `weights.find_weights`,
+`calibration.capture`, `scoring`, `selection.plan`, `rewrite.ZeroWeightsPass`,
+`repair.RepairWeightsPass`, `storage.io.save_model`, `validate.validate`.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +15,29 @@ import dataclasses
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxprune import io, rewrite, selection, sparse, weights
-from onnxprune.calibration import Calibration
-from onnxprune.errors import InvalidArgumentError
-from onnxprune.report import Report, step
-from onnxprune.scoring import MagnitudeStats, magnitude_hazard, magnitude_stats
+from onnxprune import channels as channel_graph
+from onnxprune import selection, weights
+from onnxprune.calibration import CalibrationSummary, capture
+from onnxprune.core.graphs import copy_model
+from onnxprune.core.progress import step
+from onnxprune.errors import DataError, InvalidArgumentError, ValidationFailed
+from onnxprune.options import (
+    Calibration,
+    Save,
+    Selection,
+    Structured,
+    Validation,
+    compile_patterns,
+)
+from onnxprune.report import Report, write_json
+from onnxprune.rewrite import RemoveChannelsPass, ZeroWeightsPass
+from onnxprune.scoring import importance as importances
+from onnxprune.scoring.magnitude import MagnitudeStats, magnitude_hazard, magnitude_stats
+from onnxprune.storage import io, sparse, writer
 
 
 def default_output(path: str | os.PathLike) -> Path:
@@ -24,182 +46,208 @@ def default_output(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}.pruned{path.suffix or '.onnx'}")
 
 
-TARGETS = ("params", "macs")
+# -- find -> capture -> score -> select -> rewrite -> repair ---------------------------------------
 
 
-@dataclass(frozen=True)
-class Structured:
-    """Channel removal's settings (`prune(structured=Structured(...))`; True means the defaults).
-
-    `target`: `sparsity` counts removed parameters ("params") or multiply-accumulates ("macs");
-    `round_to`: channel counts kept multiples of N where a layer allows; `heads`: each attention
-    head is one channel, removed whole; `compensate`: without calibration, what removed channels
-    still carried (a BatchNorm shift, a Sigmoid's 0.5...) is folded into their readers' biases,
-    measured on generated inputs; `input_shapes`: the sizes open dims take there and in MAC
-    counts.
-    """
-
-    target: str = "params"
-    round_to: int | None = None
-    heads: bool = False
-    compensate: bool = True
-    input_shapes: dict[str, tuple[int, ...]] | None = None
-
-    def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise InvalidArgumentError(
-                f"--target {self.target!r}: choose one of {', '.join(TARGETS)}"
-            )
-        if self.round_to is not None and (int(self.round_to) != self.round_to or self.round_to < 1):
-            raise InvalidArgumentError(
-                f"--round-to {self.round_to!r}: must be a positive whole number"
-            )
-
-
-def structured_options(
-    structured: bool,
-    *,
-    target: str = "params",
-    round_to: int | None = None,
-    heads: bool = False,
-    compensate: bool = True,
-    input_shapes: dict[str, tuple[int, ...]] | None = None,
-) -> Structured | None:
-    """The Structured settings the command line's flags ask for (None without --structured);
-    flags that only mean something for channel removal are refused without it, never ignored."""
-    if structured:
-        return Structured(target, round_to, heads, compensate, input_shapes)
-    if target not in TARGETS:
-        raise InvalidArgumentError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
-    if heads:
-        raise InvalidArgumentError("--heads removes whole attention heads: it needs --structured")
-    if target != "params":
-        raise InvalidArgumentError(
-            f"--target {target} counts what removing whole channels saves: it needs --structured "
-            "(zeroed weights count as parameters)"
-        )
-    if round_to is not None:
-        raise InvalidArgumentError(
-            f"--round-to {round_to} rounds channel counts: it needs --structured"
-        )
-    return None
-
-
-def prune(
-    model: str | os.PathLike | ir.Model,
-    sparsity: float = 0.0,
-    *,
-    method: str = "global",
-    min_keep: str | float | int | None = None,
-    pattern: str | tuple[int, int] | None = None,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    structured: bool | Structured = False,
-    calibration: Calibration | str | os.PathLike | None = None,
-    criterion: str | None = None,
-    output: str | os.PathLike | None = None,
-    force: bool = False,
-    save: io.Save | None = None,
-) -> tuple[ir.Model, Report]:
-    """Prune a model (a path or an `ir.Model`, changed in place) and, if `output` is given, save it.
-
-    `structured` (True, or a `Structured` for its settings) removes whole channels instead of
-    zeroing weights: `sparsity` is then the share of the weights' parameters or MACs removed.
-    `calibration` (an .npz of input samples, or a `Calibration`) ranks weights by what they do on
-    those samples and repairs what is left: `criterion` sparsegpt (the default with data), wanda
-    or magnitude; with `structured`, channels are chosen by the output error their removal causes
-    and the layers that read them are re-solved by least squares. `save` sets how the output is
-    written (`io.Save`: external data, sparse storage, the checker), `force` lets it replace a
-    file. Returns the pruned model and the report. Errors a user can cause raise `OnnxPruneError`.
-    """
-    start = time.perf_counter()
-    input_path = None if isinstance(model, ir.Model) else Path(model)
-    sparsity = selection.check_sparsity(sparsity)
-    options = calibration_options(calibration, criterion)
-    channels = Structured() if structured is True else structured or None
-    save = save or io.Save()
-    if output is not None:
-        io.check_output_path(output, input_path=input_path, force=force)
-    if input_path is not None:
-        with step(f"loading {input_path}"):
-            model = io.load_model(input_path)
-    assert isinstance(model, ir.Model)
-    if save.sparse_storage and output is not None:
-        sparse.check_possible(model)  # before any work
-    if channels is not None:
-        report = _prune_channels(
-            model, sparsity, method, min_keep, pattern, include, exclude, channels, options
-        )
-    else:
-        report = _prune_weights(
-            model, sparsity, method, min_keep, pattern, include, exclude, options
-        )
-    if input_path is not None:
-        report.input_path = str(input_path)
-        report.size_before = io.file_size(input_path)
-    if output is not None:
-        with step(f"writing {output}"):
-            layout = io.sparse_layout(model, save.sparse_storage)
-            out = io.save_model(
-                model,
-                output,
-                input_path=input_path,
-                force=force,
-                external_data=save.external_data,
-                check=save.check,
-                sparse=layout or False,
-            )
-        if layout is not None:
-            report.extra["sparse_storage"] = layout.summary()
-        report.output_path = str(out)
-        report.size_after = io.file_size(out)
-    report.seconds = round(time.perf_counter() - start, 3)
-    return model, report
-
-
-def _prune_weights(
-    model: ir.Model,
-    sparsity: float,
-    method: str,
-    min_keep: str | float | int | None,
-    pattern: str | tuple[int, int] | None,
-    include: Sequence[str] | None,
-    exclude: Sequence[str] | None,
-    options: Calibration | None = None,
+def prune_weights(
+    model: ir.Model, options: Selection, calibration: Calibration | None = None
 ) -> Report:
+    """Zero weights (unstructured, N:M) in `model`, in place: magnitudes ranked, or calibrated
+    scores with the pruned layers repaired from the samples."""
     with step("finding weights"):
-        found = weights.find_weights(model, include=include, exclude=exclude)
+        found = weights.find_weights(model, include=options.include, exclude=options.exclude)
+    select = {"method": options.method, "min_keep": options.min_keep, "pattern": options.pattern}
     with step(f"ranking {found.total:,} weights"):
         # by magnitude first, also with calibration: every argument error and an infeasible
         # minimum surface before the samples run
-        plan = selection.plan(
-            found.weights, sparsity, method=method, min_keep=min_keep, pattern=pattern
-        )
-    if options is not None:
-        from onnxprune.calibration.prune import calibrated_plan
-
-        plan = calibrated_plan(
-            model,
-            found.weights,
-            sparsity,
-            options,
-            method=method,
-            min_keep=min_keep,
-            pattern=pattern,
-        )
-    elif method == "global" and pattern is None:
-        hazard = magnitude_hazard(found.weights)
-        if hazard is not None:
-            plan.warnings.append(hazard)
-    rewrite.apply_plan(model, plan)
+        plan = selection.plan(found.weights, options.sparsity, **select)
     report = Report(plan=plan, skipped=found.skipped)
-    return report
+    if calibration is None:
+        if options.method == "global" and options.pattern is None:
+            hazard = magnitude_hazard(found.weights)
+            if hazard is not None:
+                plan.warnings.append(hazard)
+        ZeroWeightsPass(plan)(model)
+        return report
+    from onnxprune.repair import RepairWeightsPass
+    from onnxprune.scoring.weights import weight_scores
+
+    importance = importances.get(calibration.criterion)
+    stats, samples, runtime, summary = capture.measure(model, found.weights, calibration)
+    thin = [n for n, s in stats.layers.items() if s.rows < stats.designs[n][0].in_features]
+    if thin:
+        summary.notices.append(
+            f"{len(thin)} layer(s) saw fewer calibration rows than their input width "
+            f"(e.g. {thin[0]}): their statistics are rank-deficient and damping stands in; "
+            "more samples help"
+        )
+    with step("scoring and ranking"):
+        scores = weight_scores(
+            found.weights, stats, importance, damp=calibration.damp, compare=calibration.compare,
+            pattern=options.pattern is not None,
+        )  # fmt: skip
+        plan = selection.plan(found.weights, options.sparsity, **select, scores=scores)
+    dense = copy_model(model) if calibration.mode == "sequential" else None
+    ZeroWeightsPass(plan)(model)
+    repair = RepairWeightsPass(plan, importance, calibration, stats, samples, runtime, dense)
+    repair(model)
+    summary.bias_corrected = repair.result.bias_corrected
+    summary.passes += repair.result.passes
+    return Report(
+        plan=plan,
+        skipped=found.skipped,
+        calibration=summary,
+        errors=dict(repair.result.errors),
+        zeros=dict(repair.result.zeros),
+    )
+
+
+def prune_channels(
+    model: ir.Model,
+    options: Selection,
+    settings: Structured,
+    calibration: Calibration | None = None,
+) -> Report:
+    """Remove whole channels from `model`, in place: channel groups traced, classes ranked
+    globally (by weight norms, or by their cost on the samples), sliced out; then the layers
+    that read them re-solved (calibration) or the constants they carried folded into their
+    readers' biases (`settings.compensate`)."""
+    from onnxprune.selection import channels as channel_selection
+
+    if options.pattern is not None:
+        raise InvalidArgumentError("--pattern and --structured exclude each other")
+    if options.method != "global":
+        raise InvalidArgumentError("--structured ranks channels globally; leave out --method")
+    includes = compile_patterns(options.include, "--include")
+    excludes = compile_patterns(options.exclude, "--exclude")
+    with step("tracing channels"):
+        channel_graph.prepare(model)
+        graph = channel_graph.build(model, heads=settings.heads)
+
+    def named(layer: channel_graph.Layer, patterns: list) -> bool:
+        return any(p.search(n) for p in patterns for n in (layer.name, layer.member.value.name))
+
+    if includes:
+        hit = [i for i, layer in enumerate(graph.layers) if not named(layer, includes)]
+        channel_graph.freeze_layers(graph, hit, "not matched by --include")
+    if excludes:
+        hit = [i for i, layer in enumerate(graph.layers) if named(layer, excludes)]
+        channel_graph.freeze_layers(graph, hit, "matched by --exclude")
+    channel_graph.check_removable(graph)
+    select = {
+        "min_keep": options.min_keep,
+        "round_to": settings.round_to,
+        "target": settings.target,
+        "input_shapes": settings.input_shapes,
+    }
+    if calibration is not None:
+        return _calibrated_channels(model, graph, options.sparsity, select, calibration)
+    with step("ranking channels"):
+        plan = channel_selection.plan_channels(model, graph, options.sparsity, **select)
+    constants = None
+    if settings.compensate and plan.removed.any():
+        from onnxprune.repair import compensation
+
+        with step("measuring the constants removed channels carry"):
+            constants = compensation.measure(model, graph, plan, input_shapes=settings.input_shapes)
+    with step("removing channels"):
+        RemoveChannelsPass(plan)(model)
+    if constants is not None:
+        compensation.CompensateConstantsPass(constants)(model)
+    return Report(plan=None, channels=plan, compensation=constants)
+
+
+def _calibrated_channels(
+    model: ir.Model,
+    graph: channel_graph.ChannelGraph,
+    sparsity: float,
+    select: dict,
+    options: Calibration,
+) -> Report:
+    """Channels chosen by what their removal costs on the samples, removed, and every layer
+    that read them re-solved by least squares."""
+    from onnxprune.channels.consumers import consumers
+    from onnxprune.repair import RefitChannelsPass
+    from onnxprune.scoring.channels import channel_importance, selection_steps
+    from onnxprune.selection.channels import plan_channels, plan_channels_in_steps
+
+    # argument errors and infeasible targets surface before any sample runs
+    plan_channels(model, graph, sparsity, **select)
+    importance = importances.get(options.criterion)
+    found, unsolved = consumers(graph, weights.find_weights(model).weights)
+    stats, samples, runtime, summary = capture.measure(model, [c.weight for c in found], options)
+    with step("scoring channels"):
+        scores, unmeasured = channel_importance(graph, found, stats, importance, options.damp)
+    if unmeasured:
+        summary.notices.append(
+            f"{unmeasured} channel(s) are read by no measured layer (attention's Q and K, say): "
+            "ranked by their share of their producers' output"
+        )
+    steps = selection_steps(importance, options.mode, options.steps, found, stats)
+
+    def rescore(removed):  # what removing one more class costs once these are gone
+        return channel_importance(graph, found, stats, importance, options.damp, removed)[0]
+
+    with step(f"ranking channels in {steps} step(s)"):
+        plan = plan_channels_in_steps(model, graph, sparsity, scores, rescore, steps, **select)
+    left = [(w.name, why) for w, ids, why in unsolved if plan.removed[ids].any()]
+    if left:
+        summary.notices.append(
+            f"{len(left)} layer(s) read removed channels but are not re-solved, their kept "
+            f"weights left as they are: e.g. {left[0][0]}: {left[0][1]}"
+        )
+    sequential = options.mode == "sequential" and plan.removed.any()
+    dense = copy_model(model) if sequential else None
+    with step("removing channels"):
+        RemoveChannelsPass(plan)(model)
+    repair = RefitChannelsPass(plan, found, options, stats, samples, runtime, dense)
+    repair(model)
+    summary.bias_corrected += repair.result.bias_corrected
+    summary.passes += repair.result.passes
+    summary.notices += repair.result.notices
+    thin = sum(not result.refit for result in repair.result.solved.values())
+    if thin:
+        summary.notices.append(
+            f"{thin} layer(s) saw fewer calibration rows than their kept inputs: only their "
+            "biases were corrected; more samples help"
+        )
+    return Report(plan=None, channels=plan, calibration=summary, errors=repair.result.errors)
+
+
+class PrunePass(ir.passes.InPlacePass):
+    """Everything `prune` does to a model in memory (find, capture, score, select, rewrite,
+    repair), as one onnx-ir pass: put it in an `onnx_ir.passes.PassManager` next to your own.
+    The report of the last run is in `self.report`.
+
+        ir.passes.PassManager([MyCleanupPass(), PrunePass(Selection(0.5)), MyQuantizePass()])
+    """
+
+    def __init__(
+        self,
+        options: Selection,
+        structured: Structured | None = None,
+        calibration: Calibration | None = None,
+    ) -> None:
+        super().__init__()
+        self.options, self.structured, self.calibration = options, structured, calibration
+        self.report: Report | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.structured is not None:
+            self.report = prune_channels(model, self.options, self.structured, self.calibration)
+        else:
+            self.report = prune_weights(model, self.options, self.calibration)
+        return ir.passes.PassResult(model, modified=True)
+
+
+# -- the workflow: load, prune, save, validate, report, gate ---------------------------------------
 
 
 def calibration_options(
-    calibration: Calibration | str | os.PathLike | None, criterion: str | None
+    calibration: Calibration | str | os.PathLike | None, criterion: str | None = None
 ) -> Calibration | None:
-    """The calibration settings from the API's shorthand: a path, or a `Calibration`."""
+    """The calibration settings from the API's shorthand: a path (or samples), or a
+    `Calibration`; `criterion` overrides its criterion."""
     if calibration is None:
         if criterion not in (None, "magnitude"):
             raise InvalidArgumentError(
@@ -213,80 +261,179 @@ def calibration_options(
     return Calibration(data=calibration, criterion=criterion or "sparsegpt")
 
 
-def _prune_channels(
+def input_files(
+    *models: str | os.PathLike | None,
+    data: object = None,
+    calibration: object = None,
+) -> dict[Path, str]:
+    """The files a run reads: models (with their data files) and sample files (`data` and
+    `calibration` count where they are paths)."""
+    files: dict[Path, str] = {}
+    given = [m for m in models if m is not None]
+    for model in given:
+        for path, what in io.input_files(model).items():
+            files.setdefault(path, what if len(given) == 1 else f"{what} {model}")
+    for path, what in ((data, "the --data file"), (calibration, "the --calibration file")):
+        if isinstance(path, str | os.PathLike):
+            files[Path(path)] = what
+    return files
+
+
+def check_outputs(
+    inputs: dict[Path, str], outputs: Sequence[tuple[str | os.PathLike | None, str]], *, force: bool
+) -> None:
+    """Every file a run will write, checked before any work: none is an input or another output
+    of the run, none exists without `force`, every folder is there and writable."""
+    taken: dict[str | Path, str] = {}
+    for path, what in outputs:
+        if path is None:
+            continue
+        writer.check_destination(path, inputs=inputs, others=taken, force=force)
+        taken[path] = what
+        if what == "the output model":
+            taken[Path(path).parent / next(io.data_file_names(Path(path)))] = "its data file"
+
+
+def prune(
+    model: str | os.PathLike | ir.Model,
+    sparsity: float | Selection = 0.0,
+    *,
+    structured: bool | Structured = False,
+    calibration: Calibration | str | os.PathLike | None = None,
+    validation: Validation | None = None,
+    save: Save | None = None,
+    output: str | os.PathLike | None = None,
+    force: bool = False,
+    report: str | os.PathLike | None = None,
+) -> tuple[ir.Model, Report]:
+    """Prune a model (a path, or an `ir.Model` changed in place), save it to `output`, compare it
+    with the original (`validation`) and write the report as JSON to `report`.
+
+    `sparsity` is the share of prunable weights to zero, or a `Selection` (pattern, method,
+    minimum retention, include/exclude). `structured` (True, or a `Structured`) removes whole
+    channels instead: `sparsity` then counts parameters or MACs removed. `calibration` (an .npz
+    of input samples, or a `Calibration`) ranks by what weights do on those samples and repairs
+    what is left. `save` sets how the output is written; `force` lets it replace files. A gate
+    of `validation` that fails raises `ValidationFailed` (its `.report` holds the numbers)
+    after everything was written. Errors a user can cause raise `OnnxPruneError`.
+    """
+    start = time.perf_counter()
+    options = sparsity if isinstance(sparsity, Selection) else Selection(sparsity)
+    settings = Structured() if structured is True else structured or None
+    calibration = calibration_options(calibration)
+    save = save or Save()
+    input_path = None if isinstance(model, ir.Model) else io.check_model_path(model)
+    if output is not None or report is not None:
+        check_outputs(
+            input_files(
+                input_path,
+                data=None if validation is None else validation.data,
+                calibration=None if calibration is None else calibration.data,
+            ),
+            [(output, "the output model"), (report, "the report")],
+            force=force,
+        )
+    if validation is not None and output is None:
+        raise InvalidArgumentError("validation compares the written model: give an output path")
+    if input_path is not None and (validation is not None or calibration is not None):
+        _preflight(input_path, calibration, validation)
+    if input_path is not None:
+        with step(f"loading {input_path}"):
+            model = io.load_model(input_path)
+    assert isinstance(model, ir.Model)
+    if save.sparse_storage and output is not None:
+        sparse.check_possible(model)  # before any work
+    pruner = PrunePass(options, settings, calibration)
+    pruner(model)
+    result = pruner.report
+    assert result is not None
+    if input_path is not None:
+        result.input_path = str(input_path)
+        result.size_before = io.file_size(input_path)
+    if output is not None:
+        _write(model, result, output, input_path, save, force)
+    result.seconds = round(time.perf_counter() - start, 3)
+    if validation is not None:
+        _validate(result, validation)
+    if report is not None:
+        write_json(result.to_dict(), report, force=force)
+    if validation is not None:
+        from onnxprune.validate import check_gates
+
+        try:
+            check_gates(result.validation, **validation.gates)
+        except ValidationFailed as exc:
+            exc.report = result  # type: ignore[attr-defined]
+            raise
+    return model, result
+
+
+def _preflight(model: Path, calibration: Calibration | None, validation: Validation | None) -> None:
+    """Bad samples, batch size or gate values stop the run here, before a model is written."""
+    from onnxprune.validate import preflight
+
+    data = None if validation is None else validation.data
+    calib = None if calibration is None else calibration.data
+    preflight(
+        model,
+        data=data if isinstance(data, str | os.PathLike) else None,
+        calibration=calib if isinstance(calib, str | os.PathLike) else None,
+        validating=validation is not None,
+        batch_size=(validation or calibration).batch_size,  # type: ignore[union-attr]
+        input_shapes=None if validation is None else validation.input_shapes,
+        **({} if validation is None else validation.gates),
+    )
+
+
+def _write(
     model: ir.Model,
-    sparsity: float,
-    method: str,
-    min_keep: str | float | int | None,
-    pattern: str | tuple[int, int] | None,
-    include: Sequence[str] | None,
-    exclude: Sequence[str] | None,
-    settings: Structured,
-    options: Calibration | None = None,
-) -> Report:
-    """Structured: trace channel groups, rank channels globally, slice them out (with
-    calibration: ranked by their cost on the samples, and the readers re-solved; without,
-    the constants the removed channels carried folded into their readers' biases)."""
-    from onnxprune import channels
-    from onnxprune.rewrite.structured import apply_channel_plan
-    from onnxprune.selection import channels as channel_selection
-
-    if pattern is not None:
-        raise InvalidArgumentError("--pattern and --structured exclude each other")
-    if method != "global":
-        raise InvalidArgumentError("--structured ranks channels globally; leave out --method")
-    includes = weights._compile(include, "--include")
-    excludes = weights._compile(exclude, "--exclude")
-    with step("tracing channels"):
-        channels.prepare(model)
-        graph = channels.build(model, heads=True) if settings.heads else channels.build(model)
-
-    def named(layer: channels.Layer, patterns: list) -> bool:
-        return any(p.search(n) for p in patterns for n in (layer.name, layer.member.value.name))
-
-    if includes:
-        hit = [i for i, layer in enumerate(graph.layers) if not named(layer, includes)]
-        channels.freeze_layers(graph, hit, "not matched by --include")
-    if excludes:
-        hit = [i for i, layer in enumerate(graph.layers) if named(layer, excludes)]
-        channels.freeze_layers(graph, hit, "matched by --exclude")
-    channels.check_removable(graph)
-    if options is not None:
-        from onnxprune.calibration.channels import calibrated_channels
-
-        plan = calibrated_channels(
+    result: Report,
+    output: str | os.PathLike,
+    input_path: Path | None,
+    save: Save,
+    force: bool,
+) -> None:
+    with step(f"writing {output}"):
+        layout = io.sparse_layout(model, save.sparse_storage)
+        out = io.save_model(
             model,
-            graph,
-            sparsity,
-            options,
-            min_keep=min_keep,
-            round_to=settings.round_to,
-            target=settings.target,
-            input_shapes=settings.input_shapes,
+            output,
+            input_path=input_path,
+            force=force,
+            external_data=save.external_data,
+            check=save.check,
+            sparse=layout or False,
         )
-        return Report(plan=None, channels=plan)
-    with step("ranking channels"):
-        plan = channel_selection.plan_channels(
-            model,
-            graph,
-            sparsity,
-            min_keep=min_keep,
-            round_to=settings.round_to,
-            target=settings.target,
-            input_shapes=settings.input_shapes,
-        )
-    constants = None
-    if settings.compensate and plan.removed.any():
-        from onnxprune.calibration import compensation
+    if layout is not None:
+        result.extra["sparse_storage"] = layout.summary()
+    result.output_path = str(out)
+    result.size_after = io.file_size(out)
 
-        with step("measuring the constants removed channels carry"):
-            constants = compensation.measure(model, graph, plan, input_shapes=settings.input_shapes)
-    with step("removing channels"):
-        apply_channel_plan(model, plan)
-    if constants is not None:
-        compensation.apply(model, constants)
-        plan.compensation = constants
-    return Report(plan=None, channels=plan)
+
+def _validate(result: Report, options: Validation) -> None:
+    """Run the original and the pruned model side by side; the numbers go into the report. Data
+    that only a run shows does not fit (an output width the file leaves open, ONNX Runtime
+    refusing a batch) leaves no pruned model behind."""
+    from onnxprune.validate import validate
+
+    assert result.input_path is not None and result.output_path is not None
+    try:
+        measured = validate(
+            result.input_path,
+            result.output_path,
+            data=options.data,
+            batch_size=options.batch_size,
+            device=options.device,
+            input_shapes=options.input_shapes,
+            seed=options.seed,
+            latency=options.latency,
+        )
+    except DataError as exc:
+        for path in io.model_files(result.output_path):
+            path.unlink(missing_ok=True)
+        raise DataError(f"{exc} (no pruned model was kept)") from None
+    result.validation = measured
+    result.extra["validation"] = measured.to_dict()
 
 
 def inspect(
@@ -303,3 +450,17 @@ def inspect(
         # the same error as pruning would give, so inspect answers "can this be pruned?"
         selection.plan(found.weights)
     return found, [(w, magnitude_stats(w.tensor())) for w in found.weights]
+
+
+__all__ = [
+    "CalibrationSummary",
+    "PrunePass",
+    "calibration_options",
+    "check_outputs",
+    "default_output",
+    "input_files",
+    "inspect",
+    "prune",
+    "prune_channels",
+    "prune_weights",
+]

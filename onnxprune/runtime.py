@@ -19,8 +19,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from onnxprune import writer
 from onnxprune.errors import DeviceError, InvalidArgumentError, ModelLoadError
+from onnxprune.storage import writer
 
 DEVICES = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"

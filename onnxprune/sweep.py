@@ -14,28 +14,24 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from onnxprune import pipeline, writer
-from onnxprune.calibration import Calibration
+from onnxprune import pipeline
+from onnxprune.core.progress import step
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
-from onnxprune.report import format_table, human_bytes, step
+from onnxprune.options import Calibration, Selection, Structured
+from onnxprune.runtime import open_session, select_runtime
+from onnxprune.scoring import importance
 from onnxprune.validate import (
-    GENERATED_CAVEAT,
     ModelResult,
     agreement,
     agreement_note,
     compare,
-    mac_figure,
-    macs_text,
     model_file,
-    open_session,
     prepare_inputs,
     run_model,
-    select_runtime,
 )
 
 log = logging.getLogger("onnxprune")
@@ -116,9 +112,6 @@ def parse_sparsities(text: str | Sequence[float]) -> list[float]:
     return values
 
 
-CRITERIA = ("magnitude", "wanda", "sparsegpt")
-
-
 def methods_for(
     min_keep: str | float | None,
     structured: bool = False,
@@ -133,9 +126,9 @@ def methods_for(
     methods: list[tuple[str, str, str | float | None, str | None]] = [(name, "global", None, None)]
     if criteria:
         for criterion in criteria:
-            if criterion not in CRITERIA:
+            if criterion not in importance.names():
                 raise InvalidArgumentError(
-                    f"--criteria {criterion!r}: choose from {', '.join(CRITERIA)}"
+                    f"--criteria {criterion!r}: choose from {', '.join(importance.names())}"
                 )
             label = f"{criterion}+calibration"
             methods.append((label, "global", None, criterion))
@@ -159,25 +152,20 @@ def sweep(
     device: str = "auto",
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     seed: int = 0,
-    structured: bool = False,
-    target: str = "params",
-    round_to: int | None = None,
+    structured: bool | Structured | None = None,
     calibration: Calibration | None = None,
     criteria: Sequence[str] | None = None,
-    heads: bool = False,
 ) -> Sweep:
     """Prune `model` at each sparsity with each method, validate each against the dense model.
 
     With `calibration`, the lines compare the calibrated `criteria` (default: all three) with
     plain global magnitude.
 
-    `structured`, `target`, `round_to` and `heads` are those of `pipeline.prune`; structured rows
-    are timed too (median latency of one batch), unstructured ones are not (zeros are not faster).
+    `structured` (channel removal's settings) as in `pipeline.prune`; structured rows are timed
+    too (median latency of one batch), unstructured ones are not (zeros are not faster).
     """
     sparsities = parse_sparsities(sparsities)
-    channels = pipeline.structured_options(
-        structured, target=target, round_to=round_to, heads=heads, input_shapes=input_shapes
-    )
+    structured = Structured() if structured is True else structured or None
     runtime = select_runtime(device)
     if runtime.note:
         log.info("%s", runtime.note)
@@ -193,13 +181,14 @@ def sweep(
         )
         for notice in inputs.notices:
             log.info("%s", notice)
-        reference = run_model(path, inputs, runtime, specs, latency=structured, session=session)
+        timed = structured is not None
+        reference = run_model(path, inputs, runtime, specs, latency=timed, session=session)
         del session
         rows = []
         if calibration is not None and not criteria:
-            criteria = CRITERIA
+            criteria = importance.names()
         for label, method, keep, criterion in methods_for(
-            min_keep, structured, criteria if calibration is not None else None
+            min_keep, timed, criteria if calibration is not None else None
         ):
             for sparsity in sparsities:
                 row = SweepRow(method=label, sparsity=sparsity)
@@ -207,10 +196,8 @@ def sweep(
                 try:
                     pruned, report = pipeline.prune(
                         path,
-                        sparsity,
-                        method=method,
-                        min_keep=keep,
-                        structured=channels or False,
+                        Selection(sparsity, method=method, min_keep=keep),
+                        structured=structured or False,
                         calibration=None
                         if criterion is None or calibration is None
                         else dataclasses.replace(calibration, criterion=criterion),
@@ -222,11 +209,11 @@ def sweep(
                     step(f"validating {label} at {sparsity:g}"),
                     model_file(pruned, "pruned.onnx") as pruned_path,
                 ):
-                    run = run_model(pruned_path, inputs, runtime, specs, latency=structured)
+                    run = run_model(pruned_path, inputs, runtime, specs, latency=timed)
                 if report.channels is not None:
                     row.achieved = report.channels.achieved
                 else:
-                    row.achieved = report.plan.sparsity
+                    row.achieved = report.sparsity
                 row.file_bytes = run.result.cost.file_bytes
                 row.macs = run.result.cost.macs
                 row.macs_complete = run.result.cost.macs_complete
@@ -247,156 +234,8 @@ def sweep(
         samples=inputs.samples,
         labels=inputs.labels is not None,
         notices=list(inputs.notices),
-        structured=structured,
-        target=target,
+        structured=timed,
+        target="params" if structured is None else structured.target,
         generated=inputs.generated,
         agreement_note=agreement_note(reference),
     )
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def _macs(row: SweepRow, nonzero: bool = False) -> str:
-    """A row's MACs as validation prints them (a lower bound says so; never a partial total)."""
-    return mac_figure(row.nonzero_macs if nonzero else row.macs, row.macs_unknown)
-
-
-def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f} ms"
-
-
-def format_sweep(result: Sweep) -> str:
-    """One row per pruned model, the dense reference first.
-
-    Unstructured rows show what zeros buy (gzip size, non-zero MACs); structured rows what
-    removed channels buy (file size, MACs, latency).
-    """
-    ref = result.reference
-    headers = ["method", "sparsity", "achieved", "accuracy", "agreement", "min cosine"]
-    if result.structured:
-        headers += ["file size", "MACs", "latency"]
-        dense = [
-            human_bytes(ref.cost.file_bytes),
-            macs_text(ref.cost),
-            _ms(ref.latency.median_ms if ref.latency else None),
-        ]
-    else:
-        headers += ["gzip size", "MACs (non-zero)"]
-        dense = [human_bytes(ref.cost.gzip_bytes), macs_text(ref.cost, nonzero=True)]
-    rows = [["dense", "0", "-", _pct(ref.accuracy), "-", "-", *dense]]
-    for row in result.rows:
-        if row.error:
-            rows.append([row.method, f"{row.sparsity:g}", "infeasible", *[""] * 5])
-            continue
-        if result.structured:
-            costs = [human_bytes(row.file_bytes), _macs(row), _ms(row.latency_ms)]
-        else:
-            costs = [human_bytes(row.gzip_bytes), _macs(row, nonzero=True)]
-        rows.append(
-            [
-                row.method,
-                f"{row.sparsity:g}",
-                f"{row.achieved:.4f}",
-                _pct(row.accuracy),
-                _pct(row.agreement),
-                "-" if row.min_cosine is None else f"{row.min_cosine:.4f}",
-                *costs,
-            ]
-        )
-    lines = [format_table(headers, rows)]
-    lines.append(
-        f"{result.samples} samples from {result.inputs} on {ref.providers[0]}; {_meaning(result)}"
-    )
-    if result.agreement_note:
-        lines.append(f"agreement: {result.agreement_note.removeprefix('no top-1: ')}")
-    if result.generated:
-        lines.append(GENERATED_CAVEAT)
-    for row in result.rows:
-        if row.collapsed:
-            lines.append(
-                f"{row.method} at {row.sparsity:g}: {row.collapsed} layer(s) kept under 1% of "
-                "their weights (layer collapse)"
-            )
-        if row.error:
-            lines.append(f"{row.method} at {row.sparsity:g}: {row.error}")
-    return "\n".join(lines)
-
-
-def _meaning(result: Sweep) -> str:
-    """What the sparsity column counts."""
-    if result.structured:
-        what = "parameters" if result.target == "params" else "multiply-accumulates"
-        return f"sparsity counts the {what} of prunable layers removed with their channels"
-    return "sparsity counts prunable weights (Conv, Gemm, MatMul) set to zero"
-
-
-def format_markdown(result: Sweep) -> str:
-    """The accuracy table as Markdown: sparsity down, method across."""
-    metric = "accuracy" if result.labels else "agreement"
-    methods = result.methods
-    lines = [
-        "| sparsity | " + " | ".join(methods) + " |",
-        "|---:|" + "---:|" * len(methods),
-    ]
-    sparsities = list(dict.fromkeys(row.sparsity for row in result.rows))
-    cell = {(row.method, row.sparsity): row for row in result.rows}
-    dense = result.reference.accuracy if result.labels else 1.0
-    lines.append("| 0 (dense) | " + " | ".join(_pct(dense) for _ in methods) + " |")
-    for s in sparsities:
-        values = []
-        for m in methods:
-            row = cell.get((m, s))
-            if row is None or row.error:
-                values.append("infeasible")
-            else:
-                values.append(_pct(getattr(row, metric)))
-        lines.append(f"| {s:g} | " + " | ".join(values) + " |")
-    return "\n".join(lines)
-
-
-def check_plotting() -> None:
-    """Fail before a long sweep, not after it, when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot
-    except ImportError:
-        raise InvalidArgumentError(
-            "--plot needs matplotlib: pip install 'onnxprune[plot]' (or pip install matplotlib)"
-        ) from None
-
-
-def plot_sweep(result: Sweep, path: str | os.PathLike, *, force: bool = False) -> Path:
-    """Accuracy (or agreement without labels) against sparsity, one line per method."""
-    check_plotting()
-    import matplotlib.pyplot as plt
-
-    metric = "accuracy" if result.labels else "agreement"
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    # distinct markers and dashes: lines that coincide (min-keep not binding) stay visible
-    styles = [("o", "-", 7), ("s", "--", 5), ("^", ":", 6), ("D", "-.", 5)]
-    for i, method in enumerate(result.methods):
-        marker, dashes, size = styles[i % len(styles)]
-        points = [
-            (row.sparsity, 100 * getattr(row, metric))
-            for row in result.rows
-            if row.method == method and not row.error and getattr(row, metric) is not None
-        ]
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker=marker, linestyle=dashes, markersize=size, label=method)
-    if result.labels and result.reference.accuracy is not None:
-        ax.axhline(100 * result.reference.accuracy, color="gray", linestyle="--", label="dense")
-    ax.set_xlabel(f"sparsity: {_meaning(result).removeprefix('sparsity counts ')}")
-    ax.set_ylabel(f"top-1 {metric} (%)")
-    ax.set_title(f"{Path(result.reference.path).name}: {metric} against sparsity")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    try:
-        return writer.write_file(path, lambda tmp: fig.savefig(tmp, format="png"), force=force)
-    finally:
-        plt.close(fig)

@@ -10,9 +10,11 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper
 
-from onnxprune import channels, io
+from onnxprune import channels
+from onnxprune.core.tensors import const_tensor
 from onnxprune.rewrite.structured import apply_channel_plan
 from onnxprune.selection.channels import ChannelPlan, _accept, counted_weights
+from onnxprune.storage import io
 from tests.builders import GraphBuilder, run
 
 
@@ -800,7 +802,7 @@ def kill(graph: channels.ChannelGraph, removed: np.ndarray) -> None:
     for m in graph.members:
         if m.role not in _DEAD_ROLES or (m.role == "scale" and m.node.op_type == "Div"):
             continue
-        tensor = channels.const_tensor(m.value)
+        tensor = const_tensor(m.value)
         array = channels.zeroed(m.value, m.axis, removed[m.ids])
         new = ir.Tensor(array, dtype=tensor.dtype, name=m.value.name)
         node = m.value.producer()

@@ -16,11 +16,11 @@ import pytest
 from builders import GraphBuilder, save, small_cnn
 from click.testing import CliRunner
 
-from onnxprune import inputs, pipeline, validate
+from onnxprune import inputs, validate
 from onnxprune.cli import main
-from onnxprune.errors import DataError
-from onnxprune.metrics import DiffAccumulator, OutputDiff
-from onnxprune.selection import MinKeep
+from onnxprune.errors import DataError, ValidationFailed
+from onnxprune.options import MinKeep
+from onnxprune.validate.metrics import DiffAccumulator, OutputDiff
 
 SAMPLES = 12
 
@@ -329,10 +329,11 @@ def test_structured_only_options_need_structured(model, tmp_path, args, message)
     assert_user_error(invoke(model, "-s", "0.5", *args), message)
     assert_user_error(invoke("sweep", model, "--device", "cpu", *args), message)
     assert files(tmp_path) == before
+    from onnxprune.cli import structured_settings
     from onnxprune.errors import InvalidArgumentError
 
     with pytest.raises(InvalidArgumentError, match="needs --structured"):
-        pipeline.structured_options(False, target="macs")
+        structured_settings(False, target="macs")
 
 
 def test_min_keep_decimal_is_a_fraction_integer_a_count(model, tmp_path) -> None:
@@ -399,11 +400,11 @@ def _result(cosines: list[float], agreement: float, drop: float | None = None) -
 
 
 def test_nan_measurements_fail_gates() -> None:
-    with pytest.raises(validate.ValidationFailed, match="output 'y1' is nan"):
+    with pytest.raises(ValidationFailed, match="output 'y1' is nan"):
         validate.check_gates(_result([1.0, math.nan, 0.5], 1.0), min_cosine=0.1)
-    with pytest.raises(validate.ValidationFailed, match="top-1 agreement nan"):
+    with pytest.raises(ValidationFailed, match="top-1 agreement nan"):
         validate.check_gates(_result([1.0], math.nan), min_agreement=0.5)
-    with pytest.raises(validate.ValidationFailed, match="accuracy dropped by nan"):
+    with pytest.raises(ValidationFailed, match="accuracy dropped by nan"):
         validate.check_gates(_result([1.0], 1.0, drop=math.nan), max_accuracy_drop=0.5)
     validate.check_gates(_result([1.0, 0.9], 1.0, drop=0.0), min_cosine=0.9, max_accuracy_drop=0)
     # outputs that overflow or are NaN do not come out with a cosine of 1

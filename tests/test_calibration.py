@@ -27,8 +27,10 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnxprune
-from onnxprune.calibration import Calibration, capture, design, load_samples, reconstruct
+from onnxprune.calibration import Calibration, capture, design, load_samples
+from onnxprune.calibration import solvers as reconstruct
 from onnxprune.cli import main
+from onnxprune.options import Selection
 from onnxprune.runtime import select_runtime
 from onnxprune.weights import find_weights
 
@@ -86,10 +88,8 @@ def prune_calibrated(
     path = tmp_path / out
     _, report = onnxprune.prune(
         src,
-        sparsity,
+        Selection(sparsity, min_keep=min_keep, pattern=pattern),
         calibration=Calibration(data=data, **{"device": "cpu", **options}),
-        min_keep=min_keep,
-        pattern=pattern,
         output=path,
         force=True,
     )
@@ -576,7 +576,7 @@ def test_bias_correction_keeps_the_mean_output(tmp_path, kind: str, criterion: s
             bias_correction=correct,
         )
         means[correct] = feature_means(checked_run(out, data)[0], axis)
-        assert report.plan.calibration.bias_corrected == int(correct)
+        assert report.calibration.bias_corrected == int(correct)
     np.testing.assert_allclose(means[True], dense, rtol=1e-4, atol=1e-4 * scale)
     assert np.abs(means[False] - dense).max() > 1e-2 * scale
     nodes = [n.op_type for n in onnx.load(str(tmp_path / "True.onnx")).graph.node]
@@ -632,7 +632,7 @@ def test_bias_correction_through_two_linear_layers(tmp_path, kind: str, mode: st
     proto, data = two_linear(kind)
     dense = feature_means(run(proto, data)[0], 1)
     out, report = prune_calibrated(tmp_path, proto, 0.5, data, criterion="sparsegpt", mode=mode)
-    assert report.plan.calibration.bias_corrected == 2
+    assert report.calibration.bias_corrected == 2
     got = feature_means(checked_run(out, data)[0], 1)
     np.testing.assert_allclose(got, dense, rtol=1e-4, atol=1e-4 * np.abs(dense).max())
 
@@ -682,7 +682,7 @@ def test_a_replaced_constant_node_bias_leaves_no_dead_node(tmp_path) -> None:
     b.output("y")
     data = {"x": (rng.standard_normal((30, 16)) + 0.5).astype(np.float32)}
     out, report = prune_calibrated(tmp_path, b.model(), 0.5, data, criterion="wanda")
-    assert report.plan.calibration.bias_corrected == 1
+    assert report.calibration.bias_corrected == 1
     graph = onnx.load(str(out)).graph
     read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     dead = [n.output[0] for n in graph.node if not set(n.output) & read]
@@ -929,7 +929,7 @@ def test_zero_weights_stay_zero_under_a_pattern(tmp_path, criterion: str) -> Non
     )
     pruned = stored(out)["W"]
     assert (pruned[w == 0] == 0).all()
-    _, plain = onnxprune.prune(to_ir(b.model()), pattern="2:4")
+    _, plain = onnxprune.prune(to_ir(b.model()), Selection(pattern="2:4"))
     assert report.plan.pruned == plain.plan.pruned
 
 
@@ -951,12 +951,14 @@ def test_uncovered_layout_falls_back_to_magnitude(tmp_path) -> None:
         out, report = prune_calibrated(
             tmp_path, b.model(), 0.6, data, out=f"{mode}.onnx", mode=mode
         )
-        fallback = dict(report.plan.calibration.fallback)
+        fallback = dict(report.calibration.fallback)
         assert list(fallback) == ["Wt"] and "layout" in fallback["Wt"]
         tensors = stored(out)
         total = 4 * 6 * 9 + 8 * 6 * 9
         assert sum(int((tensors[n] == 0).sum()) for n in ("Wt", "Wc")) == round(0.6 * total)
-        errors = {layer.weight.name: layer.error for layer in report.plan.layers}
+        errors = {
+            layer.weight.name: report.errors.get(layer.weight.name) for layer in report.plan.layers
+        }
         assert errors["Wt"] is None and errors["Wc"] is not None
         assert checked_run(out, data)[0].shape == (6, 8, 3, 3)
 
@@ -1128,8 +1130,7 @@ def test_every_way_of_comparing_layers_counts_exactly(compare: str) -> None:
     data = cnn_data(seed=8, samples=8, dead=True)
     model, report = onnxprune.prune(
         to_ir(proto),
-        0.6,
-        min_keep="0.05",
+        Selection(0.6, min_keep="0.05"),
         calibration=Calibration(data=data, criterion="sparsegpt", compare=compare, device="cpu"),
     )
     tensors = ir_weights(model, CNN_WEIGHTS)
@@ -1147,7 +1148,7 @@ def test_float16_model_counts_exactly_and_runs(tmp_path, criterion: str) -> None
     names = [layer.weight.name for layer in report.plan.layers]
     assert all(tensors[n].dtype == np.float16 for n in names)
     assert sum(int((tensors[n] == 0).sum()) for n in names) == round(0.6 * (16 * 24 + 24 * 8))
-    assert report.plan.calibration.bias_corrected == 2
+    assert report.calibration.bias_corrected == 2
     assert checked_run(out, data)[0].dtype == np.float16
 
 
@@ -1178,7 +1179,7 @@ def test_fewer_rounds_keep_exact_counts(tmp_path) -> None:
     options = Calibration(data=data, device="cpu", rounds=2)
     _, report = onnxprune.prune(to_ir(b.model()), 0.6, calibration=options)
     assert report.plan.pruned == round(0.6 * (4 * 144 + 36))
-    assert report.plan.calibration.passes == 1 + 2
+    assert report.calibration.passes == 1 + 2
 
 
 def test_conv_statistics_keep_a_fixed_subset_of_positions() -> None:

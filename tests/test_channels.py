@@ -193,7 +193,7 @@ def test_model_input_added_to_channels_freezes_them() -> None:
 
 @pytest.mark.parametrize("axis", range(4))
 def test_channel_squares_match_a_plain_sum(axis: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnxprune import scoring
+    from onnxprune.scoring import magnitude as scoring
 
     monkeypatch.setattr(scoring, "SQUARES_CHUNK", 7)  # several slabs even for a tiny tensor
     array = np.random.default_rng(axis).standard_normal((7, 5, 3, 2)).astype(np.float32)

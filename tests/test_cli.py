@@ -171,7 +171,7 @@ def test_installed_entry_point(model, tmp_path) -> None:
 
 
 def test_interrupt_is_one_line_exit_130_and_no_output(model, tmp_path, monkeypatch) -> None:
-    import onnxprune.io as io_module
+    import onnxprune.storage.io as io_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -10,7 +10,7 @@ import pytest
 from builders import GraphBuilder, save, small_cnn
 from click.testing import CliRunner
 
-from onnxprune import validate
+from onnxprune import runtime
 from onnxprune.cli import main
 
 
@@ -158,7 +158,7 @@ def test_data_errors_exit_2(model, tmp_path, args, message) -> None:
 
 
 def test_device_cuda_fails_clearly_without_cuda(model) -> None:
-    problem = validate.cuda_problem()
+    problem = runtime.cuda_problem()
     if problem is None:
         pytest.skip("CUDA works here; the failure path needs a machine without it")
     result = invoke("validate", model, model, "--device", "cuda")
@@ -170,7 +170,7 @@ def test_device_cuda_fails_clearly_without_cuda(model) -> None:
 
 
 def test_auto_says_why_it_runs_on_cpu(model, caplog) -> None:
-    problem = validate.cuda_problem()
+    problem = runtime.cuda_problem()
     if problem is None:
         pytest.skip("CUDA works here")
     result = invoke("validate", model, model)
@@ -180,7 +180,7 @@ def test_auto_says_why_it_runs_on_cpu(model, caplog) -> None:
 
 @pytest.mark.gpu
 def test_cli_on_cuda(model, data) -> None:
-    problem = validate.cuda_problem()
+    problem = runtime.cuda_problem()
     if problem:
         print(f"skipping: {problem}")
         pytest.skip(f"CUDA not usable: {problem}")

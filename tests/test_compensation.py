@@ -11,11 +11,13 @@ import onnx_ir as ir
 import pytest
 
 import onnxprune
-from onnxprune import channels, io, pipeline
-from onnxprune.calibration import compensation
-from onnxprune.report import format_report
+from onnxprune import channels, pipeline
+from onnxprune.core.tensors import const_tensor
+from onnxprune.repair import compensation
+from onnxprune.report.weights import format_report
 from onnxprune.rewrite.structured import apply_channel_plan
 from onnxprune.selection.channels import ChannelPlan
+from onnxprune.storage import io
 from tests.builders import GraphBuilder, run, save
 from tests.channel_models import MODELS, analyse, choose, counted_weights, feeds
 
@@ -80,7 +82,7 @@ def zero_producers(graph: channels.ChannelGraph, removed: np.ndarray) -> None:
     for m in graph.members:
         if m.role not in compensation.PRODUCER_ROLES or not removed[m.ids].any():
             continue
-        array = np.array(channels.const_tensor(m.value).numpy(), copy=True)
+        array = np.array(const_tensor(m.value).numpy(), copy=True)
         index = [slice(None)] * array.ndim
         index[m.axis] = removed[m.ids]
         array[tuple(index)] = 0
@@ -174,7 +176,7 @@ def test_nearly_dead_channels_are_repaired_too(tmp_path) -> None:
     removed = choose(graph, seed=0)
     for m in graph.members:  # shrink, not zero, the removed channels' producers
         if m.role in compensation.PRODUCER_ROLES and removed[m.ids].any():
-            array = np.array(channels.const_tensor(m.value).numpy(), copy=True)
+            array = np.array(const_tensor(m.value).numpy(), copy=True)
             index = [slice(None)] * array.ndim
             index[m.axis] = removed[m.ids]
             array[tuple(index)] *= 0.001
@@ -197,13 +199,13 @@ def test_nearly_dead_channels_are_repaired_too(tmp_path) -> None:
 def test_pipeline_compensates_by_default_and_says_so(tmp_path) -> None:
     source = save(model_with("add_relu_mul", "flatten_gemm"), tmp_path / "m.onnx")
     _, report = pipeline.prune(source, 0.3, structured=True, output=tmp_path / "a.onnx")
-    assert report.channels.compensation.layers == 1
+    assert report.compensation.layers == 1
     assert "constants:" in format_report(report)
     assert report.to_dict()["compensation"]["layers"] == 1
     _, plain = pipeline.prune(
         source, 0.3, output=tmp_path / "b.onnx", structured=onnxprune.Structured(compensate=False)
     )
-    assert plain.channels.compensation is None
+    assert plain.compensation is None
     assert plain.to_dict()["compensation"] is None
 
 
@@ -218,7 +220,7 @@ def test_model_that_will_not_run_is_left_uncompensated_with_a_notice(tmp_path) -
     b.output("y")
     source = save(b.model(), tmp_path / "m.onnx")
     _, report = pipeline.prune(source, 0.3, structured=True, output=tmp_path / "o.onnx")
-    found = report.channels.compensation
+    found = report.compensation
     assert found.layers == 0 and "did not run on generated inputs" in found.notices[0]
     _, report = pipeline.prune(
         source,
@@ -227,4 +229,4 @@ def test_model_that_will_not_run_is_left_uncompensated_with_a_notice(tmp_path) -
         force=True,
         structured=onnxprune.Structured(input_shapes={"x": (1, 3, 6, 6)}),
     )
-    assert report.channels.compensation.layers == 1
+    assert report.compensation.layers == 1

@@ -13,8 +13,8 @@ import pytest
 from builders import initializers, mlp
 
 import onnxprune
-from onnxprune import datafile
-from onnxprune.datafile import BlockWriter
+from onnxprune.storage import datafile
+from onnxprune.storage.datafile import BlockWriter
 
 
 @pytest.fixture

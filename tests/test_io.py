@@ -12,10 +12,11 @@ import pytest
 from builders import PATHS, GraphBuilder, initializers, mlp, run, save, small_cnn, threshold_path
 
 import onnxprune
-from onnxprune import datafile
-from onnxprune.datafile import ALIGNMENT
 from onnxprune.errors import ModelLoadError, OutputError
-from onnxprune.io import load_model
+from onnxprune.options import Selection
+from onnxprune.storage import datafile
+from onnxprune.storage.datafile import ALIGNMENT
+from onnxprune.storage.io import load_model
 
 
 def external_model(tmp_path: Path, location: str = "m.onnx.data", big: bool = False) -> Path:
@@ -70,9 +71,11 @@ def test_external_and_in_memory_paths_give_identical_weights(tmp_path, path) -> 
         location="m.data",
         size_threshold=0,
     )
-    onnxprune.prune(inline, 0.7, min_keep="0.1", output=tmp_path / "a.onnx")
+    onnxprune.prune(inline, Selection(0.7, min_keep="0.1"), output=tmp_path / "a.onnx")
     with threshold_path(path):
-        onnxprune.prune(ext_dir / "m.onnx", 0.7, min_keep="0.1", output=tmp_path / "b.onnx")
+        onnxprune.prune(
+            ext_dir / "m.onnx", Selection(0.7, min_keep="0.1"), output=tmp_path / "b.onnx"
+        )
     a, b = initializers(tmp_path / "a.onnx"), initializers(tmp_path / "b.onnx")
     assert a.keys() == b.keys()
     for name in a:
@@ -293,7 +296,7 @@ def test_language_model_shapes_with_tied_embedding_fp16(tmp_path) -> None:
 
 
 def test_tensors_too_big_for_one_protobuf_go_external(tmp_path, monkeypatch) -> None:
-    import onnxprune.io as io_module
+    import onnxprune.storage.io as io_module
 
     monkeypatch.setattr(io_module, "PROTO_LIMIT_BYTES", 1000)
     src = save(mlp(dims=(16, 64, 8)), tmp_path / "m.onnx")
@@ -305,7 +308,7 @@ def test_tensors_too_big_for_one_protobuf_go_external(tmp_path, monkeypatch) -> 
 
 def test_inspect_statistics_stream_external_weights_exactly(tmp_path, monkeypatch) -> None:
     """inspect summarises each layer chunk by chunk: the same numbers as the whole array."""
-    import onnxprune.weights as weights_module
+    import onnxprune.core.tensors as weights_module
 
     src = external_model(tmp_path, big=True)
     monkeypatch.setattr(weights_module, "CHUNK", 1000)  # many chunks per layer

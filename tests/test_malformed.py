@@ -17,8 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.cli import main
 from onnxprune.errors import ModelLoadError
-from onnxprune.io import load_model
-from onnxprune.wellformed import BITS, TYPED_FIELDS, check_tensor
+from onnxprune.storage.io import load_model
+from onnxprune.storage.wellformed import BITS, TYPED_FIELDS, check_tensor
 
 
 def invoke(*args):

@@ -19,8 +19,8 @@ from builders import mlp, run, save, small_cnn
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import io, writer
 from onnxprune.cli import main
+from onnxprune.storage import io, writer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,7 +235,7 @@ def test_kill_at_every_step_of_a_save(tmp_path, step) -> None:
     old = zeros(out)
     killer = (
         "import os, signal, sys\n"
-        "import onnxprune.io as io\n"
+        "import onnxprune.storage.io as io\n"
         "def fault(at):\n"
         f"    if at == {step!r}: os.kill(os.getpid(), signal.SIGKILL)\n"
         "io._fault = fault\n"
@@ -402,7 +402,7 @@ def test_internal_error_is_one_line_exit_3(tmp_path, monkeypatch) -> None:
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(pipeline, "_prune_weights", bug)
+    monkeypatch.setattr(pipeline, "prune_weights", bug)
     result = invoke(src, "-s", "0.5", "-o", tmp_path / "o.onnx")
     assert result.exit_code == 3
     line = one_line(result.stderr)

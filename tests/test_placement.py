@@ -100,14 +100,15 @@ def test_device_cuda_keeps_the_cpu_provider_for_shape_nodes(monkeypatch) -> None
 
 
 def test_validation_reports_the_placement(tmp_path, monkeypatch) -> None:
-    from onnxprune.validate import format_validation, validate
+    from onnxprune.report.validation import format_validation
+    from onnxprune.validate import validate
 
     path = save(small_cnn(), tmp_path / "m.onnx")
     monkeypatch.setattr(runtime.ort, "InferenceSession", FakeCudaSession)
     monkeypatch.setattr(runtime, "cuda_problem", lambda: None)
     placed = Placement({CUDA: [("Conv", "c")], CPU: [("Shape", "s")]})
     monkeypatch.setattr(runtime, "placement_of", lambda source, providers: placed)
-    import onnxprune.validate as validate_module
+    import onnxprune.validate.measure as validate_module
 
     monkeypatch.setattr(validate_module, "measure_latency", lambda *args, **kwargs: None)
     result = validate(path, path, device="cuda")

@@ -13,7 +13,8 @@ from builders import GraphBuilder, initializers, mlp, run, save, small_cnn
 from onnx import helper
 
 import onnxprune
-from onnxprune.io import check_model_file
+from onnxprune.options import Selection
+from onnxprune.storage.io import check_model_file
 
 
 def digest(path: Path) -> str:
@@ -56,8 +57,8 @@ def test_sparsity_zero_leaves_outputs_bit_identical(tmp_path) -> None:
 
 def test_two_runs_give_identical_files(tmp_path) -> None:
     src = save(small_cnn(), tmp_path / "m.onnx")
-    onnxprune.prune(src, 0.8, min_keep="0.05", output=tmp_path / "a.onnx")
-    onnxprune.prune(src, 0.8, min_keep="0.05", output=tmp_path / "b.onnx")
+    onnxprune.prune(src, Selection(0.8, min_keep="0.05"), output=tmp_path / "a.onnx")
+    onnxprune.prune(src, Selection(0.8, min_keep="0.05"), output=tmp_path / "b.onnx")
     assert digest(tmp_path / "a.onnx") == digest(tmp_path / "b.onnx")
 
 
@@ -130,7 +131,7 @@ def test_api_on_in_memory_model_and_stages_alone(tmp_path) -> None:
 def test_pattern_two_four_end_to_end(tmp_path) -> None:
     src = save(mlp(dims=(16, 8, 4)), tmp_path / "m.onnx")
     out = tmp_path / "out.onnx"
-    _, report = onnxprune.prune(src, pattern="2:4", output=out)
+    _, report = onnxprune.prune(src, Selection(pattern="2:4"), output=out)
     assert report.plan.sparsity == 0.5
     for layer in report.plan.layers:
         arr = initializers(out)[layer.weight.name]

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxprune
 from onnxprune import channels, weights
 from onnxprune.cli import main
+from onnxprune.options import Selection
 from onnxprune.selection import plan
 
 TYPES = {"int8": (np.int8, TensorProto.INT8), "uint8": (np.uint8, TensorProto.UINT8)}
@@ -268,7 +269,7 @@ def test_one_scale_with_float_layers() -> None:
 def test_nm_pattern_on_quantized(tmp_path) -> None:
     path = save(cnn("uint8"), tmp_path / "q.onnx")
     out = tmp_path / "p.onnx"
-    _, report = onnxprune.prune(path, pattern="2:4", output=out)
+    _, report = onnxprune.prune(path, Selection(pattern="2:4"), output=out)
     assert report.plan.pattern == (2, 4)
     pairs = stored_pairs(out)
     q, zero, _ = pairs["W2_q"]  # [8, 8, 3, 3]: groups of 4 input channels
@@ -440,7 +441,7 @@ def test_calibrated_paths_fall_back_for_quantized_weights(tmp_path) -> None:
     np.savez(calib, x=data((32, 3, 8, 8), seed=5)["x"])
     out = tmp_path / "c.onnx"
     _, report = onnxprune.prune(path, sparsity=0.5, calibration=calib, output=out)
-    fallback = dict(report.plan.calibration.fallback)
+    fallback = dict(report.calibration.fallback)
     assert set(fallback) == {"W1_q", "W2_q", "W3_q"}
     assert all("quantized weights (int8 behind DequantizeLinear)" in r for r in fallback.values())
     assert report.plan.pruned == round(0.5 * report.plan.total)
@@ -456,7 +457,7 @@ def test_calibrated_paths_fall_back_for_quantized_weights(tmp_path) -> None:
         structured=onnxprune.Structured(target="macs"),
     )
     assert report.channels.removed.any()
-    notices = " ".join(report.channels.calibration.notices)
+    notices = " ".join(report.calibration.notices)
     assert "not re-solved" in notices and "quantized weights" in notices
     run(out, data())
 

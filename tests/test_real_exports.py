@@ -26,7 +26,8 @@ from onnxprune import channels, pipeline, weights
 from onnxprune.calibration import Calibration
 from onnxprune.cli import main
 from onnxprune.errors import NothingToPruneError
-from onnxprune.report import format_report
+from onnxprune.options import Selection
+from onnxprune.report.weights import format_report
 from tests.builders import GraphBuilder, initializers, run, save
 from tests.channel_models import analyse, check_invariant, feeds
 
@@ -107,7 +108,7 @@ def test_paddle_style_prunes_end_to_end(tmp_path: Path) -> None:
     source = save(proto, tmp_path / "m.onnx")
     _, report = pipeline.prune(source, 0.3, structured=True, output=tmp_path / "o.onnx")
     assert report.channels.achieved >= 0.3
-    assert report.channels.compensation.layers >= 1  # the constant added after the Relu
+    assert report.compensation.layers >= 1  # the constant added after the Relu
     out = run(tmp_path / "o.onnx", feeds(proto))[0]
     assert out.shape == run(proto, feeds(proto))[0].shape
 
@@ -236,7 +237,7 @@ def test_recurrent_weights_pruned_exactly(op: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("op", ["LSTM", "GRU"])
 def test_recurrent_two_four_along_the_input_axis(op: str, tmp_path: Path) -> None:
     source = save(recurrent(op), tmp_path / "in.onnx")
-    pipeline.prune(source, pattern="2:4", output=tmp_path / "out.onnx")
+    pipeline.prune(source, Selection(pattern="2:4"), output=tmp_path / "out.onnx")
     stored = initializers(tmp_path / "out.onnx")
     for name in (f"{op}_W", f"{op}_R"):
         groups = (stored[name] == 0).reshape(*stored[name].shape[:2], -1, 4)
@@ -265,7 +266,7 @@ def test_recurrent_weights_fall_back_to_magnitude_under_calibration(tmp_path: Pa
     _, report = pipeline.prune(
         ir.serde.deserialize_model(proto), 0.5, calibration=Calibration(data=data, device="cpu")
     )
-    fallback = dict(report.plan.calibration.fallback)
+    fallback = dict(report.calibration.fallback)
     assert sorted(fallback) == ["GRU_R", "GRU_W"]
     assert all("not calibrated" in why for why in fallback.values())
     assert report.plan.pruned == round(0.5 * report.plan.total)

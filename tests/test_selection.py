@@ -11,9 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from onnxprune.errors import InfeasibleError, InvalidArgumentError, NothingToPruneError
+from onnxprune.options import MinKeep
 from onnxprune.rewrite.unstructured import pruned_array
-from onnxprune.scoring import magnitude_keys
-from onnxprune.selection import MinKeep, plan
+from onnxprune.scoring.magnitude import magnitude_keys
+from onnxprune.selection import plan
 from onnxprune.selection import threshold as global_threshold
 from onnxprune.weights import find_weights
 
@@ -250,7 +251,7 @@ def test_min_keep_parse_errors(spec) -> None:
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 def test_chunked_reads_give_the_same_masks(monkeypatch, chunk, path) -> None:
     """Ties and thresholds must carry across chunk boundaries exactly."""
-    import onnxprune.weights as weights
+    import onnxprune.core.tensors as weights
 
     arrays = random_arrays(11, 4, ties=True)
     expected = masks(plan(weights_of(arrays), 0.55, min_keep=3))

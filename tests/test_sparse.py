@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
-from onnxprune import io, sparse, writer
 from onnxprune.cli import main
+from onnxprune.storage import io, sparse, writer
 
 
 def invoke(*args: object):

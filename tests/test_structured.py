@@ -14,6 +14,7 @@ import onnxprune
 from onnxprune import pipeline
 from onnxprune.cli import main
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
+from onnxprune.options import Selection
 from onnxprune.rewrite.structured import apply_channel_plan
 from onnxprune.selection.channels import plan_channels
 from tests.builders import GraphBuilder, run, save
@@ -149,15 +150,15 @@ def test_mac_target_counts_macs(tmp_path: Path) -> None:
 
 def test_min_keep_is_respected_and_infeasible_is_an_error(tmp_path: Path) -> None:
     source = save(combined(), tmp_path / "in.onnx")
-    _, report = pipeline.prune(source, 0.3, structured=True, min_keep=0.75)
+    _, report = pipeline.prune(source, Selection(0.3, min_keep=0.75), structured=True)
     plan = report.channels
     for layer in plan.graph.layers:
         n = len(np.unique(layer.classes))
         assert plan.kept_of(np.unique(layer.classes)) >= min(n, int(np.ceil(0.75 * n)))
     with pytest.raises(InfeasibleError, match="whole channels"):
-        pipeline.prune(source, 0.95, structured=True, min_keep=0.75)
+        pipeline.prune(source, Selection(0.95, min_keep=0.75), structured=True)
     with pytest.raises(InvalidArgumentError):
-        pipeline.prune(source, 0.3, structured=True, pattern="2:4")
+        pipeline.prune(source, Selection(0.3, pattern="2:4"), structured=True)
     with pytest.raises(InvalidArgumentError):
         pipeline.prune(source, 0.3, structured=onnxprune.Structured(target="flops"))
 
@@ -208,12 +209,12 @@ def test_digits_model(tmp_path: Path) -> None:
 
 def test_exclude_and_include_freeze_layers_with_the_reason(tmp_path: Path) -> None:
     source = save(combined(), tmp_path / "in.onnx")
-    _, report = pipeline.prune(source, 0.2, structured=True, exclude=["Conv32"])
+    _, report = pipeline.prune(source, Selection(0.2, exclude=["Conv32"]), structured=True)
     plan = report.channels
     layer = next(layer for layer in plan.graph.layers if layer.name == "Conv32")
     assert plan.kept_of(layer.classes) == len(layer.classes)
     assert any("--exclude" in r for g in plan.graph.groups for r in g.reasons)
-    _, report = pipeline.prune(source, 0.1, structured=True, include=["Conv32"])
+    _, report = pipeline.prune(source, Selection(0.1, include=["Conv32"]), structured=True)
     plan = report.channels
     for other in plan.graph.layers:
         if other.name != "Conv32" and not np.isin(other.classes, layer.classes).any():

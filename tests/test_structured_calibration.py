@@ -24,8 +24,11 @@ from onnx import numpy_helper
 
 import onnxprune
 from onnxprune import pipeline
-from onnxprune.calibration import Calibration, reconstruct
+from onnxprune.calibration import Calibration
+from onnxprune.calibration import solvers as reconstruct
 from onnxprune.cli import main
+from onnxprune.options import Selection
+from onnxprune.report import Report
 from onnxprune.selection.channels import ChannelPlan, class_costs, counted_weights, plan_channels
 from tests.builders import GraphBuilder, run, save
 from tests.channel_models import (
@@ -58,6 +61,15 @@ def npz(path: Path, **arrays: np.ndarray) -> Path:
 
 
 def calibrated(
+    model: onnx.ModelProto | Path, sparsity: float, data: Arrays, **settings
+) -> tuple[ir.Model, ChannelPlan]:
+    """Structured pruning with calibration on the CPU; the model and the applied plan."""
+    pruned, report = calibrated_run(model, sparsity, data, **settings)
+    assert report.channels is not None
+    return pruned, report.channels
+
+
+def calibrated_run(
     model: onnx.ModelProto | Path,
     sparsity: float,
     data: Arrays,
@@ -67,20 +79,19 @@ def calibrated(
     round_to: int | None = None,
     target: str = "params",
     **options,
-) -> tuple[ir.Model, ChannelPlan]:
-    """Structured pruning with calibration on the CPU; the model and the applied plan."""
+) -> tuple[ir.Model, Report]:
+    """Structured pruning with calibration on the CPU; the model and the report."""
     source = model if isinstance(model, Path) else ir.serde.deserialize_model(model)
     pruned, report = pipeline.prune(
         source,
-        sparsity,
+        Selection(sparsity, min_keep=min_keep),
         calibration=Calibration(data=data, **{"device": "cpu", **options}),
-        min_keep=min_keep,
         output=output,
         force=True,
         structured=onnxprune.Structured(round_to=round_to, target=target),
     )
-    assert report.channels is not None and report.channels.calibration is not None
-    return pruned, report.channels
+    assert report.channels is not None and report.calibration is not None
+    return pruned, report
 
 
 def outputs(model: ir.Model | onnx.ModelProto | Path, data: Arrays) -> list[np.ndarray]:
@@ -292,7 +303,8 @@ def test_constant_channel_moves_into_the_bias_exactly(
     held_out = {"x": (2 * rng.standard_normal(shape) - 0.3).astype(np.float32)}
     out = tmp_path / "out.onnx"
     # 0.1 of the parameters is one hidden channel (of 8): the one that costs nothing
-    _, plan = calibrated(proto, 0.1, data, output=out, mode=mode, criterion=criterion)
+    _, report = calibrated_run(proto, 0.1, data, output=out, mode=mode, criterion=criterion)
+    plan = report.channels
     assert int(plan.removed.sum()) == 1
     before, after = stored(proto), stored(out)
     kept = np.delete(before[first], CONSTANT, axis=axis)
@@ -300,8 +312,8 @@ def test_constant_channel_moves_into_the_bias_exactly(
         np.testing.assert_array_equal(after[first], kept)
     else:  # re-measured on identical inputs: float32 noise of the statistics only
         np.testing.assert_allclose(after[first], kept, rtol=0, atol=1e-4 * np.abs(kept).max())
-    assert plan.calibration is not None and plan.calibration.bias_corrected >= 1
-    assert max(plan.errors.values()) < 1e-3  # the reported output error: none
+    assert report.calibration is not None and report.calibration.bias_corrected >= 1
+    assert max(report.errors.values()) < 1e-3  # the reported output error: none
     for feeds_ in (data, held_out):
         assert_same_outputs(checked(out, feeds_), run(proto, feeds_), rtol=1e-5)
     graph = onnx.load(str(out)).graph
@@ -343,10 +355,12 @@ def test_linear_model_pruned_to_the_data_rank_is_exact(
     # 8 hidden channels of 12 (21 parameters each of 252): 0.66 needs all 8. Chosen in steps:
     # single-removal scores are all ~0 here (each channel is carried by the others), so one
     # step may keep 4 that span the subspace only barely (error 0.01 in one-pass)
-    model, plan = calibrated(proto, 0.66, data, mode=mode, criterion=criterion, damp=1e-8, steps=4)
-    assert int(plan.removed.sum()) == 8
+    model, report = calibrated_run(
+        proto, 0.66, data, mode=mode, criterion=criterion, damp=1e-8, steps=4
+    )
+    assert int(report.channels.removed.sum()) == 8
     assert stored(model)["W2"].shape == (5, 4)
-    assert plan.errors["W2"] < 1e-3
+    assert report.errors["W2"] < 1e-3
     assert_same_outputs(outputs(model, held_out), run(proto, held_out), rtol=1e-4)
     # a fifth dimension the data never showed is not carried: the test can fail
     other = {"x": held_out["x"] + rng.standard_normal((32, 16)).astype(np.float32)}
@@ -663,16 +677,17 @@ def test_every_criterion_and_mode_is_valid_and_deterministic(tmp_path: Path, nam
         files = []
         for attempt in range(2):
             out = tmp_path / f"{criterion}-{mode}-{attempt}.onnx"
-            _, plan = calibrated(src, 0.3, data, output=out, criterion=criterion, mode=mode)
+            _, report = calibrated_run(src, 0.3, data, output=out, criterion=criterion, mode=mode)
             files.append(out.read_bytes())
-        assert plan.calibration is not None
-        assert (plan.calibration.criterion, plan.calibration.mode) == (criterion, mode)
-        assert plan.calibration.samples == 10
+        plan = report.channels
+        assert report.calibration is not None
+        assert (report.calibration.criterion, report.calibration.mode) == (criterion, mode)
+        assert report.calibration.samples == 10
         assert plan.achieved >= 0.3 and plan.removed.any()
         assert files[0] == files[1], (criterion, mode)
         got = checked(out, data)
         assert [g.shape for g in got] == [e.shape for e in run(proto, data)]
-        assert all(math.isfinite(e) for e in plan.errors.values())
+        assert all(math.isfinite(e) for e in report.errors.values())
 
 
 DEAD = {
@@ -874,7 +889,8 @@ def test_selection_steps_follow_the_layers_sizes() -> None:
     """As many steps as the factorization budget allows: the most for small models, a few for
     ResNet-50-sized layers, one for wanda (its scores ignore what else goes); always fixed by the
     model, never by the clock, so reruns write the same file."""
-    from onnxprune.calibration import channels as calibration_channels
+    from onnxprune.scoring import channels as calibration_channels
+    from onnxprune.scoring import importance
 
     class Sized:
         def __init__(self, k: int) -> None:
@@ -887,16 +903,17 @@ def test_selection_steps_follow_the_layers_sizes() -> None:
 
     small = [Sized(64), Sized(128)]
     big = [Sized(4608)] * 3 + [Sized(2304)] * 6 + [Sized(1152)] * 4
-    steps = calibration_channels.selection_steps
-    data = {"x": np.zeros((1, 1), np.float32)}
-    sequential = Calibration(data=data)
-    one_pass = Calibration(data=data, mode="one-pass")
-    assert steps(sequential, small, Stats(small)) == calibration_channels.MAX_STEPS
-    assert steps(one_pass, small, Stats(small)) == calibration_channels.MAX_STEPS
-    assert 4 <= steps(sequential, big, Stats(big)) <= 8
-    assert steps(one_pass, big, Stats(big)) == 1
-    assert steps(Calibration(data=data, criterion="wanda"), small, Stats(small)) == 1
-    assert steps(Calibration(data=data, steps=3), big, Stats(big)) == 3
+    sparsegpt, wanda = importance.get("sparsegpt"), importance.get("wanda")
+
+    def steps(criterion, mode, found, given=None):
+        return calibration_channels.selection_steps(criterion, mode, given, found, Stats(found))
+
+    assert steps(sparsegpt, "sequential", small) == calibration_channels.MAX_STEPS
+    assert steps(sparsegpt, "one-pass", small) == calibration_channels.MAX_STEPS
+    assert 4 <= steps(sparsegpt, "sequential", big) <= 8
+    assert steps(sparsegpt, "one-pass", big) == 1
+    assert steps(wanda, "sequential", small) == 1
+    assert steps(sparsegpt, "sequential", big, given=3) == 3
 
 
 def test_sequential_pairs_conv_rows_chunked_at_other_samples(tmp_path: Path, monkeypatch) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from onnxprune import pipeline
-from onnxprune.report import format_report
+from onnxprune.options import Selection
+from onnxprune.report.weights import format_report
 from tests.builders import GraphBuilder, save
 
 
@@ -42,7 +43,7 @@ def test_reach_is_reported_and_collapse_warned(tmp_path) -> None:
     assert "--min-keep 10%" in collapse[0]
     # a per-layer minimum spreads the removal: no collapse, and the target still met
     _, kept = pipeline.prune(
-        source, 0.04, structured=True, min_keep="25%", output=tmp_path / "p.onnx"
+        source, Selection(0.04, min_keep="25%"), structured=True, output=tmp_path / "p.onnx"
     )
     assert not [w for w in kept.channels.warnings if w.startswith("channel collapse")]
     assert kept.channels.achieved >= 0.04

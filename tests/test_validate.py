@@ -11,10 +11,14 @@ import pytest
 from builders import GraphBuilder, mlp, save, small_cnn
 from onnx import TensorProto
 
-from onnxprune import inputs, metrics, validate
+from onnxprune import inputs, validate
 from onnxprune import runtime as runtime_module
 from onnxprune.errors import DataError, DeviceError, InvalidArgumentError, ValidationFailed
-from onnxprune.sweep import format_markdown, format_sweep, parse_sparsities, sweep
+from onnxprune.report import validation as report_validation
+from onnxprune.report.sweep import format_markdown, format_sweep
+from onnxprune.sweep import parse_sparsities, sweep
+from onnxprune.validate import measure as validate_compare
+from onnxprune.validate import metrics
 
 W_REF = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.float32)
 W_PRUNED = np.array([[1, 0, 3], [4, 5, 0]], dtype=np.float32)
@@ -105,7 +109,7 @@ def test_latency_summary_by_hand() -> None:
 def test_latency_is_measured(pair) -> None:
     v = validate.validate(*pair, data={"x": X}, device="cpu")
     for model in (v.reference, v.candidate):
-        assert model.latency is not None and model.latency.runs >= validate.MIN_REPEATS
+        assert model.latency is not None and model.latency.runs >= validate_compare.MIN_REPEATS
         assert 0 < model.latency.median_ms <= model.latency.p90_ms
 
 
@@ -134,7 +138,7 @@ def test_in_memory_model_and_outputs_paired_by_position(pair, tmp_path) -> None:
     b.output("logits", shape=["N", 3])
     model = ir.serde.deserialize_model(b.model())
     v = validate.validate(pair[0], model, data={"x": X}, device="cpu", latency=False)
-    assert v.candidate.path == validate.IN_MEMORY
+    assert v.candidate.path == validate_compare.IN_MEMORY
     assert v.outputs[0].max_abs == 0 and v.agreement == 1.0
 
 
@@ -280,26 +284,28 @@ def test_models_with_other_inputs_are_not_comparable(pair, tmp_path) -> None:
 
 
 def test_cpu_device_never_probes_cuda() -> None:
-    assert validate.select_runtime("cpu") == validate.Runtime("cpu", (validate.CPU,))
+    cpu = runtime_module.CPU
+    assert runtime_module.select_runtime("cpu") == runtime_module.Runtime("cpu", (cpu,))
     with pytest.raises(InvalidArgumentError):
-        validate.select_runtime("tpu")
+        runtime_module.select_runtime("tpu")
 
 
 def test_auto_falls_back_to_cpu_with_a_reason(monkeypatch) -> None:
     monkeypatch.setattr(runtime_module, "cuda_problem", lambda: "no GPU here")
-    runtime = validate.select_runtime("auto")
-    assert runtime.providers == (validate.CPU,) and runtime.note == "running on CPU: no GPU here"
+    runtime = runtime_module.select_runtime("auto")
+    assert runtime.providers == (runtime_module.CPU,)
+    assert runtime.note == "running on CPU: no GPU here"
     with pytest.raises(DeviceError, match="--device cuda: no GPU here"):
-        validate.select_runtime("cuda")
+        runtime_module.select_runtime("cuda")
 
 
 def test_cuda_problem_is_a_sentence_or_none() -> None:
-    problem = validate.cuda_problem()
+    problem = runtime_module.cuda_problem()
     assert problem is None or ("CUDA" in problem and "\n" not in problem)
 
 
 def cuda_or_skip() -> None:
-    problem = validate.cuda_problem()
+    problem = runtime_module.cuda_problem()
     if problem:
         print(f"skipping: {problem}")
         pytest.skip(f"CUDA not usable: {problem}")
@@ -309,10 +315,10 @@ def cuda_or_skip() -> None:
 def test_cuda_runs_and_reports_its_provider(pair) -> None:
     cuda_or_skip()
     v = validate.validate(*pair, data={"x": X, "labels": np.array([2, 2])}, device="cuda")
-    assert v.reference.providers[0] == validate.CUDA and v.provider == validate.CUDA
+    assert v.reference.providers[0] == runtime_module.CUDA and v.provider == runtime_module.CUDA
     assert v.agreement == 0.5 and v.candidate.latency is not None  # timed with IO binding
     auto = validate.validate(*pair, data={"x": X}, device="auto", latency=False)
-    assert auto.provider == validate.CUDA and auto.note is None
+    assert auto.provider == runtime_module.CUDA and auto.note is None
 
 
 @pytest.mark.gpu
@@ -351,7 +357,7 @@ def test_to_dict_has_the_table_numbers(pair) -> None:
     assert d["top1_agreement"] == 0.5 and d["accuracy_drop"] == 0.5
     assert d["candidate"]["nonzero_params"] == 4 and d["candidate"]["nonzero_macs"] == 4
     assert d["outputs"][0]["max_abs"] == 6.0 and d["provider"] == "CPUExecutionProvider"
-    text = validate.format_validation(run(pair))
+    text = report_validation.format_validation(run(pair))
     assert "top-1 agreement" in text and "50.00%" in text and "-50.00 pts" in text
 
 

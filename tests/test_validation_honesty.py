@@ -15,10 +15,13 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
-from onnxprune import inputs, macs, metrics, validate
+from onnxprune import inputs, macs, runtime, validate
 from onnxprune.cli import main
 from onnxprune.errors import DataError, InvalidArgumentError
-from onnxprune.sweep import format_sweep, sweep
+from onnxprune.report import validation as report_validation
+from onnxprune.report.sweep import format_sweep
+from onnxprune.sweep import sweep
+from onnxprune.validate import metrics
 from tests.channel_models import heads_torchscript
 
 CPU = {"device": "cpu", "latency": False}
@@ -115,7 +118,7 @@ def test_structured_attention_macs_at_the_shapes_run(tmp_path) -> None:
     assert v.reference.cost.macs == _attention_macs(5, 12)
     assert v.candidate.cost.macs == _attention_macs(5, width) < v.reference.cost.macs
     assert v.reference.cost.macs_complete and v.candidate.cost.macs_complete
-    text = validate.format_validation(v)
+    text = report_validation.format_validation(v)
     ratio = v.candidate.cost.macs / v.reference.cost.macs
     assert f"x{ratio:.3f}" in next(line for line in text.splitlines() if "MACs (dense)" in line)
     # the planner cannot count at a sequence the model leaves open: it says so
@@ -155,7 +158,7 @@ def test_declared_shapes_of_computed_values_are_no_sizes(stale) -> None:
     count = metrics.count_macs(ir.from_proto(proto), {"x": (1, 4)})
     assert (count.dense, count.unknown) == (4 * 8 + 8 * 3, [])
     cost = metrics.ModelCost(0, 0, 0, 0, -5, -5, {}, [])
-    assert validate.macs_text(cost) == "unknown"  # never a negative figure
+    assert report_validation.macs_text(cost) == "unknown"  # never a negative figure
 
 
 def _symbolic_cnn() -> onnx.ModelProto:
@@ -273,9 +276,9 @@ def test_weights_inside_if_are_a_lower_bound_said_so(tmp_path) -> None:
     # which branch runs is known only at run time: the smaller one counts, the If is unknown
     assert cost.macs == 12 and not cost.macs_complete and cost.macs_unknown == ["branch"]
     assert "run time" in cost.macs_unknown_why["branch"]
-    assert validate.macs_text(cost) == "≥ 12 (1 node unknown)"
+    assert report_validation.macs_text(cost) == "≥ 12 (1 node unknown)"
     v = validate.validate(path, path, data={"x": np.ones((2, 4), np.float32)}, **CPU)
-    text = validate.format_validation(v)
+    text = report_validation.format_validation(v)
     row = next(line for line in text.splitlines() if line.startswith("MACs (dense)"))
     assert "≥ 12 (1 node unknown)" in row and "x1.000" not in row  # no ratio on a partial sum
     assert "MACs of 1 node is not known (e.g. 'branch': If: which branch" in text
@@ -332,7 +335,7 @@ def test_loop_counts_its_body_per_trip(tmp_path) -> None:
     free = save(_loop_model(None), tmp_path / "free.onnx")
     cost = metrics.model_cost(free, {"x": (1, 4), "n": ()})
     assert cost.macs is None and cost.macs_unknown == ["loop"]
-    assert validate.macs_text(cost) == "unknown"
+    assert report_validation.macs_text(cost) == "unknown"
 
 
 # -- generated inputs the graph can use --------------------------------------------------------
@@ -365,7 +368,7 @@ def test_minilm_like_generated_inputs_are_in_range(tmp_path) -> None:
     path = save(_minilm_like(), tmp_path / "m.onnx")
     model = ir.load(str(path))
     specs = validate.prepare_inputs(
-        validate.open_session(path, validate.select_runtime("cpu")),
+        runtime.open_session(path, runtime.select_runtime("cpu")),
         input_shapes={"input_ids": (1, 6)},
     )[0]
     usable = inputs.usable_values(model, specs)
@@ -423,7 +426,7 @@ def test_scalar_input_generated_and_from_data(tmp_path) -> None:
     # the value fed decides the If: its branch is counted, x @ A or x @ B @ C
     assert generated.reference.cost.macs == 12 and generated.reference.cost.macs_complete
     assert generated.reference.cost.macs_values == {"sr": 16000}
-    assert "MACs per inference at x=1x4, sr=16000" in validate.format_validation(generated)
+    assert "MACs per inference at x=1x4, sr=16000" in report_validation.format_validation(generated)
     # from --data: one 0-d value, fed as is with every batch
     for rate, expected_macs in ((16000, 12), (8000, 12 + 9)):
         v = validate.validate(path, path, data={"x": x, "sr": np.int64(rate)}, batch_size=4, **CPU)
@@ -495,7 +498,7 @@ def test_one_value_output_has_no_agreement(tmp_path, shape) -> None:
     assert v.agreement is None
     d = v.to_dict()
     assert d["top1_agreement"] is None and "no top-1" in d["top1_agreement_note"]
-    text = validate.format_validation(v)
+    text = report_validation.format_validation(v)
     assert next(line for line in text.splitlines() if "agreement" in line).split()[-1] == "-"
     if len(shape) == 2:
         assert "1 entry on its class axis" in d["top1_agreement_note"]
@@ -508,11 +511,11 @@ def test_one_value_output_has_no_agreement(tmp_path, shape) -> None:
 
 def test_caveat_only_with_generated_inputs(tmp_path) -> None:
     path = save(mlp(dims=(4, 6, 3)), tmp_path / "m.onnx")
-    generated = validate.format_validation(validate.validate(path, path, **CPU))
-    assert validate.GENERATED_CAVEAT in generated
+    generated = report_validation.format_validation(validate.validate(path, path, **CPU))
+    assert report_validation.GENERATED_CAVEAT in generated
     assert "measure output drift only, not task accuracy" in generated
     data = {"x": np.ones((4, 4), np.float32), "labels": np.zeros(4, np.int64)}
-    given = validate.format_validation(validate.validate(path, path, data=data, **CPU))
+    given = report_validation.format_validation(validate.validate(path, path, data=data, **CPU))
     assert "output drift only" not in given
     result = _cli("validate", path, path, "--device", "cpu")
     assert result.exit_code == 0 and "--data val.npz (with 'labels') does" in result.output
@@ -522,6 +525,6 @@ def test_sweep_says_the_same(tmp_path) -> None:
     path = save(_one_output(["N", 1]), tmp_path / "m.onnx")
     result = sweep(path, [0.5], device="cpu", min_keep=None)
     text = format_sweep(result)
-    assert validate.GENERATED_CAVEAT in text and "one value always agrees" in text
+    assert report_validation.GENERATED_CAVEAT in text and "one value always agrees" in text
     assert result.rows[0].agreement is None and result.to_dict()["generated_inputs"]
     assert result.rows[0].macs_complete and not math.isnan(result.rows[0].macs or 0)

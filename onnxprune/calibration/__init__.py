@@ -1,19 +1,16 @@
-"""Calibrated pruning: choose and repair weights from what the model does on the user's samples.
+"""Calibration: what the model does on the user's samples, for scoring and repair to use.
 
-    stats = capture.collect(model, weights, samples, runtime)   # X^T X and means per layer
-    plan = prune.calibrated_plan(model, weights, 0.9, options)   # scores, ranking, updates
+    capture.py   run the model (ONNX Runtime) over the samples, sum each layer's statistics
+    design.py    each op's design: the rows X with X @ W^T the layer's output
+    solvers.py   the numerics on those statistics (pure numpy): damped inverses, SparseGPT,
+                 least squares refits, bias shifts, output errors
 
-The global ranking, minimum retention, exact counts and N:M patterns are selection's, unchanged:
-calibrated scores (reconstruct.py) simply stand in for magnitudes. Then every pruned layer is
-repaired: SparseGPT updates its kept weights (criterion sparsegpt), and bias correction folds the
-mean shift of its output into its bias. Sequential mode re-measures each wave of layers on the
-model pruned so far and re-solves them against the dense model's outputs.
+The samples are loaded here (`load_samples`); what calibration did is summed up in a
+`CalibrationSummary` for the report. Scores come from `scoring`, repairs from `repair`.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -21,60 +18,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune import inputs as _inputs
-from onnxprune.errors import DataError, InvalidArgumentError
-
-CRITERIA = ("magnitude", "wanda", "sparsegpt")
-MODES = ("one-pass", "sequential")
-# How the layers' scores meet in the global ranking: row (each output's share of its energy, as
-# scored), layer (over the layer's total), lamp (over the layer's scores not below it).
-COMPARE = ("row", "layer", "lamp")
-DEFAULT_BATCH = 16
-# Statistics held at once (X^T X is K^2 float64 per layer); more layers take more passes.
-DEFAULT_BUDGET_BYTES = 4 << 30
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """How to calibrate: the samples, the criterion, and how the statistics are gathered."""
-
-    data: str | os.PathLike | Mapping[str, np.ndarray]
-    criterion: str = "sparsegpt"
-    mode: str = "sequential"
-    samples: int | None = None
-    batch_size: int | None = None
-    device: str = "auto"
-    bias_correction: bool = True
-    damp: float = 0.01
-    budget_bytes: int = DEFAULT_BUDGET_BYTES
-    compare: str = "lamp"
-    rounds: int | None = (
-        None  # sequential: at most this many measurement rounds (None: a wave each)
-    )
-    # structured: channels chosen in this many steps, each re-scoring what is left (None: as
-    # many as the layers' sizes allow, calibration.channels.selection_steps)
-    steps: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.criterion not in CRITERIA:
-            raise InvalidArgumentError(
-                f"--criterion {self.criterion!r}: choose one of {', '.join(CRITERIA)}"
-            )
-        if self.mode not in MODES:
-            raise InvalidArgumentError(
-                f"--calibration-mode {self.mode!r}: choose one of {', '.join(MODES)}"
-            )
-        if self.compare not in COMPARE:
-            raise InvalidArgumentError(f"compare {self.compare!r}: choose one of {COMPARE}")
-        if self.rounds is not None and self.rounds < 1:
-            raise InvalidArgumentError(f"--calibration-rounds {self.rounds}: must be >= 1")
-        if self.steps is not None and self.steps < 1:
-            raise InvalidArgumentError(f"steps {self.steps}: must be >= 1")
-        if self.samples is not None and self.samples < 1:
-            raise InvalidArgumentError(f"--calibration-samples {self.samples}: must be >= 1")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise InvalidArgumentError(f"--batch-size {self.batch_size}: must be at least 1")
-        if not (math.isfinite(self.damp) and self.damp > 0):
-            raise InvalidArgumentError(f"damp {self.damp!r}: must be a positive number")
+from onnxprune.errors import DataError
+from onnxprune.options import DEFAULT_CALIBRATION_BATCH, Calibration
 
 
 @dataclass
@@ -131,6 +76,6 @@ def load_samples(model: ir.Model, options: Calibration) -> _inputs.Inputs:
     return _inputs.from_arrays(
         arrays,
         model_input_specs(model),
-        batch_size=options.batch_size or DEFAULT_BATCH,
+        batch_size=options.batch_size or DEFAULT_CALIBRATION_BATCH,
         source=source,
     )

@@ -21,14 +21,16 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxprune import io
-from onnxprune.calibration import Calibration, CalibrationSummary, load_samples
+from onnxprune.calibration import CalibrationSummary, load_samples
 from onnxprune.calibration.design import Design, design_of
-from onnxprune.calibration.reconstruct import inverse_factor
+from onnxprune.calibration.solvers import inverse_factor
+from onnxprune.core.graphs import values_by_name
+from onnxprune.core.progress import step
 from onnxprune.errors import DataError
 from onnxprune.inputs import Inputs
-from onnxprune.report import step
+from onnxprune.options import Calibration
 from onnxprune.runtime import Runtime, open_session, select_runtime
+from onnxprune.storage import io
 from onnxprune.weights import Weight
 
 log = logging.getLogger("onnxprune")
@@ -326,7 +328,7 @@ def collect(
     ]
     passes = split_passes(sizes, budget_bytes)
     sums: dict[Key, LayerStats] = {}
-    dense_values = _values_by_name(dense) if dense is not None else {}
+    dense_values = values_by_name(dense) if dense is not None else {}
     for number, chosen in enumerate(passes):
         pass_keys = [order[i] for i in chosen]
         values = [keys[k].activation for k in pass_keys]
@@ -418,12 +420,6 @@ def measurement_rounds(
     return merge_waves(depth_waves(model, weights, chosen), rounds)
 
 
-def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
-    found: dict[str, ir.Value] = {v.name: v for v in model.graph.inputs}
-    for node in model.graph:
-        for out in node.outputs:
-            found[out.name] = out
-    return found
 
 
 def measure(

@@ -26,9 +26,12 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from onnxprune import quantized, weights
+from onnxprune import weights
 from onnxprune.channels import shapemath
 from onnxprune.channels.oprules import RULES, Unsupported
+from onnxprune.core import quantized
+from onnxprune.core.graphs import subgraph_owners
+from onnxprune.core.tensors import const_tensor
 from onnxprune.errors import NothingToPruneError
 
 # Member roles. out/in: a weight's output/input-channel axis; bias: the producer's bias; scale and
@@ -166,18 +169,6 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
             label = jumped
 
 
-def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The stored tensor of an initializer or a Constant node's output; None otherwise."""
-    if value is None:
-        return None
-    if value.const_value is not None and value.producer() is None and not value.is_graph_input():
-        return value.const_value
-    node = value.producer()
-    if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-        attr = node.attributes.get("value")
-        if attr is not None:
-            return attr.value
-    return None
 
 
 def stored_values(value: ir.Value) -> np.ndarray:
@@ -903,7 +894,7 @@ def _unreached(model: ir.Model, walk: Walk, graph: ChannelGraph) -> list[Unreach
     subgraph, read by a recurrent op, the reason its reader's rule gave, or why `find_weights`
     skipped it. A weight sliced only as some layer's input (a grouped ConvTranspose's, whose
     channels go with its input's groups) is reached."""
-    owners = _subgraph_owners(model)
+    owners = subgraph_owners(model)
     order = {node: i for i, node in enumerate(model.graph)}
     placed = sorted(order[layer.member.node] for layer in graph.layers)
     found = weights.find_weights(model)
@@ -967,21 +958,6 @@ def _unreached(model: ir.Model, walk: Walk, graph: ChannelGraph) -> list[Unreach
     return result
 
 
-def _subgraph_owners(model: ir.Model) -> dict[ir.Node, tuple[ir.Node, str]]:
-    """Each node inside an If/Loop/Scan body: (the main-graph node that holds it, which body)."""
-    owners: dict[ir.Node, tuple[ir.Node, str]] = {}
-    for node in model.graph:
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                graphs = [attr.value]
-            elif attr.type == ir.AttributeType.GRAPHS:
-                graphs = list(attr.value)
-            else:
-                continue
-            for sub in graphs:
-                for inner in sub.all_nodes():
-                    owners[inner] = (node, attr.name)
-    return owners
 
 
 def check_removable(graph: ChannelGraph) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from onnxprune.channels import Layer, Unreached
-from onnxprune.report import format_table, human_count
+from onnxprune.report.tables import format_table, human_count
 from onnxprune.selection.channels import ChannelPlan
 
 NAME_WIDTH = 44

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.channels import const_tensor
+from onnxprune.core.tensors import const_tensor
 from onnxprune.rewrite.constants import NodeConstants
 
 

@@ -13,10 +13,13 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxprune.channels import Fix, concat_piece, const_tensor
+from onnxprune.channels import Fix, concat_piece
+from onnxprune.core.graphs import infer_shapes
+from onnxprune.core.tensors import const_tensor
 from onnxprune.rewrite.constants import NodeConstants
+from onnxprune.rewrite.unstructured import Rewritten
 from onnxprune.selection.channels import ChannelPlan
 
 
@@ -44,13 +47,26 @@ def _slice_members(plan: ChannelPlan) -> None:
         for axis, mask in axes.items():
             shape[axis] = int(mask.sum())
 
-        def compute(source: ir.TensorProtocol = source, axes: dict = axes) -> ir.Tensor:
+        store_tensor(value, SlicedTensor(source, axes, shape))
+
+
+class SlicedTensor(Rewritten):
+    """A stored tensor with the removed channels taken out along some axes, computed from the
+    original when read (no second copy of the model's weights is held)."""
+
+    __slots__ = ()
+
+    def __init__(
+        self, source: ir.TensorProtocol, axes: dict[int, np.ndarray], shape: list[int]
+    ) -> None:
+        def compute() -> ir.Tensor:
             array = source.numpy()
             for axis, mask in axes.items():
                 array = np.compress(mask, array, axis=axis)
             return ir.Tensor(np.ascontiguousarray(array), dtype=source.dtype)
 
-        store_tensor(value, ir.LazyTensor(compute, dtype=source.dtype, shape=ir.Shape(shape)))
+        super().__init__(compute, dtype=source.dtype, shape=ir.Shape(shape))
+        self.source = source
 
 
 def _kept(plan: ChannelPlan, value: ir.Value, axis: int) -> int:
@@ -162,13 +178,30 @@ def _set_dims(plan: ChannelPlan) -> None:
 
 def apply_channel_plan(model: ir.Model, plan: ChannelPlan) -> ir.Model:
     """Remove the planned channels from `model` (in place); returns `model`."""
-    if not plan.removed.any():
-        return model
+    RemoveChannelsPass(plan)(model)
+    return model
+
+
+class RemoveChannelsPass(ir.passes.InPlacePass):
+    """Remove the channels a plan selects: slice every member, fix the attributes and shape
+    constants that count channels, set the new dims, infer shapes again."""
+
+    def __init__(self, plan: ChannelPlan) -> None:
+        super().__init__()
+        self.plan = plan
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not self.plan.removed.any():
+            return ir.passes.PassResult(model, modified=False)
+        _remove(model, self.plan)
+        return ir.passes.PassResult(model, modified=True)
+
+
+def _remove(model: ir.Model, plan: ChannelPlan) -> None:
     _slice_members(plan)
     consts = NodeConstants(model)
     for fix in plan.graph.fixes:
         FIXES[fix.kind](plan, fix, consts)
     _set_dims(plan)
     RemoveUnusedNodesPass()(model)  # the shape constants the fixes replaced
-    ShapeInferencePass()(model)
-    return model
+    infer_shapes(model)

@@ -16,9 +16,9 @@ from typing import BinaryIO
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.quantized import DequantizedTensor
+from onnxprune.core.quantized import DequantizedTensor
+from onnxprune.core.tensors import flat_view
 from onnxprune.selection import LayerPlan, Plan, layer_masks
-from onnxprune.weights import flat_view
 
 
 def zeroed(values: np.ndarray, mask: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -39,7 +39,20 @@ def pruned_array(layer: LayerPlan, source: ir.TensorProtocol, keys: np.dtype) ->
     return out.reshape(layer.weight.shape)
 
 
-class PrunedTensor(ir.LazyTensor):
+class Rewritten(ir.LazyTensor):
+    """A tensor a rewrite computes from the one it replaced (`source`), when read."""
+
+    __slots__ = ("source",)
+
+
+def before_rewrite(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    """The tensor a rewrite replaced (itself where none did): repair reads the dense weights."""
+    while isinstance(tensor, Rewritten):
+        tensor = tensor.source
+    return tensor
+
+
+class PrunedTensor(Rewritten):
     """A pruned weight: computed from its source when read, streamed when written to a file."""
 
     __slots__ = ("_keys", "_layer", "_source")
@@ -52,6 +65,7 @@ class PrunedTensor(ir.LazyTensor):
             name=layer.weight.name,
         )
         self._layer, self._source, self._keys = layer, source, keys
+        self.source = source
 
     def array(self) -> np.ndarray:
         return pruned_array(self._layer, self._source, self._keys)
@@ -123,17 +137,33 @@ def quantized_array(layer: LayerPlan, source: ir.TensorProtocol, keys: np.dtype)
 
 def apply_plan(model: ir.Model, plan: Plan) -> ir.Model:
     """Replace every changed weight of `model` (in place) by its pruned version; returns `model`."""
-    for layer in plan.layers:
-        weight = layer.weight
-        if layer.values is not None:  # calibrated: the repaired weights were computed already
-            weight.set_values(layer.values)
-        elif layer.changed and weight.quant is not None:
-            source = weight.stored()
-            if weight.dtype.bitwidth % 8 == 0:
-                weight.set_tensor(PrunedQuantized(layer, source, plan.keys))
-            else:  # packed sub-byte q (int4): written whole by onnx-ir, not streamed in chunks
-                array = quantized_array(layer, source, plan.keys)
-                weight.set_tensor(ir.Tensor(array, dtype=weight.dtype))
-        elif layer.changed:
-            weight.set_tensor(PrunedTensor(layer, weight.tensor(), plan.keys))
+    ZeroWeightsPass(plan)(model)
     return model
+
+
+class ZeroWeightsPass(ir.passes.InPlacePass):
+    """Zero the weights a plan selects: each pruned tensor is computed from the original when
+    read and streamed when written, so no pruned copy of the model is held."""
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__()
+        self.plan = plan
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        changed = [layer for layer in self.plan.layers if layer.changed]
+        for layer in changed:
+            _zero(layer, self.plan.keys)
+        return ir.passes.PassResult(model, modified=bool(changed))
+
+
+def _zero(layer: LayerPlan, keys: np.dtype) -> None:
+    weight = layer.weight
+    if weight.quant is not None:
+        source = weight.stored()
+        if weight.dtype.bitwidth % 8 == 0:
+            weight.set_tensor(PrunedQuantized(layer, source, keys))
+        else:  # packed sub-byte q (int4): written whole by onnx-ir, not streamed in chunks
+            array = quantized_array(layer, source, keys)
+            weight.set_tensor(ir.Tensor(array, dtype=weight.dtype))
+    else:
+        weight.set_tensor(PrunedTensor(layer, weight.tensor(), keys))

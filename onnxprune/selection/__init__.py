@@ -16,79 +16,21 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.core.tensors import tensor_chunks
 from onnxprune.errors import InfeasibleError, InvalidArgumentError, NothingToPruneError
-from onnxprune.scoring import key_chunks, key_dtype, magnitude_keys
+from onnxprune.options import METHODS, MinKeep, check_sparsity, parse_pattern
+from onnxprune.scoring.magnitude import key_chunks, key_dtype, magnitude_keys
 from onnxprune.selection.threshold import Cut, GlobalSelection, cut_for_count
 from onnxprune.weights import PRUNABLE_OPS, RECURRENT_OPS, Weight
 
-METHODS = ("global", "uniform")
 # A layer left with fewer than this share of its weights is reported as collapsed.
 COLLAPSE_KEEP = 0.01
 
 
-@dataclass(frozen=True)
-class MinKeep:
-    """Per-layer minimum retention: a fraction of each layer, or an absolute count of weights."""
-
-    fraction: float | None = None
-    count: int | None = None
-
-    @classmethod
-    def parse(cls, spec: str | float | int | None) -> MinKeep | None:
-        """A fraction of each layer or a count of weights, told apart by how it is written.
-
-        With a decimal point or a % sign (or as a Python float) it is a fraction: '0.02', '2%',
-        '1.0' (= 100%: the layer is kept whole). A whole number without a decimal point (or a
-        Python int) is a count of weights: '1' is one weight, '100' a hundred.
-        """
-        if spec is None or spec == "":
-            return None
-        text = str(spec).strip()
-        usage = "give a fraction of each layer (0.02, 2% or 1.0) or a count of weights (100)"
-        try:
-            if isinstance(spec, bool):
-                raise ValueError
-            if isinstance(spec, int | np.integer):
-                value, is_fraction = float(spec), False
-            elif isinstance(spec, float | np.floating):
-                value, is_fraction = float(spec), True
-            elif text.endswith("%"):
-                value, is_fraction = float(text[:-1]) / 100, True
-            else:
-                try:
-                    value, is_fraction = float(int(text)), False
-                except ValueError:
-                    value, is_fraction = float(text), True
-        except ValueError:
-            raise InvalidArgumentError(f"--min-keep {spec!r}: {usage}") from None
-        if not math.isfinite(value) or value < 0:
-            raise InvalidArgumentError(f"--min-keep {spec!r}: must be a non-negative number")
-        if is_fraction:
-            if value > 1:
-                raise InvalidArgumentError(
-                    f"--min-keep {spec!r}: a fraction (written with a decimal point or %) must "
-                    "be at most 1.0 = 100%; a count of weights is a whole number without a "
-                    "decimal point, e.g. 100"
-                )
-            return cls(fraction=value)
-        return cls(count=int(value))
-
-    def for_layer(self, size: int) -> int:
-        if self.fraction is not None:
-            return min(size, math.ceil(self.fraction * size - 1e-9))
-        return min(size, self.count or 0)
-
-    def __str__(self) -> str:
-        if self.fraction is None:
-            return str(self.count)
-        text = f"{self.fraction:g}"
-        # 0 and 1 as fractions read as counts: say 0% and 100%
-        return text if "." in text or "e" in text else f"{100 * self.fraction:g}%"
 
 
 @dataclass
@@ -102,8 +44,9 @@ class LayerPlan:
     prune: int  # zeros after pruning, the zeros already there included
     cut: Cut | None = None  # None: the tensor is left exactly as it was
     pattern: tuple[int, int] | None = None  # N:M, keep N of every M along the input axis
-    values: np.ndarray | None = None  # calibrated: the new weights, as stored (zeros pruned)
-    error: float | None = None  # calibrated: relative output error on the calibration data
+    # what the cut or pattern ranks: calibrated scores laid out as the weight (None: the
+    # weight's own magnitudes)
+    ranked_by: ir.TensorProtocol | None = None
 
     @property
     def kept(self) -> int:
@@ -115,7 +58,7 @@ class LayerPlan:
 
     @property
     def changed(self) -> bool:
-        return self.cut is not None or self.pattern is not None or self.values is not None
+        return self.cut is not None or self.pattern is not None
 
 
 @dataclass
@@ -129,8 +72,6 @@ class Plan:
     min_keep: MinKeep | None = None
     pattern: tuple[int, int] | None = None
     warnings: list[str] = field(default_factory=list)
-    criterion: str = "magnitude"
-    calibration: Any = None  # a calibration.CalibrationSummary when calibration data was used
 
     @property
     def total(self) -> int:
@@ -149,30 +90,8 @@ class Plan:
         return self.pruned / self.total if self.total else 0.0
 
 
-def check_sparsity(sparsity: float) -> float:
-    if not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity):
-        raise InvalidArgumentError(f"--sparsity {sparsity!r}: must be a number in [0, 1)")
-    if not 0 <= sparsity < 1:
-        raise InvalidArgumentError(
-            f"--sparsity {sparsity:g}: must be in [0, 1) (0.9 removes 90% of prunable weights)"
-        )
-    return float(sparsity)
 
 
-def parse_pattern(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
-    """'2:4' -> (2, 4): keep 2 of every 4 consecutive weights along the input-channel axis."""
-    if spec is None or spec == "":
-        return None
-    if isinstance(spec, tuple):
-        n, m = spec
-    else:
-        try:
-            n, m = (int(x) for x in str(spec).split(":"))
-        except ValueError:
-            raise InvalidArgumentError(f"--pattern {spec!r}: write N:M, e.g. 2:4") from None
-    if not 0 < n < m:
-        raise InvalidArgumentError(f"--pattern {spec!r}: need 0 < N < M, e.g. 2:4")
-    return int(n), int(m)
 
 
 def pattern_mask(keys: np.ndarray, shape: Sequence[int], axis: int, n: int, m: int) -> np.ndarray:
@@ -189,34 +108,47 @@ def pattern_mask(keys: np.ndarray, shape: Sequence[int], axis: int, n: int, m: i
 def layer_masks(
     layer: LayerPlan, tensor: ir.TensorProtocol, keys: np.dtype
 ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-    """(flat slice, values, zero mask) of one layer, chunk by chunk.
+    """(flat slice, values of `tensor`, zero mask) of one layer, chunk by chunk.
 
-    The single place the rewrite and the counting agree on which weights become zero. The mask
-    is only valid until the next chunk is requested (its buffer is reused).
+    The single place the rewrite and the counting agree on which weights become zero: the mask
+    ranks `layer.ranked_by` where the plan ranked calibrated scores, else `tensor` itself. The
+    mask is only valid until the next chunk is requested (its buffer is reused).
     """
+    ranked = tensor if layer.ranked_by is None else layer.ranked_by
     if layer.pattern is not None:
         n, m = layer.pattern
         assert layer.weight.in_axis is not None
         flat = tensor.numpy().reshape(-1)
-        k = magnitude_keys(flat, keys)
+        k = magnitude_keys(ranked.numpy() if layer.ranked_by is not None else flat, keys)
         yield slice(None), flat, pattern_mask(k, layer.weight.shape, layer.weight.in_axis, n, m)
         return
     assert layer.cut is not None
     threshold = keys.type(layer.cut.threshold)
     ties = layer.cut.ties
-    for where, chunk, k, spare in key_chunks(tensor, keys):
+    values = None if layer.ranked_by is None else tensor_chunks(tensor)
+    for where, chunk, k, spare in key_chunks(ranked, keys):
         mask = np.less(k, threshold, out=spare)
         if ties:
             equal = np.flatnonzero(k == threshold)[:ties]
             mask[equal] = True
             ties -= equal.size
-        yield where, chunk, mask
+        yield where, chunk if values is None else next(values)[1], mask
 
 
-def _count_zeros(weights: Sequence[Weight], keys: np.dtype) -> list[int]:
+def layer_mask(layer: LayerPlan, tensor: ir.TensorProtocol, keys: np.dtype) -> np.ndarray:
+    """The layer's pruned positions as one boolean array, laid out as the weight is stored;
+    `tensor` holds the weight's values as the plan saw them."""
+    mask = np.zeros(layer.weight.size, dtype=bool)
+    if layer.changed:
+        for where, _, part in layer_masks(layer, tensor, keys):
+            mask[where] = part
+    return mask.reshape(layer.weight.shape)
+
+
+def _count_zeros(tensors: Sequence[ir.TensorProtocol], keys: np.dtype) -> list[int]:
     return [
-        sum(k.size - int(np.count_nonzero(k)) for _, _, k, _ in key_chunks(w.tensor(), keys))
-        for w in weights
+        sum(k.size - int(np.count_nonzero(k)) for _, _, k, _ in key_chunks(t, keys))
+        for t in tensors
     ]
 
 
@@ -253,8 +185,13 @@ def plan(
     method: str = "global",
     min_keep: MinKeep | str | float | int | None = None,
     pattern: str | tuple[int, int] | None = None,
+    scores: Sequence[np.ndarray | None] | None = None,
 ) -> Plan:
-    """Decide, for every weight, how many and which elements become zero."""
+    """Decide, for every weight, how many and which elements become zero.
+
+    `scores` (one per weight, laid out as stored; None where the weight's own magnitudes rank)
+    replace the magnitudes: calibrated scores (scoring.weights), non-negative, zero where a
+    weight is zero."""
     if not weights:
         raise NothingToPruneError(
             "no prunable weights: looked for constant weights of "
@@ -266,19 +203,21 @@ def plan(
     if not isinstance(min_keep, MinKeep):
         min_keep = MinKeep.parse(min_keep)
     nm = parse_pattern(pattern)
-    keys = key_dtype(weights)
+    ranked_by = [None if s is None else ir.Tensor(s) for s in scores or [None] * len(weights)]
+    tensors = [w.tensor() if r is None else r for w, r in zip(weights, ranked_by, strict=True)]
+    keys = key_dtype(weights) if all(r is None for r in ranked_by) else np.dtype(np.uint32)
     if nm is not None:
-        return _plan_pattern(weights, nm, keys)
+        return _plan_pattern(weights, ranked_by, nm, keys)
 
     sizes = np.array([w.size for w in weights], dtype=np.int64)
     keep = np.array([min_keep.for_layer(int(n)) if min_keep else 0 for n in sizes], dtype=np.int64)
     total = int(sizes.sum())
     target = round(sparsity * total)
     if method == "global":
-        selection = GlobalSelection(weights, keys, sizes, keep, target)
+        selection = GlobalSelection(tensors, keys, sizes, keep, target)
         zeros = selection.zeros
     else:
-        zeros = np.array(_count_zeros(weights, keys), dtype=np.int64)
+        zeros = np.array(_count_zeros(tensors, keys), dtype=np.int64)
     caps = np.maximum(sizes - keep, zeros)
     result = Plan(method=method, target=sparsity, layers=[], keys=keys, min_keep=min_keep)
     if target > int(caps.sum()):
@@ -299,8 +238,8 @@ def plan(
     else:
         counts = _apportion(target, sizes, zeros, caps)
         cuts = []
-        for weight, count in zip(weights, counts, strict=True):
-            cuts.append(cut_for_count(magnitude_keys(weight.numpy(), keys), int(count)))
+        for tensor, count in zip(tensors, counts, strict=True):
+            cuts.append(cut_for_count(magnitude_keys(tensor.numpy(), keys), int(count)))
 
     for i, weight in enumerate(weights):
         count = int(counts[i])
@@ -313,6 +252,7 @@ def plan(
                 keep_min=int(keep[i]),
                 prune=max(count, int(zeros[i])),
                 cut=cuts[i] if changed else None,
+                ranked_by=ranked_by[i] if changed else None,
             )
         )
     if min_keep is None and method == "global":
@@ -325,11 +265,16 @@ def plan(
     return result
 
 
-def _plan_pattern(weights: Sequence[Weight], nm: tuple[int, int], keys: np.dtype) -> Plan:
+def _plan_pattern(
+    weights: Sequence[Weight],
+    ranked_by: Sequence[ir.TensorProtocol | None],
+    nm: tuple[int, int],
+    keys: np.dtype,
+) -> Plan:
     n, m = nm
     result = Plan(method=f"{n}:{m}", target=1 - n / m, layers=[], keys=keys, pattern=nm)
     dense: dict[str, list[str]] = {}  # why -> the layers left dense for it
-    for weight in weights:
+    for weight, ranked in zip(weights, ranked_by, strict=True):
         k = magnitude_keys(weight.numpy(), keys)
         zeros = int(np.count_nonzero(k == 0))
         axis = weight.in_axis
@@ -339,7 +284,9 @@ def _plan_pattern(weights: Sequence[Weight], nm: tuple[int, int], keys: np.dtype
             dense.setdefault(why, []).append(weight.name)
         else:
             layer.pattern = nm
-            mask = pattern_mask(k, weight.shape, axis, n, m)  # as layer_masks makes it
+            layer.ranked_by = ranked
+            order = k if ranked is None else magnitude_keys(ranked.numpy(), keys)
+            mask = pattern_mask(order, weight.shape, axis, n, m)  # as layer_masks makes it
             layer.prune = int(np.count_nonzero(mask | (k == 0)))
         result.layers.append(layer)
     result.warnings += [_dense_line(names, why) for why, names in dense.items()]

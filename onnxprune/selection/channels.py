@@ -24,23 +24,20 @@ element) lost the most; "none" (raw norms) tied at 0.1 and 0.5 and lost in betwe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune import macs, quantized
-from onnxprune.channels import ChannelGraph, const_tensor
+from onnxprune import macs
+from onnxprune.channels import ChannelGraph
+from onnxprune.core import quantized
+from onnxprune.core.tensors import const_tensor
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
-from onnxprune.scoring import channel_scores
-from onnxprune.selection import MinKeep, check_sparsity
+from onnxprune.options import MinKeep, check_sparsity
+from onnxprune.scoring.magnitude import channel_scores
 from onnxprune.weights import PRUNABLE_OPS
-
-if TYPE_CHECKING:
-    from onnxprune.calibration import CalibrationSummary
-    from onnxprune.calibration.compensation import Compensation
 
 TARGETS = ("params", "macs")
 # A layer with at least this many channels that keeps at most COLLAPSE_KEEP of them (one at
@@ -83,9 +80,6 @@ class ChannelPlan:
     min_keep: MinKeep | None = None
     round_to: int | None = None
     warnings: list[str] = field(default_factory=list)
-    calibration: CalibrationSummary | None = None  # set when calibration chose and re-solved
-    errors: dict[str, float] = field(default_factory=dict)  # weight -> relative output error
-    compensation: Compensation | None = None  # constants folded into readers' biases
     macs_at: dict[str, list[int]] = field(default_factory=dict)  # input shapes MACs count at
     reach: int | None = None  # the most of the target metric whole channels can remove
 
@@ -423,6 +417,35 @@ def plan_channels(
         )
     return plan
 
+
+
+def plan_channels_in_steps(
+    model: ir.Model,
+    graph: ChannelGraph,
+    sparsity: float,
+    scores: np.ndarray,
+    rescore: Callable[[np.ndarray], np.ndarray],
+    steps: int,
+    **settings: object,
+) -> ChannelPlan:
+    """The channel plan reached in `steps` equal parts of the target: after each, the classes
+    chosen so far rank first and `rescore(removed)` scores the rest again without them (what
+    removing one more class costs once those are gone: conditional OBS). Scores are per unit of
+    what each class saves (plan_channels's per_cost)."""
+    removed = None
+    plan = None
+    for number in range(1, steps + 1):
+        ranked = scores.copy()
+        if removed is not None:
+            ranked[removed] = -np.inf
+        plan = plan_channels(
+            model, graph, sparsity * number / steps, scores=ranked, per_cost=True, **settings
+        )
+        removed = plan.removed
+        if number < steps:
+            scores = rescore(removed)
+    assert plan is not None
+    return plan
 
 def _accept(
     graph: ChannelGraph,

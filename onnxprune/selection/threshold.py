@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
+import onnx_ir as ir
 
-from onnxprune.scoring import key_chunks, magnitude_keys
-from onnxprune.weights import Weight, tensor_blocks, tensor_chunks
+from onnxprune.core.tensors import tensor_blocks, tensor_chunks
+from onnxprune.scoring.magnitude import key_chunks, magnitude_keys
 
 DIGIT_BITS = 16
 # Threads reading layers at once; bounded so temporary memory stays a few chunks.
@@ -87,7 +88,11 @@ def _fold(
 
 
 def sample_window(
-    weights: Sequence[Weight], keys: np.dtype, sizes: np.ndarray, caps: np.ndarray, target: int
+    tensors: Sequence[ir.TensorProtocol],
+    keys: np.dtype,
+    sizes: np.ndarray,
+    caps: np.ndarray,
+    target: int,
 ) -> tuple[int, int]:
     """Key values [lo, hi] that hold the key where the capped walk reaches `target`, w.h.p.
 
@@ -98,7 +103,7 @@ def sample_window(
     rng = np.random.default_rng(0)
     samples: list[np.ndarray] = []
     scales: list[float] = []
-    for weight, n in zip(weights, sizes.tolist(), strict=True):
+    for tensor, n in zip(tensors, sizes.tolist(), strict=True):
         blocks = math.ceil(SAMPLE_BLOCKS * n / total)
         if blocks * SAMPLE_BLOCK >= n:
             starts, length = np.zeros(1, dtype=np.int64), n
@@ -107,7 +112,7 @@ def sample_window(
                 np.sort(rng.integers(0, n - SAMPLE_BLOCK + 1, size=blocks)),
                 SAMPLE_BLOCK,
             )
-        sample = np.sort(magnitude_keys(tensor_blocks(weight.tensor(), starts, length), keys))
+        sample = np.sort(magnitude_keys(tensor_blocks(tensor, starts, length), keys))
         samples.append(sample)
         scales.append(n / max(1, sample.size))
 
@@ -148,15 +153,15 @@ class GlobalSelection:
 
     def __init__(
         self,
-        weights: Sequence[Weight],
+        tensors: Sequence[ir.TensorProtocol],
         keys: np.dtype,
         sizes: np.ndarray,
         keep: np.ndarray,
         target: int,
     ) -> None:
-        self.weights, self.keys = weights, keys
+        self.tensors, self.keys = tensors, keys
         self.bits = keys.itemsize * 8
-        n = len(weights)
+        n = len(tensors)
         self.below = np.zeros(n, dtype=np.int64)  # keys below the current bins, per layer
         self.equal = np.zeros(n, dtype=np.int64)
         self.zeros = np.zeros(n, dtype=np.int64)
@@ -165,7 +170,7 @@ class GlobalSelection:
         self.window: tuple[int, int] | None = None
         self.passes = 0  # passes over all the weights, for tests and benchmarks
         if int(sizes.sum()) >= WINDOW_MIN_WEIGHTS and target > 0:
-            self.window = sample_window(weights, keys, sizes, sizes - keep, target)
+            self.window = sample_window(tensors, keys, sizes, sizes - keep, target)
             self._pending = self._pass(partial(self._layer_window, window=self.window), first=True)
         else:
             self._pending = self._pass(
@@ -181,9 +186,9 @@ class GlobalSelection:
     ) -> list[Sparse]:
         """Run `job` on every layer, a few at once: numpy releases the GIL in the per-chunk work."""
         self.passes += 1
-        sparse: list[Sparse] = [(np.zeros(0, np.intp),) * 2] * len(self.weights)
+        sparse: list[Sparse] = [(np.zeros(0, np.intp),) * 2] * len(self.tensors)
         with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-            jobs = {pool.submit(job, i): i for i in range(len(self.weights))}
+            jobs = {pool.submit(job, i): i for i in range(len(self.tensors))}
             for done in as_completed(jobs):
                 i = jobs[done]
                 bins, counts, zeros, below = done.result()
@@ -204,7 +209,7 @@ class GlobalSelection:
         hist = np.zeros(int(width) + 1 if dense else 0, dtype=np.int64)
         parts: list[np.ndarray] = []
         zeros = below = 0
-        for _, _, k, spare in key_chunks(self.weights[i].tensor(), keys):
+        for _, _, k, spare in key_chunks(self.tensors[i], keys):
             # a few compares per weight, each into the same two buffers (they stay in cache)
             mask = np.equal(k, 0, out=spare)
             zeros += int(np.count_nonzero(mask))
@@ -234,7 +239,7 @@ class GlobalSelection:
         hist = np.zeros(bins, dtype=np.int64)
         zeros = 0
         raw = first and not shift and keys.itemsize == 2  # one pass over 16-bit keys
-        for _, chunk in tensor_chunks(self.weights[i].tensor()):
+        for _, chunk in tensor_chunks(self.tensors[i]):
             if raw:  # count the raw bits, fold the two signs together below: one op fewer
                 hist += np.bincount(chunk.view(keys), minlength=bins)
                 continue
@@ -274,7 +279,7 @@ class GlobalSelection:
     def select(self, target: int) -> tuple[np.ndarray, list[Cut]]:
         """Per-layer counts summing to `target`, and the cut that prunes each layer's count."""
         if target <= int(self.zeros.sum()):  # the walk takes exactly the zeros: nothing changes
-            return self.zeros.copy(), [Cut(0, 0)] * len(self.weights)
+            return self.zeros.copy(), [Cut(0, 0)] * len(self.tensors)
         sparse = self._pending
         if self.window is not None:
             values = np.unique(np.concatenate([offsets for offsets, _ in sparse]))
@@ -302,10 +307,10 @@ class GlobalSelection:
         counts = np.minimum(below, caps)
         remaining = target - int(counts.sum())
         cuts: list[Cut] = []
-        for i, weight in enumerate(self.weights):
+        for i, tensor in enumerate(self.tensors):
             if below[i] >= caps[i]:
                 # the layer filled up before the global threshold: its own cut at its cap
-                k = magnitude_keys(weight.numpy(), self.keys)
+                k = magnitude_keys(tensor.numpy(), self.keys)
                 cuts.append(cut_for_count(k, int(caps[i])))
                 continue
             ties = int(min(remaining, self.equal[i], caps[i] - below[i]))

@@ -13,9 +13,11 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from onnxprune import datafile, wellformed, wire, writer
-from onnxprune import sparse as sparse_storage
+from onnxprune.core import wire
+from onnxprune.core.graphs import all_graphs, iter_tensors
 from onnxprune.errors import ModelLoadError, OutputError
+from onnxprune.storage import datafile, wellformed, writer
+from onnxprune.storage import sparse as sparse_storage
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with a margin.
 PROTO_LIMIT_BYTES = 2**31 - 2**27
@@ -25,37 +27,10 @@ VALUE_INFO_KEY = "onnxprune.value_info"
 EXTERNAL_KEY = "onnxprune.external_data"
 
 
-def all_graphs(model: ir.Model) -> list[ir.Graph]:
-    """The main graph and every subgraph (If/Loop/Scan bodies), main graph first."""
-    return [model.graph, *model.graph.subgraphs()]
 
 
-def iter_tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol]]:
-    """Every stored tensor: initializers and Constant node values, in every graph."""
-    for graph in all_graphs(model):
-        for name, value in graph.initializers.items():
-            if value.const_value is not None:
-                yield name, value.const_value
-        for node in graph:
-            if node.op_type == "Constant" and node.domain == "" and "value" in node.attributes:
-                tensor = node.attributes["value"].value
-                yield node.outputs[0].name or node.name, tensor
 
 
-def copy_model(model: ir.Model) -> ir.Model:
-    """A deep copy to change freely (a probe, a trial); external tensors still read their files.
-
-    A serialise/deserialise round trip loses where external data lies (the copy would look for
-    it in the working folder), so each graph gets its original's base folder back.
-    """
-    bases = {t.base_dir for _, t in iter_tensors(model) if isinstance(t, ir.ExternalTensor)}
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    copy.meta.update(model.meta)
-    if len(bases) == 1:
-        base = bases.pop()
-        for graph in all_graphs(copy):
-            ir.external_data.set_base_dir(graph, base)
-    return copy
 
 
 def inline_external(proto: onnx.ModelProto, model: ir.Model) -> onnx.ModelProto:

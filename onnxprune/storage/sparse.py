@@ -35,9 +35,10 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto
 
-from onnxprune import wellformed, wire
+from onnxprune.core import wire
+from onnxprune.core.tensors import tensor_chunks
 from onnxprune.errors import InvalidArgumentError, ModelLoadError
-from onnxprune.weights import tensor_chunks
+from onnxprune.storage import wellformed
 
 # model.meta keys: the input held sparse initializers (the output keeps the form), and the data
 # files their values or indices were read from (inputs of the run, never destinations).
@@ -140,7 +141,7 @@ def read(
     of indices that does not match the values, an index out of range, out of order or repeated.
     """
     sources = set() if sources is None else sources
-    field_path = wellformed._not_text(sparse, f"a sparse initializer{where}")
+    field_path = wellformed.not_text(sparse, f"a sparse initializer{where}")
     if field_path is not None:
         raise ModelLoadError(f"{path}: {field_path} is not UTF-8 text: the file is damaged")
     values = sparse.values
@@ -157,7 +158,7 @@ def read(
         raise ModelLoadError(f"{path}: {problem[0]} {problem[1]}")
     data_type = values.data_type
     if data_type == TensorProto.STRING or wellformed.BITS[data_type] % 8:
-        type_name = wellformed._type_name(data_type)
+        type_name = wellformed.data_type_name(data_type)
         raise fail(f"holds {type_name} values, which onnxprune cannot read sparse")
     if len(values.dims) != 1:
         raise fail(f"has values of dims {list(values.dims)}: they must be one list, [NNZ]")
@@ -180,7 +181,7 @@ def read(
         if problem is not None:
             raise ModelLoadError(f"{path}: {problem[0]} {problem[1]}")
         if indices.data_type not in INDEX_TYPES:
-            type_name = wellformed._type_name(indices.data_type)
+            type_name = wellformed.data_type_name(indices.data_type)
             raise fail(f"has {type_name} indices; ONNX Runtime reads INT8, INT16, INT32 or INT64")
         shape = list(indices.dims)
         if shape not in ([nnz], [nnz, len(dims)]):
@@ -228,13 +229,13 @@ def _flat_positions(
 
 
 def _where(node: onnx.NodeProto, index: int, attr: str) -> str:
-    return f" in the {attr!r} body of {wellformed._node_label(node, index)}"
+    return f" in the {attr!r} body of {wellformed.node_label(node, index)}"
 
 
 def _bodies(graph: onnx.GraphProto) -> Iterator[tuple[onnx.GraphProto, str]]:
     """Every subgraph (If/Loop/Scan bodies, nested), with where it is held."""
     for index, node in enumerate(graph.node):
-        for attr, body in wellformed._graph_attributes(node):
+        for attr, body in wellformed.graph_attributes(node):
             yield body, _where(node, index, attr)
             yield from _bodies(body)
 

@@ -19,8 +19,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune import io, macs, weights
+from onnxprune import macs, weights
+from onnxprune.core.graphs import iter_tensors
 from onnxprune.errors import DataError
+from onnxprune.storage import io
 
 # Relative error divides by |reference|, floored here so that exact zeros do not divide by zero.
 REL_FLOOR = 1e-6
@@ -190,7 +192,7 @@ def gzip_size(paths: Sequence[str | os.PathLike]) -> int:
 def count_params(model: ir.Model) -> tuple[int, int]:
     """(parameters, non-zero parameters) over stored float and 8-bit tensors, one at a time."""
     params = nonzero = 0
-    for _, tensor in io.iter_tensors(model):
+    for _, tensor in iter_tensors(model):
         if tensor.dtype in PARAM_TYPES:
             params += int(tensor.size)
             nonzero += int(np.count_nonzero(tensor.numpy()))

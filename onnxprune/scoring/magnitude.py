@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.weights import Weight, tensor_blocks, tensor_chunks
+from onnxprune.core.tensors import tensor_blocks, tensor_chunks
+from onnxprune.weights import Weight
 
 if TYPE_CHECKING:
     from onnxprune.channels import ChannelGraph

@@ -85,7 +85,7 @@ def _typed_count(data_type: int, count: int) -> int:
     return count
 
 
-def _type_name(data_type: int) -> str:
+def data_type_name(data_type: int) -> str:
     try:
         return TensorProto.DataType.Name(data_type)
     except ValueError:
@@ -120,7 +120,7 @@ def check_tensor(
     needed = -(-count * bits // 8)
     if needed > MAX_BYTES:
         return subject, f"claims dims {dims}: {count} elements, more than any file can hold"
-    type_name = _type_name(data_type)
+    type_name = data_type_name(data_type)
     if tensor.HasField("segment"):
         return subject, "is stored in segments, which ONNX loaders do not support"
     typed = [f for f in TYPED_FIELDS if len(getattr(tensor, f))]
@@ -188,7 +188,7 @@ class _Scope:
     schemas: dict[tuple[str, int], onnx.defs.OpSchema | None] = field(default_factory=dict)
 
 
-def _node_label(node: onnx.NodeProto, index: int) -> str:
+def node_label(node: onnx.NodeProto, index: int) -> str:
     if node.name:
         return f"node {node.name!r}"
     return f"node #{index} ({node.op_type or 'no op_type'}, unnamed)"
@@ -256,7 +256,7 @@ def _tensor_attributes(node: onnx.NodeProto) -> Iterator[tuple[str, TensorProto]
             yield attr.name, t
 
 
-def _graph_attributes(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+def graph_attributes(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
     for attr in node.attribute:
         if attr.HasField("g"):
             yield attr.name, attr.g
@@ -363,7 +363,7 @@ def _check_graph(graph: onnx.GraphProto, scope: _Scope, where: str) -> set[str]:
             if name in producer or name in declared:
                 raise _fail(
                     path,
-                    f"{_node_label(node, index)}{where} writes {name!r}, which is already "
+                    f"{node_label(node, index)}{where} writes {name!r}, which is already "
                     "defined (ONNX names are assigned once)",
                 )
             producer[name] = index
@@ -372,7 +372,7 @@ def _check_graph(graph: onnx.GraphProto, scope: _Scope, where: str) -> set[str]:
     free: set[str] = set()
     reads: list[set[str]] = []
     for index, node in enumerate(graph.node):
-        label = _node_label(node, index) + where
+        label = node_label(node, index) + where
         domain = "" if node.domain in DEFAULT_DOMAINS else node.domain
         if domain not in scope.imports:
             raise _fail(
@@ -391,7 +391,7 @@ def _check_graph(graph: onnx.GraphProto, scope: _Scope, where: str) -> set[str]:
                 raise _fail(
                     path, f"{label} holds a sparse tensor ({attr.name!r}), which is not supported"
                 )
-        for attr_name, body in _graph_attributes(node):
+        for attr_name, body in graph_attributes(node):
             inner = dataclasses.replace(scope, outer=frozenset(visible))
             needs |= _check_graph(body, inner, f" in the {attr_name!r} body of {label}")
         for name in sorted(needs):
@@ -477,7 +477,7 @@ def _text_fields(descriptor: Descriptor) -> tuple[list[FieldDescriptor], list[Fi
     return strings, messages
 
 
-def _not_text(message: Message, where: str) -> str | None:
+def not_text(message: Message, where: str) -> str | None:
     """The first string field whose bytes are not UTF-8 (protobuf then hands out bytes, which
     every name comparison after would trip over), as a field path."""
     strings, messages = _text_fields(message.DESCRIPTOR)
@@ -496,7 +496,7 @@ def _not_text(message: Message, where: str) -> str | None:
         else:
             continue
         for i, sub in subs:
-            found = _not_text(sub, f"{where}.{f.name}" + ("" if i is None else f"[{i}]"))
+            found = not_text(sub, f"{where}.{f.name}" + ("" if i is None else f"[{i}]"))
             if found is not None:
                 return found
     return None
@@ -512,7 +512,7 @@ def check_model(
     "ai.onnx" is spelled "". `payloads` maps main-graph initializers whose raw_data wire.py
     stripped out of the message to the (offset, length) of those bytes in the file.
     """
-    field_path = _not_text(proto, "model")
+    field_path = not_text(proto, "model")
     if field_path is not None:
         raise _fail(path, f"{field_path} is not UTF-8 text: the file is damaged")
     imports = _check_header(proto, path)
@@ -556,7 +556,7 @@ def _spell_default_domain(proto: onnx.ModelProto) -> None:
         for node in graph.node:
             if node.domain == "ai.onnx":
                 node.domain = ""
-            graphs.extend(body for _, body in _graph_attributes(node))
+            graphs.extend(body for _, body in graph_attributes(node))
 
 
 def _declared(value: onnx.ValueInfoProto) -> tuple[int, list[int | None] | None] | None:
@@ -600,8 +600,8 @@ def _check_declarations(graph: onnx.GraphProto, path: str | os.PathLike) -> None
             if clash:
                 raise _fail(
                     path,
-                    f"tensor {value.name!r} is declared {_type_name(elem_type)} {dims} as "
-                    f"{what} but {_type_name(other_type)} {other_dims} as {other_what}",
+                    f"tensor {value.name!r} is declared {data_type_name(elem_type)} {dims} as "
+                    f"{what} but {data_type_name(other_type)} {other_dims} as {other_what}",
                 )
 
 
@@ -660,8 +660,8 @@ def _check_with_onnx(proto: onnx.ModelProto, path: str | os.PathLike, payloads: 
 def _subgraph_initializers(graph: onnx.GraphProto) -> Iterator[tuple[TensorProto, str]]:
     """Initializers of every subgraph, with where they are held."""
     for index, node in enumerate(graph.node):
-        for attr_name, body in _graph_attributes(node):
-            where = f"in the {attr_name!r} body of {_node_label(node, index)}"
+        for attr_name, body in graph_attributes(node):
+            where = f"in the {attr_name!r} body of {node_label(node, index)}"
             for tensor in body.initializer:
                 yield tensor, where
             yield from _subgraph_initializers(body)
@@ -674,7 +674,7 @@ def _sort_graph(graph: onnx.GraphProto) -> set[str]:
     reads: list[set[str]] = []
     for node in graph.node:
         needs = {name for name in node.input if name}
-        for _, body in _graph_attributes(node):
+        for _, body in graph_attributes(node):
             needs |= _sort_graph(body)
         reads.append(needs)
     order, cycle = _order(producer, reads)

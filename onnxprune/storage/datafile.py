@@ -24,7 +24,7 @@ from types import TracebackType
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.weights import tensor_chunks
+from onnxprune.core.tensors import tensor_chunks
 
 # Tensors larger than ALIGN_THRESHOLD start at multiples of ALIGNMENT, so runtimes can
 # memory-map them directly (65536 is also Windows' mapping granularity); smaller ones are

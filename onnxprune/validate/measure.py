@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -26,22 +25,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxprune import inputs as _inputs
-from onnxprune import io, metrics
 from onnxprune.errors import (
     DataError,
-    InvalidArgumentError,
     ModelLoadError,
-    ValidationFailed,
 )
-from onnxprune.metrics import (
-    DiffAccumulator,
-    Latency,
-    ModelCost,
-    OutputDiff,
-    model_cost,
-    top1,
-)
-from onnxprune.report import _shorten, format_table, human_bytes, human_count
 from onnxprune.runtime import (  # noqa: F401  (re-exported)
     CPU,
     CUDA,
@@ -51,6 +38,16 @@ from onnxprune.runtime import (  # noqa: F401  (re-exported)
     cuda_problem,
     open_session,
     select_runtime,
+)
+from onnxprune.storage import io
+from onnxprune.validate import metrics
+from onnxprune.validate.metrics import (
+    DiffAccumulator,
+    Latency,
+    ModelCost,
+    OutputDiff,
+    model_cost,
+    top1,
 )
 
 log = logging.getLogger("onnxprune")
@@ -262,56 +259,6 @@ def _classes(session: ort.InferenceSession) -> int | None:
     return None
 
 
-def preflight(
-    model: str | os.PathLike,
-    *,
-    data: str | os.PathLike | None = None,
-    calibration: str | os.PathLike | None = None,
-    validating: bool = True,
-    batch_size: int | None = None,
-    input_shapes: dict[str, tuple[int, ...]] | None = None,
-    max_accuracy_drop: float | None = None,
-    min_agreement: float | None = None,
-    min_cosine: float | None = None,
-) -> None:
-    """Everything about the samples and the gates that can be checked before any work.
-
-    The commands call it first, so that bad data stops them before a model is pruned or written:
-    --batch-size and the gate values; the --calibration and --data files against `model`'s
-    inputs (read from the file, weights unread), labels against its classes; generated inputs'
-    shapes; and whether the gates asked for can be measured at all (labels, a [batch, classes]
-    output). What only a run can tell (an output width the file leaves open) is checked at the
-    first batch.
-    """
-    _inputs.check_batch_size(batch_size)
-    check_gate_values(
-        max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine
-    )
-    if calibration is None and not validating:
-        return
-    signature = _inputs.model_signature(model) if Path(model).is_file() else None
-    if calibration is not None:
-        _inputs.check_data_file(
-            calibration, signature, option="--calibration", batch_size=batch_size
-        )
-    if not validating:
-        return
-    labels = False
-    if data is not None:
-        labels = _inputs.check_data_file(data, signature, option="--data", batch_size=batch_size)
-    elif signature is not None:
-        _inputs.generated_shapes(signature.specs, input_shapes, batch_size=batch_size)
-    if max_accuracy_drop is not None and not labels:
-        raise DataError(_NEEDS_LABELS)
-    rank = signature.output_rank if signature is not None else None
-    classes = signature.classes if signature is not None else None
-    for gate, value in (
-        ("--max-accuracy-drop", max_accuracy_drop),
-        ("--min-agreement", min_agreement),
-    ):
-        few = classes is not None and classes < metrics.MIN_CLASSES
-        if value is not None and ((rank is not None and rank != 2) or few):
-            raise DataError(f"{gate} {_NEEDS_CLASSES}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,235 +431,3 @@ def validate(
         generated=data_.generated,
         agreement_note=agreement_note(ref_run),
     )
-
-
-_NEEDS_LABELS = "--max-accuracy-drop needs labels: add a 'labels' array to --data"
-_NEEDS_CLASSES = (
-    f"needs a first output shaped [batch, classes] with at least {metrics.MIN_CLASSES} classes"
-)
-# Each gate's range: accuracy drop and agreement are fractions, cosine a cosine.
-GATE_RANGES = {
-    "max_accuracy_drop": ("--max-accuracy-drop", 0.0, 1.0),
-    "min_agreement": ("--min-agreement", 0.0, 1.0),
-    "min_cosine": ("--min-cosine", -1.0, 1.0),
-}
-
-
-def check_gate_values(**gates: float | None) -> None:
-    """Gate thresholds in range and finite, before any work: a NaN threshold would pass all."""
-    for key, value in gates.items():
-        if value is None:
-            continue
-        flag, low, high = GATE_RANGES[key]
-        if not (isinstance(value, int | float) and low <= value <= high):
-            raise InvalidArgumentError(f"{flag} {value}: must be a number in [{low:g}, {high:g}]")
-
-
-def check_gates(
-    result: Validation,
-    *,
-    max_accuracy_drop: float | None = None,
-    min_agreement: float | None = None,
-    min_cosine: float | None = None,
-) -> None:
-    """Raise `ValidationFailed` with one line naming every gate that failed.
-
-    A measured value that is not a number (NaN outputs) fails every gate it meets.
-    """
-    check_gate_values(
-        max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine
-    )
-    failures = []
-    if max_accuracy_drop is not None:
-        drop = result.accuracy_drop
-        if drop is None and not result.labels:
-            raise DataError(_NEEDS_LABELS)
-        if drop is None:
-            raise DataError(f"--max-accuracy-drop {_NEEDS_CLASSES}")
-        if not drop <= max_accuracy_drop:
-            failures.append(
-                f"accuracy dropped by {drop:.4f} ({result.reference.accuracy:.4f} -> "
-                f"{result.candidate.accuracy:.4f}), more than --max-accuracy-drop "
-                f"{max_accuracy_drop:g}"
-            )
-    if min_agreement is not None:
-        if result.agreement is None:
-            raise DataError(f"--min-agreement {_NEEDS_CLASSES}")
-        if not result.agreement >= min_agreement:
-            failures.append(
-                f"top-1 agreement {result.agreement:.4f} is below --min-agreement {min_agreement:g}"
-            )
-    below = (
-        [o for o in result.outputs if not o.cosine >= min_cosine] if min_cosine is not None else []
-    )
-    if below:
-        # NaN first: min() of a list holding NaN depends on the order
-        worst = next((o for o in below if math.isnan(o.cosine)), min(below, key=lambda o: o.cosine))
-        failures.append(
-            f"cosine similarity of output {worst.name!r} is {worst.cosine:.6f}, below "
-            f"--min-cosine {min_cosine:g}"
-        )
-    if failures:
-        raise ValidationFailed("validation failed: " + "; ".join(failures))
-
-
-# ---------------------------------------------------------------------------------------------
-# terminal
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def _ms(latency: Latency | None, p90: bool = False) -> str:
-    if latency is None:
-        return "-"
-    return f"{latency.p90_ms if p90 else latency.median_ms:.3f} ms"
-
-
-def _ratio(before: float | None, after: float | None) -> str:
-    if not before or after is None:
-        return ""
-    return f"x{after / before:.3f}"
-
-
-def _count(n: int | None) -> str:
-    return "-" if n is None else human_count(n)
-
-
-def mac_figure(n: int | None, unknown: Sequence[str] = ()) -> str:
-    """A MAC figure as it may be read: the count, a lower bound that says how many nodes it
-    leaves out ("≥ 7.7G (12 nodes unknown)"), or "unknown"; never a partial sum as a total."""
-    if n is None or n < 0:
-        return "unknown"
-    if unknown:
-        nodes = "node" if len(unknown) == 1 else "nodes"
-        return f"≥ {human_count(n)} ({len(unknown)} {nodes} unknown)"
-    return human_count(n)
-
-
-def macs_text(cost: ModelCost | None, nonzero: bool = False) -> str:
-    """A model's dense (or non-zero) MACs as `mac_figure` writes them."""
-    if cost is None:
-        return "-"
-    return mac_figure(cost.nonzero_macs if nonzero else cost.macs, cost.macs_unknown)
-
-
-def macs_ratio(before: ModelCost | None, after: ModelCost | None, nonzero: bool = False) -> str:
-    """after / before, only where both are whole counts."""
-    if before is None or after is None or not (before.macs_complete and after.macs_complete):
-        return ""
-    key = "nonzero_macs" if nonzero else "macs"
-    return _ratio(getattr(before, key), getattr(after, key))
-
-
-def macs_note(cost: ModelCost) -> str | None:
-    """A line on the nodes a MAC figure leaves out, and why (the first of them)."""
-    if cost.macs_complete:
-        return None
-    first = cost.macs_unknown[0]
-    why = cost.macs_unknown_why.get(first)
-    nodes = "node is" if len(cost.macs_unknown) == 1 else "nodes are"
-    return (
-        f"MACs of {len(cost.macs_unknown)} {nodes} not known (e.g. {first!r}"
-        + (f": {why}" if why else "")
-        + "): the figure counts the rest, a lower bound"
-    )
-
-
-GENERATED_CAVEAT = (
-    "generated inputs measure output drift only, not task accuracy: --data val.npz (with "
-    "'labels') does"
-)
-
-
-def format_validation(result: Validation) -> str:
-    """The terminal table: each model's numbers side by side, then the per-output errors."""
-    ref, cand = result.reference, result.candidate
-    drop = result.accuracy_drop
-    rows = [
-        ["model", _shorten(Path(ref.path).name, 40), _shorten(Path(cand.path).name, 40), ""],
-        ["provider", ref.providers[0], cand.providers[0], ""],
-        [
-            "top-1 accuracy",
-            _pct(ref.accuracy),
-            _pct(cand.accuracy),
-            "" if drop is None else f"{-100 * drop:+.2f} pts",
-        ],
-        ["top-1 agreement", "", _pct(result.agreement), ""],
-        [
-            "latency median",
-            _ms(ref.latency),
-            _ms(cand.latency),
-            _ratio(ref.latency and ref.latency.median_ms, cand.latency and cand.latency.median_ms),
-        ],
-        ["latency p90", _ms(ref.latency, True), _ms(cand.latency, True), ""],
-        [
-            "file size",
-            human_bytes(ref.cost.file_bytes),
-            human_bytes(cand.cost.file_bytes),
-            _ratio(ref.cost.file_bytes, cand.cost.file_bytes),
-        ],
-        [
-            "gzip size",
-            human_bytes(ref.cost.gzip_bytes),
-            human_bytes(cand.cost.gzip_bytes),
-            _ratio(ref.cost.gzip_bytes, cand.cost.gzip_bytes),
-        ],
-        ["parameters", _count(ref.cost.params), _count(cand.cost.params), ""],
-        [
-            "non-zero params",
-            _count(ref.cost.nonzero_params),
-            _count(cand.cost.nonzero_params),
-            _ratio(ref.cost.nonzero_params, cand.cost.nonzero_params),
-        ],
-        [
-            "MACs (dense)",
-            macs_text(ref.cost),
-            macs_text(cand.cost),
-            macs_ratio(ref.cost, cand.cost),
-        ],
-        [
-            "MACs (non-zero)",
-            macs_text(ref.cost, nonzero=True),
-            macs_text(cand.cost, nonzero=True),
-            macs_ratio(ref.cost, cand.cost, nonzero=True),
-        ],
-    ]
-    lines = [format_table(["", "reference", "candidate", "change"], rows)]
-    lines.append(
-        format_table(
-            ["output", "max abs err", "mean abs err", "max rel err", "cosine"],
-            [
-                [
-                    o.name,
-                    f"{o.max_abs:.4g}",
-                    f"{o.mean_abs:.4g}",
-                    f"{o.max_rel:.4g}",
-                    f"{o.cosine:.6f}",
-                ]
-                for o in result.outputs
-            ],
-        )
-    )
-    batch = ref.latency.batch_size if ref.latency else result.batch_size
-    lines.append(
-        f"{result.samples} samples from {result.inputs}, batch {result.batch_size}; "
-        f"latency per batch of {batch} on {result.provider}; MACs per inference at "
-        + ", ".join(
-            f"{k}={ref.cost.macs_values.get(k, 'x'.join(map(str, v)) or 'scalar')}"
-            for k, v in ref.cost.macs_at.items()
-        )
-    )
-    for label, cost in (("reference", ref.cost), ("candidate", cand.cost)):
-        note = macs_note(cost) if cost is not None else None
-        if note:
-            lines.append(f"{label}: {note}")
-    for label, model in (("reference", ref), ("candidate", cand)):
-        if model.placement is not None:
-            lines.append(f"{label} on CUDA: {model.placement.summary()}")
-    if result.agreement is None and result.agreement_note:
-        lines.append(f"top-1 agreement: {result.agreement_note.removeprefix('no top-1: ')}")
-    if result.generated:
-        lines.append(GENERATED_CAVEAT)
-    return "\n".join(lines)

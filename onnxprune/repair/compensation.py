@@ -31,12 +31,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune import inputs as _inputs
-from onnxprune import io
 from onnxprune.calibration import model_input_specs
 from onnxprune.calibration.capture import Runner
-from onnxprune.calibration.channels import consumers
 from onnxprune.calibration.design import design_of
-from onnxprune.channels import ChannelGraph, const_tensor, stored_values, zeroed
+from onnxprune.channels import ChannelGraph, stored_values, zeroed
+from onnxprune.channels.consumers import consumers
+from onnxprune.core.graphs import copy_model
+from onnxprune.core.tensors import const_tensor
 from onnxprune.errors import OnnxPruneError
 from onnxprune.rewrite.bias import shift_bias
 from onnxprune.rewrite.constants import NodeConstants
@@ -93,7 +94,7 @@ class Compensation:
 
 def _zeroed_copy(model: ir.Model, graph: ChannelGraph, removed: np.ndarray) -> ir.Model:
     """A copy of `model` whose removed classes' producers (weights, biases) are zero."""
-    copy = io.copy_model(model)
+    copy = copy_model(model)
     stored = {v.name: v for v in copy.graph.initializers.values()}
     for node in copy.graph:
         if node.op_type == "Constant":
@@ -305,13 +306,26 @@ def _shift(model: ir.Model, shifts: Shifts) -> None:
             shift_bias(model, use.node, shift, design.out_axis, dtype, consts)
 
 
+class CompensateConstantsPass(ir.passes.InPlacePass):
+    """Fold what removed channels still carried into their readers' biases (`apply`), after
+    `RemoveChannelsPass`; `found` was measured by `measure` before the removal."""
+
+    def __init__(self, found: Compensation) -> None:
+        super().__init__()
+        self.found = found
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        apply(model, self.found)
+        return ir.passes.PassResult(model, modified=self.found.layers > 0)
+
+
 def apply(model: ir.Model, found: Compensation) -> None:
     """Fold the chosen candidate's shifts into the readers' biases of the pruned `model` (in
     place): every removed channel's constant, or the quiet ones' only, whichever keeps the
     outputs closer to the dense model's on generated inputs."""
     if found.dense:
         # one trial copy: the quiet constants first, then the rest on top of them
-        trial = io.copy_model(model)
+        trial = copy_model(model)
         for chosen, shifts in (("quiet", found.quiet), ("all", _rest(found.shifts, found.quiet))):
             _shift(trial, shifts)
             found.drift[chosen] = _drift(_outputs(trial, found.probe), found.dense)

@@ -1,0 +1,284 @@
+"""The command line's options, shared by the commands, and their mapping onto the option
+dataclasses (onnxprune.options): the one place flags become settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from onnxprune import pipeline, selection
+from onnxprune.errors import InvalidArgumentError
+
+selection_options = [
+    click.option(
+        "--method",
+        type=click.Choice(selection.METHODS),
+        default="global",
+        show_default=True,
+        help="global: one magnitude ranking over all layers; uniform: the same sparsity "
+        "in every layer.",
+    ),
+    click.option(
+        "--min-keep",
+        "min_keep",
+        default=None,
+        metavar="FRACTION|COUNT",
+        help="Every layer keeps at least this many of its largest weights: a fraction of the "
+        "layer when written with a decimal point or % (0.02, 2%; 1.0 = the whole layer), a "
+        "count of weights when a whole number (100; 1 = one weight).",
+    ),
+    click.option(
+        "--include",
+        multiple=True,
+        metavar="REGEX",
+        help="Prune only weights whose name or node name matches (repeatable).",
+    ),
+    click.option(
+        "--exclude",
+        multiple=True,
+        metavar="REGEX",
+        help="Never prune weights whose name or node name matches (repeatable).",
+    ),
+]
+
+
+run_options = [
+    click.option(
+        "--data",
+        default=None,
+        type=click.Path(dir_okay=False, path_type=str),
+        help="Validation data: .npz with one array per model input (by input name) and an "
+        "optional 'labels' array. Without it, inputs are generated from the model.",
+    ),
+    click.option(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="Samples per run, at least 1 (default 32 with --data, 1 for generated inputs, 16 "
+        "for --calibration); more than the samples there are runs them as one batch.",
+    ),
+    click.option(
+        "--device",
+        type=click.Choice(["auto", "cuda", "cpu"]),
+        default="auto",
+        show_default=True,
+        help="ONNX Runtime device: auto uses CUDA when it can run, else the CPU (and says why).",
+    ),
+    click.option(
+        "--input-shape",
+        "input_shape",
+        multiple=True,
+        metavar="NAME=DIMS",
+        help="Shape of a generated input, e.g. input=1x3x224x224; several at once as "
+        "input_ids=1x128,attention_mask=1x128 or repeated. Needed for symbolic dimensions other "
+        "than the batch (a dim named alike in another input takes the same size); MACs are "
+        "counted at these shapes.",
+    ),
+    click.option(
+        "--seed",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Seed of the generated inputs.",
+    ),
+]
+
+gate_options = [
+    click.option(
+        "--max-accuracy-drop",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="Fail (exit 1) if top-1 accuracy drops by more than this (0.01 = one point).",
+    ),
+    click.option(
+        "--min-agreement",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="Fail (exit 1) if top-1 agreement with the original is below this.",
+    ),
+    click.option(
+        "--min-cosine",
+        type=float,
+        default=None,
+        metavar="VALUE",
+        help="Fail (exit 1) if any output's cosine similarity to the original is below this.",
+    ),
+]
+
+
+
+
+structured_options = [
+    click.option(
+        "--structured",
+        is_flag=True,
+        help="Remove whole channels (smaller, faster dense model) instead of zeroing weights.",
+    ),
+    click.option(
+        "--round-to",
+        "round_to",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="With --structured: keep channel counts multiples of N where a layer allows.",
+    ),
+    click.option(
+        "--target",
+        type=click.Choice(["params", "macs"]),
+        default="params",
+        show_default=True,
+        help="With --structured: --sparsity counts removed parameters or multiply-accumulates.",
+    ),
+    click.option(
+        "--heads",
+        is_flag=True,
+        help="With --structured: remove whole attention heads (Q, K, V rows and the output "
+        "projection's columns of a head; the head count in shapes rewritten) instead of "
+        "shrinking head_dim in every head alike.",
+    ),
+]
+
+
+calibration_options = [
+    click.option(
+        "--calibration",
+        default=None,
+        type=click.Path(dir_okay=False, path_type=str),
+        help="Calibration samples: .npz with one array per model input, like --data (labels "
+        "ignored). Weights are then ranked by what they do on these samples, and the kept ones "
+        "repaired (SparseGPT updates, bias correction). With --structured: channels ranked by "
+        "the output error their removal causes, and every layer that read a removed channel "
+        "re-solved by least squares.",
+    ),
+    click.option(
+        "--criterion",
+        type=click.Choice(["magnitude", "wanda", "sparsegpt"]),
+        default=None,
+        help="How weights are ranked: magnitude (default without --calibration); with "
+        "--calibration: sparsegpt (default; OBS scores and weight updates), wanda "
+        "(|w| x input norm, no update) or magnitude. With --structured, how channels are "
+        "ranked: sparsegpt (the output error of removing a channel, the layer re-solved), wanda "
+        "(its output fluctuation) or magnitude (weight norms); every layer that read a removed "
+        "channel is re-solved in each case.",
+    ),
+    click.option(
+        "--calibration-mode",
+        "calibration_mode",
+        type=click.Choice(["one-pass", "sequential"]),
+        default="sequential",
+        show_default=True,
+        help="sequential: each wave of layers measured on the model pruned so far and "
+        "re-solved against the dense model's outputs (more passes, much more accurate); "
+        "one-pass: every layer measured once on the dense model (fastest).",
+    ),
+    click.option(
+        "--calibration-rounds",
+        "calibration_rounds",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="Sequential: measure in at most N rounds, merging consecutive waves (each round "
+        "runs the samples through the dense and the pruned model; default: one per wave of "
+        "equal depth). Fewer rounds are faster on deep models and less accurate.",
+    ),
+    click.option(
+        "--calibration-samples",
+        "calibration_samples",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="Use the first N calibration samples (default: all).",
+    ),
+    click.option(
+        "--bias-correction/--no-bias-correction",
+        "bias_correction",
+        default=True,
+        show_default=True,
+        help="With --calibration: fold each pruned layer's mean output shift into its bias. "
+        "With --structured alone: fold what the removed channels still carried (a BatchNorm "
+        "shift, an added constant, f(0) != 0) into the biases of the layers that read them.",
+    ),
+]
+
+
+def calibration_settings(
+    path: str | None,
+    criterion: str | None,
+    mode: str,
+    samples: int | None,
+    bias_correction: bool,
+    batch_size: int | None,
+    device: str,
+    rounds: int | None = None,
+) -> Any:
+    """The Calibration settings the options ask for (None without --calibration)."""
+    if path is None:
+        given = [
+            flag
+            for flag, used in (
+                ("--calibration-mode", mode != "sequential"),
+                ("--calibration-samples", samples is not None),
+                ("--calibration-rounds", rounds is not None),
+                ("--no-bias-correction", not bias_correction),
+            )
+            if used
+        ]
+        if given:
+            raise InvalidArgumentError(f"{given[0]} needs --calibration FILE.npz")
+        return pipeline.calibration_options(None, criterion)
+    from onnxprune.options import Calibration
+
+    return Calibration(
+        data=path,
+        criterion=criterion or "sparsegpt",
+        mode=mode,
+        samples=samples,
+        batch_size=batch_size,
+        device=device,
+        bias_correction=bias_correction,
+        rounds=rounds,
+    )
+
+
+def structured_settings(
+    structured: bool,
+    *,
+    target: str = "params",
+    round_to: int | None = None,
+    heads: bool = False,
+    compensate: bool = True,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> Any:
+    """The Structured settings the command line's flags ask for (None without --structured);
+    flags that only mean something for channel removal are refused without it, never ignored."""
+    from onnxprune.options import TARGETS, Structured
+
+    if structured:
+        return Structured(target, round_to, heads, compensate, input_shapes)
+    if target not in TARGETS:
+        raise InvalidArgumentError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
+    if heads:
+        raise InvalidArgumentError("--heads removes whole attention heads: it needs --structured")
+    if target != "params":
+        raise InvalidArgumentError(
+            f"--target {target} counts what removing whole channels saves: it needs --structured "
+            "(zeroed weights count as parameters)"
+        )
+    if round_to is not None:
+        raise InvalidArgumentError(
+            f"--round-to {round_to} rounds channel counts: it needs --structured"
+        )
+    return None
+
+
+def with_options(options: list[Callable[..., Any]]) -> Callable[..., Any]:
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate

@@ -1,0 +1,2 @@
+"""The ground floor: helpers every stage may use (tensors, graphs, progress, QDQ views); imports no
+stage."""

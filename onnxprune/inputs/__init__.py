@@ -1,0 +1,76 @@
+"""Inputs for the models the stages run: the user's samples (.npz files) matched to the model's
+inputs and batched, or generated ones. Checks happen before any model runs.
+
+    spec.py      what a model input is, batches of samples (`Inputs`), --input-shape
+    npz.py       reading .npz files safely
+    match.py     arrays matched to the model's inputs, batched; labels; data file checks
+    generate.py  generated inputs where no data is given
+"""
+
+from __future__ import annotations
+
+from onnxprune.inputs.generate import (
+    GENERATED_BATCHES,
+    INT_HIGH,
+    Usable,
+    generate,
+    generated_shapes,
+    resolve_shapes,
+    usable_values,
+)
+from onnxprune.inputs.match import (
+    Matched,
+    Signature,
+    check_data_file,
+    check_labels,
+    from_arrays,
+    match,
+    model_signature,
+)
+from onnxprune.inputs.npz import ArrayHeader, load_npz, read_npz_headers
+from onnxprune.inputs.spec import (
+    DEFAULT_BATCH,
+    LABELS,
+    ORT_TYPES,
+    Dim,
+    Inputs,
+    InputSpec,
+    batch_rows,
+    check_batch_size,
+    input_specs,
+    parse_input_shapes,
+    scalar_type,
+    shape_text,
+)
+
+__all__ = [
+    "DEFAULT_BATCH",
+    "GENERATED_BATCHES",
+    "INT_HIGH",
+    "LABELS",
+    "ORT_TYPES",
+    "ArrayHeader",
+    "Dim",
+    "InputSpec",
+    "Inputs",
+    "Matched",
+    "Signature",
+    "Usable",
+    "batch_rows",
+    "check_batch_size",
+    "check_data_file",
+    "check_labels",
+    "from_arrays",
+    "generate",
+    "generated_shapes",
+    "input_specs",
+    "load_npz",
+    "match",
+    "model_signature",
+    "parse_input_shapes",
+    "read_npz_headers",
+    "resolve_shapes",
+    "scalar_type",
+    "shape_text",
+    "usable_values",
+]

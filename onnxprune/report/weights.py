@@ -1,0 +1,233 @@
+"""The unstructured report's table (per layer: shape, params, kept, sparsity, output error) with
+its totals and notes, and `inspect`'s table of magnitudes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from onnxprune.report import Report
+from onnxprune.report.channels import format_channels
+from onnxprune.report.tables import format_table, human_bytes, human_count, pct, shorten
+from onnxprune.scoring.magnitude import MagnitudeStats
+from onnxprune.selection import Plan
+
+
+def _compensation_lines(found: Any) -> list[str]:
+    """What constant compensation did: a line, and its notices."""
+    drift = found.drift
+    versus = (
+        f" (output drift on generated inputs {drift['all']:.3g} with, {drift['quiet']:.3g} without)"
+        if drift
+        else ""
+    )
+    border = (
+        f"; {found.bordered} zero-pad their input: exact inside, approximate at the border"
+        if found.bordered
+        else ""
+    )
+    lines = []
+    if found.chosen == "all" and found.layers:
+        lines.append(
+            "constants: what the removed channels still carried (a BatchNorm shift, an added "
+            f"constant, f(0) != 0) folded into the biases of {found.layers} layer(s) that read "
+            f"them{border}{versus}"
+        )
+    elif found.chosen == "quiet":
+        lines.append(
+            "constants: the removed channels' constants not folded: they moved the outputs "
+            f"further from the dense model's{versus}; "
+            + (
+                f"those of dead channels only, in {found.layers} layer(s)"
+                if found.layers
+                else "no removed channel is dead"
+            )
+        )
+    return lines + [f"constants: {notice}" for notice in found.notices]
+
+
+NAME_WIDTH = 44
+NODE_WIDTH = 32
+
+
+def _consumers(weight: Any) -> str:
+    """The node that uses a weight (exporters often name nodes better than tensors), +N more."""
+    names = [n for n in dict.fromkeys(weight.node_names) if n]
+    if not names:
+        return ""
+    more = f" +{len(names) - 1}" if len(names) > 1 else ""
+    return shorten(names[0], NODE_WIDTH - len(more)) + more
+
+
+def _error(error: float | None) -> str:
+    return "-" if error is None else f"{error:.4f}"
+
+
+def _calibration_line(summary: Any, errors: list[float], structured: bool = False) -> str:
+    worst = f", worst output error {max(errors):.4f}" if errors else ""
+    provider = summary.providers[0].replace("ExecutionProvider", "") if summary.providers else "?"
+    if structured:
+        return (
+            f"channels chosen by {summary.criterion} ({summary.mode}), {summary.samples} "
+            f"calibration samples on {provider}; {len(errors)} layers re-solved by least "
+            f"squares, bias corrected in {summary.bias_corrected}{worst} (||W x - W' x'|| / "
+            "||W x|| about the mean, on the calibration samples)"
+        )
+    return (
+        f"criterion {summary.criterion} ({summary.mode}), {summary.samples} calibration samples "
+        f"on {provider}, bias corrected in {summary.bias_corrected} layers{worst}; out error = "
+        "||W x - W' x'|| / ||W x|| on the calibration samples"
+    )
+
+
+def _calibration_notes(summary: Any) -> list[str]:
+    lines = [f"ranked by magnitude, not repaired: {n}: {r}" for n, r in summary.fallback]
+    return lines + [f"calibration: {notice}" for notice in summary.notices]
+
+
+def _sparse_lines(report: Report) -> list[str]:
+    """What sparse storage did: tensors written as sparse initializers and the bytes saved."""
+    storage = report.extra.get("sparse_storage")
+    if storage is None:
+        return []
+    if not storage["tensors"]:
+        return [
+            f"sparse storage: none of {storage['considered']} tensors is smaller sparse; "
+            "all written dense"
+        ]
+    return [
+        f"sparse storage: {storage['tensors']} of {storage['considered']} tensors as sparse "
+        f"initializers ({'/'.join(storage['index_types'])} indices), "
+        f"{human_bytes(storage['dense_bytes'])} -> {human_bytes(storage['sparse_bytes'])} "
+        f"(saved {human_bytes(storage['saved_bytes'])})"
+    ]
+
+
+def format_report(report: Report) -> str:
+    """The terminal table of a prune run, in graph order, with totals and sizes."""
+    if report.channels is not None:
+        plan = report.channels
+        lines = [format_channels(plan)]
+        if report.calibration is not None:
+            errors = [e for e in report.errors.values() if e is not None]
+            lines.append(_calibration_line(report.calibration, errors, True))
+            lines += _calibration_notes(report.calibration)
+        if report.compensation is not None:
+            lines += _compensation_lines(report.compensation)
+        if report.size_after is not None:
+            lines.append(
+                f"size: {human_bytes(report.size_before)} -> {human_bytes(report.size_after)}"
+                + (f"  written to {report.output_path}" if report.output_path else "")
+            )
+        lines += _sparse_lines(report)
+        return "\n".join(lines)
+    plan = report.plan
+    assert plan is not None
+    calibrated = report.calibration is not None
+    rows = [
+        [
+            shorten(layer.weight.name, NAME_WIDTH),
+            _consumers(layer.weight),
+            layer.weight.op_type,
+            "x".join(map(str, layer.weight.shape)),
+            human_count(layer.size),
+            human_count(layer.size - report.pruned(layer)),
+            pct(report.pruned(layer) / layer.size if layer.size else 0.0),
+            *([_error(report.errors.get(layer.weight.name))] if calibrated else []),
+        ]
+        for layer in plan.layers
+    ]
+    pruned = report.total_pruned
+    footer = [
+        f"total ({len(plan.layers)} layers)",
+        "",
+        "",
+        "",
+        human_count(plan.total),
+        human_count(plan.total - pruned),
+        pct(report.sparsity),
+        *([""] if calibrated else []),
+    ]
+    lines = [
+        format_table(
+            ["layer", "node", "op", "shape", "params", "kept", "sparsity"]
+            + (["out error"] if calibrated else []),
+            rows,
+            footer=footer,
+            left=3,
+        )
+    ]
+    method = plan.method + (f", min-keep {plan.min_keep}" if plan.min_keep else "")
+    if report.calibration is not None:
+        found = (report.errors.get(layer.weight.name) for layer in plan.layers)
+        errors = [e for e in found if e is not None]
+        lines.append(_calibration_line(report.calibration, errors))
+    if plan.pattern is None:
+        lines.append(
+            f"method {method}: target sparsity {plan.target:g}, achieved {report.sparsity:.6f} "
+            f"({pruned} of {plan.total} prunable weights are zero)"
+        )
+    else:
+        lines.append(
+            f"pattern {method}: {pruned} of {plan.total} prunable weights are zero "
+            f"(sparsity {report.sparsity:.6f})"
+        )
+    if report.size_before is not None:
+        lines.append(
+            f"size: {human_bytes(report.size_before)} -> {human_bytes(report.size_after)}"
+            + (f"  written to {report.output_path}" if report.output_path else "")
+        )
+    lines += _sparse_lines(report)
+    for name, reason in report.skipped:
+        lines.append(f"skipped {name}: {reason}")
+    if report.calibration is not None:
+        lines += _calibration_notes(report.calibration)
+    for warning in plan.warnings:
+        lines.append(f"warning: {warning}")
+    return "\n".join(lines)
+
+
+def format_inspect(stats: list[tuple[Any, MagnitudeStats]], plan: Plan | None) -> str:
+    """Per-layer sizes and magnitude statistics, and what a plan would keep, for `inspect`."""
+    kept = {id(layer.weight): layer for layer in plan.layers} if plan else {}
+    headers = ["layer", "node", "op", "shape", "dtype", "params", "zeros"]
+    headers += ["min|w|", "mean|w|", "max|w|"]
+    if plan:
+        headers += ["would keep", "sparsity"]
+    rows = []
+    for weight, s in stats:
+        row = [
+            shorten(weight.name, NAME_WIDTH),
+            _consumers(weight),
+            weight.op_type,
+            "x".join(map(str, weight.shape)),
+            weight.dtype.name.lower(),
+            human_count(s.size),
+            human_count(s.zeros),
+            f"{s.min:.3g}",
+            f"{s.mean:.3g}",
+            f"{s.max:.3g}" if math.isfinite(s.max) else str(s.max),
+        ]
+        if plan:
+            layer = kept[id(weight)]
+            row += [human_count(layer.kept), pct(layer.sparsity)]
+        rows.append(row)
+    total = sum(s.size for _, s in stats)
+    footer = [
+        f"total ({len(stats)} layers)",
+        "",
+        "",
+        "",
+        "",
+        human_count(total),
+        human_count(sum(s.zeros for _, s in stats)),
+        "",
+        "",
+        "",
+    ]
+    if plan:
+        footer += [human_count(plan.total - plan.pruned), pct(plan.sparsity)]
+    out = [format_table(headers, rows, footer=footer, left=3)]
+    if plan:
+        out += [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(out)
