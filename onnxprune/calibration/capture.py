@@ -22,12 +22,12 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune.calibration import Calibration, CalibrationSummary, load_samples
-from onnxprune.calibration.design import Design, design_of
 from onnxprune.calibration.reconstruct import inverse_factor
 from onnxprune.core.graphs import values_by_name
 from onnxprune.core.progress import step
 from onnxprune.errors import DataError
 from onnxprune.inputs import Inputs
+from onnxprune.ops import Design, design_of
 from onnxprune.runtime import Runtime, open_session, select_runtime
 from onnxprune.storage import io
 from onnxprune.weights import Weight

@@ -40,10 +40,10 @@ from onnxprune.calibration.capture import (
     measure,
     measurement_rounds,
 )
-from onnxprune.calibration.design import Design, design_of
 from onnxprune.channels import ChannelGraph, Member
 from onnxprune.core.graphs import copy_model
 from onnxprune.core.progress import step
+from onnxprune.ops import Design, design_of
 from onnxprune.rewrite.bias import shift_bias
 from onnxprune.rewrite.constants import NodeConstants
 from onnxprune.rewrite.structured import apply_channel_plan

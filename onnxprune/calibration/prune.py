@@ -28,9 +28,9 @@ from onnxprune.calibration.capture import (
     measure,
     measurement_rounds,
 )
-from onnxprune.calibration.design import Design
 from onnxprune.core.graphs import copy_model
 from onnxprune.core.progress import step
+from onnxprune.ops import Design
 from onnxprune.rewrite.bias import shift_bias
 from onnxprune.rewrite.constants import NodeConstants
 from onnxprune.scoring import UINT32
