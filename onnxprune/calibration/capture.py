@@ -419,8 +419,6 @@ def measurement_rounds(
     return merge_waves(depth_waves(model, weights, chosen), rounds)
 
 
-
-
 def measure(
     model: ir.Model, weights: Sequence[Weight], options: Calibration
 ) -> tuple[Statistics, Inputs, Runtime, CalibrationSummary]:

@@ -18,7 +18,6 @@ from onnxprune.storage import writer
 log = logging.getLogger("onnxprune")
 
 
-
 @dataclass
 class Report:
     """Everything a prune run decided and measured."""
@@ -136,16 +135,6 @@ def _compensation_lines(found: Any) -> list[str]:
 def write_json(data: dict[str, Any], path: str | os.PathLike, *, force: bool = False) -> Path:
     """Write JSON through the one writer, like the model: whole or not at all, no clobbering."""
     return writer.write_text(path, json.dumps(data, indent=2) + "\n", force=force)
-
-
-
-
-
-
-
-
-
-
 
 
 NAME_WIDTH = 44
