@@ -1,4 +1,5 @@
-"""Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul: one rule per op, at known shapes.
+"""Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul at known shapes (each op's count
+is the op registry's).
 
 `node_macs` is the one counter: validation's totals (metrics.count_macs) and the structured
 planner's MACs per weight element (selection.channels) both come from it. Validation counts at the
@@ -21,116 +22,8 @@ import onnx_ir as ir
 
 from onnxprune.core.graphs import infer_shapes
 from onnxprune.core.tensors import const_tensor
-
-MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-# Dims of a value: a tuple of positive ints, or None where the rank or any dim is not known.
-Dims = Callable[[ir.Value | None], tuple[int, ...] | None]
-
-
-def _attr(node: ir.Node, name: str, default: object) -> object:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
-def _input(node: ir.Node, index: int) -> ir.Value | None:
-    return node.inputs[index] if index < len(node.inputs) else None
-
-
-def conv_output(x: tuple[int, ...], w: tuple[int, ...], node: ir.Node) -> tuple[int, ...] | None:
-    """A Conv's output dims from its input and weight dims and its attributes."""
-    spatial = len(x) - 2
-    if spatial < 0 or len(w) != len(x):
-        return None
-    kernel = [int(k) for k in _attr(node, "kernel_shape", w[2:])]  # type: ignore[union-attr]
-    strides = [int(s) for s in _attr(node, "strides", [1] * spatial)]  # type: ignore[union-attr]
-    dilations = [int(d) for d in _attr(node, "dilations", [1] * spatial)]  # type: ignore[union-attr]
-    pads = [int(p) for p in _attr(node, "pads", [0] * 2 * spatial)]  # type: ignore[union-attr]
-    auto_pad = _attr(node, "auto_pad", "NOTSET")
-    if not len(kernel) == len(strides) == len(dilations) == spatial or len(pads) != 2 * spatial:
-        return None
-    out = [x[0], w[0]]
-    for i in range(spatial):
-        span = (kernel[i] - 1) * dilations[i] + 1
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            size = -(-x[2 + i] // strides[i])
-        elif auto_pad == "VALID":
-            size = (x[2 + i] - span) // strides[i] + 1
-        else:
-            size = (x[2 + i] + pads[i] + pads[i + spatial] - span) // strides[i] + 1
-        if size <= 0:
-            return None
-        out.append(size)
-    return tuple(out)
-
-
-def _conv(node: ir.Node, dims: Dims) -> int | None:
-    w = dims(_input(node, 1))
-    if w is None or len(w) < 3:
-        return None
-    out = dims(node.outputs[0])
-    if out is None:
-        x = dims(_input(node, 0))
-        out = None if x is None else conv_output(x, w, node)
-    # every output element: a dot product over (C_in / groups) x kernel
-    return None if out is None else math.prod(out) * math.prod(w[1:])
-
-
-def _conv_transpose(node: ir.Node, dims: Dims) -> int | None:
-    x, w = dims(_input(node, 0)), dims(_input(node, 1))
-    if x is None or w is None or len(x) < 3 or len(w) != len(x):
-        return None
-    # every input element is scattered into (C_out / groups) x kernel outputs, whatever the stride
-    return math.prod(x) * math.prod(w[1:])
-
-
-def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
-    rank = max(len(a), len(b))
-    a, b = (1,) * (rank - len(a)) + a, (1,) * (rank - len(b)) + b
-    out = []
-    for i, j in zip(a, b, strict=True):
-        if i != j and 1 not in (i, j):
-            return None
-        out.append(max(i, j))
-    return tuple(out)
-
-
-def _matmul(node: ir.Node, dims: Dims) -> int | None:
-    a, b = dims(_input(node, 0)), dims(_input(node, 1))
-    if a is None or b is None or not a or not b:
-        return None
-    a = (1, *a) if len(a) == 1 else a  # a vector on the left is one row
-    b = (*b, 1) if len(b) == 1 else b  # on the right, one column
-    batch = _broadcast(a[:-2], b[:-2])
-    if batch is None or a[-1] != b[-2]:
-        return None
-    return math.prod(batch) * a[-2] * a[-1] * b[-1]
-
-
-def _gemm(node: ir.Node, dims: Dims) -> int | None:
-    a, b = dims(_input(node, 0)), dims(_input(node, 1))
-    if a is None or b is None or len(a) != 2 or len(b) != 2:
-        return None
-    m, k = (a[1], a[0]) if _attr(node, "transA", 0) else a
-    n = b[0] if _attr(node, "transB", 0) else b[1]
-    return m * k * n  # C (the bias) is an addition, not a multiply-accumulate
-
-
-RULES: dict[str, Callable[[ir.Node, Dims], int | None]] = {
-    "Conv": _conv,
-    "ConvTranspose": _conv_transpose,
-    "Gemm": _gemm,
-    "MatMul": _matmul,
-}
-
-
-def node_macs(node: ir.Node, dims: Dims) -> int | None:
-    """Dense multiply-accumulates of one Conv, ConvTranspose, Gemm or MatMul at `dims`' shapes;
-    None where a shape it needs is not known (or the node is none of those)."""
-    if node.domain not in ("", "ai.onnx"):
-        return None
-    rule = RULES.get(node.op_type)
-    return None if rule is None else rule(node, dims)
+from onnxprune.ops import MAC_OPS, node_macs  # the ops with a MAC count, and the one counter
+from onnxprune.ops.base import attr, broadcast_exact, input_at
 
 
 def known_dims(value: ir.Value | None) -> tuple[int, ...] | None:
@@ -187,7 +80,7 @@ def _size_ok(node: ir.Node, args: list[np.ndarray | None]) -> bool:
     if op == "ConstantOfShape":
         return bool(present) and math.prod(int(d) for d in present[0].reshape(-1)) <= MAX_ELEMENTS
     if op == "Expand" and len(present) == 2:
-        target = _broadcast(present[0].shape, tuple(int(d) for d in present[1].reshape(-1)))
+        target = broadcast_exact(present[0].shape, tuple(int(d) for d in present[1].reshape(-1)))
         return target is not None and math.prod(target) <= MAX_ELEMENTS
     if op == "Range" and len(present) == 3:
         start, limit, delta = (float(a.reshape(-1)[0]) for a in present)
@@ -236,14 +129,14 @@ def _shape_values(
         if node.op_type not in SHAPE_OPS or node.domain not in ("", "ai.onnx"):
             continue
         if node.op_type in ("Shape", "Size"):
-            dims = known_dims(_input(node, 0))
+            dims = known_dims(input_at(node, 0))
             if dims is None:
                 continue
             if node.op_type == "Size":
                 known[node.outputs[0]] = np.array(math.prod(dims), dtype=np.int64)
                 continue
             rank = len(dims)
-            start, end = int(_attr(node, "start", 0)), int(_attr(node, "end", rank))  # type: ignore[call-overload]
+            start, end = int(attr(node, "start", 0)), int(attr(node, "end", rank))  # type: ignore[call-overload]
             known[node.outputs[0]] = np.array(dims[start:end], dtype=np.int64)
             continue
         if node.op_type == "Constant":
@@ -332,7 +225,7 @@ def _has_macs(graph: ir.Graph) -> bool:
 
 def _branch(node: ir.Node) -> bool | None:
     """An If's condition when the known shapes decide it (stored or folded); None otherwise."""
-    tensor = const_tensor(_input(node, 0))
+    tensor = const_tensor(input_at(node, 0))
     if tensor is None or tensor.size != 1:
         return None
     return bool(tensor.numpy().reshape(-1)[0])
@@ -385,8 +278,8 @@ def count_graph(
                 count.why.update(sub.why)
             continue
         trips = None
-        if node.op_type == "Loop" and _input(node, 1) is None:
-            tensor = const_tensor(_input(node, 0))
+        if node.op_type == "Loop" and input_at(node, 1) is None:
+            tensor = const_tensor(input_at(node, 0))
             trips = None if tensor is None else int(tensor.numpy().reshape(-1)[0])
         if trips is not None:
             for sub in graphs:

@@ -1,5 +1,6 @@
 """Find the prunable weights: constant operands of Conv, ConvTranspose, Gemm and MatMul, and the
-input (W) and recurrence (R) weights of LSTM, GRU and RNN.
+input (W) and recurrence (R) weights of LSTM, GRU and RNN (which inputs of which op, and their
+axes, are the op registry's: `ops.weight_inputs`, `ops.weight_axes`).
 
 A weight is a stored tensor (initializer or Constant node), reached directly or through Transpose,
 Cast and Identity nodes. Each is found once however many nodes share it, and knows, for every use,
@@ -9,34 +10,28 @@ A quantized weight is an integer q (int8, uint8, int16, uint16, int4, uint4) sto
 a DequantizeLinear whose scale and zero point are stored (QDQ models, see `quantized.py`); after
 the DequantizeLinear it may go through the same views. Its magnitudes are the dequantized values'.
 
-Recurrent weights are [directions, gates x hidden, inputs]: axis 1 stacks every gate's rows (LSTM
-i, o, f, c; GRU z, r, h; RNN one), a row per hidden unit and gate, so it is the output axis; axis
-2 holds the inputs (x's features in W, the hidden state's in R), the input axis (N:M runs along
-it). A zero there contributes nothing to its gate, so zeroing is as sound as in a MatMul; their
-biases (B) and initial states are never pruned.
+Recurrent weights (ops/recurrent.py) are zeroed as soundly as a MatMul's; their biases (B) and
+initial states are never pruned.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune import ops
 from onnxprune.core import quantized
 from onnxprune.core.quantized import DequantizedTensor, Quantization
-from onnxprune.errors import InvalidArgumentError
+from onnxprune.options import compile_patterns
 
-PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-# Recurrent ops: W (input 1) and R (input 2) are pruned unstructured (see the module's doc).
-RECURRENT_OPS = ("LSTM", "GRU", "RNN")
-# The inputs of each op that may hold a weight.
-WEIGHT_INPUTS = {
-    **{op: (0, 1) for op in PRUNABLE_OPS},
-    **{op: (1, 2) for op in RECURRENT_OPS},
-}
+# The registry's: ops with weights (messages list them), recurrent ones (W and R pruned
+# unstructured only), and the inputs of each op that may hold a weight.
+PRUNABLE_OPS = ops.PRUNABLE_OPS
+RECURRENT_OPS = ops.RECURRENT_OPS
+WEIGHT_INPUTS = ops.WEIGHT_INPUTS
 FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 )
@@ -147,35 +142,6 @@ class Found:
         return sum(w.size for w in self.weights)
 
 
-def _slot_axes(node: ir.Node, index: int, rank: int) -> tuple[int | None, int | None] | None:
-    """(out_axis, in_axis) of the tensor as the node sees it, or None if the slot is no weight."""
-    op = node.op_type
-    if node.domain not in ("", "ai.onnx") or rank < 2:
-        return None
-
-    def attr(name: str) -> int:
-        a = node.attributes.get(name)
-        return int(a.value) if a is not None else 0
-
-    if op == "Conv" and index == 1:
-        return 0, 1
-    if op == "ConvTranspose" and index == 1:
-        return 1, 0
-    if op == "Gemm" and rank == 2:
-        if index == 1:
-            return (0, 1) if attr("transB") else (1, 0)
-        if index == 0:
-            return (1, 0) if attr("transA") else (0, 1)
-    if op == "MatMul":
-        if index == 1:
-            return rank - 1, rank - 2
-        if index == 0:
-            return rank - 2, rank - 1
-    if op in RECURRENT_OPS and index in (1, 2) and rank == 3:
-        return 1, 2  # [directions, gates x hidden, inputs]
-    return None
-
-
 def _perm(node: ir.Node, rank: int) -> list[int]:
     attr = node.attributes.get("perm")
     return list(attr.value) if attr is not None else list(range(rank))[::-1]
@@ -209,7 +175,7 @@ def _trace_uses(
                 )
                 stack.append((node.outputs[0], mapped, (*via, node.op_type)))
                 continue
-            slot = _slot_axes(node, idx, rank)
+            slot = ops.weight_axes(node, idx, rank)
             if slot is None:
                 name = node.name or node.outputs[0].name
                 return uses, f"it is also read by {node.op_type} {name!r}, which is not pruned"
@@ -218,7 +184,7 @@ def _trace_uses(
     return uses, None
 
 
-def _source_of(value: ir.Value) -> tuple[ir.Value, ir.Node | None, ir.Node | None] | None:
+def source_of(value: ir.Value) -> tuple[ir.Value, ir.Node | None, ir.Node | None] | None:
     """Walk back through pass-through ops to a stored constant: (its value, its Constant node,
     the DequantizeLinear it is read through when it is a quantized weight's q)."""
     seen = 0
@@ -245,14 +211,6 @@ def _source_of(value: ir.Value) -> tuple[ir.Value, ir.Node | None, ir.Node | Non
     return None
 
 
-def _compile(patterns: Sequence[str] | None, flag: str) -> list[re.Pattern[str]]:
-    compiled = []
-    for p in patterns or ():
-        try:
-            compiled.append(re.compile(p))
-        except re.error as exc:
-            raise InvalidArgumentError(f"{flag} {p!r}: not a regular expression ({exc})") from None
-    return compiled
 
 
 def find_weights(
@@ -266,19 +224,19 @@ def find_weights(
     `include`/`exclude` are regular expressions searched in the weight's name and its consumers'
     node names: with `include`, only matching weights are pruned; `exclude` removes matches.
     """
-    includes = _compile(include, "--include")
-    excludes = _compile(exclude, "--exclude")
+    includes = compile_patterns(include, "--include")
+    excludes = compile_patterns(exclude, "--exclude")
     graph_outputs = {id(v) for v in model.graph.outputs}
     found = Found()
     seen: set[int] = set()
     for node in model.graph.all_nodes():
-        slots = WEIGHT_INPUTS.get(node.op_type, ())
-        if not slots or node.domain not in ("", "ai.onnx"):
+        slots = ops.weight_inputs(node)
+        if not slots:
             continue
         for idx, inp in enumerate(node.inputs):
             if inp is None or idx not in slots:
                 continue
-            source = _source_of(inp)
+            source = source_of(inp)
             if source is None:
                 continue
             value, constant, dequantize = source

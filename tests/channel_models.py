@@ -421,6 +421,80 @@ def unknown_op() -> onnx.ModelProto:
     return b.model()
 
 
+def elementwise_all() -> onnx.ModelProto:
+    """Every element-wise op the other models leave out, between two Convs: unary float ones,
+    the boolean and comparison ones, integer BitShift, variadic Sum and Mean (opset 21)."""
+    b = GraphBuilder(31)
+    y = b.node("Relu", [_conv(b, b.input("x", ["N", 3, 5, 5]), 3, 6)])
+    s = b.node("Softplus", [y])  # positive: Log, Sqrt and Reciprocal stay finite
+    zero, two = b.constant(np.array(0, np.float32)), b.constant(np.array(2, np.float32))
+    floats = [b.node(op, [y]) for op in ("HardSigmoid", "Celu", "Gelu", "Erf", "Mish", "Exp")]
+    floats += [b.node("ThresholdedRelu", [y], alpha=0.1), b.node("CastLike", [y, s])]
+    floats += [b.node(op, [s]) for op in ("Log", "Sqrt", "Reciprocal")]
+    floats += [b.node(op, [y]) for op in ("Sign", "Floor", "Ceil", "Round", "Sin", "Cos")]
+    floats += [b.node("Pow", [s, two]), b.node("Mod", [y, two], fmod=1)]
+    finite = b.node("Not", [b.node("Or", [b.node("IsNaN", [y]), b.node("IsInf", [y])])])
+    low = b.node("And", [finite, b.node("Less", [y, zero])])
+    mid = b.node("Xor", [b.node("GreaterOrEqual", [y, zero]), b.node("LessOrEqual", [y, zero])])
+    picked = b.node("Where", [b.node("Or", [low, mid]), y, s])
+    clipped = b.node("Floor", [b.node("Clip", [s, zero, two])])
+    small = b.node("Cast", [clipped], to=TensorProto.UINT8)
+    shifted = b.node("BitShift", [small, b.constant(np.array(1, np.uint8))], direction="LEFT")
+    mean = b.node("Mean", [*floats, picked])
+    total = b.node("Sum", [mean, b.node("Cast", [shifted], to=TensorProto.FLOAT)])
+    _head(b, _conv(b, total, 6, 4), 4)
+    return b.model(opset=21)
+
+
+def swish() -> onnx.ModelProto:
+    """Swish (opset 24) between two Convs."""
+    b = GraphBuilder(32)
+    y = b.node("Swish", [_conv(b, b.input("x", ["N", 3, 5, 5]), 3, 6)])
+    _head(b, _conv(b, y, 6, 4), 4)
+    return b.model(opset=24)
+
+
+def qdq_between() -> onnx.ModelProto:
+    """QuantizeLinear -> DequantizeLinear between layers (QDQ activations), per tensor and per
+    channel (zero points 0: a dead channel stays zero)."""
+    b = GraphBuilder(33)
+    y = b.node("Relu", [_conv(b, b.input("x", ["N", 3, 5, 5]), 3, 6)])
+    scale, point = b.constant(np.array(0.05, np.float32)), b.constant(np.array(0, np.uint8))
+    y = b.node("DequantizeLinear", [b.node("QuantizeLinear", [y, scale, point]), scale, point])
+    y = _conv(b, y, 6, 5)
+    scales = b.weight((5,), array=np.full(5, 0.1, np.float32))
+    points = b.weight((5,), array=np.zeros(5, np.int8))
+    q = b.node("QuantizeLinear", [y, scales, points], axis=1)
+    y = b.node("DequantizeLinear", [q, scales, points], axis=1)
+    _head(b, _conv(b, y, 5, 4), 4)
+    return b.model(opset=21)
+
+
+def pools_and_reductions() -> onnx.ModelProto:
+    """LpPool, GlobalLpPool, the reductions over space the other models leave out, and
+    LogSoftmax over the width (ReduceLogSumExp and LogSoftmax do not keep a dead channel at
+    zero)."""
+    b = GraphBuilder(34)
+    y = b.node("Relu", [_conv(b, b.input("x", ["N", 3, 6, 6]), 3, 6)])
+    y = b.node("LogSoftmax", [y], axis=-1)
+    y = b.node("LpPool", [y], kernel_shape=[2, 2], p=2)
+    axes = b.constant(np.array([2, 3], np.int64))
+    ops = ("ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceMin", "ReduceProd")
+    parts = [b.node(op, [y, axes]) for op in ops]
+    parts += [b.node("ReduceLogSumExp", [y, axes]), b.node("GlobalLpPool", [y])]
+    _head(b, b.node("Sum", parts), 6)
+    return b.model(opset=18)
+
+
+def upsample() -> onnx.ModelProto:
+    """Upsample (opset 9, scales as an input) between two Convs."""
+    b = GraphBuilder(35)
+    y = b.node("Relu", [_conv(b, b.input("x", ["N", 3, 4, 4]), 3, 6)])
+    y = b.node("Upsample", [y, b.constant(np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    _head(b, _conv(b, y, 6, 4), 4)
+    return b.model(opset=9)
+
+
 def random_cnn(seed: int) -> onnx.ModelProto:
     """A random stack of the blocks real CNNs are made of, to shake out rule interactions."""
     b = GraphBuilder(100 + seed)
@@ -792,7 +866,7 @@ def analyse(proto: onnx.ModelProto, heads: bool = False) -> tuple[ir.Model, chan
 
 
 # Roles whose entries are zero in a dead channel: its producers and its additive carriers.
-# Divisors stay (0 / c is 0); LayerNorm is excluded (it renormalises, see oprules.py).
+# Divisors stay (0 / c is 0); LayerNorm is excluded (it renormalises, see ops/normalization.py).
 _DEAD_ROLES = ("out", "bias", "shift", "scale")
 
 

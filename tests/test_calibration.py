@@ -27,9 +27,11 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnxprune
-from onnxprune.calibration import Calibration, capture, design, load_samples
+from onnxprune import ops
+from onnxprune.calibration import Calibration, capture, load_samples
 from onnxprune.calibration import solvers as reconstruct
 from onnxprune.cli import main
+from onnxprune.ops import conv as conv_ops
 from onnxprune.options import Selection
 from onnxprune.runtime import select_runtime
 from onnxprune.weights import find_weights
@@ -187,24 +189,24 @@ DESIGN_CASES = {
 }
 
 
-def design_of_single(proto: onnx.ModelProto) -> tuple[design.Design, np.ndarray]:
+def design_of_single(proto: onnx.ModelProto) -> tuple[ops.Design, np.ndarray]:
     model = to_ir(proto)
     weights = find_weights(model).weights
     assert [w.name for w in weights] == ["W"]
-    designs, why = design.design_of(weights[0])
+    designs, why = ops.design_of(weights[0])
     assert why is None, why
     assert len(designs) == 1
     return designs[0], np.array(weights[0].numpy())
 
 
-def layer_rows(d: design.Design, x: np.ndarray) -> np.ndarray:
+def layer_rows(d: ops.Design, x: np.ndarray) -> np.ndarray:
     chunks = d.rows(x)
     assert all(c.ndim == 3 and c.shape[0] == d.groups for c in chunks)
     assert all(c.shape[2] == d.in_features for c in chunks)
     return np.concatenate(chunks, axis=1)
 
 
-def reference_per_group(d: design.Design, y: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+def reference_per_group(d: ops.Design, y: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     """The node's output as [G, n, O]: the output-feature axis last, rows in design order."""
     flat = np.moveaxis(y, d.out_axis, -1).reshape(-1, d.groups * d.out_features)
     if bias is not None:
@@ -239,7 +241,7 @@ def test_conv_rows_are_the_same_when_built_a_sample_at_a_time(monkeypatch) -> No
     proto, x, _ = one_node(spec.pop("op"), spec.pop("x_shape"), spec.pop("w_shape"), seed=3, **spec)
     d, _ = design_of_single(proto)
     whole = layer_rows(d, x)
-    monkeypatch.setattr(design, "PATCH_ELEMENTS", 1)
+    monkeypatch.setattr(conv_ops, "PATCH_ELEMENTS", 1)
     chunks = d.rows(x)
     assert len(chunks) == x.shape[0]
     np.testing.assert_array_equal(np.concatenate(chunks, axis=1), whole)
@@ -1185,7 +1187,7 @@ def test_fewer_rounds_keep_exact_counts(tmp_path) -> None:
 def test_conv_statistics_keep_a_fixed_subset_of_positions() -> None:
     """Statistics rows of a Conv with far more positions than inputs: a fixed-seed subset of
     positions, the same for every sample; the exact rows otherwise."""
-    from onnxprune.calibration.design import conv_rows
+    from onnxprune.ops.conv import conv_rows
 
     x = np.random.default_rng(3).standard_normal((2, 1, 40, 40)).astype(np.float32)
     full = np.concatenate(conv_rows(x, [3, 3], [1, 1], [1, 1], [1] * 4, "NOTSET", 1), axis=1)

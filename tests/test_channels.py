@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxprune.channels import components
+from onnxprune.ops.conv import GroupFix
 from tests.builders import GraphBuilder
 from tests.channel_models import (
     analyse,
@@ -80,7 +81,7 @@ def test_depthwise_ties_input_and_output_and_grouped_prunes_whole_groups() -> No
     # group=4 over 16 inputs: each group of 4 input channels is one class with its 2 outputs
     assert len(np.unique(group4.classes)) == 4
     assert len(np.unique(first.classes)) == 4  # 8 channels, paired by the grouped Conv
-    fixes = [f for f in graph.fixes if f.kind == "group"]
+    fixes = [f for f in graph.fixes if isinstance(f, GroupFix)]
     assert len(fixes) == 3
 
 

@@ -25,7 +25,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnxprune
-from onnxprune.calibration import Calibration, design
+from onnxprune import ops
+from onnxprune.calibration import Calibration
+from onnxprune.ops import conv as conv_ops
 from onnxprune.weights import find_weights
 
 IR_VERSION = 10
@@ -80,14 +82,14 @@ def reference_output(x: np.ndarray, w: np.ndarray, attrs: dict) -> np.ndarray:
     return np.concatenate(outs, axis=1)
 
 
-def design_of_node(proto: onnx.ModelProto) -> tuple[design.Design | None, str | None]:
+def design_of_node(proto: onnx.ModelProto) -> tuple[ops.Design | None, str | None]:
     weights = find_weights(ir.serde.deserialize_model(proto)).weights
     assert [w.name for w in weights] == ["W"]
-    designs, why = design.design_of(weights[0])
+    designs, why = ops.design_of(weights[0])
     return (designs[0] if designs else None), why
 
 
-def design_output(d: design.Design, x: np.ndarray, w: np.ndarray, out_shape) -> np.ndarray:
+def design_output(d: ops.Design, x: np.ndarray, w: np.ndarray, out_shape) -> np.ndarray:
     """rows(x) @ W[g].T for every group, laid out as the node's output [N, O, *spatial]."""
     chunks = d.rows(x)
     assert all(c.ndim == 3 and c.shape[0] == d.groups for c in chunks)
@@ -286,7 +288,7 @@ def test_sampled_rows_are_a_fixed_subset_of_positions() -> None:
     full = np.concatenate(d.rows(x), axis=1)
     sampled = np.concatenate(d.rows(x, sample=True), axis=1)
     positions = 40 * 40
-    cap = design.statistic_positions(d.in_features)
+    cap = ops.statistic_positions(d.in_features)
     assert cap < positions
     assert full.shape == (1, 2 * positions, d.in_features)
     assert sampled.shape == (1, 2 * cap, d.in_features)
@@ -310,7 +312,7 @@ def test_rows_are_the_same_when_built_a_sample_at_a_time(monkeypatch) -> None:
     assert d is not None
     whole = d.rows(x)
     assert len(whole) == 1
-    monkeypatch.setattr(design, "PATCH_ELEMENTS", 1)
+    monkeypatch.setattr(conv_ops, "PATCH_ELEMENTS", 1)
     chunks = d.rows(x)
     assert len(chunks) == x.shape[0]
     np.testing.assert_array_equal(np.concatenate(chunks, axis=1), whole[0])

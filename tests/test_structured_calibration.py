@@ -920,7 +920,7 @@ def test_sequential_pairs_conv_rows_chunked_at_other_samples(tmp_path: Path, mon
     """A Conv's rows come in chunks of as many samples as its patch budget holds: the pruned
     input (fewer channels) is cut at other samples than the dense one, and the pairs must still
     line up sample by sample (ResNet-50 raised a shape mismatch in sequential mode)."""
-    from onnxprune.calibration import design
+    from onnxprune.ops import conv as conv_ops
 
     proto = random_cnn(2)
     (name,) = [i.name for i in proto.graph.input]
@@ -929,7 +929,7 @@ def test_sequential_pairs_conv_rows_chunked_at_other_samples(tmp_path: Path, mon
     source = save(proto, tmp_path / "in.onnx")
     reference, plan = calibrated(source, 0.4, data, batch_size=6)
     for budget in (600, 1200, 2400, 4800, 9600):  # one sample to a few per chunk, layer by layer
-        monkeypatch.setattr(design, "PATCH_ELEMENTS", budget)
+        monkeypatch.setattr(conv_ops, "PATCH_ELEMENTS", budget)
         chunked, again = calibrated(source, 0.4, data, batch_size=6)
         assert np.array_equal(plan.removed, again.removed)
         assert_same_outputs(outputs(chunked, data), outputs(reference, data), rtol=1e-4)

@@ -15,9 +15,10 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
-from onnxprune import inputs, macs, runtime, validate
+from onnxprune import inputs, runtime, validate
 from onnxprune.cli import main
 from onnxprune.errors import DataError, InvalidArgumentError
+from onnxprune.ops.conv import conv_output
 from onnxprune.report import validation as report_validation
 from onnxprune.report.sweep import format_sweep
 from onnxprune.sweep import sweep
@@ -78,7 +79,7 @@ def test_conv_macs_match_onnx_runtime_shapes(tmp_path, attrs) -> None:
     (y,) = run(path, {"x": np.ones((1, 4, 9, 10), np.float32)})
     # the output size from the attributes alone (what counts when inference gives none)
     node = ir.from_proto(model.graph.node[0])
-    assert macs.conv_output((1, 4, 9, 10), (8, 4 // groups, 3, 2), node) == y.shape
+    assert conv_output((1, 4, 9, 10), (8, 4 // groups, 3, 2), node) == y.shape
     per_output = (4 // groups) * 3 * 2
     assert metrics.model_cost(path, {"x": (1, 4, 9, 10)}).macs == y.size * per_output
 

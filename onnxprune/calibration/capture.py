@@ -22,12 +22,12 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune.calibration import CalibrationSummary, load_samples
-from onnxprune.calibration.design import Design, design_of
 from onnxprune.calibration.solvers import inverse_factor
 from onnxprune.core.graphs import values_by_name
 from onnxprune.core.progress import step
 from onnxprune.errors import DataError
 from onnxprune.inputs import Inputs
+from onnxprune.ops import Design, design_of
 from onnxprune.options import Calibration
 from onnxprune.runtime import Runtime, open_session, select_runtime
 from onnxprune.storage import io
@@ -109,7 +109,7 @@ class LayerStats:
         return sum(a.nbytes for a in arrays if a is not None)
 
     def inverse(self, group: int, damp: float) -> np.ndarray:
-        """U with U^T U the damped inverse of one group's Hessian (reconstruct.inverse_factor),
+        """U with U^T U the damped inverse of one group's Hessian (solvers.inverse_factor),
         computed once: scoring and SparseGPT both need it, and it costs the most in wide layers."""
         key = (group, damp)
         if key not in self._inverses:
@@ -418,8 +418,6 @@ def measurement_rounds(
     """The rounds of sequential calibration: the chosen weights' depth waves, merged into at most
     `rounds` (each round is one paired collect over the samples)."""
     return merge_waves(depth_waves(model, weights, chosen), rounds)
-
-
 
 
 def measure(

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.calibration.design import Design, design_of
 from onnxprune.channels import ChannelGraph, Member
+from onnxprune.ops import Design, design_of
 from onnxprune.weights import Weight
 
 

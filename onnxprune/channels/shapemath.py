@@ -4,28 +4,34 @@ in numpy with the model's symbolic dims set to stand-in values.
 Evaluating three times, each symbolic dim named alike standing in for the same value within a run
 and for different values across runs, tells which entries depend on those dims (the batch, the
 sequence) and which just copy one of them; channels.prepare folds the rest into constants, so the
-channel rules see stored shapes.
+channel rules see stored shapes. How each op's output dims follow from its inputs' is the op
+registry's (`ops.output_dims`); this module is the engine that evaluates and propagates them.
 """
 
 from __future__ import annotations
 
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
 
-if TYPE_CHECKING:
-    from onnxprune.channels import Walk
+from onnxprune import ops
+from onnxprune.ops.base import attr, positive_axis
+from onnxprune.ops.shape import resolve_target
 
 
-def _attr(node: ir.Node, name: str, default: Any) -> Any:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
+class Context(Protocol):
+    """What shape arithmetic needs of its caller (`channels.Walk`): the model, shapes and
+    constants, and where the stand-ins and evaluations of each run are kept."""
 
+    model: ir.Model
+    symbols: dict[object, int]  # symbolic dim -> its index among the stand-ins
+    memos: list[dict]  # per run: value -> its evaluation (or None)
+    run_dims: dict[int, dict[ir.Value, list[int]]]  # per run: value -> its propagated dims
 
-def _axis(axis: int, rank: int) -> int:
-    return axis + rank if axis < 0 else axis
+    def const(self, value: ir.Value | None) -> np.ndarray | None: ...
+    def shape(self, value: ir.Value | None) -> list[int | None] | None: ...
 
 
 # Ops a shape computation is made of; Pow and Sqrt make attention's 1 / sqrt(head_dim) scale.
@@ -62,7 +68,7 @@ def _primes(start: int, n: int) -> tuple[int, ...]:
         limit *= 2
 
 
-def stand_in(ctx: Walk, key: object, run: int) -> int:
+def stand_in(ctx: Context, key: object, run: int) -> int:
     """The value of symbolic dim `key` in evaluation `run`: a large prime, distinct for every
     dim within a run and far apart between runs, so that no floor division or remainder of
     everyday shape arithmetic maps two runs to the same value (7 and 11 both // 7 to 1) and no
@@ -72,7 +78,7 @@ def stand_in(ctx: Walk, key: object, run: int) -> int:
     return _primes(RUN_STARTS[run], size)[index]
 
 
-def dims(ctx: Walk, value: ir.Value, run: int) -> list[int] | None:
+def dims(ctx: Context, value: ir.Value, run: int) -> list[int] | None:
     """The dims of `value` in one run, symbolic ones as stand-ins; None if the rank is unknown.
 
     Shape inference names a dim it cannot follow afresh (an attention mask built with Range and
@@ -88,7 +94,7 @@ def dims(ctx: Walk, value: ir.Value, run: int) -> list[int] | None:
     return list(found) if found is not None else declared(ctx, value, run)
 
 
-def declared(ctx: Walk, value: ir.Value, run: int) -> list[int] | None:
+def declared(ctx: Context, value: ir.Value, run: int) -> list[int] | None:
     """The inferred dims of `value`, a named symbolic dim as its stand-in (an unnamed one is a
     dim of its own)."""
     static = ctx.shape(value)
@@ -105,24 +111,17 @@ def declared(ctx: Walk, value: ir.Value, run: int) -> list[int] | None:
     return out
 
 
-# Ops whose output has the dims of their first input.
-_KEEP_DIMS = frozenset(
-    {"Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "Softmax", "LogSoftmax", "LayerNormalization",
-     "BatchNormalization", "Dropout", "Cast", "CastLike", "Identity", "Not", "Neg", "Sqrt", "Exp",
-     "Abs", "Clip", "HardSwish", "LeakyRelu", "Elu", "Softplus", "Mish", "Swish", "Reciprocal"}
-)  # fmt: skip
-_BROADCAST = frozenset(
-    {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu", "Equal",
-     "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod"}
-)  # fmt: skip
-
-
-def _propagate(ctx: Walk, run: int, table: dict) -> None:
+def _propagate(ctx: Context, run: int, table: dict) -> None:
     memo = ctx.memos[run]
     for node in ctx.model.graph:
         if node.domain not in ("", "ai.onnx") or not node.outputs or node.outputs[0] is None:
             continue
-        found = _node_dims(ctx, node, run, table, memo)
+        view = _Run(ctx, run, table, memo)
+        if node.inputs:
+            # stand-ins are numbered in the order symbolic dims are first met: every node meets
+            # its first input's first, whatever its op (and whether ops follows its dims)
+            view.dims(node.inputs[0])
+        found = ops.output_dims(node, view)
         if found is None:
             continue
         out = node.outputs[0]
@@ -134,97 +133,20 @@ def _propagate(ctx: Walk, run: int, table: dict) -> None:
         table[out] = found
 
 
-def _broadcast_dims(shapes: list[list[int]]) -> list[int]:
-    """Multidirectional broadcasting; where two operands disagree (two names for one runtime
-    size, as a valid model has), the first operand's stands."""
-    rank = max(len(s) for s in shapes)
-    out = []
-    for k in range(rank):
-        entries = [s[k - (rank - len(s))] for s in shapes if k >= rank - len(s)]
-        out.append(next((e for e in entries if e != 1), 1))
-    return out
+class _Run:
+    """One run's dims and small tensor values, as `ops.output_dims` reads them (ops.RunDims)."""
 
+    def __init__(self, ctx: Context, run: int, table: dict, memo: dict) -> None:
+        self.ctx, self.run, self.table, self.memo = ctx, run, table, memo
 
-def _node_dims(ctx: Walk, node: ir.Node, run: int, table: dict, memo: dict) -> list[int] | None:
-    op = node.op_type
-
-    def get(value: ir.Value | None) -> list[int] | None:
+    def dims(self, value: ir.Value | None) -> list[int] | None:
         if value is None:
             return None
-        found = table.get(value)
-        return list(found) if found is not None else declared(ctx, value, run)
+        found = self.table.get(value)
+        return list(found) if found is not None else declared(self.ctx, value, self.run)
 
-    if op in _KEEP_DIMS:
-        return get(node.inputs[0])
-    if op in _BROADCAST:
-        shapes = [get(v) for v in node.inputs if v is not None]
-        return None if any(s is None for s in shapes) else _broadcast_dims(shapes)  # type: ignore[arg-type]
-    x = get(node.inputs[0]) if node.inputs else None
-    if x is None:
-        return None
-    if op == "Transpose":
-        perm = _attr(node, "perm", None)
-        perm = list(range(len(x)))[::-1] if perm is None else [int(p) for p in perm]
-        return [x[p] for p in perm] if len(perm) == len(x) else None
-    if op == "MatMul":
-        y = get(node.inputs[1])
-        if y is None or len(x) < 2 or len(y) < 2:
-            return None
-        return [*_broadcast_dims([x[:-2], y[:-2]]), x[-2], y[-1]]
-    if op == "Gemm":
-        y = get(node.inputs[1])
-        if y is None or len(x) != 2 or len(y) != 2:
-            return None
-        return [x[1 if _attr(node, "transA", 0) else 0], y[0 if _attr(node, "transB", 0) else 1]]
-    if op in ("Reshape", "Expand"):
-        target = shape_value(ctx, node.inputs[1], run, memo)
-        if target is None or np.asarray(target).ndim != 1:
-            return None
-        entries = [int(t) for t in np.asarray(target)]
-        if op == "Expand":
-            return _broadcast_dims([x, entries])
-        return resolve_target(x, entries, bool(_attr(node, "allowzero", 0)))
-    if op in ("Unsqueeze", "Squeeze"):
-        axes = shape_value(ctx, node.inputs[1], run, memo) if len(node.inputs) > 1 else None
-        axes = _attr(node, "axes", None) if axes is None else axes
-        if axes is None:
-            return [d for d in x if d != 1] if op == "Squeeze" else None
-        axes = [int(a) for a in np.asarray(axes).reshape(-1)]
-        if op == "Squeeze":
-            drop = {_axis(a, len(x)) for a in axes}
-            return [d for i, d in enumerate(x) if i not in drop]
-        rank = len(x) + len(axes)
-        new = {_axis(a, rank) for a in axes}
-        rest = iter(x)
-        return [1 if i in new else next(rest) for i in range(rank)]
-    if op == "Gather":
-        indices = get(node.inputs[1])
-        if indices is None:
-            return None
-        axis = _axis(int(_attr(node, "axis", 0)), len(x))
-        return x[:axis] + indices + x[axis + 1 :]
-    if op == "Range":
-        args = [shape_value(ctx, v, run, memo) for v in node.inputs[:3]]
-        if any(a is None for a in args):
-            return None
-        start, limit, delta = (float(np.asarray(a).reshape(-1)[0]) for a in args)  # type: ignore[arg-type]
-        return [max(int(np.ceil((limit - start) / delta)), 0) if delta else 0]
-    if op == "Concat":
-        shapes = [get(v) for v in node.inputs if v is not None]
-        if any(s is None or len(s) != len(x) for s in shapes):
-            return None
-        axis = _axis(int(_attr(node, "axis", 0)), len(x))
-        return [*x[:axis], sum(s[axis] for s in shapes), *x[axis + 1 :]]  # type: ignore[index]
-    return None
-
-
-def resolve_target(x: list[int], target: list[int], allowzero: bool) -> list[int]:
-    """A Reshape's output dims from its input dims and target (0 copies, -1 is the rest)."""
-    out = [x[i] if t == 0 and not allowzero and i < len(x) else t for i, t in enumerate(target)]
-    if out.count(-1) == 1:
-        known = int(np.prod([t for t in out if t != -1], dtype=np.int64))
-        out[out.index(-1)] = int(np.prod(x, dtype=np.int64)) // max(1, known)
-    return out
+    def value(self, value: ir.Value) -> np.ndarray | None:
+        return shape_value(self.ctx, value, self.run, self.memo)
 
 
 def _small(value: ir.Value) -> bool:
@@ -243,7 +165,7 @@ def _small(value: ir.Value) -> bool:
     return int(np.prod(list(shape), dtype=np.int64)) <= MAX_ELEMENTS
 
 
-def shape_value(ctx: Walk, value: ir.Value, run: int, memo: dict) -> np.ndarray | None:
+def shape_value(ctx: Context, value: ir.Value, run: int, memo: dict) -> np.ndarray | None:
     """A small tensor computed from Shape ops and constants, symbolic dims at their stand-ins."""
     if value in memo:
         return memo[value]
@@ -259,8 +181,8 @@ def shape_value(ctx: Walk, value: ir.Value, run: int, memo: dict) -> np.ndarray 
                 full = dims(ctx, node.inputs[0], run)
                 if full is not None:
                     rank = len(full)
-                    start = _axis(int(_attr(node, "start", 0)), rank)
-                    end = _axis(int(_attr(node, "end", rank)), rank)
+                    start = positive_axis(int(attr(node, "start", 0)), rank)
+                    end = positive_axis(int(attr(node, "end", rank)), rank)
                     result = np.array(full[start:end], dtype=np.int64)
             elif op in SHAPE_MATH:
                 args = [None if v is None else shape_value(ctx, v, run, memo) for v in node.inputs]
@@ -271,7 +193,7 @@ def shape_value(ctx: Walk, value: ir.Value, run: int, memo: dict) -> np.ndarray 
     return result
 
 
-def _defined(ctx: Walk, node: ir.Node) -> bool:
+def _defined(ctx: Context, node: ir.Node) -> bool:
     """Whether the stand-ins can tell what this op makes: a remainder of a symbolic dim (a
     window padding, (7 - H % 7) % 7) takes few values, so three runs can agree by chance; it is
     evaluated only where its dividend is the same in every run."""
@@ -290,7 +212,7 @@ def _shape_math(node: ir.Node, args: list) -> np.ndarray | None:
     if op in ("Floor", "Ceil"):
         return np.floor(a) if op == "Floor" else np.ceil(a)
     if op == "Cast":
-        return a.astype(ir.DataType(int(_attr(node, "to", 1))).numpy())
+        return a.astype(ir.DataType(int(attr(node, "to", 1))).numpy())
     if op == "Sqrt":
         return np.sqrt(a)
     if op == "Equal":
@@ -302,25 +224,25 @@ def _shape_math(node: ir.Node, args: list) -> np.ndarray | None:
         target = [a.shape[i] if t == 0 and i < a.ndim else t for i, t in enumerate(target)]
         return np.reshape(a, target)
     if op == "ConstantOfShape":
-        fill = _attr(node, "value", None)
+        fill = attr(node, "value", None)
         value = fill.numpy().reshape(-1)[0] if fill is not None else np.float32(0)
         return np.full([int(t) for t in a], value)
     if op in ("Add", "Sub", "Mul", "Div", "Pow", "Mod"):
         b = args[1]
         if op == "Div":
             out = np.floor_divide(a, b) if a.dtype.kind in "iu" else a / b
-        elif op == "Mod" and _attr(node, "fmod", 0):
+        elif op == "Mod" and attr(node, "fmod", 0):
             out = np.fmod(a, b)
         else:
             ops = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Pow": np.power}
             out = ops.get(op, np.mod)(a, b)
         return np.asarray(out).astype(a.dtype)
     if op == "Gather":
-        return np.take(a, args[1], axis=int(_attr(node, "axis", 0)))
+        return np.take(a, args[1], axis=int(attr(node, "axis", 0)))
     if op == "Concat":
-        return np.concatenate([np.atleast_1d(x) for x in args], axis=int(_attr(node, "axis", 0)))
+        return np.concatenate([np.atleast_1d(x) for x in args], axis=int(attr(node, "axis", 0)))
     if op in ("Unsqueeze", "Squeeze"):
-        axes = args[1] if len(args) > 1 and args[1] is not None else _attr(node, "axes", None)
+        axes = args[1] if len(args) > 1 and args[1] is not None else attr(node, "axes", None)
         if op == "Unsqueeze":
             return np.expand_dims(a, tuple(int(x) for x in np.asarray(axes).reshape(-1)))
         return np.squeeze(a) if axes is None else np.squeeze(a, tuple(int(x) for x in axes))
@@ -334,7 +256,9 @@ def _shape_math(node: ir.Node, args: list) -> np.ndarray | None:
     return None
 
 
-def _runs(ctx: Walk, value: ir.Value, memos: list[dict] | None = None) -> list[np.ndarray] | None:
+def _runs(
+    ctx: Context, value: ir.Value, memos: list[dict] | None = None
+) -> list[np.ndarray] | None:
     memos = memos or ctx.memos
     runs = [shape_value(ctx, value, r, memos[r]) for r in range(RUNS)]
     if any(r is None for r in runs) or len({np.shape(r) for r in runs}) != 1:
@@ -342,7 +266,9 @@ def _runs(ctx: Walk, value: ir.Value, memos: list[dict] | None = None) -> list[n
     return [np.asarray(r) for r in runs]
 
 
-def static_value(ctx: Walk, value: ir.Value, memos: list[dict] | None = None) -> np.ndarray | None:
+def static_value(
+    ctx: Context, value: ir.Value, memos: list[dict] | None = None
+) -> np.ndarray | None:
     """A computed tensor, if it does not depend on the model's symbolic dims."""
     runs = _runs(ctx, value, memos)
     if runs is None or not all(np.array_equal(runs[0], r) for r in runs[1:]):
@@ -350,12 +276,12 @@ def static_value(ctx: Walk, value: ir.Value, memos: list[dict] | None = None) ->
     return runs[0]
 
 
-def evaluable(ctx: Walk, value: ir.Value, memos: list[dict]) -> bool:
+def evaluable(ctx: Context, value: ir.Value, memos: list[dict]) -> bool:
     """Whether `value` is shape arithmetic at all (static or not)."""
     return shape_value(ctx, value, 0, memos[0]) is not None
 
 
-def entries(ctx: Walk, value: ir.Value) -> list[int | None] | None:
+def entries(ctx: Context, value: ir.Value) -> list[int | None] | None:
     """A computed 1-D integer tensor entry by entry: None where it depends on symbolic dims."""
     runs = _runs(ctx, value)
     if runs is None:
@@ -368,7 +294,7 @@ def entries(ctx: Walk, value: ir.Value) -> list[int | None] | None:
 
 
 def static_target(
-    ctx: Walk, node: ir.Node, memos: list[dict] | None = None
+    ctx: Context, node: ir.Node, memos: list[dict] | None = None
 ) -> tuple[list[int], bool] | None:
     """A Reshape's computed target as a constant, and whether it copies input dims (entries 0,
     which need allowzero 0). An entry that is a symbolic dim of the input at the same position is
@@ -376,7 +302,7 @@ def static_target(
     may depend on the symbolic dims, written -1; None unless exactly that is possible."""
     memos = memos or ctx.memos
     x = node.inputs[0]
-    allowzero = bool(_attr(node, "allowzero", 0))
+    allowzero = bool(attr(node, "allowzero", 0))
     outs, ins = [], []
     for run in range(RUNS):
         target = shape_value(ctx, node.inputs[1], run, memos[run])

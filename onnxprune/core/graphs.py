@@ -1,5 +1,6 @@
 """Graph utilities every stage uses: all graphs of a model, its stored tensors, values by name,
-which If/Loop/Scan body holds a node, and a deep copy that keeps external data reachable."""
+which If/Loop/Scan body holds a node, where an entry of a computed shape vector is stored, and a
+deep copy that keeps external data reachable."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
+
+from onnxprune.core.tensors import const_tensor
 
 
 def all_graphs(model: ir.Model) -> list[ir.Graph]:
@@ -86,3 +89,21 @@ def infer_shapes(model: ir.Model, *, strict: bool = True) -> bool:
     the callers read what shapes there are and say what they could not use."""
     with _quiet("onnx_ir.passes.common.shape_inference"):
         return ShapeInferencePass(strict_mode=strict)(model).modified
+
+
+def concat_piece(value: ir.Value, position: int) -> tuple[ir.Node, int, int] | None:
+    """Where entry `position` of a computed shape vector is stored: (the Concat that makes the
+    vector, its input holding the entry, the entry's index there), when that input is a stored
+    constant and the vector is read once (so changing the piece changes nothing else)."""
+    node = value.producer()
+    if node is None or node.op_type != "Concat" or len(value.uses()) != 1:
+        return None
+    offset = 0
+    for index, piece in enumerate(node.inputs):
+        shape = None if piece is None else piece.shape
+        if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
+            return None
+        if offset <= position < offset + shape[0]:
+            return (node, index, position - offset) if const_tensor(piece) is not None else None
+        offset += shape[0]
+    return None

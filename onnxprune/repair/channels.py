@@ -17,10 +17,10 @@ import onnx_ir as ir
 
 from onnxprune.calibration import solvers
 from onnxprune.calibration.capture import LayerStats, Statistics, collect, measurement_rounds
-from onnxprune.calibration.design import design_of
 from onnxprune.channels.consumers import Consumer, design_matrix
 from onnxprune.core.progress import step
 from onnxprune.inputs import Inputs
+from onnxprune.ops import design_of
 from onnxprune.options import Calibration
 from onnxprune.rewrite.bias import shift_bias
 from onnxprune.rewrite.constants import NodeConstants

@@ -33,12 +33,12 @@ import onnx_ir as ir
 from onnxprune import inputs as _inputs
 from onnxprune.calibration import model_input_specs
 from onnxprune.calibration.capture import Runner
-from onnxprune.calibration.design import design_of
 from onnxprune.channels import ChannelGraph, stored_values, zeroed
 from onnxprune.channels.consumers import consumers
 from onnxprune.core.graphs import copy_model
 from onnxprune.core.tensors import const_tensor
 from onnxprune.errors import OnnxPruneError
+from onnxprune.ops import design_of
 from onnxprune.rewrite.bias import shift_bias
 from onnxprune.rewrite.constants import NodeConstants
 from onnxprune.rewrite.structured import store_tensor

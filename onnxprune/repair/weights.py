@@ -23,9 +23,9 @@ from onnxprune.calibration.capture import (
     collect,
     measurement_rounds,
 )
-from onnxprune.calibration.design import Design
 from onnxprune.core.progress import step
 from onnxprune.inputs import Inputs
+from onnxprune.ops import Design
 from onnxprune.options import Calibration
 from onnxprune.rewrite.bias import shift_bias
 from onnxprune.rewrite.constants import NodeConstants

@@ -27,12 +27,6 @@ VALUE_INFO_KEY = "onnxprune.value_info"
 EXTERNAL_KEY = "onnxprune.external_data"
 
 
-
-
-
-
-
-
 def inline_external(proto: onnx.ModelProto, model: ir.Model) -> onnx.ModelProto:
     """`proto` (serialised from `model`) with its external tensors' bytes inside, for ONNX
     Runtime sessions made from bytes (which resolve data files against the working folder)."""

@@ -1,9 +1,9 @@
 """Validate: run two models on the same inputs in ONNX Runtime and say what pruning cost.
 
-    measure.py    run both models, compare their outputs, time them, measure their cost
-    metrics.py    the numbers: output errors, accuracy, agreement, latency, sizes, MACs
-    gates.py      the numbers as pass or fail (exit 1), for CI
-    preflight.py  data, batch size and gate values checked before any work
+measure.py    run both models, compare their outputs, time them, measure their cost
+metrics.py    the numbers: output errors, accuracy, agreement, latency, sizes, MACs
+gates.py      the numbers as pass or fail (exit 1), for CI
+preflight.py  data, batch size and gate values checked before any work
 """
 
 from __future__ import annotations

@@ -9,9 +9,7 @@ from onnxprune.validate.measure import Validation
 from onnxprune.validate.metrics import MIN_CLASSES
 
 NEEDS_LABELS = "--max-accuracy-drop needs labels: add a 'labels' array to --data"
-NEEDS_CLASSES = (
-    f"needs a first output shaped [batch, classes] with at least {MIN_CLASSES} classes"
-)
+NEEDS_CLASSES = f"needs a first output shaped [batch, classes] with at least {MIN_CLASSES} classes"
 # Each gate's range: accuracy drop and agreement are fractions, cosine a cosine.
 GATE_RANGES = {
     "max_accuracy_drop": ("--max-accuracy-drop", 0.0, 1.0),

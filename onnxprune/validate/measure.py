@@ -259,8 +259,6 @@ def _classes(session: ort.InferenceSession) -> int | None:
     return None
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # two models
 

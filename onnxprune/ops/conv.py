@@ -1,89 +1,169 @@
-"""Per-op design matrices: how one use of a weight turns its input activation into rows X.
+"""Convolutions: Conv and ConvTranspose.
 
-For every use of a weight the table below gives a `Design`: the weight as matrices W [G, O, K]
-(G groups, O output features per group, K input features per group) and, for a batch of the
-layer's input activation, rows X [G, n, K] such that X[g] @ W[g].T is the layer's output for
-group g (bias left out). Conv uses im2col patches honouring strides, pads (explicit or auto_pad),
-dilations and groups; ConvTranspose the patches of the stride-1 convolution it equals (the input
-with zeros between its samples, padded per pads, output_padding, output_shape or auto_pad; the
-kernel flipped, its in/out axes swapped); Gemm honours transA/transB; MatMul flattens every
-leading dimension.
-Calibration statistics (X^T X, row sums) and every reconstruction work in this layout, so the
-solvers never need to know which op they serve.
+What the family shares: a stored weight at input 1 whose first two axes are the output and input
+channels (Conv [C_out, C_in / groups, *kernel], ConvTranspose the other way round, [C_in,
+C_out / groups, *kernel]), channels on axis 1 of the activations, and groups that tie a group's
+input and output channels together.
 
-Conv and ConvTranspose columns are ordered (kernel position, channel): M consecutive columns are M
-consecutive input channels at one kernel position, so an N:M pattern along the input-channel axis
-is a pattern over consecutive columns, as it is for Gemm and MatMul.
+Calibration sees both as matrix products: Conv through im2col patches that honour strides, pads
+(explicit or auto_pad), dilations and groups; ConvTranspose through the patches of the stride-1
+convolution it equals (the input with zeros between its samples, padded per pads,
+output_padding, output_shape or auto_pad; the kernel flipped, its in/out axes swapped). Columns
+are ordered (kernel position, channel): M consecutive columns are M consecutive input channels
+at one kernel position, so an N:M pattern along the input-channel axis is a pattern over
+consecutive columns, as it is for Gemm and MatMul.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.weights import RECURRENT_OPS, Use, Weight
+from onnxprune.ops.base import (
+    ChannelWalk,
+    Constants,
+    Design,
+    Dims,
+    Fix,
+    Kept,
+    OpInfo,
+    Unsupported,
+    UseLike,
+    WeightLike,
+    attr_int,
+    attr_ints,
+    attr_str,
+    input_at,
+    only_axes,
+    statistic_positions,
+)
 
 # Elements of im2col patches built at once; bounds the temporary memory of a Conv's rows.
 PATCH_ELEMENTS = 1 << 24
 
 
-def statistic_positions(k: int) -> int:
-    """Output positions per sample a Conv's statistics use: 8 rows per input feature, at least
-    1024 (ResNet-50's stem, 147 inputs at 112x112 = 12,544 positions, keeps 1,176; a 28x28 map
-    keeps all). Fewer rows than that estimate X^T X no worse than the samples themselves allow."""
-    return max(8 * k, 1024)
+# -- weights ---------------------------------------------------------------------------------------
+def conv_axes(node: ir.Node, index: int, rank: int) -> tuple[int, int] | None:
+    """Conv's weight [C_out, C_in / groups, *kernel]: output axis 0, input axis 1."""
+    return (0, 1) if index == 1 else None
 
 
-@dataclass(frozen=True)
-class Design:
-    """One use of a weight seen as a (grouped) matrix product.
-
-    `signature` identifies designs that give the same rows from the same activation, so layers
-    that read one tensor the same way (attention's Q, K and V) share one set of statistics.
-    """
-
-    activation: ir.Value  # the layer's input that X is built from
-    groups: int
-    out_features: int  # per group
-    in_features: int  # per group
-    signature: tuple
-    # activation -> chunks of X [G, n, K]; sample=True: the rows statistics use (a Conv keeps at
-    # most STATISTIC_POSITIONS(K) output positions per sample)
-    rows: Callable[..., list[np.ndarray]]
-    to_matrix: Callable[[np.ndarray], np.ndarray]  # stored weight -> [G, O, K]
-    from_matrix: Callable[[np.ndarray], np.ndarray]  # [G, O, K] -> stored layout
-    out_axis: int  # axis of the node's output that carries the G*O output features (bias axis)
-    layout: tuple  # what to_matrix does; uses of one shared weight must agree on it
+def conv_transpose_axes(node: ir.Node, index: int, rank: int) -> tuple[int, int] | None:
+    """ConvTranspose's weight [C_in, C_out / groups, *kernel]: output axis 1, input axis 0."""
+    return (1, 0) if index == 1 else None
 
 
-def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
-    attr = node.attributes.get(name)
-    return [int(v) for v in attr.value] if attr is not None else list(default)
+# -- channels --------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class GroupFix(Fix):
+    """A grouped convolution's `group` attribute: the number of whole groups kept."""
+
+    groups: np.ndarray  # one id per group
+    kind = "group"
+
+    def apply(self, kept: Kept, consts: Constants) -> None:
+        self.node.attributes["group"] = ir.AttrInt64("group", kept.kept_of(self.groups))
 
 
-def _float(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return float(attr.value) if attr is not None else default
+def conv(node: ir.Node, ctx: ChannelWalk) -> None:
+    """Conv and ConvTranspose. Grouped ones prune whole groups: a group's input and output
+    channels become one class, so depthwise Conv ties its input and output channels."""
+    x, w = node.inputs[0], node.inputs[1]
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    if not ctx.is_const(w) or (b is not None and not ctx.is_const(b)):
+        raise Unsupported("weight or bias is computed, not stored")
+    wshape = ctx.shape(w)
+    assert wshape is not None
+    groups = attr_int(node, "group", 1)
+    transposed = node.op_type == "ConvTranspose"
+    out_axis, in_axis = (1, 0) if transposed else (0, 1)
+    only_axes(ctx, x, {1}, "other than 1 would be mixed by a convolution")
+    xi = ctx.space(x, 1, "in", node)
+    if groups == 1:
+        o = ctx.space(w, out_axis, "out", node)
+        ctx.union(xi, ctx.space(w, in_axis, "in", node))
+    elif transposed:
+        # W is [C_in, C_out / groups, ...]: its rows are the input channels, group by group, and
+        # its second axis, shared by every group, is never cut. Output channel j belongs to group
+        # j // (C_out / groups); a group goes whole: its input rows, outputs and bias entries.
+        c = len(xi)
+        if c % groups:
+            raise Unsupported(f"{c} input channels do not divide into {groups} groups")
+        per_group = xi.reshape(groups, c // groups)
+        gid = per_group[:, 0]
+        ctx.union(per_group.reshape(-1), np.repeat(gid, c // groups))
+        ctx.union(xi, ctx.space(w, 0, "in", node))
+        o = np.repeat(gid, wshape[1])
+        ctx.fix(GroupFix(node, gid))
+    else:
+        c = len(xi)
+        m = wshape[0]
+        if c % groups or m % groups:
+            raise Unsupported(f"{c} in / {m} out channels do not divide into {groups} groups")
+        per_group = xi.reshape(groups, c // groups)
+        gid = per_group[:, 0]
+        ctx.union(per_group.reshape(-1), np.repeat(gid, c // groups))
+        o = ctx.space(w, 0, "out", node)
+        ctx.union(o, np.repeat(gid, m // groups))
+        ctx.fix(GroupFix(node, gid))
+    if b is not None:
+        ctx.union(o, ctx.space(b, 0, "bias", node))
+    ctx.set(node.outputs[0], 1, o)
 
 
-def _str(node: ir.Node, name: str, default: str) -> str:
-    attr = node.attributes.get(name)
-    if attr is None:
-        return default
-    value = attr.value
-    return value.decode() if isinstance(value, bytes) else str(value)
+# -- multiply-accumulates --------------------------------------------------------------------------
+def conv_output(x: tuple[int, ...], w: tuple[int, ...], node: ir.Node) -> tuple[int, ...] | None:
+    """A Conv's output dims from its input and weight dims and its attributes."""
+    spatial = len(x) - 2
+    if spatial < 0 or len(w) != len(x):
+        return None
+    kernel = attr_ints(node, "kernel_shape", list(w[2:]))
+    strides = attr_ints(node, "strides", [1] * spatial)
+    dilations = attr_ints(node, "dilations", [1] * spatial)
+    pads = attr_ints(node, "pads", [0] * 2 * spatial)
+    auto_pad = attr_str(node, "auto_pad", "NOTSET")
+    if not len(kernel) == len(strides) == len(dilations) == spatial or len(pads) != 2 * spatial:
+        return None
+    out = [x[0], w[0]]
+    for i in range(spatial):
+        span = (kernel[i] - 1) * dilations[i] + 1
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            size = -(-x[2 + i] // strides[i])
+        elif auto_pad == "VALID":
+            size = (x[2 + i] - span) // strides[i] + 1
+        else:
+            size = (x[2 + i] + pads[i] + pads[i + spatial] - span) // strides[i] + 1
+        if size <= 0:
+            return None
+        out.append(size)
+    return tuple(out)
 
 
-def _int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return int(attr.value) if attr is not None else default
+def conv_macs(node: ir.Node, dims: Dims) -> int | None:
+    w = dims(input_at(node, 1))
+    if w is None or len(w) < 3:
+        return None
+    out = dims(node.outputs[0])
+    if out is None:
+        x = dims(input_at(node, 0))
+        out = None if x is None else conv_output(x, w, node)
+    # every output element: a dot product over (C_in / groups) x kernel
+    return None if out is None else math.prod(out) * math.prod(w[1:])
 
 
+def conv_transpose_macs(node: ir.Node, dims: Dims) -> int | None:
+    x, w = dims(input_at(node, 0)), dims(input_at(node, 1))
+    if x is None or w is None or len(x) < 3 or len(w) != len(x):
+        return None
+    # every input element is scattered into (C_out / groups) x kernel outputs, whatever the stride
+    return math.prod(x) * math.prod(w[1:])
+
+
+# -- calibration design ----------------------------------------------------------------------------
 def conv_pads(
     spatial: tuple[int, ...],
     kernel: list[int],
@@ -95,20 +175,20 @@ def conv_pads(
     """(begin, end) padding per spatial axis, resolving auto_pad as the ONNX Conv spec does."""
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         return [
-            _split_pad(max((math.ceil(size / s) - 1) * s + (k - 1) * dil + 1 - size, 0), auto_pad)
+            split_pad(max((math.ceil(size / s) - 1) * s + (k - 1) * dil + 1 - size, 0), auto_pad)
             for size, k, s, dil in zip(spatial, kernel, strides, dilations, strict=True)
         ]
-    return _explicit_pads(pads, len(kernel), auto_pad)
+    return explicit_pads(pads, len(kernel), auto_pad)
 
 
-def _split_pad(total: int, auto_pad: str) -> tuple[int, int]:
+def split_pad(total: int, auto_pad: str) -> tuple[int, int]:
     """A total padding as (begin, end): the odd one at the end for SAME_UPPER, else at the start
     (SAME_LOWER, and ConvTranspose's output_shape without auto_pad)."""
     small = total // 2
     return (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
 
 
-def _explicit_pads(pads: list[int], d: int, auto_pad: str) -> list[tuple[int, int]]:
+def explicit_pads(pads: list[int], d: int, auto_pad: str) -> list[tuple[int, int]]:
     """(begin, end) per axis from `pads` ([begins..., ends...]); none for VALID or when absent."""
     if auto_pad == "VALID":
         return [(0, 0)] * d
@@ -170,20 +250,20 @@ def conv_rows(
     return chunks
 
 
-def _conv(weight: Weight, use: Use) -> Design | None:
+def conv_design(weight: WeightLike, use: UseLike) -> Design | None:
     node = use.node
     shape = weight.shape
     if use.input_index != 1 or use.out_axis != 0 or use.in_axis != 1 or "Transpose" in use.via:
         return None
-    groups = _int(node, "group", 1)
+    groups = attr_int(node, "group", 1)
     out_channels, c_group, *kernel = shape
     if not kernel or out_channels % groups:
         return None
     d = len(kernel)
-    strides = _ints(node, "strides", [1] * d)
-    dilations = _ints(node, "dilations", [1] * d)
-    pads = _ints(node, "pads", [0] * (2 * d))
-    auto_pad = _str(node, "auto_pad", "NOTSET")
+    strides = attr_ints(node, "strides", [1] * d)
+    dilations = attr_ints(node, "dilations", [1] * d)
+    pads = attr_ints(node, "pads", [0] * (2 * d))
+    auto_pad = attr_str(node, "auto_pad", "NOTSET")
     o_group = out_channels // groups
     k_total = math.prod(kernel)
 
@@ -251,12 +331,12 @@ def conv_transpose_pads(
         wanted = [size * s for size, s in zip(spatial, strides, strict=True)]
     if wanted is not None:
         return [
-            _split_pad(s * (size - 1) + extra + (k - 1) * dil + 1 - want, auto_pad)
+            split_pad(s * (size - 1) + extra + (k - 1) * dil + 1 - want, auto_pad)
             for size, k, s, dil, extra, want in zip(
                 spatial, kernel, strides, dilations, output_padding, wanted, strict=True
             )
         ]
-    return _explicit_pads(pads, len(kernel), auto_pad)
+    return explicit_pads(pads, len(kernel), auto_pad)
 
 
 def conv_transpose_rows(
@@ -313,7 +393,7 @@ def conv_transpose_rows(
     return chunks
 
 
-def _conv_transpose(weight: Weight, use: Use) -> Design | None:
+def conv_transpose_design(weight: WeightLike, use: UseLike) -> Design | None:
     """ConvTranspose: weight [C, O/G, *kernel], rows of the stride-1 convolution it equals
     (`conv_transpose_rows`), the matrix the flipped kernel [G, O/G, kernel position * C/G].
 
@@ -327,19 +407,19 @@ def _conv_transpose(weight: Weight, use: Use) -> Design | None:
     shape = weight.shape
     if use.input_index != 1 or use.out_axis != 1 or use.in_axis != 0 or "Transpose" in use.via:
         return None
-    groups = _int(node, "group", 1)
+    groups = attr_int(node, "group", 1)
     in_channels, o_group, *kernel = shape
     if not kernel or groups < 1 or in_channels % groups:
         return None
     d = len(kernel)
-    if _ints(node, "kernel_shape", kernel) != kernel:
+    if attr_ints(node, "kernel_shape", kernel) != kernel:
         return None
-    strides = _ints(node, "strides", [1] * d)
-    dilations = _ints(node, "dilations", [1] * d)
-    pads = _ints(node, "pads", [])
-    auto_pad = _str(node, "auto_pad", "NOTSET")
-    output_padding = _ints(node, "output_padding", [0] * d)
-    output_shape = _ints(node, "output_shape", [])
+    strides = attr_ints(node, "strides", [1] * d)
+    dilations = attr_ints(node, "dilations", [1] * d)
+    pads = attr_ints(node, "pads", [])
+    auto_pad = attr_str(node, "auto_pad", "NOTSET")
+    output_padding = attr_ints(node, "output_padding", [0] * d)
+    output_shape = attr_ints(node, "output_shape", [])
     if len(strides) != d or len(dilations) != d or len(output_padding) != d:
         return None
     if pads and (len(pads) != 2 * d or (auto_pad != "NOTSET" and any(pads))):
@@ -404,118 +484,21 @@ def _conv_transpose(weight: Weight, use: Use) -> Design | None:
     )
 
 
-def _matrix_design(
-    weight: Weight,
-    use: Use,
-    activation: ir.Value,
-    transpose_rows: bool,
-    out_axis: int,
-    op: str,
-    scale: float = 1.0,
-) -> Design:
-    """A rank-2 weight used as W [out, in] (axes from the use), rows of the activation's last
-    axis (or of its second-to-last when the weight stands on the left of the product).
-
-    `scale` (Gemm's alpha) multiplies the rows, so rows @ W.T is still the layer's output."""
-    out_axis_w, in_axis_w = use.out_axis, use.in_axis
-    assert out_axis_w is not None and in_axis_w is not None
-    n_out, n_in = weight.shape[out_axis_w], weight.shape[in_axis_w]
-    transposed = (out_axis_w, in_axis_w) == (1, 0)
-
-    def to_matrix(w: np.ndarray) -> np.ndarray:
-        return (w.T if transposed else w)[None]
-
-    def from_matrix(m: np.ndarray) -> np.ndarray:
-        return m[0].T if transposed else m[0]
-
-    def rows(x: np.ndarray, sample: bool = False) -> list[np.ndarray]:
-        if transpose_rows and x.ndim > 1:  # a vector on the right of W @ v is one row
-            x = np.swapaxes(x, -1, -2)
-        # the width from the activation, not the weight: a pruned layer's rows are paired with
-        # the dense model's, which still has the removed channels
-        x = x.reshape(1, -1, x.shape[-1])
-        return [x * np.asarray(scale, dtype=x.dtype) if scale != 1.0 else x]
-
-    return Design(
-        activation=activation,
-        groups=1,
-        out_features=n_out,
-        in_features=n_in,
-        signature=(op, transpose_rows, scale),
-        rows=rows,
-        to_matrix=to_matrix,
-        from_matrix=from_matrix,
-        out_axis=out_axis,
-        layout=("matrix", transposed),
-    )
-
-
-def _gemm(weight: Weight, use: Use) -> Design | None:
-    node = use.node
-    if len(weight.shape) != 2 or use.out_axis is None or use.in_axis is None:
-        return None
-    alpha = _float(node, "alpha", 1.0)
-    if use.input_index == 1:  # Y = alpha A' B' (+ beta C): rows of A' (A, or A^T with transA)
-        transposed = bool(_int(node, "transA", 0))
-        return _matrix_design(weight, use, node.inputs[0], transposed, 1, "Gemm", alpha)
-    # a constant A: its rows are the outputs; the inputs are the columns of B'
-    transposed = not _int(node, "transB", 0)
-    return _matrix_design(weight, use, node.inputs[1], transposed, 0, "Gemm-left", alpha)
-
-
-def _matmul(weight: Weight, use: Use) -> Design | None:
-    if len(weight.shape) != 2 or use.out_axis is None or use.in_axis is None:
-        return None
-    node = use.node
-    if use.input_index == 1:
-        return _matrix_design(weight, use, node.inputs[0], False, -1, "MatMul")
-    return _matrix_design(weight, use, node.inputs[1], True, -2, "MatMul-left")
-
-
-# One rule per op: how a use of a weight reads its input. An op without a rule gets no
-# calibration statistics, and its weights fall back to magnitude.
-DESIGNS: dict[str, Callable[[Weight, Use], Design | None]] = {
-    "Conv": _conv,
-    "ConvTranspose": _conv_transpose,
-    "Gemm": _gemm,
-    "MatMul": _matmul,
-}
-
-
-# Calibration re-solves weights in float and compensation shifts biases in float; a quantized
-# layer's new values would leave its quantization grid, so it gets no design: calibration ranks
-# it by magnitude and only zeroes it, compensation leaves it as it is.
-QUANTIZED_REASON = (
-    "quantized weights ({dtype} behind DequantizeLinear) are not calibrated nor compensated: "
-    "re-solved values would leave the quantization grid (prune the float model, then quantize)"
+OPS = (
+    OpInfo(
+        "Conv",
+        weight_inputs=(1,),
+        weight_axes=conv_axes,
+        rule=conv,
+        macs=conv_macs,
+        design=conv_design,
+    ),
+    OpInfo(
+        "ConvTranspose",
+        weight_inputs=(1,),
+        weight_axes=conv_transpose_axes,
+        rule=conv,
+        macs=conv_transpose_macs,
+        design=conv_transpose_design,
+    ),
 )
-
-
-def design_of(weight: Weight) -> tuple[list[Design], str | None]:
-    """The designs of every use of a weight, or the reason it has none.
-
-    A weight shared by several nodes has one design per use; their statistics add up (the error
-    to minimise is the sum over uses), which needs every use to see the weight the same way.
-    """
-    if weight.quant is not None:
-        return [], QUANTIZED_REASON.format(dtype=weight.dtype.name.lower())
-    designs = []
-    for use in weight.uses:
-        rule = DESIGNS.get(use.node.op_type)
-        design = rule(weight, use) if rule is not None else None
-        if design is None:
-            op = use.node.op_type
-            if rule is not None:
-                why = f"{op} {use.node.name!r} reads it in a layout calibration does not cover"
-            elif op in RECURRENT_OPS:
-                why = (
-                    f"{op} weights are not calibrated (a recurrent layer reads its own state "
-                    "step by step: no design X with X @ W its output)"
-                )
-            else:
-                why = f"{op} has no calibration rule"
-            return [], why
-        designs.append(design)
-    if len({d.layout for d in designs}) > 1:
-        return [], "its uses read it in different layouts"
-    return designs, None

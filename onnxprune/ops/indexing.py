@@ -1,0 +1,255 @@
+"""Placing and cutting along an axis: Concat, Split, Slice and Gather.
+
+What the family shares: they move channel ids about rather than link them. Concat places its
+inputs' ids at offsets, Split and Slice cut them, Gather picks them; working per index rather
+than per whole axis is what lets these compose. Each records a fix: after removal, the split
+sizes, slice bounds or gathered indices are rewritten to count the channels kept. Split sizes
+and Slice bounds computed from Shape ops are folded to constants before the walk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.core.tensors import const_tensor
+from onnxprune.ops.base import (
+    ChannelWalk,
+    Constants,
+    Fix,
+    Kept,
+    OpInfo,
+    RunDims,
+    Unsupported,
+    attr,
+    carrier,
+    const_ints,
+    positive_axis,
+    stored_ints,
+)
+
+
+@dataclass(eq=False)
+class SplitFix(Fix):
+    """Split's sizes (attribute or input): each output's channels kept."""
+
+    axis: int
+    outputs: tuple[np.ndarray, ...]  # the channels of each output
+    kind = "split"
+
+    def apply(self, kept: Kept, consts: Constants) -> None:
+        node = self.node
+        sizes = np.array([kept.kept_of(ids) for ids in self.outputs], dtype=np.int64)
+        node.attributes.pop("num_outputs", None)
+        if "split" in node.attributes:
+            node.attributes["split"] = ir.AttrInt64s("split", [int(s) for s in sizes])
+        else:
+            consts.replace(node, 1, sizes)
+
+
+@dataclass(eq=False)
+class SliceFix(Fix):
+    """Slice's starts and ends on a channel axis: the channels kept before each bound."""
+
+    ids: np.ndarray  # the channels of the sliced axis
+    position: int  # its entry in starts and ends
+    start: int
+    end: int
+    kind = "slice"
+
+    def apply(self, kept: Kept, consts: Constants) -> None:
+        for index, bound in ((1, self.start), (2, self.end)):
+            array = stored_ints(self.node, index)
+            array[self.position] = kept.kept_of(self.ids[:bound])
+            consts.replace(self.node, index, array)
+
+
+@dataclass(eq=False)
+class GatherFix(Fix):
+    """Gather's indices into a channel axis: renumbered to the channels kept, and those of
+    removed channels dropped along the index axis that carries them (`carrier`)."""
+
+    ids: np.ndarray  # the channels of the gathered axis
+    carrier: int | None  # None: one channel picked (a scalar index)
+    kind = "gather"
+
+    def apply(self, kept: Kept, consts: Constants) -> None:
+        node = self.node
+        keep = ~kept.removed[self.ids]
+        tensor = const_tensor(node.inputs[1])
+        assert tensor is not None
+        indices = np.asarray(tensor.numpy()) % len(keep)
+        position = np.cumsum(keep) - 1
+        j = self.carrier
+        new = position[indices].astype(indices.dtype)
+        if j is not None:  # drop the removed channels along the axis that carries them
+            line = keep[indices[tuple(slice(None) if i == j else 0 for i in range(indices.ndim))]]
+            new = np.compress(line, new, axis=j)
+        consts.replace(node, 1, np.ascontiguousarray(new))
+
+
+def concat(node: ir.Node, ctx: ChannelWalk) -> None:
+    out = node.outputs[0]
+    inputs = [v for v in node.inputs if v is not None]
+    rank = ctx.rank(out) or ctx.rank(inputs[0])
+    if rank is None:
+        raise Unsupported("unknown rank")
+    axis = positive_axis(int(attr(node, "axis", 0)), rank)
+    for k in range(rank):
+        found = [ctx.ids(v, k) for v in inputs]
+        if all(ids is None for ids in found):
+            continue
+        # a stored part joined along another axis (a class token) feeds these very channels
+        role = "param" if k == axis else "shift"
+        parts = [
+            ctx.space(v, k, role, node) if ids is None else ids
+            for v, ids in zip(inputs, found, strict=True)
+        ]
+        if k == axis:
+            ctx.set(out, k, np.concatenate(parts))
+        else:
+            for ids in parts[1:]:
+                ctx.union(parts[0], ids)
+            ctx.set(out, k, parts[0])
+
+
+def split(node: ir.Node, ctx: ChannelWalk) -> None:
+    x = node.inputs[0]
+    rank = ctx.rank(x)
+    if rank is None:
+        raise Unsupported("unknown rank")
+    axis = positive_axis(int(attr(node, "axis", 0)), rank)
+    outs = list(node.outputs)
+    ids = ctx.ids(x, axis)
+    if ids is not None:
+        sizes = const_ints(ctx, node, 1, "split")
+        if sizes is None:
+            n = len(ids)
+            count = len(outs)
+            step = -(-n // count)
+            sizes = [min(step, n - i * step) for i in range(count)]
+        if sum(sizes) != len(ids):
+            raise Unsupported("split sizes do not add up")
+        parts = []
+        for out, start, size in zip(outs, np.cumsum([0, *sizes[:-1]]), sizes, strict=True):
+            parts.append(ids[start : start + size])
+            ctx.set(out, axis, parts[-1])
+        ctx.fix(SplitFix(node, axis, tuple(parts)))
+    for out in outs:
+        for a, others in ctx.spaces_of(x).items():
+            if a != axis:
+                ctx.set(out, a, others)
+
+
+def slice_(node: ir.Node, ctx: ChannelWalk) -> None:
+    x = node.inputs[0]
+    shape = ctx.shape(x)
+    if shape is None:
+        raise Unsupported("unknown rank")
+    rank = len(shape)
+    axes = const_ints(ctx, node, 3, "axes")
+    if len(node.inputs) > 2 and not (ctx.is_const(node.inputs[1]) and ctx.is_const(node.inputs[2])):
+        # bounds computed from symbolic dims (Swin crops its window padding, x[:, :H, :W]):
+        # fine on axes without channels, which then carry over
+        if axes is None or {positive_axis(a, rank) for a in axes} & set(ctx.spaces_of(x)):
+            raise Unsupported("computed bounds on a channel axis")
+        ctx.carry(x, node.outputs[0])
+        return
+    starts = const_ints(ctx, node, 1, "starts")
+    ends = const_ints(ctx, node, 2, "ends")
+    steps = const_ints(ctx, node, 4, "steps")
+    if starts is None or ends is None:
+        raise Unsupported("no starts/ends")
+    axes = [positive_axis(a, rank) for a in (axes or range(len(starts)))]
+    steps = steps or [1] * len(starts)
+    spaces = ctx.spaces_of(x)
+    out = node.outputs[0]
+    for j, axis in enumerate(axes):
+        ids = spaces.pop(axis, None)
+        if ids is None:
+            continue
+        if steps[j] != 1:
+            raise Unsupported("slices channels with a step")
+        start, end, _ = slice(starts[j], ends[j]).indices(len(ids))
+        end = max(start, end)
+        ctx.set(out, axis, ids[start:end])
+        ctx.fix(SliceFix(node, ids, j, start, end))
+    for axis, ids in spaces.items():
+        ctx.set(out, axis, ids)
+
+
+def gather(node: ir.Node, ctx: ChannelWalk) -> None:
+    x, idx = node.inputs
+    rank = ctx.rank(x)
+    if rank is None:
+        raise Unsupported("unknown rank")
+    if ctx.spaces_of(idx):
+        raise Unsupported("indices carry channels")
+    axis = positive_axis(int(attr(node, "axis", 0)), rank)
+    indices = ctx.const(idx)
+    spaces = ctx.spaces_of(x)
+    q = ctx.rank(idx)
+    if q is None:
+        raise Unsupported("indices of unknown rank")
+    out = node.outputs[0]
+    if not spaces and rank == 2 and axis == 0 and _stored_floats(ctx, x):
+        # an embedding table looked up by token (or position) ids: its columns are the
+        # channels of the rows it gives, sliced with them (a dead channel's column is zero, as
+        # a shift's entry)
+        spaces = {1: ctx.space(x, 1, "shift", node)}
+    ids = spaces.pop(axis, None)
+    if ids is not None:
+        if indices is None:
+            raise Unsupported("gathers channels with computed indices")
+        picked = ids[np.asarray(indices) % len(ids)]
+        if q == 0:
+            ctx.freeze(picked.reshape(-1), f"{node.op_type} {node.name!r} picks one channel")
+            ctx.fix(GatherFix(node, ids, None))
+        else:
+            # indices of any rank (exporters write as_strided this way): the channels must vary
+            # along one index axis only, which then carries them
+            j = carrier(picked)
+            if j is None:
+                raise Unsupported("gathers channels into several axes")
+            line = picked[tuple(slice(None) if i == j else 0 for i in range(q))]
+            ctx.set(out, axis + j, line)
+            ctx.fix(GatherFix(node, ids, j))
+    for a, s in spaces.items():
+        ctx.set(out, a if a < axis else a - 1 + q, s)
+
+
+def _stored_floats(ctx: ChannelWalk, value: ir.Value) -> bool:
+    return ctx.is_const(value) and value.dtype is not None and value.dtype.is_floating_point()
+
+
+# -- output dims for shape folding -----------------------------------------------------------------
+def gather_dims(node: ir.Node, run: RunDims) -> list[int] | None:
+    x = run.dims(node.inputs[0])
+    if x is None:
+        return None
+    indices = run.dims(node.inputs[1])
+    if indices is None:
+        return None
+    axis = positive_axis(int(attr(node, "axis", 0)), len(x))
+    return x[:axis] + indices + x[axis + 1 :]
+
+
+def concat_dims(node: ir.Node, run: RunDims) -> list[int] | None:
+    x = run.dims(node.inputs[0])
+    if x is None:
+        return None
+    shapes = [run.dims(v) for v in node.inputs if v is not None]
+    if any(s is None or len(s) != len(x) for s in shapes):
+        return None
+    axis = positive_axis(int(attr(node, "axis", 0)), len(x))
+    return [*x[:axis], sum(s[axis] for s in shapes), *x[axis + 1 :]]  # type: ignore[index]
+
+
+OPS = (
+    OpInfo("Concat", rule=concat, output_dims=concat_dims),
+    OpInfo("Split", rule=split, folded_inputs=(1,)),
+    OpInfo("Slice", rule=slice_, folded_inputs=(1, 2, 3, 4)),
+    OpInfo("Gather", rule=gather, output_dims=gather_dims),
+)
