@@ -116,7 +116,19 @@ def file_size(path: str | os.PathLike, model: ir.Model | None = None) -> int:
 
 
 def _check_external_tensor(name: str, tensor: ir.ExternalTensor, model_dir: Path) -> None:
+    """A tensor's data file is a file in the model's folder that opens as its location is
+    written and holds the tensor's bytes; else one line saying why (the readers would fail)."""
     location = os.fspath(tensor.location)
+    if "\0" in location:
+        raise ModelLoadError(
+            f"external data of tensor {name!r} has a location with a NUL byte ({location!r}); "
+            "refused: no file has such a name"
+        )
+    if location.endswith(("/", os.sep, *([os.altsep] if os.altsep else []))):
+        raise ModelLoadError(
+            f"external data of tensor {name!r} has the location {location!r}, which ends with a "
+            "separator: a folder, not a file; refused"
+        )
     base = os.path.realpath(model_dir)
     if os.path.isabs(location):
         raise ModelLoadError(
@@ -129,13 +141,20 @@ def _check_external_tensor(name: str, tensor: ir.ExternalTensor, model_dir: Path
             f"external data of tensor {name!r} points outside the model's folder "
             f"({location!r}); refused (a known path-traversal attack on ONNX loaders)"
         )
-    if not os.path.isfile(target):
+    # as the readers open it: realpath settles `sub/..` on paper even where `sub` is no folder
+    opened = os.path.join(model_dir, location)
+    if not os.path.isfile(opened):
+        if os.path.isfile(target):
+            raise ModelLoadError(
+                f"external data location {location!r} of tensor {name!r} does not open: a "
+                f"folder it names on the way to {target} is missing or not a folder"
+            )
         raise ModelLoadError(
             f"external data file {location!r} of tensor {name!r} is missing: expected at {target}; "
             "copy it beside the model"
         )
     end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
-    size = os.path.getsize(target)
+    size = os.path.getsize(opened)
     if size < end:
         raise ModelLoadError(
             f"external data file {location!r} is truncated: tensor {name!r} needs bytes up to "
