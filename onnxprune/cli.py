@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -76,7 +77,12 @@ class DefaultCommandGroup(click.Group):
         argv = list(sys.argv[1:] if args is None else args)
         writer.forget_written()
         try:
-            code = super().main(argv, prog_name, standalone_mode=False, **extra)
+            with warnings.catch_warnings():
+                if not _debugging(argv):
+                    # numpy's "invalid value" notes on a damaged model's NaN weights are not
+                    # lines for a user: the outcome is said in the one line of the result
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                code = super().main(argv, prog_name, standalone_mode=False, **extra)
         except click.exceptions.Abort as exc:  # an interrupt while click parsed the arguments
             cause = exc.__cause__
             sys.exit(
@@ -561,8 +567,21 @@ def prune_command(
         raise click.UsageError("give --sparsity (e.g. --sparsity 0.9) or --pattern (e.g. 2:4)")
     if sparsity is not None and pattern is not None:
         raise click.UsageError("--sparsity and --pattern exclude each other")
-    from onnxprune.inputs import parse_input_shapes
+    from onnxprune.inputs import check_batch_size, parse_input_shapes
+    from onnxprune.validate import check_gate_values
 
+    gates = {
+        "max_accuracy_drop": max_accuracy_drop,
+        "min_agreement": min_agreement,
+        "min_cosine": min_cosine,
+    }
+    # every argument before any file: a bad value is the first complaint
+    pipeline.check_arguments(
+        sparsity, method=method, min_keep=min_keep, pattern=pattern, include=include,
+        exclude=exclude,
+    )  # fmt: skip
+    check_batch_size(batch_size)
+    check_gate_values(**gates)
     channels = pipeline.structured_options(
         structured,
         target=target,
@@ -571,6 +590,16 @@ def prune_command(
         compensate=bias_correction,
         input_shapes=parse_input_shapes(input_shape),
     )
+    options = _calibration(
+        calibration,
+        criterion,
+        calibration_mode,
+        calibration_samples,
+        bias_correction or (structured and calibration is None),
+        batch_size,
+        device,
+        calibration_rounds,
+    )
     io.check_model_path(model)
     output = output or str(pipeline.default_output(model))
     check_outputs(
@@ -578,11 +607,6 @@ def prune_command(
         [(output, "the output model"), (report_path, "the report")],
         force=force,
     )
-    gates = {
-        "max_accuracy_drop": max_accuracy_drop,
-        "min_agreement": min_agreement,
-        "min_cosine": min_cosine,
-    }
     validating = validate_ or data is not None or any(v is not None for v in gates.values())
     if validating or calibration is not None or batch_size is not None:
         from onnxprune import inputs
@@ -598,16 +622,6 @@ def prune_command(
             input_shapes=inputs.parse_input_shapes(input_shape),
             **gates,
         )
-    options = _calibration(
-        calibration,
-        criterion,
-        calibration_mode,
-        calibration_samples,
-        bias_correction or (structured and calibration is None),
-        batch_size,
-        device,
-        calibration_rounds,
-    )
     _, report = pipeline.prune(
         model,
         sparsity or 0.0,
@@ -701,10 +715,13 @@ def inspect_command(
     --sparsity) how many channels each layer would keep.
     """
     _setup_logging(False)
-    check_outputs(run_inputs(model), [(report_path, "the report")], force=force)
+    pipeline.check_arguments(
+        sparsity, method=method, min_keep=min_keep, include=include, exclude=exclude
+    )
     channels = pipeline.structured_options(
         structured, target=target, round_to=round_to, heads=heads
     )
+    check_outputs(run_inputs(model), [(report_path, "the report")], force=force)
     if channels is not None:
         _, report = pipeline.prune(
             model,
@@ -925,6 +942,11 @@ def sweep_command(
 
     _setup_logging(False)
     pipeline.structured_options(structured, target=target, round_to=round_to, heads=heads)
+    points = sweep.parse_sparsities(sparsities)
+    pipeline.check_arguments(min_keep=min_keep)
+    chosen = [c.strip() for c in criteria.split(",") if c.strip()]
+    sweep.methods_for(min_keep, structured, chosen if calibration is not None else None)
+    options = _calibration(calibration, None, calibration_mode, None, True, batch_size, device)
     preflight(
         model,
         data=data,
@@ -941,7 +963,7 @@ def sweep_command(
         sweep.check_plotting()
     result = sweep.sweep(
         model,
-        sweep.parse_sparsities(sparsities),
+        points,
         data=data,
         min_keep=min_keep,
         batch_size=batch_size,
@@ -952,10 +974,8 @@ def sweep_command(
         target=target,
         round_to=round_to,
         heads=heads,
-        calibration=_calibration(
-            calibration, None, calibration_mode, None, True, batch_size, device
-        ),
-        criteria=[c.strip() for c in criteria.split(",") if c.strip()],
+        calibration=options,
+        criteria=chosen,
     )
     click.echo(sweep.format_sweep(result))
     if markdown:

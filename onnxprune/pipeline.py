@@ -85,6 +85,29 @@ def structured_options(
     return None
 
 
+def check_arguments(
+    sparsity: float | None = None,
+    *,
+    method: str = "global",
+    min_keep: str | float | int | None = None,
+    pattern: str | tuple[int, int] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> None:
+    """Judge the options that need no file first: a bad value is then the first thing a command
+    says, not "the output already exists" (which --force would only trade for the same error)."""
+    if sparsity is not None:
+        selection.check_sparsity(sparsity)
+    if method not in selection.METHODS:
+        raise InvalidArgumentError(
+            f"--method {method!r}: choose one of {', '.join(selection.METHODS)}"
+        )
+    selection.MinKeep.parse(min_keep)
+    selection.parse_pattern(pattern)
+    weights._compile(include, "--include")
+    weights._compile(exclude, "--exclude")
+
+
 def prune(
     model: str | os.PathLike | ir.Model,
     sparsity: float = 0.0,
@@ -178,6 +201,8 @@ def _prune_weights(
     if options is not None:
         from onnxprune.calibration.prune import calibrated_plan
 
+        weights.check_finite((w.name, w.tensor()) for w in found.weights)
+
         plan = calibrated_plan(
             model,
             found.weights,
@@ -251,6 +276,9 @@ def _prune_channels(
         hit = [i for i, layer in enumerate(graph.layers) if named(layer, excludes)]
         channels.freeze_layers(graph, hit, "matched by --exclude")
     channels.check_removable(graph)
+    if options is not None or settings.compensate:  # the samples run through the weights
+        found = weights.find_weights(model, include=include, exclude=exclude)
+        weights.check_finite((w.name, w.tensor()) for w in found.weights)
     if options is not None:
         from onnxprune.calibration.channels import calibrated_channels
 
