@@ -358,7 +358,8 @@ def signals_deferred() -> Iterator[None]:
     def hold(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
 
-    kinds = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s]
+    # a signal the process ignores (nohup's SIGHUP, SIGINT of a background job) stays ignored
+    kinds = [s for s in _handled() if signal.getsignal(s) != signal.SIG_IGN]
     previous = {s: signal.signal(s, hold) for s in kinds}
     try:
         yield
@@ -396,13 +397,22 @@ def write_text(dest: str | os.PathLike, text: str, *, force: bool = False) -> Pa
     return write_file(dest, lambda tmp: tmp.write_text(text, encoding="utf-8"), force=force)
 
 
+def _handled() -> list[int]:
+    """The signals onnxprune turns into exceptions (SIGHUP where the platform has it)."""
+    return [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s]
+
+
 def install_signal_handlers() -> None:
     """SIGTERM and SIGHUP raise `Terminated` (SIGINT already raises KeyboardInterrupt), so that
-    `finally` blocks remove temporary files instead of the process vanishing mid-write."""
+    `finally` blocks remove temporary files instead of the process vanishing mid-write.
+
+    One ignored when the process started stays ignored: `nohup onnxprune ...` must outlive the
+    hang-up it was started to outlive (and CPython leaves an inherited ignored SIGINT alone too).
+    """
 
     def terminate(signum: int, frame: FrameType | None) -> None:
         raise Terminated(signum)
 
-    for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if s is not None:
+    for s in _handled():
+        if s != signal.SIGINT and signal.getsignal(s) != signal.SIG_IGN:
             signal.signal(s, terminate)
