@@ -17,7 +17,7 @@ import click
 
 from onnxprune import __version__, io, pipeline, selection, writer
 from onnxprune.errors import InvalidArgumentError, OnnxPruneError
-from onnxprune.report import format_inspect, format_report, write_json
+from onnxprune.report import format_inspect, format_report, json_text, write_json
 
 DEBUG_ENV = "ONNXPRUNE_DEBUG"
 
@@ -635,42 +635,54 @@ def prune_command(
         output=output,
         force=force,
         save=io.Save(external_data=external_data, sparse_storage=sparse_storage, check=check),
+        commit=False,
     )
+    # every output is prepared under a temporary name, then all are put in place together: a
+    # run that fails (data that does not fit, a full disk for the report) leaves what was there
+    staged = report.staged
+    outputs = [staged]
+    result = None
+    try:
+        if validating:
+            from onnxprune.errors import DataError
+
+            try:
+                result = _run_validation(
+                    model,
+                    str(staged.path),
+                    data=data,
+                    batch_size=batch_size,
+                    device=device,
+                    input_shape=input_shape,
+                    seed=seed,
+                )
+            except DataError as exc:
+                # what only running the models tells (an output width the file leaves open, ONNX
+                # Runtime refusing a batch): the data does not fit, so no pruned model is kept
+                said = str(exc).replace(str(staged.path), str(report.output_path))
+                raise DataError(f"{said} (no pruned model was kept)") from None
+            # measured on the prepared files: reported under the name and size they take
+            result.candidate.path = str(report.output_path)
+            if result.candidate.cost is not None:
+                result.candidate.cost.file_bytes = report.size_after
+            report.extra["validation"] = result.to_dict()
+        if report_path:
+            report_text = json_text(report.to_dict())
+            outputs.insert(0, writer.stage_text(report_path, report_text, force=force))
+        writer.commit_all(outputs)
+    finally:
+        for item in outputs:
+            item.discard()
     if not quiet:
         click.echo(format_report(report))
     else:
         for warning in report.warnings:
             click.echo(f"onnxprune: warning: {warning}", err=True)
-    result = None
-    if validating:
-        from onnxprune.errors import DataError
-        from onnxprune.io import model_files
-        from onnxprune.validate import format_validation
+    if result is not None:
+        from onnxprune.validate import check_gates, format_validation
 
-        try:
-            result = _run_validation(
-                model,
-                str(report.output_path),
-                data=data,
-                batch_size=batch_size,
-                device=device,
-                input_shape=input_shape,
-                seed=seed,
-            )
-        except DataError as exc:
-            # what only running the models tells (an output width the file leaves open, ONNX
-            # Runtime refusing a batch): the data does not fit, so no pruned model is left
-            for path in model_files(report.output_path):
-                path.unlink(missing_ok=True)
-            raise DataError(f"{exc} (no pruned model was kept)") from None
-        report.extra["validation"] = result.to_dict()
         if not quiet:
             click.echo(format_validation(result))
-    if report_path:
-        write_json(report.to_dict(), report_path, force=force)
-    if result is not None:
-        from onnxprune.validate import check_gates
-
         check_gates(result, **gates)
 
 
@@ -978,9 +990,18 @@ def sweep_command(
         criteria=chosen,
     )
     click.echo(sweep.format_sweep(result))
-    if markdown:
-        writer.write_text(markdown, sweep.format_markdown(result) + "\n", force=force)
+    outputs: list[writer.StagedFile] = []
+    try:  # all of them or none
+        if markdown:
+            text = sweep.format_markdown(result) + "\n"
+            outputs.append(writer.stage_text(markdown, text, force=force))
+        if plot:
+            outputs.append(writer.stage_file(plot, sweep.drawing(result), force=force))
+        if report_path:
+            outputs.append(writer.stage_text(report_path, json_text(result.to_dict()), force=force))
+        writer.commit_all(outputs)
+    finally:
+        for item in outputs:
+            item.discard()
     if plot:
-        click.echo(f"plot written to {sweep.plot_sweep(result, plot, force=force)}")
-    if report_path:
-        write_json(result.to_dict(), report_path, force=force)
+        click.echo(f"plot written to {plot}")

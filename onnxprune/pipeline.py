@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxprune import io, rewrite, selection, sparse, weights
+from onnxprune import io, rewrite, selection, sparse, weights, writer
 from onnxprune.calibration import Calibration
 from onnxprune.errors import InvalidArgumentError
 from onnxprune.report import Report, step
@@ -123,6 +123,7 @@ def prune(
     output: str | os.PathLike | None = None,
     force: bool = False,
     save: io.Save | None = None,
+    commit: bool = True,
 ) -> tuple[ir.Model, Report]:
     """Prune a model (a path or an `ir.Model`, changed in place) and, if `output` is given, save it.
 
@@ -133,7 +134,10 @@ def prune(
     or magnitude; with `structured`, channels are chosen by the output error their removal causes
     and the layers that read them are re-solved by least squares. `save` sets how the output is
     written (`io.Save`: external data, sparse storage, the checker), `force` lets it replace a
-    file. Returns the pruned model and the report. Errors a user can cause raise `OnnxPruneError`.
+    file. `commit=False` leaves the output written and checked under temporary names beside it:
+    `report.staged` (an `io.StagedModel`) holds it for the caller to put in place together with
+    its other outputs (`writer.commit_all`, as the CLI does with the report) or to discard.
+    Returns the pruned model and the report. Errors a user can cause raise `OnnxPruneError`.
     """
     start = time.perf_counter()
     input_path = None if isinstance(model, ir.Model) else Path(model)
@@ -163,7 +167,7 @@ def prune(
     if output is not None:
         with step(f"writing {output}"):
             layout = io.sparse_layout(model, save.sparse_storage)
-            out = io.save_model(
+            staged = io.stage_model(
                 model,
                 output,
                 input_path=input_path,
@@ -174,8 +178,16 @@ def prune(
             )
         if layout is not None:
             report.extra["sparse_storage"] = layout.summary()
-        report.output_path = str(out)
-        report.size_after = io.file_size(out)
+        report.output_path = str(staged.out)
+        if commit:
+            try:
+                writer.commit_all([staged])
+            finally:
+                staged.discard()
+            report.size_after = io.file_size(staged.out)
+        else:
+            report.size_after = staged.size()
+            report.staged = staged
     report.seconds = round(time.perf_counter() - start, 3)
     return model, report
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,6 +371,11 @@ def check_plotting() -> None:
 
 def plot_sweep(result: Sweep, path: str | os.PathLike, *, force: bool = False) -> Path:
     """Accuracy (or agreement without labels) against sparsity, one line per method."""
+    return writer.write_file(path, drawing(result), force=force)
+
+
+def drawing(result: Sweep) -> Callable[[Path], None]:
+    """What `plot_sweep` draws, as a writer's `produce(temporary_path)` (a PNG)."""
     check_plotting()
     import matplotlib.pyplot as plt
 
@@ -396,7 +401,11 @@ def plot_sweep(result: Sweep, path: str | os.PathLike, *, force: bool = False) -
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        return writer.write_file(path, lambda tmp: fig.savefig(tmp, format="png"), force=force)
-    finally:
-        plt.close(fig)
+
+    def produce(tmp: Path) -> None:
+        try:
+            fig.savefig(tmp, format="png")
+        finally:
+            plt.close(fig)
+
+    return produce

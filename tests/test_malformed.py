@@ -5,6 +5,7 @@ Runtime runs them) are accepted and put in order."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -727,6 +728,21 @@ def test_external_locations_that_do_not_open_are_one_line(tmp_path, location, me
         assert snapshot(tmp_path) == before
     with pytest.raises(ModelLoadError, match=message):
         load_model(path)
+
+
+def test_a_hard_linked_data_file_is_one_line(tmp_path) -> None:
+    """onnx and onnx-ir refuse a data file with several names (a hard-link attack can bring a
+    file from elsewhere in): refused at the load in one line (it was an internal error when
+    onnx-ir read a small tensor of it)."""
+    path = _located(tmp_path, "m.data")
+    os.link(tmp_path / "m.data", tmp_path / "second name")
+    before = snapshot(tmp_path)
+    for args in ([path, "-s", "0.5", "-o", tmp_path / "o.onnx"], ["inspect", path]):
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "has 2 names (hard links); refused" in lines[0], lines
+        assert snapshot(tmp_path) == before
 
 
 def test_dotdot_through_a_folder_that_exists_just_works(tmp_path) -> None:

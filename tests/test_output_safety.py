@@ -5,6 +5,7 @@ documented exit code (0, 1, 2, 3, 130, 143)."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -230,8 +231,11 @@ def test_failure_at_every_step_of_a_save(tmp_path, monkeypatch, step) -> None:
 
 @pytest.mark.parametrize("step", io.SAVE_STEPS)
 def test_kill_at_every_step_of_a_save(tmp_path, step) -> None:
-    """SIGKILL (nothing can clean up): a reader still sees one whole model with its own data,
-    and the next run removes what the killed one left, and says so."""
+    """SIGKILL (nothing can clean up): a reader still sees one whole model with its own data.
+    The next run removes the killed run's temporary files and says so; a kill inside the commit
+    also leaves one final file that nothing reads (the new data file before the model was in
+    place, the replaced one after), which it names and never deletes (issue 20: a later run
+    deletes only provable temporaries)."""
     src, out, before = _previous_output(tmp_path)
     old = zeros(out)
     killer = (
@@ -259,7 +263,11 @@ def test_kill_at_every_step_of_a_save(tmp_path, step) -> None:
     assert not temporaries(tmp_path)
     names = sorted(os.listdir(tmp_path))
     data = [p.name for p in io.model_files(out)[1:]]
-    assert names == sorted(["m.onnx", "m.onnx.data", "o.onnx", *data]), names
+    left = sorted(set(names) - {"m.onnx", "m.onnx.data", "o.onnx", *data})
+    assert len(left) == (step in ("data placed", "committing", "committed")), names
+    for name in left:
+        assert f"{tmp_path / name} was left by a run killed while it put {out}" in again.stderr
+        assert (tmp_path / name).stat().st_size > 0
     if step not in ("cleaned",):
         assert "temporary file(s) an interrupted run left" in again.stderr
 
@@ -368,10 +376,13 @@ def test_a_signal_at_every_moment_of_a_run(tmp_path, moment, signum) -> None:
 def test_an_ignored_hang_up_stays_ignored(tmp_path, moment) -> None:
     """`nohup onnxprune ... &`: SIGHUP was ignored when the process started, so a hang-up at
     any moment, inside a commit too, leaves the run going (it died with 129)."""
-    src, out, _ = _previous_output(tmp_path)
+    src, out, before = _previous_output(tmp_path)
     proc = signalled(moment, signal.SIGHUP, src, "-s", "0.9", "-o", out, "--force", ignored=True)
     assert proc.returncode == 0, proc.stderr
     assert zeros(out) > zeros(src) and not temporaries(tmp_path)
+    assert {k: v for k, v in snapshot(tmp_path).items() if k.startswith("m.")} == {
+        k: v for k, v in before.items() if k.startswith("m.")
+    }
 
 
 def started(command: list[str], **popen: object) -> subprocess.Popen:
@@ -602,3 +613,283 @@ def test_a_forged_claim_never_reaches_outside_its_folder(tmp_path) -> None:
                      '"replaced": []}')  # fmt: skip
     assert invoke(src, "-s", "0.5", "-o", folder / "o.onnx").exit_code == 0
     assert victim.read_bytes() == b"keep" and not claim.exists()
+
+
+# -- issue 20: a later run deletes only its own temporaries -------------------------------------
+
+
+def forged(folder: Path, kind: str, pid: int = 999999999) -> Path:
+    """A name of onnxprune's own temporary pattern, this host, a pid that is not running."""
+    return folder / f"{writer.TEMP_PREFIX}{writer._HOST}-{pid}-f0.{kind}{writer.TEMP_SUFFIX}"
+
+
+def identity(path: Path) -> list[int]:
+    st = os.lstat(path)
+    return [st.st_dev, st.st_ino, st.st_size]
+
+
+@pytest.fixture
+def shared(tmp_path) -> tuple[Path, Path, Path, dict[str, bytes]]:
+    """A shared output folder: the input with its data file, a previous output with its data
+    file, a user's file, a symlink to a file in another folder; and that other folder."""
+    folder, elsewhere = tmp_path / "shared", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    src = external(folder)
+    out = folder / "o.onnx"
+    assert invoke(src, "-s", "0.5", "-o", out, "-q").exit_code == 0
+    (folder / "notes.txt").write_text("a colleague's notes")
+    (elsewhere / "victim.data").write_bytes(b"somebody's data")
+    os.symlink(elsewhere / "victim.data", folder / "link.data")
+    os.symlink(elsewhere / "victim.data", folder / "o.onnx.5.data")  # named like a data file
+    return src, out, elsewhere, {**snapshot(folder), **snapshot(elsewhere)}
+
+
+TARGETS = [
+    "m.onnx",
+    "m.onnx.data",
+    "o.onnx",
+    "o.onnx.data",
+    "notes.txt",
+    "link.data",
+    "o.onnx.5.data",
+    "../elsewhere/victim.data",
+]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("when", ["before the model", "after the model"])
+def test_a_forged_claim_deletes_nothing_it_names(shared, target, when) -> None:
+    """A claim written by anyone, naming the input, the output, a user file, a symlink or a file
+    in another folder, with their true device, inode and size (the strongest forgery): the run
+    deletes none of them, says nothing about them, and removes only the claim itself."""
+    src, out, elsewhere, before = shared
+    folder = src.parent
+    name = target
+    true = identity(folder / target) if os.path.lexists(folder / target) else [0, 0, 0]
+    record = {"model": out.name, "data": "", "replaced": []}
+    if when == "before the model":  # the output is not the claimed model: its data file goes
+        record.update(model_id=[0, 0], data=name, data_id=true)
+    else:  # the output is the claimed model: the files it replaced go
+        record.update(model_id=identity(out)[:2], replaced=[[name, *true]])
+    claim = forged(folder, "claim")
+    claim.write_text(json.dumps(record))
+    result = cli(src, "-s", "0.7", "-o", out, "--force", "-q")
+    assert result.returncode == 0, result.stderr
+    after = {**snapshot(folder), **snapshot(elsewhere)}
+    for kept in ("m.onnx", "m.onnx.data", "notes.txt", "link.data", "o.onnx.5.data"):
+        assert after[kept] == before[kept], kept
+    assert after["victim.data"] == before["victim.data"]
+    assert os.path.islink(folder / "link.data") and os.path.islink(folder / "o.onnx.5.data")
+    assert zeros(out) > zeros(src) and not temporaries(folder)
+    assert "was left by a run killed" not in result.stderr
+
+
+def test_forged_temporary_names_are_judged_by_what_they_are(shared) -> None:
+    """Named like onnxprune's temporaries of a dead run: a symlink (to a user file) is left
+    alone, a hard link to the input is left alone (the input is never touched), a hard link to a
+    user file loses only that name; the user's file and the input keep every byte."""
+    src, out, _, before = shared
+    folder = src.parent
+    symlink, to_input, to_user = forged(folder, "onnx"), forged(folder, "data"), forged(folder, "x")
+    os.symlink(folder / "notes.txt", symlink)
+    os.link(src, to_input)  # (a second name of its data file would make the input refused)
+    os.link(folder / "notes.txt", to_user)
+    result = cli(src, "-s", "0.7", "-o", out, "--force", "-q")
+    assert result.returncode == 0, result.stderr
+    assert os.path.islink(symlink) and to_input.exists() and not to_user.exists()
+    after = snapshot(folder)
+    for kept in ("m.onnx", "m.onnx.data", "notes.txt"):
+        assert after[kept] == before[kept]
+
+
+def test_an_input_named_like_a_temporary_is_never_removed(tmp_path) -> None:
+    src = forged(tmp_path, "onnx")
+    onnx.save(small_cnn(), str(src))
+    before = src.read_bytes()
+    result = cli(src, "-s", "0.5", "-o", tmp_path / "o.onnx", "-q")
+    assert result.returncode == 0, result.stderr
+    assert src.read_bytes() == before and zeros(tmp_path / "o.onnx") > 0
+    assert sorted(os.listdir(tmp_path)) == sorted([src.name, "o.onnx"])
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
+def test_another_users_temporary_is_left_alone(tmp_path) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    theirs = forged(tmp_path, "onnx")
+    theirs.write_bytes(b"another user's run")
+    os.chown(theirs, 65534, 65534)
+    assert cli(src, "-s", "0.5", "-o", tmp_path / "o.onnx", "-q").returncode == 0
+    assert theirs.read_bytes() == b"another user's run"
+
+
+# -- issue 20: a failed run leaves what was there -----------------------------------------------
+
+
+RACER = """
+import sys
+from contextlib import contextmanager
+from onnxprune import io, writer
+role = sys.argv[1]
+def say(word):
+    print(word, flush=True)
+if role == "holder":  # pauses inside its commit, holding the folder's lock
+    def fault(step):
+        if step == "data placed":
+            say("paused")
+            sys.stdin.readline()
+    io._fault = fault
+else:  # says when it is about to take the lock
+    real = writer.folder_lock
+    @contextmanager
+    def announced(folder):
+        say("locking")
+        with real(folder):
+            yield
+    writer.folder_lock = announced
+from onnxprune.cli import main
+main(sys.argv[2:])
+"""
+
+
+def test_two_forced_runs_onto_one_output_leave_one_data_file(tmp_path) -> None:
+    """Both read the output before either replaced it, and the earlier run's data file stayed
+    behind. Now they take turns: one commits while the other waits at the folder's lock, then
+    the second replaces the first's model and its data file with it."""
+    src, out, _ = _previous_output(tmp_path)
+    args = [src, "-s", "0.9", "-o", out, "--force", "--external-data", "-q"]
+
+    def start(role: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-c", RACER, role, *map(str, args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+
+    holder = start("holder")
+    assert holder.stdout.readline() == "paused\n", holder.communicate()
+    waiter = start("waiter")
+    assert waiter.stdout.readline() == "locking\n", waiter.communicate()
+    holder.stdin.write("go\n")
+    holder.stdin.flush()
+    for proc in (holder, waiter):
+        stderr = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 0, stderr
+    data = [p.name for p in io.model_files(out)[1:]]
+    assert len(data) == 1 and zeros(out) > zeros(src)
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.onnx", "m.onnx.data", "o.onnx", *data])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_a_commit_holds_its_folder_against_other_processes(tmp_path) -> None:
+    probe = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n"
+        "    sys.exit(1)\n"
+    )
+    command = [sys.executable, "-c", probe, str(tmp_path)]
+    with writer.folder_lock(tmp_path):
+        assert subprocess.run(command, timeout=60).returncode == 1
+    assert subprocess.run(command, timeout=60).returncode == 0
+
+
+def test_three_forced_runs_at_once_leave_one_model_and_its_data(tmp_path) -> None:
+    src, out, _ = _previous_output(tmp_path)
+    args = [sys.executable, "-m", "onnxprune", src, "-s", "0.9", "-o", out, "--force", "-q"]
+    args = [*map(str, args), "--external-data"]
+    procs = [subprocess.Popen(args, stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(3)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    data = [p.name for p in io.model_files(out)[1:]]
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.onnx", "m.onnx.data", "o.onnx", *data])
+
+
+def full_disk_for(part: str):
+    """`writer.sync` failing with ENOSPC for temporary files of one kind (`part`: reports and
+    tables; the model's are `onnx` and `data`)."""
+    real = writer.sync
+
+    def sync(path: Path) -> None:
+        if f".{part}{writer.TEMP_SUFFIX}" in path.name:
+            raise OSError(28, "No space left on device")
+        real(path)
+
+    return sync
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["fresh", "force-over-previous"])
+def test_a_report_the_disk_has_no_room_for_leaves_no_model(tmp_path, monkeypatch, previous):
+    """The report is written before anything is put in place: no room for it, and the folder is
+    as it was (with --force, the previous output, its data file and report too); the rerun
+    does not find an output "already exists"."""
+    src = external(tmp_path)
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    force = ["--force"] if previous else []
+    if previous:
+        assert invoke(src, "-s", "0.5", "-o", out, "--report", report, "-q").exit_code == 0
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(writer, "sync", full_disk_for("part"))
+    result = invoke(src, "-s", "0.9", "-o", out, "--report", report, "-q", *force)
+    assert result.exit_code == 2
+    assert "No space left on device" in one_line(result.stderr)
+    assert snapshot(tmp_path) == before and not temporaries(tmp_path)
+    monkeypatch.undo()
+    again = invoke(src, "-s", "0.9", "-o", out, "--report", report, "-q", *force)
+    assert again.exit_code == 0, again.output
+    assert json.loads(report.read_text())["output"] == str(out) and zeros(out) > 0
+
+
+def test_a_model_refused_at_its_commit_takes_the_report_back(tmp_path, monkeypatch) -> None:
+    """The report goes in place first; the model, last, is refused (a file appeared at the
+    output meanwhile): the report is taken back, and the file that appeared is not touched."""
+    src = external(tmp_path)
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+
+    def other_run_wins(step: str) -> None:
+        if step == "committing":
+            out.write_bytes(b"the other run's model")
+
+    monkeypatch.setattr(io, "_fault", other_run_wins)
+    result = invoke(src, "-s", "0.5", "-o", out, "--report", report)
+    assert result.exit_code == 2 and "created while this run worked" in one_line(result.stderr)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data", "o.onnx"]
+    assert out.read_bytes() == b"the other run's model"
+
+
+def test_a_forced_report_taken_back_restores_the_previous_one(tmp_path, monkeypatch) -> None:
+    src = external(tmp_path)
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    report.write_text("the previous report")
+
+    def refused(step: str) -> None:
+        if step == "committing":
+            raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(io, "_fault", refused)
+    result = invoke(src, "-s", "0.5", "-o", out, "--report", report, "--force")
+    assert result.exit_code in (2, 3) and "Traceback" not in result.stderr
+    assert report.read_text() == "the previous report"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data", "r.json"]
+
+
+def test_sweep_outputs_all_or_none(tmp_path, monkeypatch) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    markdown, report = tmp_path / "t.md", tmp_path / "r.json"
+    real = writer.sync
+
+    def no_room_for_the_second(path: Path) -> None:
+        if path.name.endswith(f".part{writer.TEMP_SUFFIX}") and no_room_for_the_second.seen:
+            raise OSError(28, "No space left on device")
+        no_room_for_the_second.seen += path.name.endswith(f".part{writer.TEMP_SUFFIX}")
+        real(path)
+
+    no_room_for_the_second.seen = 0
+    monkeypatch.setattr(writer, "sync", no_room_for_the_second)
+    args = ["sweep", src, "--sparsities", "0.5", "--markdown", markdown, "--report", report]
+    result = invoke(*args)
+    assert result.exit_code == 2 and "No space left" in one_line(result.stderr)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]

@@ -53,6 +53,8 @@ class Report:
     seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     channels: Any = None  # a selection.channels.ChannelPlan for structured runs
+    # an io.StagedModel: the output written but not yet in place (pipeline.prune(commit=False))
+    staged: Any = field(default=None, repr=False, compare=False)
 
     @property
     def warnings(self) -> list[str]:
@@ -154,9 +156,14 @@ def _compensation_lines(found: Any) -> list[str]:
     return lines + [f"constants: {notice}" for notice in found.notices]
 
 
+def json_text(data: dict[str, Any]) -> str:
+    """A report's JSON, as every command writes it."""
+    return json.dumps(data, indent=2) + "\n"
+
+
 def write_json(data: dict[str, Any], path: str | os.PathLike, *, force: bool = False) -> Path:
     """Write JSON through the one writer, like the model: whole or not at all, no clobbering."""
-    return writer.write_text(path, json.dumps(data, indent=2) + "\n", force=force)
+    return writer.write_text(path, json_text(data), force=force)
 
 
 def human_count(n: int | float) -> str:
