@@ -290,7 +290,7 @@ def _claim_leftovers(path: Path, leftover: Callable[[Path, Path], bool]) -> list
             recorded = [(_plain(record["data"]), tuple(record["data_id"]))]
         else:
             recorded = []
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # forged, truncated
         return []
     left = []
     for name, identity in recorded:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -659,7 +660,7 @@ TARGETS = [
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("when", ["before the model", "after the model"])
-def test_a_forged_claim_deletes_nothing_it_names(shared, target, when) -> None:
+def test_a_forged_claim_deletes_nothing_it_names(shared, target, when, caplog) -> None:
     """A claim written by anyone, naming the input, the output, a user file, a symlink or a file
     in another folder, with their true device, inode and size (the strongest forgery): the run
     deletes none of them, says nothing about them, and removes only the claim itself."""
@@ -674,15 +675,35 @@ def test_a_forged_claim_deletes_nothing_it_names(shared, target, when) -> None:
         record.update(model_id=identity(out)[:2], replaced=[[name, *true]])
     claim = forged(folder, "claim")
     claim.write_text(json.dumps(record))
-    result = cli(src, "-s", "0.7", "-o", out, "--force", "-q")
-    assert result.returncode == 0, result.stderr
+    result = invoke(src, "-s", "0.7", "-o", out, "--force", "-q")
+    assert result.exit_code == 0, result.output
     after = {**snapshot(folder), **snapshot(elsewhere)}
     for kept in ("m.onnx", "m.onnx.data", "notes.txt", "link.data", "o.onnx.5.data"):
         assert after[kept] == before[kept], kept
     assert after["victim.data"] == before["victim.data"]
     assert os.path.islink(folder / "link.data") and os.path.islink(folder / "o.onnx.5.data")
     assert zeros(out) > zeros(src) and not temporaries(folder)
-    assert "was left by a run killed" not in result.stderr
+    assert "was left by a run killed" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "content", ["[" * 60000 + "]" * 60000, "{" * 100000, "x" * (1 << 20), ""], ids=str.__len__
+)
+def test_a_claim_that_is_not_one_is_only_removed(shared, content) -> None:
+    """A nesting bomb, a truncated record, a megabyte of junk, nothing: exit 0, the claim gone
+    (a temporary of onnxprune's pattern, a dead run's), nothing else touched."""
+    src, out, elsewhere, before = shared
+    claim = forged(src.parent, "claim")
+    claim.write_text(content)
+    fifo = forged(src.parent, "data", pid=999999998)
+    os.mkfifo(fifo)  # never opened: not a regular file
+    result = invoke(src, "-s", "0.7", "-o", out, "--force", "-q")
+    assert result.exit_code == 0, result.output
+    assert not claim.exists() and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    after = {**snapshot(src.parent), **snapshot(elsewhere)}
+    assert {k: after[k] for k in ("m.onnx", "m.onnx.data", "notes.txt", "victim.data")} == {
+        k: before[k] for k in ("m.onnx", "m.onnx.data", "notes.txt", "victim.data")
+    }
 
 
 def test_forged_temporary_names_are_judged_by_what_they_are(shared) -> None:
@@ -695,8 +716,8 @@ def test_forged_temporary_names_are_judged_by_what_they_are(shared) -> None:
     os.symlink(folder / "notes.txt", symlink)
     os.link(src, to_input)  # (a second name of its data file would make the input refused)
     os.link(folder / "notes.txt", to_user)
-    result = cli(src, "-s", "0.7", "-o", out, "--force", "-q")
-    assert result.returncode == 0, result.stderr
+    result = invoke(src, "-s", "0.7", "-o", out, "--force", "-q")
+    assert result.exit_code == 0, result.output
     assert os.path.islink(symlink) and to_input.exists() and not to_user.exists()
     after = snapshot(folder)
     for kept in ("m.onnx", "m.onnx.data", "notes.txt"):
@@ -707,8 +728,8 @@ def test_an_input_named_like_a_temporary_is_never_removed(tmp_path) -> None:
     src = forged(tmp_path, "onnx")
     onnx.save(small_cnn(), str(src))
     before = src.read_bytes()
-    result = cli(src, "-s", "0.5", "-o", tmp_path / "o.onnx", "-q")
-    assert result.returncode == 0, result.stderr
+    result = invoke(src, "-s", "0.5", "-o", tmp_path / "o.onnx", "-q")
+    assert result.exit_code == 0, result.output
     assert src.read_bytes() == before and zeros(tmp_path / "o.onnx") > 0
     assert sorted(os.listdir(tmp_path)) == sorted([src.name, "o.onnx"])
 
@@ -719,7 +740,7 @@ def test_another_users_temporary_is_left_alone(tmp_path) -> None:
     theirs = forged(tmp_path, "onnx")
     theirs.write_bytes(b"another user's run")
     os.chown(theirs, 65534, 65534)
-    assert cli(src, "-s", "0.5", "-o", tmp_path / "o.onnx", "-q").returncode == 0
+    assert invoke(src, "-s", "0.5", "-o", tmp_path / "o.onnx", "-q").exit_code == 0
     assert theirs.read_bytes() == b"another user's run"
 
 
