@@ -265,6 +265,29 @@ def test_labels_beyond_an_open_output_width_keep_no_model(tmp_path) -> None:
     assert_user_error(result, "'labels' holds 3")
 
 
+def test_data_refused_by_the_run_keeps_the_previous_output(tmp_path) -> None:
+    """--force over an output: validation runs on the prepared model before anything is put in
+    place, so data that only the run refuses leaves the previous output, its report and the
+    input as they were (it deleted the new output, the old one already gone)."""
+    model = open_width(tmp_path)
+    rng = np.random.default_rng(0)
+    good = npz(tmp_path / "g.npz", x=rng.standard_normal((8, 4)).astype(np.float32))
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    first = invoke(model, "-s", "0.5", "-o", out, "--report", report, "--data", good, "-q")
+    assert first.exit_code == 0, first.output
+    bad = npz(
+        tmp_path / "d.npz",
+        x=rng.standard_normal((8, 4)).astype(np.float32),
+        labels=np.array([0, 1, 2, 3, 0, 1, 2, 0]),
+    )
+    before = _snapshot(tmp_path)
+    args = ["-s", "0.9", "-o", out, "--report", report, "--data", bad, "--force", "-q"]
+    result = invoke(model, *args)
+    assert_user_error(result, "'labels' holds 3, but the model's first output has 3 classes")
+    assert "(no pruned model was kept)" in result.stderr and ".onnxprune-" not in result.stderr
+    assert _snapshot(tmp_path) == before
+
+
 def test_labels_in_range_pass(model, tmp_path) -> None:
     path = npz(tmp_path / "d.npz", x=x(), labels=np.arange(SAMPLES) % 10)
     result = invoke(model, "-s", "0.5", "--data", path, "--device", "cpu", "-q")
