@@ -577,9 +577,13 @@ def prune_command(
     }
     # every argument before any file: a bad value is the first complaint
     pipeline.check_arguments(
-        sparsity, method=method, min_keep=min_keep, pattern=pattern, include=include,
+        sparsity,
+        method=method,
+        min_keep=min_keep,
+        pattern=pattern,
+        include=include,
         exclude=exclude,
-    )  # fmt: skip
+    )
     check_batch_size(batch_size)
     check_gate_values(**gates)
     channels = pipeline.structured_options(
