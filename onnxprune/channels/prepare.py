@@ -2,8 +2,9 @@
 arithmetic exporters write folded so that channels reshaped, split or sliced that way stay
 prunable.
 
-`PrepareChannelsPass` infers shapes, then repeats one round of four passes until a round changes
-nothing (each can make a later shape known to another): `FoldShapeArithmeticPass` (computed
+`PrepareChannelsPass` infers shapes, then repeats one round of five passes until a round changes
+nothing (each can make a later shape known to another): `FoldConstantsPass` (what chains fed by
+stored constants only compute, evaluated), `FoldShapeArithmeticPass` (computed
 Reshape targets, integer inputs the walk needs constant, scalars read as data),
 `StoreWeightViewsPass` (stored tensors reshaped are stored reshaped), `RegroupReshapesPass`
 (Reshape -> Transpose -> Reshape that merges axes only to split them again) and
@@ -22,8 +23,55 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 from onnxprune import ops
 from onnxprune.channels import shapemath
 from onnxprune.channels.walk import CONST_VIEWS, Walk
+from onnxprune.core.folding import evaluate
+from onnxprune.core.graphs import opset_version
 from onnxprune.core.tensors import const_tensor
 from onnxprune.ops.shape import resolve_target
+
+# A value a chain of stored constants hands to a node that reads data is stored when it is an
+# integer or bool tensor of at most this many elements (it is written with the model: Pad
+# amounts, axes, shapes; float chains of stored tensors are weights' views, left to
+# StoreWeightViewsPass and the walk's views).
+_FOLD_STORED_LIMIT = 1 << 12
+
+
+class FoldConstantsPass(ir.passes.InPlacePass):
+    """Evaluate the main graph's nodes fed by stored constants only, and store each small
+    integer value such a chain hands to a node that reads data (torch's Pad lowering computes
+    the amounts from constants: Shape of a constant -> Gather -> Sub -> ConstantOfShape ->
+    Concat -> Reshape -> Slice -> Transpose -> Reshape -> Cast -> Pad; the Pad's output then
+    has no static size and the walk would freeze every channel behind it). Evaluated with
+    onnx's reference implementation at the model's opset; a node it cannot evaluate stays."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        version = opset_version(model)
+        known: dict[ir.Value, np.ndarray] = {}
+        for node in model.graph:
+            found = evaluate(node, known, version)
+            if found is not None:
+                known.update(zip(node.outputs, found, strict=True))
+        folded = 0
+        for value, array in known.items():
+            if array.dtype.kind not in "iub" or array.size > _FOLD_STORED_LIMIT:
+                continue
+            if value.is_graph_output():
+                continue
+            readers = [(u.node, u.idx) for u in value.uses() if u.node.outputs[0] not in known]
+            if not readers:
+                continue
+            name = f"{value.name or 'folded'}_folded"
+            while name in model.graph.initializers:
+                name += "_"
+            tensor = ir.Tensor(np.array(array, order="C"), name=name)  # keeps 0-d as 0-d
+            const = ir.Value(
+                name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype)
+            )
+            const.const_value = tensor
+            model.graph.register_initializer(const)
+            for reader, index in readers:
+                reader.replace_input_with(index, const)
+            folded += 1
+        return ir.passes.PassResult(model, folded > 0)
 
 
 class FoldShapeArithmeticPass(ir.passes.InPlacePass):
@@ -51,7 +99,9 @@ class FoldShapeArithmeticPass(ir.passes.InPlacePass):
                     target, copies = found
                     array = np.array(target, dtype=np.int64)
                     if copies:
-                        node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
+                        # 0 copies the input's dim: allowzero's default, and the only meaning
+                        # below opset 14, where the attribute does not exist
+                        node.attributes.pop("allowzero", None)
                 else:
                     producer = value.producer()
                     if producer is None or producer.op_type not in (*shapemath.SHAPE_MATH, "Shape"):
@@ -377,6 +427,7 @@ class PrepareChannelsPass(ir.passes.PassManager):
 
     def __init__(self, rounds: int = 64) -> None:
         one_round = ir.passes.Sequential(
+            FoldConstantsPass(),
             FoldShapeArithmeticPass(),
             StoreWeightViewsPass(),
             RegroupReshapesPass(),
