@@ -24,6 +24,8 @@ import onnx_ir as ir
 
 from onnxprune import ops
 from onnxprune.core import quantized
+from onnxprune.core.folding import untaken_branches
+from onnxprune.core.graphs import opset_version
 from onnxprune.core.patterns import fixed_transform
 from onnxprune.core.quantized import DequantizedTensor, Quantization
 from onnxprune.core.tensors import const_tensor
@@ -449,19 +451,6 @@ class Untaken:
     inputs: dict[str, float | int | bool]  # the scalar inputs that decide it
     weights: list[str]
 
-    def describe(self) -> str:
-        given = ", ".join(f"{k}={v:g}" if not isinstance(v, bool) else f"{k}={v}"
-                          for k, v in self.inputs.items())  # fmt: skip
-        what = (
-            f"{len(self.weights)} weight(s) read only there ({', '.join(self.weights[:3])}"
-            + (" ..." if len(self.weights) > 3 else "")
-            + ") are pruned all the same; no sample reaches them, so validation cannot show "
-            "what their pruning does"
-            if self.weights
-            else "no weight is read only there"
-        )
-        return f"the {self.branch} of If {self.node!r} never runs for {given}: {what}"
-
     def to_dict(self) -> dict[str, object]:
         return {"if": self.node, "branch": self.branch, "inputs": self.inputs,
                 "weights": self.weights}  # fmt: skip
@@ -472,9 +461,6 @@ def untaken(
 ) -> list[Untaken]:
     """The If branches the scalar `inputs` (fed the same in every run) never take, and the
     weights of `found` read only inside them."""
-    from onnxprune.core.folding import untaken_branches
-    from onnxprune.core.graphs import opset_version
-
     by_name = {v.name: v for v in model.graph.inputs}
     values = {
         by_name[name]: np.asarray(a)

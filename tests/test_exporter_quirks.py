@@ -28,6 +28,7 @@ from onnxprune.cli import main
 from onnxprune.core.graphs import opset_problems
 from onnxprune.core.patterns import fixed_transform
 from onnxprune.options import Calibration, Selection, Structured, Validation
+from onnxprune.report.weights import untaken_line
 from onnxprune.storage import io
 from tests import builders, channel_models
 from tests import export_builders as eb
@@ -231,7 +232,7 @@ def test_untaken_if_branches_are_reported(tmp_path: Path) -> None:
     )
     (branch,) = report.untaken
     assert (branch.node, branch.branch, branch.inputs) == ("if_16k", "else_branch", {"sr": 16000})
-    assert "never runs for sr=16000" in branch.describe()
+    assert "else_branch of If 'if_16k' for sr=16000" in untaken_line(branch)
     model = ir.serde.deserialize_model(_branch_local_weights())
     found = weights.find_weights(model).weights
     (only,) = weights.untaken(model, found, {"sr": np.array(16000)})

@@ -23,16 +23,9 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 from onnxprune import ops
 from onnxprune.channels import shapemath
 from onnxprune.channels.walk import CONST_VIEWS, Walk
-from onnxprune.core.folding import evaluate
-from onnxprune.core.graphs import opset_version
+from onnxprune.core.folding import fold_constants
 from onnxprune.core.tensors import const_tensor
 from onnxprune.ops.shape import resolve_target
-
-# A value a chain of stored constants hands to a node that reads data is stored when it is an
-# integer or bool tensor of at most this many elements (it is written with the model: Pad
-# amounts, axes, shapes; float chains of stored tensors are weights' views, left to
-# StoreWeightViewsPass and the walk's views).
-_FOLD_STORED_LIMIT = 1 << 12
 
 
 class FoldConstantsPass(ir.passes.InPlacePass):
@@ -44,34 +37,7 @@ class FoldConstantsPass(ir.passes.InPlacePass):
     onnx's reference implementation at the model's opset; a node it cannot evaluate stays."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        version = opset_version(model)
-        known: dict[ir.Value, np.ndarray] = {}
-        for node in model.graph:
-            found = evaluate(node, known, version)
-            if found is not None:
-                known.update(zip(node.outputs, found, strict=True))
-        folded = 0
-        for value, array in known.items():
-            if array.dtype.kind not in "iub" or array.size > _FOLD_STORED_LIMIT:
-                continue
-            if value.is_graph_output():
-                continue
-            readers = [(u.node, u.idx) for u in value.uses() if u.node.outputs[0] not in known]
-            if not readers:
-                continue
-            name = f"{value.name or 'folded'}_folded"
-            while name in model.graph.initializers:
-                name += "_"
-            tensor = ir.Tensor(np.array(array, order="C"), name=name)  # keeps 0-d as 0-d
-            const = ir.Value(
-                name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype)
-            )
-            const.const_value = tensor
-            model.graph.register_initializer(const)
-            for reader, index in readers:
-                reader.replace_input_with(index, const)
-            folded += 1
-        return ir.passes.PassResult(model, folded > 0)
+        return ir.passes.PassResult(model, fold_constants(model) > 0)
 
 
 class FoldShapeArithmeticPass(ir.passes.InPlacePass):

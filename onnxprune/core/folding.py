@@ -13,11 +13,17 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.core.graphs import opset_version
 from onnxprune.core.tensors import const_tensor
 
 # A node is evaluated when its inputs hold at most this many elements together (a Shape reads
 # only its input's dims) and so do its outputs.
 INPUT_LIMIT = 1 << 16
+# A value a chain of stored constants hands to a node that reads data is stored when it is an
+# integer or bool tensor of at most this many elements (it is written with the model where the
+# model is written: Pad amounts, axes, shapes; float chains of stored tensors are weights' views,
+# left as they are).
+STORED_LIMIT = 1 << 12
 # Ops never evaluated: their result is not a function of their inputs alone, or they hold a body.
 NOT_EVALUATED = frozenset(
     {"Constant", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
@@ -115,3 +121,33 @@ def untaken_branches(
             if results is not None:
                 known.update(zip(node.outputs, results, strict=True))
     return found
+
+
+def fold_constants(model: ir.Model) -> int:
+    """Evaluate the main graph's nodes fed by stored constants only, and store each small
+    integer value such a chain hands to a node that reads data, in place of the chain's output
+    (the chain itself is left for unused-node removal). Returns how many values were stored."""
+    version = opset_version(model)
+    known: dict[ir.Value, np.ndarray] = {}
+    for node in model.graph:
+        found = evaluate(node, known, version)
+        if found is not None:
+            known.update(zip(node.outputs, found, strict=True))
+    folded = 0
+    for value, array in known.items():
+        if array.dtype.kind not in "iub" or array.size > STORED_LIMIT or value.is_graph_output():
+            continue
+        readers = [(u.node, u.idx) for u in value.uses() if u.node.outputs[0] not in known]
+        if not readers:
+            continue
+        name = f"{value.name or 'folded'}_folded"
+        while name in model.graph.initializers:
+            name += "_"
+        tensor = ir.Tensor(np.array(array, order="C"), name=name)  # keeps 0-d as 0-d
+        const = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+        const.const_value = tensor
+        model.graph.register_initializer(const)
+        for reader, index in readers:
+            reader.replace_input_with(index, const)
+        folded += 1
+    return folded

@@ -46,6 +46,23 @@ def _compensation_lines(found: Any) -> list[str]:
     return lines + [f"constants: {notice}" for notice in found.notices]
 
 
+def untaken_line(branch: Any) -> str:
+    """An If branch the run's inputs never take (`weights.Untaken`), and what that means."""
+    given = ", ".join(
+        f"{k}={v}" if isinstance(v, bool) else f"{k}={v:g}" for k, v in branch.inputs.items()
+    )
+    names = branch.weights
+    what = (
+        f"{len(names)} weight(s) read only there ({', '.join(names[:3])}"
+        + (" ..." if len(names) > 3 else "")
+        + ") are pruned all the same; no sample reaches them, so validation cannot show what "
+        "their pruning does"
+        if names
+        else "no weight is read only there"
+    )
+    return f"never runs: the {branch.branch} of If {branch.node!r} for {given}: {what}"
+
+
 def skipped_lines(skipped: list[tuple[str, str]]) -> list[str]:
     """One line per skipped tensor; where many share a kind of reason (biases, tables), one
     line for them with a few names."""
@@ -135,7 +152,7 @@ def format_report(report: Report) -> str:
         if report.compensation is not None:
             lines += _compensation_lines(report.compensation)
         lines += skipped_lines(report.skipped)
-        lines += [f"never runs: {u.describe()}" for u in report.untaken]
+        lines += [untaken_line(u) for u in report.untaken]
         if report.size_after is not None:
             lines.append(
                 f"size: {human_bytes(report.size_before)} -> {human_bytes(report.size_after)}"
@@ -201,7 +218,7 @@ def format_report(report: Report) -> str:
         )
     lines += _sparse_lines(report)
     lines += skipped_lines(report.skipped)
-    lines += [f"never runs: {u.describe()}" for u in report.untaken]
+    lines += [untaken_line(u) for u in report.untaken]
     if report.calibration is not None:
         lines += _calibration_notes(report.calibration)
     for warning in plan.warnings:
