@@ -16,6 +16,7 @@ initial states are never pruned.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -164,11 +165,12 @@ def _trace_uses(
     indices, Unsqueeze, Squeeze; an exporter reordering an LSTM's gates, in an If branch too)
     are followed like Transpose: each piece is then read as the layer it reaches reads it."""
     uses: list[Use] = []
-    # stack of (value, axis map from the value's axes to the stored tensor's axes, path)
+    # queue of (value, axis map from the value's axes to the stored tensor's axes, path), first
+    # in first out: uses come in graph order (an If's then branch before its else branch)
     start: ops.AxisMap = list(range(rank))
-    stack: list[tuple[ir.Value, ops.AxisMap, tuple[str, ...]]] = [(value, start, ())]
+    stack: deque[tuple[ir.Value, ops.AxisMap, tuple[str, ...]]] = deque([(value, start, ())])
     while stack:
-        current, axes, via = stack.pop()
+        current, axes, via = stack.popleft()
         if id(current) in graph_outputs or (via and current.is_graph_output()):
             return uses, "it is also a graph output" + (f" (through {via[-1]})" if via else "")
         for usage in current.uses():
