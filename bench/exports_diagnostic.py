@@ -67,10 +67,12 @@ MODES: list[tuple[str, list[str]]] = [
      ["--structured", "-s", "0.3", "--calibration", "{C}", "--data", "{V}"]),
     ("2:4", ["--pattern", "2:4", "--data", "{V}"]),
 ]
-SHAPES = {  # sizes of generated inputs that onnxprune cannot guess (batch off axis 0)
+SHAPES = {  # sizes of generated inputs the model leaves open (a sequence, an image width)
     "vad_silero_like": ["input=1x512", "state=2x1x128"],
     "builder:vad_lstm": ["input=1x64", "state=2x1x32"],
     "bert_tiny": ["input_ids=1x16", "attention_mask=1x16", "token_type_ids=1x16"],
+    "paddle_ocr_rec": ["x=1x3x32x96"],
+    "builder:paddle_ocr_opset11": ["x=1x3x16x64"],
 }
 FULL_WIDTH_MODES = {"mag 0.5 (generated inputs)", "sparsegpt 0.5", "structured 0.3 calibrated"}
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.core.folding import fold_constants
 from onnxprune.core.graphs import infer_shapes
 from onnxprune.core.tensors import const_tensor
 from onnxprune.ops import MAC_OPS, node_macs  # the ops with a MAC count, and the one counter
@@ -190,7 +191,8 @@ def resolve_shapes(
             value.shape = ir.Shape(input_shapes[value.name])
     for _ in range(ROUNDS):
         _infer(model)
-        if not _fold(model, input_values or {}):
+        # chains of stored constants (torch's Pad amounts) too, which shape arithmetic leaves
+        if not _fold(model, input_values or {}) + fold_constants(model):
             break
 
 

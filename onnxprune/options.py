@@ -204,6 +204,9 @@ class Calibration:
     # structured: channels chosen in this many steps, each re-scoring what is left (None: as
     # many as the layers' sizes allow, the criterion's choice)
     steps: int | None = None
+    # input -> the axis its samples are stacked on, where the model's symbolic dims do not say
+    # (inputs.batch_axes_of); --batch-axis NAME=K
+    batch_axes: Mapping[str, int] | None = None
 
     def __post_init__(self) -> None:
         from onnxprune.scoring import importance
@@ -225,6 +228,7 @@ class Calibration:
             raise InvalidArgumentError(f"--batch-size {self.batch_size}: must be at least 1")
         if not (math.isfinite(self.damp) and self.damp > 0):
             raise InvalidArgumentError(f"damp {self.damp!r}: must be a positive number")
+        check_batch_axes(self.batch_axes)
 
 
 @dataclass(frozen=True)
@@ -271,6 +275,14 @@ class Save:
     check: bool = True
 
 
+def check_batch_axes(axes: Mapping[str, int] | None) -> None:
+    """--batch-axis values: input names to axes, each a whole number >= 0 (whether the model
+    has that input and axis is checked against the model)."""
+    for name, axis in (axes or {}).items():
+        if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+            raise InvalidArgumentError(f"--batch-axis {name}={axis!r}: must be an axis >= 0")
+
+
 def check_gate_values(**gates: float | None) -> None:
     """Gate thresholds in range and finite, before any work: a NaN threshold would pass all."""
     for key, value in gates.items():
@@ -296,11 +308,15 @@ class Validation:
     min_agreement: float | None = None
     min_cosine: float | None = None
     latency: bool = True
+    # input -> the axis its samples are stacked on, where the model's symbolic dims do not say
+    # (inputs.batch_axes_of); --batch-axis NAME=K
+    batch_axes: Mapping[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
             raise InvalidArgumentError(f"--batch-size {self.batch_size}: must be at least 1")
         check_gate_values(**self.gates)
+        check_batch_axes(self.batch_axes)
 
     @property
     def gates(self) -> dict[str, float | None]:
@@ -309,4 +325,3 @@ class Validation:
             "min_agreement": self.min_agreement,
             "min_cosine": self.min_cosine,
         }
-

@@ -17,12 +17,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxprune import channels as channel_graph
 from onnxprune import selection, weights
 from onnxprune.calibration import CalibrationSummary, capture
-from onnxprune.core.graphs import copy_model
+from onnxprune.core.graphs import copy_model, dynamic_dims
 from onnxprune.core.progress import step
 from onnxprune.errors import DataError, InvalidArgumentError, ValidationFailed
 from onnxprune.options import (
@@ -56,12 +57,13 @@ def prune_weights(
     scores with the pruned layers repaired from the samples."""
     with step("finding weights"):
         found = weights.find_weights(model, include=options.include, exclude=options.exclude)
+        skipped = found.skipped + weights.account(model, found)
     select = {"method": options.method, "min_keep": options.min_keep, "pattern": options.pattern}
     with step(f"ranking {found.total:,} weights"):
         # by magnitude first, also with calibration: every argument error and an infeasible
         # minimum surface before the samples run
         plan = selection.plan(found.weights, options.sparsity, **select)
-    report = Report(plan=plan, skipped=found.skipped)
+    report = Report(plan=plan, skipped=skipped)
     if calibration is None:
         if options.method == "global" and options.pattern is None:
             hazard = magnitude_hazard(found.weights)
@@ -96,7 +98,7 @@ def prune_weights(
     summary.passes += repair.result.passes
     return Report(
         plan=plan,
-        skipped=found.skipped,
+        skipped=skipped,
         calibration=summary,
         errors=dict(repair.result.errors),
         zeros=dict(repair.result.zeros),
@@ -122,8 +124,13 @@ def prune_channels(
     includes = compile_patterns(options.include, "--include")
     excludes = compile_patterns(options.exclude, "--exclude")
     with step("tracing channels"):
+        # what the report accounts for is named as the input names it, before preparation
+        found = weights.find_weights(model)
+        accounted = found.skipped + weights.account(model, found)
+        fixed = {value.name: why for value, why in found.fixed.items()}
         channel_graph.prepare(model)
         graph = channel_graph.build(model, heads=settings.heads)
+        channel_graph.freeze_tensors(graph, fixed)
 
     def named(layer: channel_graph.Layer, patterns: list) -> bool:
         return any(p.search(n) for p in patterns for n in (layer.name, layer.member.value.name))
@@ -136,8 +143,11 @@ def prune_channels(
         channel_graph.freeze_layers(graph, hit, "matched by --exclude")
     channel_graph.check_removable(graph)
     if calibration is not None or settings.compensate:  # the samples run through the weights
-        found = weights.find_weights(model, include=options.include, exclude=options.exclude)
-        weights.check_finite((w.name, w.tensor()) for w in found.weights)
+        run_through = weights.find_weights(model, include=options.include, exclude=options.exclude)
+        weights.check_finite((w.name, w.tensor()) for w in run_through.weights)
+    listed = {m.value.name for m in graph.members if m.role in ("out", "in")}
+    listed |= {u.weight for u in graph.unreached}
+    skipped = [(name, why) for name, why in accounted if name not in listed]
     select = {
         "min_keep": options.min_keep,
         "round_to": settings.round_to,
@@ -145,7 +155,9 @@ def prune_channels(
         "input_shapes": settings.input_shapes,
     }
     if calibration is not None:
-        return _calibrated_channels(model, graph, options.sparsity, select, calibration)
+        report = _calibrated_channels(model, graph, options.sparsity, select, calibration)
+        report.skipped = skipped
+        return report
     with step("ranking channels"):
         plan = channel_selection.plan_channels(model, graph, options.sparsity, **select)
     constants = None
@@ -158,7 +170,7 @@ def prune_channels(
         RemoveChannelsPass(plan)(model)
     if constants is not None:
         compensation.CompensateConstantsPass(constants)(model)
-    return Report(plan=None, channels=plan, compensation=constants)
+    return Report(plan=None, channels=plan, compensation=constants, skipped=skipped)
 
 
 def _calibrated_channels(
@@ -237,6 +249,7 @@ class PrunePass(ir.passes.InPlacePass):
         self.report: Report | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        dynamic_dims(model)  # -1 dims of a model built in memory (a file's are read so)
         if self.structured is not None:
             self.report = prune_channels(model, self.options, self.structured, self.calibration)
         else:
@@ -353,6 +366,7 @@ def prune(
     pruner(model)
     result = pruner.report
     assert result is not None
+    result.untaken = _untaken(model, calibration, validation)
     if input_path is not None:
         result.input_path = str(input_path)
         result.size_before = io.file_size(input_path)
@@ -384,12 +398,50 @@ def prune(
     return model, result
 
 
+def _untaken(
+    model: ir.Model, calibration: Calibration | None, validation: Validation | None
+) -> list[weights.Untaken]:
+    """The If branches that the run's inputs never take: decided by inputs fed one value for
+    every sample (a sample rate) in the calibration samples, the validation data, or what
+    validation generates (the value the graph compares the input with), under all of them."""
+    from onnxprune import inputs as _inputs
+
+    sources = []
+    if calibration is not None:
+        sources.append(_inputs.scalar_arrays(calibration.data, "--calibration"))
+    if validation is not None and validation.data is not None:
+        sources.append(_inputs.scalar_arrays(validation.data))
+    elif validation is not None:
+        from onnxprune.calibration import model_input_specs
+
+        specs = {s.name: s for s in model_input_specs(model) if not s.shape}
+        usable = _inputs.usable_values(model, list(specs.values()))
+        sources.append(
+            {
+                name: np.asarray(u.fill, dtype=specs[name].dtype)
+                for name, u in usable.items()
+                if u.fill is not None
+            }
+        )
+    sources = [s for s in sources if s]
+    if not sources:
+        return []
+    found = weights.find_weights(model).weights
+    runs = [weights.untaken(model, found, values) for values in sources]
+    never = set.intersection(*({(u.node, u.branch) for u in run} for run in runs))
+    return [u for u in runs[0] if (u.node, u.branch) in never]
+
+
 def _preflight(model: Path, calibration: Calibration | None, validation: Validation | None) -> None:
     """Bad samples, batch size or gate values stop the run here, before a model is written."""
     from onnxprune.validate import preflight
 
     data = None if validation is None else validation.data
     calib = None if calibration is None else calibration.data
+    axes = {
+        **dict((calibration and calibration.batch_axes) or {}),
+        **dict((validation and validation.batch_axes) or {}),
+    }
     preflight(
         model,
         data=data if isinstance(data, str | os.PathLike) else None,
@@ -397,6 +449,7 @@ def _preflight(model: Path, calibration: Calibration | None, validation: Validat
         validating=validation is not None,
         batch_size=(validation or calibration).batch_size,  # type: ignore[union-attr]
         input_shapes=None if validation is None else validation.input_shapes,
+        batch_axes=axes,
         **({} if validation is None else validation.gates),
     )
 
@@ -446,6 +499,7 @@ def _validate(result: Report, options: Validation, candidate: object) -> None:
             input_shapes=options.input_shapes,
             seed=options.seed,
             latency=options.latency,
+            batch_axes=dict(options.batch_axes or {}),
         )
     except DataError as exc:
         said = str(exc) if path is None else str(exc).replace(str(path), str(result.output_path))
@@ -468,6 +522,7 @@ def inspect(
     if not isinstance(model, ir.Model):
         model = io.load_model(model)
     found = weights.find_weights(model, include=include, exclude=exclude)
+    found.skipped += weights.account(model, found)
     if not found.weights:
         # the same error as pruning would give, so inspect answers "can this be pruned?"
         selection.plan(found.weights)

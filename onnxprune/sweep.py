@@ -155,6 +155,7 @@ def sweep(
     structured: bool | Structured | None = None,
     calibration: Calibration | None = None,
     criteria: Sequence[str] | None = None,
+    batch_axes: dict[str, int] | None = None,
 ) -> Sweep:
     """Prune `model` at each sparsity with each method, validate each against the dense model.
 
@@ -163,6 +164,8 @@ def sweep(
 
     `structured` (channel removal's settings) as in `pipeline.prune`; structured rows are timed
     too (median latency of one batch), unstructured ones are not (zeros are not faster).
+    `batch_axes` (input -> axis) overrides the batch axes read from the model, for the data and
+    the calibration samples alike.
     """
     sparsities = parse_sparsities(sparsities)
     structured = Structured() if structured is True else structured or None
@@ -178,6 +181,7 @@ def sweep(
             input_shapes=input_shapes,
             seed=seed,
             model=path,
+            batch_axes=batch_axes,
         )
         for notice in inputs.notices:
             log.info("%s", notice)

@@ -16,7 +16,8 @@ initial states are never pruned.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,8 +25,11 @@ import onnx_ir as ir
 
 from onnxprune import ops
 from onnxprune.core import quantized
+from onnxprune.core.folding import untaken_branches
+from onnxprune.core.graphs import opset_version
+from onnxprune.core.patterns import fixed_transform
 from onnxprune.core.quantized import DequantizedTensor, Quantization
-from onnxprune.core.tensors import tensor_chunks
+from onnxprune.core.tensors import const_tensor, tensor_chunks
 from onnxprune.errors import ModelLoadError
 from onnxprune.options import compile_patterns
 
@@ -138,6 +142,9 @@ class Found:
 
     weights: list[Weight] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # stored tensors in weight slots whose values are a fixed transform (a DFT basis, an
+    # arange projection): skipped, and frozen by channel removal; the stored value -> why
+    fixed: dict[ir.Value, str] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -154,14 +161,19 @@ def _trace_uses(
 ) -> tuple[list[Use], str | None]:
     """Follow a constant forward to its weight slots; name the first use that is not one.
 
-    A quantized weight's q goes through its DequantizeLinear (`dequantize`) first."""
+    A quantized weight's q goes through its DequantizeLinear (`dequantize`) first. Views that
+    cut or place pieces of it (`ops.view_axes`: Slice, Concat, Split, a Gather of stored
+    indices, Unsqueeze, Squeeze; an exporter reordering an LSTM's gates, in an If branch too)
+    are followed like Transpose: each piece is then read as the layer it reaches reads it."""
     uses: list[Use] = []
-    # stack of (value, axis map from the value's axes to the stored tensor's axes, path)
-    stack: list[tuple[ir.Value, list[int], tuple[str, ...]]] = [(value, list(range(rank)), ())]
+    # queue of (value, axis map from the value's axes to the stored tensor's axes, path), first
+    # in first out: uses come in graph order (an If's then branch before its else branch)
+    start: ops.AxisMap = list(range(rank))
+    stack: deque[tuple[ir.Value, ops.AxisMap, tuple[str, ...]]] = deque([(value, start, ())])
     while stack:
-        current, axes, via = stack.pop()
-        if id(current) in graph_outputs:
-            return uses, "it is also a graph output"
+        current, axes, via = stack.popleft()
+        if id(current) in graph_outputs or (via and current.is_graph_output()):
+            return uses, "it is also a graph output" + (f" (through {via[-1]})" if via else "")
         for usage in current.uses():
             node, idx = usage.node, usage.idx
             if dequantize is not None and node is dequantize and idx == 0 and current is value:
@@ -173,17 +185,41 @@ def _trace_uses(
                     if to not in FLOAT_TYPES:
                         return uses, f"it is cast to {to.name} by {node.name or 'a Cast'}"
                 mapped = (
-                    [axes[p] for p in _perm(node, rank)] if node.op_type == "Transpose" else axes
+                    [axes[p] for p in _perm(node, len(axes))]
+                    if node.op_type == "Transpose"
+                    else axes
                 )
                 stack.append((node.outputs[0], mapped, (*via, node.op_type)))
                 continue
-            slot = ops.weight_axes(node, idx, rank)
+            views = ops.view_axes(node, idx, axes) if node.domain in ("", "ai.onnx") else None
+            if views is not None and dequantize is None:
+                for out, mapped in zip(node.outputs, views, strict=True):
+                    stack.append((out, mapped, (*via, node.op_type)))
+                continue
+            slot = ops.weight_axes(node, idx, len(axes))
+            name = node.name or node.outputs[0].name
             if slot is None:
-                name = node.name or node.outputs[0].name
                 return uses, f"it is also read by {node.op_type} {name!r}, which is not pruned"
             out_axis, in_axis = (None if a is None else axes[a] for a in slot)
-            uses.append(Use(node, idx, out_axis, in_axis, via))
+            if any(a is not None and axes[a] is None for a in slot):
+                return uses, f"{node.op_type} {name!r} reads it along an axis it does not store"
+            use = Use(node, idx, out_axis, in_axis, via)
+            if all((u.node, u.input_index, u.out_axis, u.in_axis) != key(use) for u in uses):
+                uses.append(use)  # the pieces of one tensor one slot reads: one use
+    pieces = {(u.out_axis, u.in_axis) for u in uses}
+    if len(pieces) > 1 and any(_cut(u) for u in uses):
+        return uses, "its pieces are read along different axes by the layers they reach"
     return uses, None
+
+
+def key(use: Use) -> tuple[ir.Node, int, int | None, int | None]:
+    return use.node, use.input_index, use.out_axis, use.in_axis
+
+
+def _cut(use: Use) -> str | None:
+    """The first view on a use's way that cuts or places pieces (not Transpose, Cast, Identity,
+    DequantizeLinear)."""
+    return next((op for op in use.via if op in ops.VIEW_OPS), None)
 
 
 def source_of(value: ir.Value) -> tuple[ir.Value, ir.Node | None, ir.Node | None] | None:
@@ -213,6 +249,40 @@ def source_of(value: ir.Value) -> tuple[ir.Value, ir.Node | None, ir.Node | None
     return None
 
 
+def stored_sources(
+    value: ir.Value | None, depth: int = 0
+) -> list[tuple[ir.Value, ir.Node | None, ir.Node | None]] | None:
+    """The stored constants a weight slot's input is made of: `source_of`, or, through views
+    that cut and place pieces (`ops.view_axes`), every constant the pieces come from; None
+    where some part of it is computed from anything but stored constants."""
+    if value is None or depth > 64:
+        return None
+    direct = source_of(value)
+    if direct is not None:
+        return [direct]
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type in PASS_THROUGH:
+        return stored_sources(node.inputs[0], depth + 1)
+    data = range(len(node.inputs)) if node.op_type == "Concat" else (0,)
+    found: list[tuple[ir.Value, ir.Node | None, ir.Node | None]] = []
+    for index in data:
+        source = node.inputs[index]
+        if source is None or ops.view_axes(node, index, [0] * (_rank(source) or 0)) is None:
+            return None
+        pieces = stored_sources(source, depth + 1)
+        if pieces is None:
+            return None
+        found += pieces
+    return found
+
+
+def _rank(value: ir.Value) -> int | None:
+    tensor = const_tensor(value)
+    if tensor is not None:
+        return len(tensor.shape)
+    return None if value.shape is None else len(value.shape)
 
 
 def check_finite(tensors: Iterable[tuple[str, ir.TensorProtocol]]) -> None:
@@ -253,65 +323,186 @@ def find_weights(
     graph_outputs = {id(v) for v in model.graph.outputs}
     found = Found()
     seen: set[int] = set()
+    candidates = []
     for node in model.graph.all_nodes():
         slots = ops.weight_inputs(node)
-        if not slots:
-            continue
         for idx, inp in enumerate(node.inputs):
-            if inp is None or idx not in slots:
-                continue
-            source = source_of(inp)
-            if source is None:
-                continue
-            value, constant, dequantize = source
-            key = id(constant) if constant is not None else id(value)
-            if key in seen:
-                continue
-            seen.add(key)
-            tensor = constant.attributes["value"].value if constant else value.const_value
-            name = value.name or (constant.name if constant else "") or f"weight_{len(seen)}"
-            shape = tuple(int(d) for d in tensor.shape)
-            quant = None
-            if dequantize is not None:
-                if len(shape) < 2:
-                    continue
-                quant, why = quantized.quantization(dequantize, tensor)
-                if quant is not None and tensor.dtype not in quantized.TYPES:
-                    quant, why = None, f"{tensor.dtype.name} weights are not pruned"
-                if quant is None:
-                    found.skipped.append((name, why))
-                    continue
-            elif tensor.dtype not in FLOAT_TYPES:
-                found.skipped.append((name, f"{tensor.dtype.name} weights are not pruned"))
-                continue
+            if inp is not None and idx in slots:
+                candidates += stored_sources(inp) or []
+    for value, constant, dequantize in candidates:
+        key = id(constant) if constant is not None else id(value)
+        if key in seen:
+            continue
+        seen.add(key)
+        tensor = constant.attributes["value"].value if constant else value.const_value
+        name = value.name or (constant.name if constant else "") or f"weight_{len(seen)}"
+        shape = tuple(int(d) for d in tensor.shape)
+        quant = None
+        if dequantize is not None:
             if len(shape) < 2:
                 continue
-            if 0 in shape:
-                found.skipped.append((name, f"it holds no weights (shape {shape})"))
+            quant, why = quantized.quantization(dequantize, tensor)
+            if quant is not None and tensor.dtype not in quantized.TYPES:
+                quant, why = None, f"{tensor.dtype.name} weights are not pruned"
+            if quant is None:
+                found.skipped.append((name, why))
                 continue
-            uses, blocked = _trace_uses(value, len(shape), graph_outputs, dequantize)
-            if blocked is not None:
-                found.skipped.append((name, blocked))
-                continue
-            if not uses:
-                continue
-            names = [name, *(u.node.name for u in uses if u.node.name)]
-            if includes and not any(p.search(n) for p in includes for n in names):
-                found.skipped.append((name, "not matched by --include"))
-                continue
-            if any(p.search(n) for p in excludes for n in names):
-                found.skipped.append((name, "matched by --exclude"))
-                continue
-            found.weights.append(
-                Weight(
-                    name=name,
-                    shape=shape,
-                    dtype=tensor.dtype,
-                    uses=uses,
-                    value=None if constant is not None else value,
-                    constant=constant,
-                    external=isinstance(tensor, ir.ExternalTensor),
-                    quant=quant,
-                )
+        elif tensor.dtype not in FLOAT_TYPES:
+            found.skipped.append((name, f"{tensor.dtype.name} weights are not pruned"))
+            continue
+        if len(shape) < 2:
+            continue
+        if 0 in shape:
+            found.skipped.append((name, f"it holds no weights (shape {shape})"))
+            continue
+        uses, blocked = _trace_uses(value, len(shape), graph_outputs, dequantize)
+        if blocked is not None:
+            found.skipped.append((name, blocked))
+            continue
+        if not uses:
+            continue
+        # a lazy tensor (a rewrite's result, computed whole when read) is no fixed transform:
+        # those are never rewritten, and reading it would hold a pruned copy
+        lazy = isinstance(tensor, ir.LazyTensor)
+        skip = quant is not None or lazy
+        fixed = None if skip else fixed_transform(tensor.numpy(), uses[0].out_axis)
+        if fixed is not None:
+            why = f"{fixed}: a fixed transform, not a learned weight (pruning changes it)"
+            found.fixed[constant.outputs[0] if constant is not None else value] = why
+            found.skipped.append((name, why))
+            continue
+        names = [name, *(u.node.name for u in uses if u.node.name)]
+        if includes and not any(p.search(n) for p in includes for n in names):
+            found.skipped.append((name, "not matched by --include"))
+            continue
+        if any(p.search(n) for p in excludes for n in names):
+            found.skipped.append((name, "matched by --exclude"))
+            continue
+        found.weights.append(
+            Weight(
+                name=name,
+                shape=shape,
+                dtype=tensor.dtype,
+                uses=uses,
+                value=None if constant is not None else value,
+                constant=constant,
+                external=isinstance(tensor, ir.ExternalTensor),
+                quant=quant,
             )
+        )
     return found
+
+
+# Float constants of this many elements or more are each accounted for in every report: pruned,
+# frozen or skipped, always with the reason (`account`).
+BIG = 1024
+# Ops whose constant inputs are normalisation parameters.
+NORMALIZATIONS = frozenset(
+    {"BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
+     "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization"}
+)  # fmt: skip
+
+
+def _readers(value: ir.Value) -> list[tuple[ir.Node, int, tuple[str, ...]]]:
+    """The nodes that read a stored tensor's values, past Transpose, Cast, Identity and views
+    that only cut or place pieces of it: (node, input index, the ops on the way)."""
+    found: list[tuple[ir.Node, int, tuple[str, ...]]] = []
+    stack: list[tuple[ir.Value, tuple[str, ...]]] = [(value, ())]
+    while stack and len(found) < 64:
+        current, via = stack.pop()
+        for usage in current.uses():
+            node, idx = usage.node, usage.idx
+            default = node.domain in ("", "ai.onnx")
+            passes = default and idx == 0 and node.op_type in PASS_THROUGH
+            views = ops.view_axes(node, idx, [0] * 8) if default and not passes else None
+            if passes or views is not None:
+                stack += [(out, (*via, node.op_type)) for out in node.outputs]
+            else:
+                found.append((node, idx, via))
+    return found
+
+
+def _why_not(value: ir.Value, rank: int) -> str:
+    """Why a big float constant is no prunable weight, from what reads it."""
+    if value.is_graph_output():
+        return "it is a graph output"
+    readers = _readers(value)
+    if not readers:
+        return "no node reads it"
+    node, idx, via = readers[0]
+    label = f"{node.op_type} {node.name or node.outputs[0].name!r}"
+    through = f" (through {'/'.join(dict.fromkeys(via))})" if via else ""
+    if node.op_type in ("Gather", "GatherElements", "GatherND") and idx == 0:
+        return f"an embedding table read by {label}{through}: tables are never pruned"
+    if node.op_type in NORMALIZATIONS:
+        return f"normalisation parameters of {label}: never pruned"
+    slots = ops.weight_inputs(node)
+    if slots and idx not in slots:
+        return f"input {idx} of {label}{through} (a bias or state): never pruned"
+    if slots and rank < 2:
+        return f"a vector read by {label}{through}: weights are matrices"
+    return f"read by {label} (input {idx}){through}, which has no weight slot there"
+
+
+def account(model: ir.Model, found: Found, least: int = BIG) -> list[tuple[str, str]]:
+    """Every float constant of `least` elements or more (initializers and Constant nodes, in
+    every graph) that is neither one of `found`'s weights nor among its skipped ones, with the
+    reason it is left alone (a bias, a table, read by an op without a weight slot...): the
+    report then names every big tensor, so nothing is passed over in silence."""
+    known = {w.name for w in found.weights} | {name for name, _ in found.skipped}
+    result = []
+    for graph in (model.graph, *model.graph.subgraphs()):
+        stored: list[tuple[ir.Value, ir.TensorProtocol]] = [
+            (v, v.const_value) for v in graph.initializers.values() if v.const_value is not None
+        ]
+        for node in graph:
+            tensor = const_tensor(node.outputs[0]) if node.op_type == "Constant" else None
+            if tensor is not None:
+                stored.append((node.outputs[0], tensor))
+        for value, tensor in stored:
+            size = int(np.prod(tensor.shape, dtype=np.int64))
+            name = value.name or "?"
+            if size < least or tensor.dtype not in FLOAT_TYPES or name in known:
+                continue
+            known.add(name)
+            result.append((name, _why_not(value, len(tensor.shape))))
+    return result
+
+
+@dataclass
+class Untaken:
+    """An If branch that never runs for the inputs a run was given (a 16 kHz run never takes
+    the 8 kHz branch), and the weights read only there: pruned like the rest (unstructured),
+    but no sample ever reached them, and no output shows what their pruning did."""
+
+    node: str  # the If
+    branch: str  # "then_branch" or "else_branch"
+    inputs: dict[str, float | int | bool]  # the scalar inputs that decide it
+    weights: list[str]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"if": self.node, "branch": self.branch, "inputs": self.inputs,
+                "weights": self.weights}  # fmt: skip
+
+
+def untaken(
+    model: ir.Model, found: Sequence[Weight], inputs: Mapping[str, np.ndarray]
+) -> list[Untaken]:
+    """The If branches the scalar `inputs` (fed the same in every run) never take, and the
+    weights of `found` read only inside them."""
+    by_name = {v.name: v for v in model.graph.inputs}
+    values = {
+        by_name[name]: np.asarray(a)
+        for name, a in inputs.items()
+        if name in by_name and np.asarray(a).ndim == 0
+    }
+    if not values:
+        return []
+    result = []
+    for node, branch, _ in untaken_branches(model.graph, values, opset_version(model)):
+        body = node.attributes[branch].value
+        inside = set(body.all_nodes())
+        names = [w.name for w in found if all(u.node in inside for u in w.uses)]
+        shown = {v.name: np.asarray(a).item() for v, a in values.items()}
+        result.append(Untaken(node.name or node.outputs[0].name, branch, shown, names))
+    return result

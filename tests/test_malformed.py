@@ -634,7 +634,9 @@ def test_external_data_in_a_subgraph_is_accepted(tmp_path) -> None:
     from the working folder."""
     model = if_model()
     branch = next(a.g for a in model.graph.node[1].attribute if a.name == "then_branch")
-    branch.initializer.append(numpy_helper.from_array(np.eye(4, dtype=np.float32), "Wt"))
+    # not an identity: that is a fixed transform, skipped (onnxprune.core.patterns)
+    weight = np.eye(4, dtype=np.float32) + np.float32(0.25)
+    branch.initializer.append(numpy_helper.from_array(weight, "Wt"))
     branch.node[0].input[1] = "Wt"
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path), save_as_external_data=True, location="m.data", size_threshold=0)

@@ -323,7 +323,7 @@ def test_unknown_dims_count_nothing() -> None:
 
 
 def test_prepare_is_the_composed_passes() -> None:
-    """PrepareChannelsPass infers shapes, then repeats its four passes until a round changes
+    """PrepareChannelsPass infers shapes, then repeats its five passes until a round changes
     nothing; prepare() is it, byte for byte, and a second run finds nothing to do."""
     proto = channel_models.computed_shapes()
     by_function = channels.prepare(ir.serde.deserialize_model(proto))
@@ -336,6 +336,7 @@ def test_prepare_is_the_composed_passes() -> None:
     assert isinstance(repeat, ir.passes.PassManager) and repeat.early_stop
     (refresh,) = repeat.passes
     assert [type(p).__name__ for p in refresh.inner.passes] == [
+        "FoldConstantsPass",
         "FoldShapeArithmeticPass",
         "StoreWeightViewsPass",
         "RegroupReshapesPass",

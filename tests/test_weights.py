@@ -63,7 +63,7 @@ def test_matmul_constant_on_either_side() -> None:
 def test_constant_node_weights_are_found() -> None:
     b = GraphBuilder()
     x = b.input("x", [2, 4])
-    w = b.constant(np.ones((4, 3), np.float32), name="cw")
+    w = b.constant(np.arange(12, dtype=np.float32).reshape(4, 3) % 5 - 2, name="cw")
     b.node("MatMul", [x, w], out="y")
     b.output("y")
     (weight,) = found(b.model()).weights

@@ -47,8 +47,11 @@ class CalibrationSummary:
         }
 
 
-def model_input_specs(model: ir.Model) -> list[_inputs.InputSpec]:
-    """The model's feedable inputs as validation describes them (initializers excluded)."""
+def model_input_specs(
+    model: ir.Model, batch_axes: Mapping[str, int] | None = None
+) -> list[_inputs.InputSpec]:
+    """The model's feedable inputs as validation describes them (initializers excluded), with
+    their batch axes (`inputs.batch_axes_of`; `batch_axes` overrides)."""
     specs = []
     for value in model.graph.inputs:
         if value.name in model.graph.initializers:
@@ -60,7 +63,7 @@ def model_input_specs(model: ir.Model) -> list[_inputs.InputSpec]:
         for d in value.shape or ():
             dims.append(d if isinstance(d, int) else (d.value if d.value else None))
         specs.append(_inputs.InputSpec(value.name, np.dtype(dtype.numpy()), tuple(dims)))
-    return specs
+    return _inputs.with_batch_axes(specs, batch_axes)
 
 
 def load_samples(model: ir.Model, options: Calibration) -> _inputs.Inputs:
@@ -71,11 +74,15 @@ def load_samples(model: ir.Model, options: Calibration) -> _inputs.Inputs:
         arrays = _inputs.load_npz(options.data, "--calibration")
         source = f"--calibration {options.data}"
     arrays.pop(_inputs.LABELS, None)
+    specs = model_input_specs(model, options.batch_axes)
     if options.samples is not None:
-        arrays = {k: v[: options.samples] if v.ndim else v for k, v in arrays.items()}
+        axes = {s.name: s.batch_axis for s in specs}
+        arrays = {
+            k: _inputs.take_rows(v, axes.get(k, 0), 0, options.samples) for k, v in arrays.items()
+        }
     return _inputs.from_arrays(
         arrays,
-        model_input_specs(model),
+        specs,
         batch_size=options.batch_size or DEFAULT_CALIBRATION_BATCH,
         source=source,
     )

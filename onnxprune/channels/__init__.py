@@ -23,6 +23,7 @@ from onnxprune.channels.graph import (
     zeroed,
 )
 from onnxprune.channels.prepare import (
+    FoldConstantsPass,
     FoldShapeArithmeticPass,
     PrepareChannelsPass,
     RefreshShapesPass,
@@ -37,6 +38,7 @@ from onnxprune.channels.walk import (
     build,
     check_removable,
     freeze_layers,
+    freeze_tensors,
 )
 from onnxprune.core.graphs import concat_piece
 from onnxprune.ops import Fix, Unsupported
@@ -46,6 +48,7 @@ __all__ = [
     "ROLES",
     "ChannelGraph",
     "Fix",
+    "FoldConstantsPass",
     "FoldShapeArithmeticPass",
     "Group",
     "Heads",
@@ -64,6 +67,7 @@ __all__ = [
     "components",
     "concat_piece",
     "freeze_layers",
+    "freeze_tensors",
     "group_layers",
     "prepare",
     "stored_values",

@@ -106,6 +106,18 @@ class ChannelGraph:
     groups: list[Group]
     heads: list[Heads] = field(default_factory=list)  # attentions whose heads are classes
     unreached: list[Unreached] = field(default_factory=list)  # weights no layer stands for
+    # every (class, index into `reasons`) a freeze recorded, not only the first reason of each
+    # class (`reason`): a group names all the constraints that hold it
+    freeze_pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+
+    def reasons_of(self, classes: np.ndarray) -> list[str]:
+        """Every reason that froze some of `classes`, the one freezing most of them first."""
+        if not len(self.freeze_pairs):
+            return [self.reasons[i] for i in np.unique(self.reason[classes]) if i >= 0]
+        held = np.isin(self.freeze_pairs[:, 0], classes)
+        found, counts = np.unique(self.freeze_pairs[held, 1], return_counts=True)
+        order = np.lexsort((found, -counts))
+        return [self.reasons[int(found[i])] for i in order]
 
     @property
     def produced(self) -> np.ndarray:
@@ -159,8 +171,9 @@ def group_layers(graph: ChannelGraph) -> list[Group]:
         members = np.flatnonzero(root == r)
         cls = np.unique(np.concatenate([graph.layers[i].classes for i in members]))
         frozen = graph.frozen[cls]
-        texts = [graph.reasons[i] for i in np.unique(graph.reason[cls]) if i >= 0]
-        groups.append(Group([int(i) for i in members], cls, int(frozen.sum()), texts))
+        groups.append(
+            Group([int(i) for i in members], cls, int(frozen.sum()), graph.reasons_of(cls))
+        )
     return groups
 
 

@@ -2,8 +2,9 @@
 arithmetic exporters write folded so that channels reshaped, split or sliced that way stay
 prunable.
 
-`PrepareChannelsPass` infers shapes, then repeats one round of four passes until a round changes
-nothing (each can make a later shape known to another): `FoldShapeArithmeticPass` (computed
+`PrepareChannelsPass` infers shapes, then repeats one round of five passes until a round changes
+nothing (each can make a later shape known to another): `FoldConstantsPass` (what chains fed by
+stored constants only compute, evaluated), `FoldShapeArithmeticPass` (computed
 Reshape targets, integer inputs the walk needs constant, scalars read as data),
 `StoreWeightViewsPass` (stored tensors reshaped are stored reshaped), `RegroupReshapesPass`
 (Reshape -> Transpose -> Reshape that merges axes only to split them again) and
@@ -22,8 +23,21 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 from onnxprune import ops
 from onnxprune.channels import shapemath
 from onnxprune.channels.walk import CONST_VIEWS, Walk
+from onnxprune.core.folding import fold_constants
 from onnxprune.core.tensors import const_tensor
 from onnxprune.ops.shape import resolve_target
+
+
+class FoldConstantsPass(ir.passes.InPlacePass):
+    """Evaluate the main graph's nodes fed by stored constants only, and store each small
+    integer value such a chain hands to a node that reads data (torch's Pad lowering computes
+    the amounts from constants: Shape of a constant -> Gather -> Sub -> ConstantOfShape ->
+    Concat -> Reshape -> Slice -> Transpose -> Reshape -> Cast -> Pad; the Pad's output then
+    has no static size and the walk would freeze every channel behind it). Evaluated with
+    onnx's reference implementation at the model's opset; a node it cannot evaluate stays."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, fold_constants(model) > 0)
 
 
 class FoldShapeArithmeticPass(ir.passes.InPlacePass):
@@ -51,7 +65,9 @@ class FoldShapeArithmeticPass(ir.passes.InPlacePass):
                     target, copies = found
                     array = np.array(target, dtype=np.int64)
                     if copies:
-                        node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
+                        # 0 copies the input's dim: allowzero's default, and the only meaning
+                        # below opset 14, where the attribute does not exist
+                        node.attributes.pop("allowzero", None)
                 else:
                     producer = value.producer()
                     if producer is None or producer.op_type not in (*shapemath.SHAPE_MATH, "Shape"):
@@ -377,6 +393,7 @@ class PrepareChannelsPass(ir.passes.PassManager):
 
     def __init__(self, rounds: int = 64) -> None:
         one_round = ir.passes.Sequential(
+            FoldConstantsPass(),
             FoldShapeArithmeticPass(),
             StoreWeightViewsPass(),
             RegroupReshapesPass(),

@@ -435,6 +435,44 @@ def _unreached(model: ir.Model, walk: Walk, graph: ChannelGraph) -> list[Unreach
                     after=int(np.searchsorted(placed, position)),
                 )
             )
+    for weight in found.weights:  # read in pieces (Slice, Concat...), no slot holds it whole
+        value = weight.constant.outputs[0] if weight.constant else weight.value
+        if value in seen:
+            continue
+        seen.add(value)
+        use = weight.uses[0]
+        body = None
+        if use.node in owners:
+            top, where = owners[use.node]
+            body = f"{where} of {top.op_type} {top.name or top.outputs[0].name!r}"
+            reason = (
+                f"inside the {body}: channel removal reaches the main graph's weights only "
+                "(unstructured pruning zeroes them)"
+            )
+        elif use.node.op_type in RECURRENT_OPS:
+            reason = RECURRENT_REASON.format(op=use.node.op_type)
+        else:
+            cut = next((op for op in use.via if op in ops.VIEW_OPS), "a view")
+            reason = (
+                f"read in pieces (through {cut}) by {use.node.op_type} {use.node.name!r}: "
+                "channel removal leaves it whole (unstructured pruning zeroes it)"
+            )
+        position = order.get(owners[use.node][0] if use.node in owners else use.node, len(order))
+        label = use.node.name or weight.name
+        if use.node.op_type in RECURRENT_OPS and use.node.name:
+            label = f"{use.node.name}:{'W' if use.input_index == 1 else 'R'}"
+        result.append(
+            Unreached(
+                name=label,
+                op_type=weight.op_type,
+                weight=weight.name,
+                channels=None if weight.out_axis is None else weight.shape[weight.out_axis],
+                params=weight.size,
+                reason=reason,
+                subgraph=body,
+                after=int(np.searchsorted(placed, position)),
+            )
+        )
     return result
 
 
@@ -495,7 +533,8 @@ def _check_readers(walk: Walk) -> None:
         stack = [source]
         while stack:
             value = stack.pop()
-            if value.is_graph_output():
+            if value.is_graph_output() and const_tensor(source) is not None:
+                # (a computed value there is frozen as reaching the model output already)
                 walk.freeze_value(source, f"stored tensor {source.name!r} is a model output")
             for use in value.uses():
                 reader = use.node
@@ -524,14 +563,24 @@ def _resolve(walk: Walk) -> ChannelGraph:
     frozen = np.zeros(n_classes, dtype=bool)
     reason = np.full(n_classes, -1, dtype=np.int64)
     reasons: list[str] = []
+    pairs = []
     for ids, text in walk.freezes:
         classes = np.unique(label[ids])
-        new = classes[reason[classes] < 0]
-        if len(new):
-            if text not in reasons:
-                reasons.append(text)
-            reason[new] = reasons.index(text)
+        if text not in reasons:
+            reasons.append(text)
+        index = reasons.index(text)
+        reason[classes[reason[classes] < 0]] = index
         frozen[classes] = True
+        pairs.append(np.stack([classes, np.full(len(classes), index)], axis=1))
+    freeze_pairs = (
+        np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), dtype=np.int64)
+    )
+    reasons_used = np.unique(freeze_pairs[:, 1]) if len(freeze_pairs) else np.zeros(0, np.int64)
+    if len(reasons_used) < len(reasons):  # texts whose freezes named no class: dropped
+        keep = {int(r): k for k, r in enumerate(reasons_used)}
+        reasons = [reasons[int(r)] for r in reasons_used]
+        freeze_pairs[:, 1] = [keep[int(r)] for r in freeze_pairs[:, 1]]
+        reason = np.where(reason >= 0, [keep.get(int(r), -1) for r in reason], -1)
 
     spaces = {v: {ax: label[ids] for ax, ids in s.items()} for v, s in walk.spaces.items()}
     members = [Member(m.role, m.value, m.axis, label[m.ids], m.node) for m in walk.members]
@@ -543,6 +592,7 @@ def _resolve(walk: Walk) -> ChannelGraph:
             seen.add((m.value, m.axis))
             layers.append(Layer(m))
     graph = ChannelGraph(n_classes, spaces, members, fixes, frozen, reason, reasons, layers, [])
+    graph.freeze_pairs = freeze_pairs
     graph.groups = group_layers(graph)
     graph.heads = _attention_heads(walk, label, members)
     return graph
@@ -576,10 +626,26 @@ def freeze_layers(graph: ChannelGraph, layers: list[int], reason: str) -> None:
     """Freeze the channels of these layers (e.g. --exclude), recording why, and regroup."""
     if not layers:
         return
-    classes = np.unique(np.concatenate([graph.layers[i].classes for i in layers]))
+    _freeze(graph, np.concatenate([graph.layers[i].classes for i in layers]), reason)
+
+
+def freeze_tensors(graph: ChannelGraph, reasons: dict[str, str]) -> None:
+    """Freeze every channel of the stored tensors named in `reasons` (a fixed transform: its
+    rows and columns alike), recording why, and regroup."""
+    for name, reason in reasons.items():
+        ids = [m.ids for m in graph.members if m.value.name == name]
+        if ids:
+            _freeze(graph, np.concatenate(ids), reason)
+
+
+def _freeze(graph: ChannelGraph, ids: np.ndarray, reason: str) -> None:
+    classes = np.unique(ids)
     if reason not in graph.reasons:
         graph.reasons.append(reason)
+    index = graph.reasons.index(reason)
     fresh = classes[graph.reason[classes] < 0]
-    graph.reason[fresh] = graph.reasons.index(reason)
+    graph.reason[fresh] = index
     graph.frozen[classes] = True
+    pairs = np.stack([classes, np.full(len(classes), index)], axis=1)
+    graph.freeze_pairs = np.unique(np.concatenate([graph.freeze_pairs, pairs]), axis=0)
     graph.groups = group_layers(graph)

@@ -34,6 +34,7 @@ def _run_validation(
     device: str,
     input_shape: tuple[str, ...],
     seed: int,
+    batch_axis: tuple[str, ...] = (),
 ) -> Any:
     from onnxprune import inputs, validate
 
@@ -45,6 +46,7 @@ def _run_validation(
         device=device,
         input_shapes=inputs.parse_input_shapes(input_shape),
         seed=seed,
+        batch_axes=inputs.parse_batch_axes(batch_axis),
     )
 
 
@@ -142,6 +144,7 @@ def prune_command(
     batch_size: int | None,
     device: str,
     input_shape: tuple[str, ...],
+    batch_axis: tuple[str, ...],
     seed: int,
     max_accuracy_drop: float | None,
     min_agreement: float | None,
@@ -154,11 +157,12 @@ def prune_command(
         raise click.UsageError("give --sparsity (e.g. --sparsity 0.9) or --pattern (e.g. 2:4)")
     if sparsity is not None and pattern is not None:
         raise click.UsageError("--sparsity and --pattern exclude each other")
-    from onnxprune.inputs import check_batch_size, parse_input_shapes
+    from onnxprune.inputs import check_batch_size, parse_batch_axes, parse_input_shapes
     from onnxprune.options import Save, Selection, Validation
 
     check_batch_size(batch_size)
     shapes = parse_input_shapes(input_shape)
+    axes = parse_batch_axes(batch_axis)
     options = Selection(
         sparsity or 0.0,
         method=method,
@@ -181,7 +185,11 @@ def prune_command(
         "min_cosine": min_cosine,
     }
     validating = validate_ or data is not None or any(v is not None for v in gates.values())
-    validation = Validation(data, batch_size, device, shapes, seed, **gates) if validating else None
+    validation = (
+        Validation(data, batch_size, device, shapes, seed, **gates, batch_axes=axes or None)
+        if validating
+        else None
+    )
     settings = calibration_settings(
         calibration,
         criterion,
@@ -191,6 +199,7 @@ def prune_command(
         batch_size,
         device,
         calibration_rounds,
+        axes,
     )
     try:
         _, report = pipeline.prune(
@@ -342,6 +351,7 @@ def validate_command(
     batch_size: int | None,
     device: str,
     input_shape: tuple[str, ...],
+    batch_axis: tuple[str, ...],
     seed: int,
     max_accuracy_drop: float | None,
     min_agreement: float | None,
@@ -365,6 +375,7 @@ def validate_command(
         data=data,
         batch_size=batch_size,
         input_shapes=inputs.parse_input_shapes(input_shape),
+        batch_axes=inputs.parse_batch_axes(batch_axis),
         max_accuracy_drop=max_accuracy_drop,
         min_agreement=min_agreement,
         min_cosine=min_cosine,
@@ -382,6 +393,7 @@ def validate_command(
         device=device,
         input_shape=input_shape,
         seed=seed,
+        batch_axis=batch_axis,
     )
     if not quiet:
         click.echo(format_validation(result))
@@ -469,6 +481,7 @@ def sweep_command(
     batch_size: int | None,
     device: str,
     input_shape: tuple[str, ...],
+    batch_axis: tuple[str, ...],
     seed: int,
     calibration: str | None,
     criteria: str,
@@ -504,11 +517,19 @@ def sweep_command(
     MinKeep.parse(min_keep)
     chosen = [c.strip() for c in criteria.split(",") if c.strip()]
     sweep.methods_for(min_keep, channels is not None, chosen if calibration is not None else None)
+    axes = inputs.parse_batch_axes(batch_axis)
     settings = calibration_settings(
-        calibration, None, calibration_mode, None, True, batch_size, device
+        calibration, None, calibration_mode, None, True, batch_size, device, None, axes
     )
     inputs.check_batch_size(batch_size)
-    preflight(model, data=data, calibration=calibration, batch_size=batch_size, input_shapes=shapes)
+    preflight(
+        model,
+        data=data,
+        calibration=calibration,
+        batch_size=batch_size,
+        input_shapes=shapes,
+        batch_axes=axes,
+    )
     pipeline.check_outputs(
         pipeline.input_files(model, data=data, calibration=calibration),
         [(markdown, "the Markdown table"), (plot, "the plot"), (report_path, "the report")],
@@ -528,6 +549,7 @@ def sweep_command(
         structured=channels,
         calibration=settings,
         criteria=chosen,
+        batch_axes=axes,
     )
     click.echo(report_sweep.format_sweep(result))
     outputs: list[writer.StagedFile] = []

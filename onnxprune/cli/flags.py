@@ -77,6 +77,15 @@ run_options = [
         "counted at these shapes.",
     ),
     click.option(
+        "--batch-axis",
+        "batch_axis",
+        multiple=True,
+        metavar="NAME=AXIS",
+        help="The axis of input NAME that holds the samples, in --data, --calibration and "
+        "generated inputs (default: where the input holds the symbolic dim other inputs batch "
+        "on, e.g. state [2, N, 128] beside input [N, 512] batches on axis 1; else 0).",
+    ),
+    click.option(
         "--seed",
         type=int,
         default=0,
@@ -108,8 +117,6 @@ gate_options = [
         help="Fail (exit 1) if any output's cosine similarity to the original is below this.",
     ),
 ]
-
-
 
 
 structured_options = [
@@ -214,6 +221,7 @@ def calibration_settings(
     batch_size: int | None,
     device: str,
     rounds: int | None = None,
+    batch_axes: dict[str, int] | None = None,
 ) -> Any:
     """The Calibration settings the options ask for (None without --calibration)."""
     if path is None:
@@ -241,6 +249,7 @@ def calibration_settings(
         device=device,
         bias_correction=bias_correction,
         rounds=rounds,
+        batch_axes=batch_axes or None,
     )
 
 

@@ -27,7 +27,7 @@ from onnxprune.inputs.match import (
     match,
     model_signature,
 )
-from onnxprune.inputs.npz import ArrayHeader, load_npz, read_npz_headers
+from onnxprune.inputs.npz import ArrayHeader, load_npz, read_npz_headers, scalar_arrays
 from onnxprune.inputs.spec import (
     DEFAULT_BATCH,
     LABELS,
@@ -35,12 +35,16 @@ from onnxprune.inputs.spec import (
     Dim,
     Inputs,
     InputSpec,
+    batch_axes_of,
     batch_rows,
     check_batch_size,
     input_specs,
+    parse_batch_axes,
     parse_input_shapes,
     scalar_type,
     shape_text,
+    take_rows,
+    with_batch_axes,
 )
 
 __all__ = [
@@ -56,6 +60,7 @@ __all__ = [
     "Matched",
     "Signature",
     "Usable",
+    "batch_axes_of",
     "batch_rows",
     "check_batch_size",
     "check_data_file",
@@ -67,10 +72,14 @@ __all__ = [
     "load_npz",
     "match",
     "model_signature",
+    "parse_batch_axes",
     "parse_input_shapes",
     "read_npz_headers",
     "resolve_shapes",
+    "scalar_arrays",
     "scalar_type",
     "shape_text",
+    "take_rows",
     "usable_values",
+    "with_batch_axes",
 ]

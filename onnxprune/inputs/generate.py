@@ -79,7 +79,7 @@ def resolve_shapes(
                 dims.append(d)
             elif d in bound:
                 dims.append(bound[d])  # type: ignore[index]
-            elif axis == 0:
+            elif axis == spec.batch_axis:
                 size = batch_size or 1
                 dims.append(size)
                 if batch_size is None:
@@ -88,7 +88,7 @@ def resolve_shapes(
                     )
             else:
                 example = "x".join(
-                    str(x) if isinstance(x, int) else "1" if i == 0 else (x or "?")
+                    str(x) if isinstance(x, int) else "1" if i == spec.batch_axis else (x or "?")
                     for i, x in enumerate(spec.shape)
                 )
                 raise DataError(
@@ -298,11 +298,13 @@ def generate(
         }
         for _ in range(batches)
     ]
+    axes = {s.name: s.batch_axis for s in specs}
     return Inputs(
         batches=feeds,
         labels=None,
         source=f"generated (seed {seed})",
-        batch_size=batch_rows(feeds[0]) if feeds else 1,
+        batch_size=batch_rows(feeds[0], axes) if feeds else 1,
         notices=notices,
         generated=True,
+        batch_axes=axes,
     )

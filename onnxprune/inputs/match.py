@@ -23,6 +23,8 @@ from onnxprune.inputs.spec import (
     check_batch_size,
     scalar_type,
     shape_text,
+    take_rows,
+    with_batch_axes,
 )
 
 
@@ -40,13 +42,19 @@ def _check_array(key: str, array: np.ndarray, spec: InputSpec) -> None:
                 f"np.savez(..., {spec.name}={scalar_type(spec.dtype)}(value))"
             )
         return
+    batch = spec.batch_axis
     wrong = array.ndim != len(spec.shape) or any(
-        isinstance(d, int) and d != n for d, n in zip(spec.shape[1:], array.shape[1:], strict=False)
+        isinstance(d, int) and d != n
+        for axis, (d, n) in enumerate(zip(spec.shape, array.shape, strict=False))
+        if axis != batch
     )
     if wrong:
+        where = "the first axis" if batch == 0 else f"axis {batch}"
         raise DataError(
             f"array {key!r} has shape {list(array.shape)}, model input {spec.name!r} has shape "
-            f"{shape_text(spec.shape)} (the first axis of the array is the sample axis)"
+            f"{shape_text(spec.shape)} ({where} of the array is the sample axis"
+            + ("" if batch else "; --batch-axis NAME=AXIS says another")
+            + ")"
         )
 
 
@@ -106,13 +114,19 @@ def match(
     for spec in specs:
         _check_array(*by_input[spec.name], spec)
     # a 0-d array (a scalar input) is the same for every sample: it counts none
-    counts = {key: int(a.shape[0]) for key, a in by_input.values() if a.ndim}
-    if len(set(counts.values())) > 1:
+    axes = {spec.name: spec.batch_axis for spec in specs}
+    counts = {
+        key: (int(a.shape[axes[name]]), axes[name])
+        for name, (key, a) in by_input.items()
+        if a.ndim and axes[name] is not None
+    }
+    if len({n for n, _ in counts.values()}) > 1:
         raise DataError(
             f"{source}: input arrays have different numbers of samples: "
-            + ", ".join(f"{k} {n}" for k, n in counts.items())
+            + ", ".join(f"{k} {n}" + (f" (axis {a})" if a else "") for k, (n, a) in counts.items())
+            + "; --batch-axis NAME=AXIS says which axis of an input holds the samples"
         )
-    total = next(iter(counts.values()), 0 if counts or not by_input else 1)
+    total = next((n for n, _ in counts.values()), 0 if counts or not by_input else 1)
     if total == 0:
         raise DataError(f"{source}: the arrays hold no samples")
     for key, a in by_input.values():
@@ -130,7 +144,11 @@ def match(
                 "samples"
             )
 
-    fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
+    fixed = {
+        s.shape[s.batch_axis]
+        for s in specs
+        if s.batch_axis is not None and isinstance(s.shape[s.batch_axis], int)
+    }
     if len(fixed) > 1:
         raise DataError(f"model inputs have different fixed batch sizes {sorted(fixed)}")
     if fixed:
@@ -175,8 +193,12 @@ def from_arrays(
     m = match(arrays, specs, batch_size=batch_size, source=source)
     if m.labels is not None:
         check_labels(m.labels, None, source)
+    axes = {spec.name: spec.batch_axis for spec in specs}
     batches = [
-        {name: a[start : start + m.size] if a.ndim else a for name, (_, a) in m.by_input.items()}
+        {
+            name: take_rows(a, axes[name], start, start + m.size)
+            for name, (_, a) in m.by_input.items()
+        }
         for start in range(0, m.usable, m.size)
     ]
     return Inputs(
@@ -185,6 +207,7 @@ def from_arrays(
         source=source,
         batch_size=m.size,
         notices=m.notices,
+        batch_axes=axes,
     )
 
 
@@ -197,8 +220,11 @@ class Signature:
     classes: int | None  # its width when it is [batch, classes] with a fixed number of classes
 
 
-def model_signature(path: str | os.PathLike) -> Signature | None:
-    """The model's feedable inputs and first output from the file (weights stay unread).
+def model_signature(
+    path: str | os.PathLike, batch_axes: Mapping[str, int] | None = None
+) -> Signature | None:
+    """The model's feedable inputs (their batch axes set, `batch_axes` the user's overrides) and
+    first output from the file (weights stay unread).
 
     None when the file cannot be read this way, or declares an input without a shape: the
     checks that need it are left to the run (and a broken model to the loader's own error).
@@ -229,8 +255,9 @@ def model_signature(path: str | os.PathLike) -> Signature | None:
                 f"model input {value.name!r} has type tensor({name}), which onnxprune cannot "
                 "feed (numeric and bool tensors only)"
             )
+        # a dim_value of -1 is dynamic, as ONNX Runtime reads it (older exporters write it)
         dims: list[Dim] = [
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
             for d in tensor.shape.dim
         ]
         specs.append(InputSpec(value.name, dtype, tuple(dims)))
@@ -240,7 +267,7 @@ def model_signature(path: str | os.PathLike) -> Signature | None:
         rank = len(dims_out)
         if rank == 2 and dims_out[1].HasField("dim_value") and dims_out[1].dim_value > 0:
             classes = int(dims_out[1].dim_value)
-    return Signature(specs, rank, classes)
+    return Signature(with_batch_axes(specs, batch_axes), rank, classes)
 
 
 def check_data_file(

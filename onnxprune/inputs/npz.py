@@ -7,7 +7,7 @@ import contextlib
 import math
 import os
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +141,17 @@ def read_npz_headers(path: str | os.PathLike, option: str = "--data") -> dict[st
         return {
             key: _read_header(archive, info, key, path) for key, info in _members(archive, path)
         }
+
+
+def scalar_arrays(data: object, option: str = "--data") -> dict[str, np.ndarray]:
+    """The 0-d arrays (inputs fed one value for every sample: a sample rate) of an .npz path or
+    a mapping of arrays; nothing for any other kind of data. Only those arrays are read."""
+    if isinstance(data, Mapping):
+        return {k: np.asarray(v) for k, v in data.items() if np.ndim(v) == 0}
+    if not isinstance(data, str | os.PathLike):
+        return {}
+    keys = [k for k, header in read_npz_headers(data, option).items() if not header.shape]
+    return load_npz(data, option, keys=keys) if keys else {}
 
 
 def load_npz(

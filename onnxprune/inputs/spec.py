@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -33,15 +34,88 @@ Dim = int | str | None
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One model input as ONNX Runtime sees it; a dim is an int, a symbolic name, or None."""
+    """One model input as ONNX Runtime sees it; a dim is an int, a symbolic name, or None.
+    `batch_axis`: the axis samples are stacked on (None for a scalar, the same for every sample;
+    `with_batch_axes` sets it from the model's symbolic dims)."""
 
     name: str
     dtype: np.dtype
     shape: tuple[Dim, ...]
+    batch_axis: int | None = 0
+
+    def __post_init__(self) -> None:
+        if not self.shape:
+            object.__setattr__(self, "batch_axis", None)
 
 
-def input_specs(session: object) -> list[InputSpec]:
-    """The inputs an ONNX Runtime session needs (initializers with defaults are not among them)."""
+def batch_axes_of(
+    shapes: Mapping[str, Sequence[Dim]], overrides: Mapping[str, int] | None = None
+) -> dict[str, int | None]:
+    """Each input's batch axis: where it holds the symbolic dim that is its batch in other
+    inputs too. That dim is a name shared by two or more inputs that is the first axis of at
+    least one (a stateful model's [2, N, 128] state goes with its [N, 512] audio: axis 1); of
+    several, the one first in most inputs, then the earliest. Inputs without it, and models
+    with no shared name, batch on axis 0; scalars have none. `overrides` (--batch-axis NAME=K)
+    win; a name that is no input, or an axis out of range, is refused."""
+    overrides = dict(overrides or {})
+    for name, axis in overrides.items():
+        if name not in shapes:
+            raise InvalidArgumentError(
+                f"--batch-axis {name}={axis}: the model has no such input (inputs: "
+                + ", ".join(sorted(shapes))
+                + ")"
+            )
+        rank = len(shapes[name])
+        if not 0 <= axis < rank:
+            raise InvalidArgumentError(
+                f"--batch-axis {name}={axis}: input {name!r} has {rank} axes (0 to {rank - 1})"
+            )
+    holders: dict[str, list[int]] = {}  # symbolic name -> its first axis in each input holding it
+    order: list[str] = []
+    for shape in shapes.values():
+        seen: dict[str, int] = {}
+        for axis, dim in enumerate(shape):
+            if isinstance(dim, str) and dim and dim not in seen:
+                seen[dim] = axis
+        for dim, axis in seen.items():
+            if dim not in holders:
+                order.append(dim)
+            holders.setdefault(dim, []).append(axis)
+    shared = [d for d in order if len(holders[d]) > 1 and 0 in holders[d]]
+    batch = max(shared, key=lambda d: holders[d].count(0), default=None)  # first of the best
+    axes: dict[str, int | None] = {}
+    for name, shape in shapes.items():
+        if name in overrides:
+            axes[name] = overrides[name]
+        elif not shape:
+            axes[name] = None
+        elif batch is not None and batch in shape:
+            axes[name] = list(shape).index(batch)
+        else:
+            axes[name] = 0
+    return axes
+
+
+def with_batch_axes(
+    specs: Sequence[InputSpec], overrides: Mapping[str, int] | None = None
+) -> list[InputSpec]:
+    """The specs with their batch axes set (`batch_axes_of`)."""
+    axes = batch_axes_of({s.name: s.shape for s in specs}, overrides)
+    return [dataclasses.replace(s, batch_axis=axes[s.name]) for s in specs]
+
+
+def take_rows(array: np.ndarray, axis: int | None, start: int, stop: int) -> np.ndarray:
+    """Samples start:stop of an array batched on `axis` (a scalar, axis None, as it is)."""
+    if axis is None or array.ndim == 0:
+        return array
+    index: list[slice] = [slice(None)] * array.ndim
+    index[axis] = slice(start, stop)
+    return array[tuple(index)]
+
+
+def input_specs(session: object, batch_axes: Mapping[str, int] | None = None) -> list[InputSpec]:
+    """The inputs an ONNX Runtime session needs (initializers with defaults are not among them),
+    with their batch axes (`batch_axes_of`, `batch_axes` the user's overrides)."""
     specs = []
     for arg in session.get_inputs():  # type: ignore[attr-defined]
         if arg.type not in ORT_TYPES:
@@ -49,9 +123,16 @@ def input_specs(session: object) -> list[InputSpec]:
                 f"model input {arg.name!r} has type {arg.type}, which onnxprune cannot feed "
                 "(numeric and bool tensors only)"
             )
-        shape = tuple(d if isinstance(d, int) or d is None else str(d) for d in arg.shape)
+        shape = tuple(
+            None
+            if d is None or (isinstance(d, int) and d < 0)
+            else d
+            if isinstance(d, int)
+            else str(d)
+            for d in arg.shape
+        )
         specs.append(InputSpec(arg.name, np.dtype(ORT_TYPES[arg.type]), shape))
-    return specs
+    return with_batch_axes(specs, batch_axes)
 
 
 @dataclass
@@ -64,10 +145,12 @@ class Inputs:
     batch_size: int
     notices: list[str] = field(default_factory=list)
     generated: bool = False  # made up by `generate`, not the user's samples
+    # input -> the axis its samples are stacked on (None: a scalar); absent: axis 0
+    batch_axes: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def samples(self) -> int:
-        return sum(batch_rows(batch) for batch in self.batches)
+        return sum(batch_rows(batch, self.batch_axes) for batch in self.batches)
 
     def sample_values(self) -> dict[str, np.ndarray]:
         """The scalar (0-d) inputs: fed the same in every batch, so a count may use them."""
@@ -77,14 +160,46 @@ class Inputs:
         """Input shapes of one inference, batch 1 where the batch axis is free: what MACs count."""
         shapes = {name: tuple(int(d) for d in a.shape) for name, a in self.batches[0].items()}
         for spec in specs:
-            if spec.shape and not isinstance(spec.shape[0], int):
-                shapes[spec.name] = (1, *shapes[spec.name][1:])
+            axis = spec.batch_axis
+            if axis is not None and spec.shape and not isinstance(spec.shape[axis], int):
+                shape = list(shapes[spec.name])
+                shape[axis] = 1
+                shapes[spec.name] = tuple(shape)
         return shapes
 
 
-def batch_rows(batch: Mapping[str, np.ndarray]) -> int:
-    """Samples in a batch: the first axis of its arrays (a scalar input is the same for all)."""
-    return next((int(a.shape[0]) for a in batch.values() if a.ndim), 1)
+def batch_rows(
+    batch: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None
+) -> int:
+    """Samples in a batch: its arrays' batch axis (`axes`, else the first; a scalar input is
+    the same for all)."""
+    axes = axes or {}
+    for name, array in batch.items():
+        axis = axes.get(name, 0)
+        if array.ndim and axis is not None:
+            return int(array.shape[axis])
+    return 1
+
+
+def parse_batch_axes(specs: Sequence[str] | None) -> dict[str, int]:
+    """['state=1'] -> {'state': 1}; one entry may name several inputs, 'a=1,b=0'."""
+    axes: dict[str, int] = {}
+    for spec in (part.strip() for entry in specs or () for part in entry.split(",")):
+        if not spec:
+            continue
+        name, sep, axis = spec.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            axes[name] = int(axis)
+            if axes[name] < 0:
+                raise ValueError
+        except ValueError:
+            raise InvalidArgumentError(
+                f"--batch-axis {spec!r}: write NAME=AXIS, e.g. state=1 (the axis of input "
+                "'state' that holds the samples)"
+            ) from None
+    return axes
 
 
 def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:

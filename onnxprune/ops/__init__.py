@@ -17,7 +17,9 @@ tuple of `OpInfo` (ops/base.py), only what applies:
 - `design(weight, use)` (or `no_design`, the reason there is none): calibration's rows X with
   X @ W.T the output;
 - `output_dims(node, run)`: its output's dims in one run of shape folding's stand-ins;
-- `folded_inputs`: computed integer inputs the walk needs constant.
+- `folded_inputs`: computed integer inputs the walk needs constant;
+- `view(node, index, axes)`: where the op only cuts, places or reshapes a stored tensor into
+  pieces, which stored axis each output axis holds (finding weights follows them).
 Then add the module to `FAMILIES` below and a model using the op to the tests
 (tests/test_ops.py checks that every op with a channel rule is exercised).
 """
@@ -38,6 +40,7 @@ from onnxprune.ops import (
     spatial,
 )
 from onnxprune.ops.base import (
+    AxisMap,
     ChannelWalk,
     Constants,
     Design,
@@ -59,7 +62,9 @@ __all__ = [
     "RECURRENT_OPS",
     "RECURRENT_REASON",
     "REGISTRY",
+    "VIEW_OPS",
     "WEIGHT_INPUTS",
+    "AxisMap",
     "ChannelWalk",
     "Constants",
     "Design",
@@ -77,6 +82,7 @@ __all__ = [
     "op_info",
     "output_dims",
     "statistic_positions",
+    "view_axes",
     "weight_axes",
     "weight_inputs",
 ]
@@ -102,6 +108,8 @@ WEIGHT_INPUTS = {
 }
 PRUNABLE_OPS = tuple(op for op in WEIGHT_INPUTS if op not in RECURRENT_OPS)
 MAC_OPS = tuple(op for (d, op), i in REGISTRY.items() if not d and i.macs is not None)
+# Ops that cut or place pieces of a stored tensor (a weight read through them is found).
+VIEW_OPS = tuple(op for (d, op), i in REGISTRY.items() if not d and i.view is not None)
 
 
 def op_info(node: ir.Node) -> OpInfo | None:
@@ -129,6 +137,16 @@ def weight_axes(node: ir.Node, index: int, rank: int) -> tuple[int | None, int |
     if info is None or info.weight_axes is None or rank < 2:
         return None
     return info.weight_axes(node, index, rank)
+
+
+def view_axes(node: ir.Node, index: int, axes: AxisMap) -> list[AxisMap] | None:
+    """A stored tensor entering `node` at input `index` with axis map `axes`: the axis map of
+    each output where the node only rearranges pieces of it (Slice, Concat, Split, Gather of
+    stored indices, Unsqueeze, Squeeze); None where it computes something else."""
+    info = op_info(node)
+    if info is None or info.view is None:
+        return None
+    return info.view(node, index, list(axes))
 
 
 def node_macs(node: ir.Node, dims: Dims) -> int | None:
@@ -170,6 +188,12 @@ def design_of(weight: WeightLike) -> tuple[list[Design], str | None]:
         return [], QUANTIZED_REASON.format(dtype=weight.dtype.name.lower())
     designs = []
     for use in weight.uses:
+        cut = next((op for op in use.via if op in VIEW_OPS), None)
+        if cut is not None:
+            return [], (
+                f"{use.node.op_type} {use.node.name!r} reads pieces of it (through {cut}): "
+                "calibration has no design for pieces of a stored tensor"
+            )
         info = op_info(use.node)
         rule = None if info is None else info.design
         design = rule(weight, use) if rule is not None else None

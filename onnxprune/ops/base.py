@@ -167,6 +167,11 @@ AxesOf = Callable[[ir.Node, int, int], tuple[int | None, int | None] | None]
 MacsOf = Callable[[ir.Node, Dims], int | None]
 DesignOf = Callable[[WeightLike, UseLike], Design | None]
 OutputDims = Callable[[ir.Node, RunDims], list[int] | None]
+# A stored tensor's axes through an op that only cuts, places or adds unit axes to its values:
+# (node, input index, axis map of that input) -> one axis map per output, or None. An axis map
+# lists, per axis of a value, the stored tensor's axis it is (None: an inserted unit axis).
+AxisMap = list[int | None]
+ViewOf = Callable[[ir.Node, int, AxisMap], list[AxisMap] | None]
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,9 @@ class OpInfo:
       its weights get none.
     - output_dims: its first output's dims in one run of shape folding's stand-ins.
     - folded_inputs: computed integer inputs the walk needs constant (folded before it).
+    - view: how a stored tensor's axes pass through the op where it only rearranges pieces of
+      it (Slice, Concat, Split, a Gather of stored indices, Unsqueeze, Squeeze): finding
+      weights follows a constant through such views to the weight slot that reads it.
     """
 
     op_type: str
@@ -195,6 +203,7 @@ class OpInfo:
     no_design: str | None = None
     output_dims: OutputDims | None = None
     folded_inputs: tuple[int, ...] = ()
+    view: ViewOf | None = None
 
 
 def declare(op_types: Sequence[str], **fields: Any) -> tuple[OpInfo, ...]:
@@ -232,6 +241,15 @@ def attr_str(node: ir.Node, name: str, default: str) -> str:
         return default
     value = found.value
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def node_opset(node: ir.Node) -> int | None:
+    """The default domain's version of the graph `node` sits in (None where that graph imports
+    none: a body's nodes; channel rewrites change main-graph nodes only)."""
+    graph = node.graph
+    imports = {} if graph is None else graph.opset_imports
+    version = imports.get("", imports.get("ai.onnx"))
+    return None if version is None else int(version)
 
 
 def input_at(node: ir.Node, index: int) -> ir.Value | None:

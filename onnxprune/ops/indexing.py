@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from onnxprune.core.tensors import const_tensor
 from onnxprune.ops.base import (
+    AxisMap,
     ChannelWalk,
     Constants,
     Fix,
@@ -26,6 +27,7 @@ from onnxprune.ops.base import (
     attr,
     carrier,
     const_ints,
+    node_opset,
     positive_axis,
     stored_ints,
 )
@@ -43,7 +45,9 @@ class SplitFix(Fix):
         node = self.node
         sizes = np.array([kept.kept_of(ids) for ids in self.outputs], dtype=np.int64)
         node.attributes.pop("num_outputs", None)
-        if "split" in node.attributes:
+        version = node_opset(node)
+        if "split" in node.attributes or (version is not None and version < 13):
+            # below opset 13 the sizes are an attribute (an equal split has none): never an input
             node.attributes["split"] = ir.AttrInt64s("split", [int(s) for s in sizes])
         else:
             consts.replace(node, 1, sizes)
@@ -247,9 +251,30 @@ def concat_dims(node: ir.Node, run: RunDims) -> list[int] | None:
     return [*x[:axis], sum(s[axis] for s in shapes), *x[axis + 1 :]]  # type: ignore[index]
 
 
+# -- views of a stored tensor (finding weights) ----------------------------------------------------
+def same_axes_view(node: ir.Node, index: int, axes: AxisMap) -> list[AxisMap] | None:
+    """Concat (any input) places the tensor at an offset; Slice and Split (input 0) cut it:
+    every output keeps its axes."""
+    if node.op_type != "Concat" and index != 0:
+        return None
+    return [list(axes) for _ in node.outputs]
+
+
+def gather_view(node: ir.Node, index: int, axes: AxisMap) -> list[AxisMap] | None:
+    """Gather of stored indices (a scalar drops the axis, a vector keeps it); a computed index
+    is a lookup (an embedding table), not a view."""
+    indices = const_tensor(node.inputs[1]) if index == 0 and len(node.inputs) > 1 else None
+    if indices is None or len(indices.shape) > 1:
+        return None
+    axis = positive_axis(int(attr(node, "axis", 0)), len(axes))
+    if len(indices.shape) == 0:
+        return [[a for k, a in enumerate(axes) if k != axis]]
+    return [list(axes)]
+
+
 OPS = (
-    OpInfo("Concat", rule=concat, output_dims=concat_dims),
-    OpInfo("Split", rule=split, folded_inputs=(1,)),
-    OpInfo("Slice", rule=slice_, folded_inputs=(1, 2, 3, 4)),
-    OpInfo("Gather", rule=gather, output_dims=gather_dims),
+    OpInfo("Concat", rule=concat, output_dims=concat_dims, view=same_axes_view),
+    OpInfo("Split", rule=split, folded_inputs=(1,), view=same_axes_view),
+    OpInfo("Slice", rule=slice_, folded_inputs=(1, 2, 3, 4), view=same_axes_view),
+    OpInfo("Gather", rule=gather, output_dims=gather_dims, view=gather_view),
 )

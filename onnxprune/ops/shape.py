@@ -19,6 +19,7 @@ import onnx_ir as ir
 from onnxprune.core.graphs import concat_piece
 from onnxprune.core.tensors import const_tensor
 from onnxprune.ops.base import (
+    AxisMap,
     ChannelWalk,
     Constants,
     Fix,
@@ -536,11 +537,55 @@ def range_dims(node: ir.Node, run: RunDims) -> list[int] | None:
     return [max(int(np.ceil((limit - start) / delta)), 0) if delta else 0]
 
 
+# -- views of a stored tensor (finding weights) ----------------------------------------------------
+def _given_axes(node: ir.Node) -> list[int] | None:
+    """Squeeze's or Unsqueeze's axes as given: stored (input 1, from opset 13) or an attribute;
+    [] where none are given, None where they are computed."""
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        tensor = const_tensor(node.inputs[1])
+        return None if tensor is None else [int(a) for a in tensor.numpy().reshape(-1)]
+    return [int(a) for a in attr(node, "axes", [])]
+
+
+def unsqueeze_view(node: ir.Node, index: int, axes: AxisMap) -> list[AxisMap] | None:
+    """Unit axes inserted: they hold no stored axis."""
+    given = _given_axes(node) if index == 0 else None
+    if not given:
+        return None
+    rank = len(axes) + len(given)
+    new = {positive_axis(a, rank) for a in given}
+    rest = iter(axes)
+    return [[None if k in new else next(rest) for k in range(rank)]]
+
+
+def squeeze_view(node: ir.Node, index: int, axes: AxisMap) -> list[AxisMap] | None:
+    """Unit axes dropped (every unit axis where none are given: read from the input's shape)."""
+    given = _given_axes(node) if index == 0 else None
+    if given is None:
+        return None
+    dropped = {positive_axis(a, len(axes)) for a in given}
+    if not dropped:
+        tensor = const_tensor(node.inputs[0])
+        shape = list(tensor.shape) if tensor is not None else node.inputs[0].shape
+        if shape is None or len(shape) != len(axes):
+            return None
+        dropped = {k for k, d in enumerate(shape) if d == 1}
+    return [[a for k, a in enumerate(axes) if k not in dropped]]
+
+
 OPS = (
     OpInfo("Constant", rule=constant),
     OpInfo("Transpose", rule=transpose, output_dims=transpose_dims),
-    OpInfo("Squeeze", rule=squeeze, output_dims=squeeze_dims, folded_inputs=(1,)),
-    OpInfo("Unsqueeze", rule=unsqueeze, output_dims=squeeze_dims, folded_inputs=(1,)),
+    OpInfo(
+        "Squeeze", rule=squeeze, output_dims=squeeze_dims, folded_inputs=(1,), view=squeeze_view
+    ),
+    OpInfo(
+        "Unsqueeze",
+        rule=unsqueeze,
+        output_dims=squeeze_dims,
+        folded_inputs=(1,),
+        view=unsqueeze_view,
+    ),
     OpInfo("Flatten", rule=flatten),
     OpInfo("Reshape", rule=reshape, output_dims=target_dims),
     OpInfo("Expand", rule=expand, output_dims=target_dims, folded_inputs=(1,)),

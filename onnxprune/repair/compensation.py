@@ -129,7 +129,8 @@ def quiet_classes(graph: ChannelGraph, removed: np.ndarray, ratio: float) -> np.
 def _probe_shapes(
     specs: Sequence[_inputs.InputSpec], given: dict[str, tuple[int, ...]] | None
 ) -> list[dict[str, tuple[int, ...]]]:
-    """Shapes to try: the ones given, else every open dim set to one of PROBE_SIZES (batch 1)."""
+    """Shapes to try: the ones given, else every open dim set to one of PROBE_SIZES (batch 1,
+    on each input's batch axis)."""
     if given and all(s.name in given for s in specs):
         return [given]
     tries = []
@@ -138,7 +139,7 @@ def _probe_shapes(
         for spec in specs:
             if spec.name not in shapes:
                 shapes[spec.name] = tuple(
-                    d if isinstance(d, int) and d > 0 else (1 if i == 0 else size)
+                    d if isinstance(d, int) and d > 0 else (1 if i == spec.batch_axis else size)
                     for i, d in enumerate(spec.shape)
                 )
         tries.append(shapes)

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from onnxprune.repair.compensation import Compensation
     from onnxprune.selection.channels import ChannelPlan
     from onnxprune.validate import Validation
+    from onnxprune.weights import Untaken
+
 
 @dataclass
 class Report:
@@ -48,6 +50,8 @@ class Report:
     zeros: dict[str, int] = field(default_factory=dict)
     compensation: Compensation | None = None
     validation: Validation | None = None
+    # If branches the run's scalar inputs never take (weights.untaken)
+    untaken: list[Untaken] = field(default_factory=list)
 
     @property
     def warnings(self) -> list[str]:
@@ -86,6 +90,9 @@ class Report:
                 "calibration": calibration,
                 "output_errors": dict(self.errors),
                 "compensation": None if self.compensation is None else self.compensation.to_dict(),
+                # big float constants no layer stands for, with why they are left alone
+                "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
+                "untaken_branches": [u.to_dict() for u in self.untaken],
                 "size_bytes": {"before": self.size_before, "after": self.size_after},
                 "seconds": self.seconds,
                 **self.extra,
@@ -125,6 +132,7 @@ class Report:
                 for layer in plan.layers
             ],
             "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
+            "untaken_branches": [u.to_dict() for u in self.untaken],
             "warnings": list(plan.warnings),
             **self.extra,
         }

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
-
 from onnxprune.channels import Layer, Unreached
 from onnxprune.report.tables import format_table, human_count
 from onnxprune.selection.channels import ChannelPlan
@@ -158,8 +156,7 @@ def _frozen_of(plan: ChannelPlan, layer: Layer) -> dict[str, Any]:
     """How many of a layer's channels are frozen, and why."""
     graph = plan.graph
     frozen = graph.frozen[layer.classes]
-    why = np.unique(graph.reason[layer.classes][frozen])
-    return {"frozen": int(frozen.sum()), "reasons": [graph.reasons[i] for i in why if i >= 0]}
+    return {"frozen": int(frozen.sum()), "reasons": graph.reasons_of(layer.classes[frozen])}
 
 
 def _rows(plan: ChannelPlan) -> list[list[str]]:

@@ -46,6 +46,43 @@ def _compensation_lines(found: Any) -> list[str]:
     return lines + [f"constants: {notice}" for notice in found.notices]
 
 
+def untaken_line(branch: Any) -> str:
+    """An If branch the run's inputs never take (`weights.Untaken`), and what that means."""
+    given = ", ".join(
+        f"{k}={v}" if isinstance(v, bool) else f"{k}={v:g}" for k, v in branch.inputs.items()
+    )
+    names = branch.weights
+    what = (
+        f"{len(names)} weight(s) read only there ({', '.join(names[:3])}"
+        + (" ..." if len(names) > 3 else "")
+        + ") are pruned all the same; no sample reaches them, so validation cannot show what "
+        "their pruning does"
+        if names
+        else "no weight is read only there"
+    )
+    return f"never runs: the {branch.branch} of If {branch.node!r} for {given}: {what}"
+
+
+def skipped_lines(skipped: list[tuple[str, str]]) -> list[str]:
+    """One line per skipped tensor; where many share a kind of reason (biases, tables), one
+    line for them with a few names."""
+    if len(skipped) <= 8:
+        return [f"skipped {name}: {reason}" for name, reason in skipped]
+    by_kind: dict[str, list[tuple[str, str]]] = {}
+    for name, reason in skipped:
+        by_kind.setdefault(reason.split(":")[-1].strip(), []).append((name, reason))
+    lines = []
+    for items in by_kind.values():
+        if len(items) == 1:
+            lines.append(f"skipped {items[0][0]}: {items[0][1]}")
+            continue
+        names = ", ".join(n for n, _ in items[:3]) + (
+            f" and {len(items) - 3} more" if len(items) > 3 else ""
+        )
+        lines.append(f"skipped {len(items)} tensors ({names}): e.g. {items[0][1]}")
+    return lines
+
+
 NAME_WIDTH = 44
 NODE_WIDTH = 32
 
@@ -114,6 +151,8 @@ def format_report(report: Report) -> str:
             lines += _calibration_notes(report.calibration)
         if report.compensation is not None:
             lines += _compensation_lines(report.compensation)
+        lines += skipped_lines(report.skipped)
+        lines += [untaken_line(u) for u in report.untaken]
         if report.size_after is not None:
             lines.append(
                 f"size: {human_bytes(report.size_before)} -> {human_bytes(report.size_after)}"
@@ -178,8 +217,8 @@ def format_report(report: Report) -> str:
             + (f"  written to {report.output_path}" if report.output_path else "")
         )
     lines += _sparse_lines(report)
-    for name, reason in report.skipped:
-        lines.append(f"skipped {name}: {reason}")
+    lines += skipped_lines(report.skipped)
+    lines += [untaken_line(u) for u in report.untaken]
     if report.calibration is not None:
         lines += _calibration_notes(report.calibration)
     for warning in plan.warnings:

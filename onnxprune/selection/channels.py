@@ -35,6 +35,7 @@ from onnxprune.channels import ChannelGraph
 from onnxprune.core import quantized
 from onnxprune.core.tensors import const_tensor
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
+from onnxprune.inputs.spec import batch_axes_of
 from onnxprune.options import MinKeep, check_sparsity
 from onnxprune.scoring.magnitude import channel_scores
 from onnxprune.weights import PRUNABLE_OPS
@@ -118,10 +119,16 @@ def sample_shapes(
 ) -> dict[str, tuple[int, ...]] | None:
     """The model's input shapes for one sample: `given` (--input-shape) where it names an input,
     else the declared ones with a symbolic dim named like one `given` sets at its size and a
-    symbolic first axis (the batch) as 1; None when some other size stays open (a symbolic
-    height, width or sequence)."""
+    symbolic batch axis (inputs.batch_axes_of) as 1; None when some other size stays open (a
+    symbolic height, width or sequence)."""
     given = dict(given or {})
     inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+    batch = batch_axes_of(
+        {
+            str(v.name): [d if isinstance(d, int) else (d.value or None) for d in (v.shape or ())]
+            for v in inputs
+        }
+    )
     bound: dict[str, int] = {}
     for value in inputs:
         for d, n in zip(value.shape or (), given.get(str(value.name), ()), strict=False):
@@ -141,7 +148,7 @@ def sample_shapes(
                 dims.append(d)
             elif isinstance(d, ir.SymbolicDim) and d.value in bound:
                 dims.append(bound[d.value])
-            elif axis == 0:
+            elif axis == batch[name]:
                 dims.append(1)
             else:
                 return None
@@ -258,31 +265,53 @@ def _units(
     grouped = np.zeros(graph.n_classes, dtype=bool)
     if round_to and round_to > 1:
         for group in graph.groups:
-            sets = {tuple(np.unique(graph.layers[i].classes)) for i in group.layers}
-            if len(sets) != 1:
-                continue
-            classes = np.asarray(sets.pop(), dtype=np.int64)
             step = _class_step([graph.layers[i].classes for i in group.layers], round_to)
-            if len(classes) < step:
-                continue  # too narrow to round: its channels go one by one
-            free = classes[prunable[classes]]
-            free = free[np.lexsort((free, scores[free]))]
-            first = len(classes) % step
-            bounds = [first] if first else []
-            bounds += list(range(first + step, len(free) + 1, step))
-            start = 0
-            for end in bounds:
-                if end > len(free):
-                    break
-                units.append(free[start:end])
-                unit_scores.append(float(scores[free[start:end]].mean()))
-                start = end
-            grouped[classes] = True
+            for classes in _parts(graph, group.layers):
+                if len(classes) < step:
+                    continue  # too narrow to round: its channels go one by one
+                free = classes[prunable[classes]]
+                free = free[np.lexsort((free, scores[free]))]
+                first = len(classes) % step
+                bounds = [first] if first else []
+                bounds += list(range(first + step, len(free) + 1, step))
+                start = 0
+                for end in bounds:
+                    if end > len(free):
+                        break
+                    units.append(free[start:end])
+                    unit_scores.append(float(scores[free[start:end]].mean()))
+                    start = end
+                grouped[classes] = True
     rest = np.flatnonzero(prunable & ~grouped)
     units += [rest[i : i + 1] for i in range(len(rest))]
     unit_scores += scores[rest].tolist()
     order = np.lexsort(([int(u[0]) for u in units], unit_scores)) if units else np.zeros(0, int)
     return [units[i] for i in order], np.asarray(unit_scores)[order]
+
+
+def _parts(graph: ChannelGraph, layers: Sequence[int]) -> list[np.ndarray]:
+    """A group's classes split by which of its layers hold them: each part is rounded on its
+    own, so every layer (a union of parts) keeps a multiple too. A YOLOv8 C2f block's first
+    conv makes two halves, the second also a residual's channels: two parts."""
+    classes = np.unique(np.concatenate([graph.layers[i].classes for i in layers]))
+    held = np.zeros((len(classes), len(layers)), dtype=bool)
+    for k, i in enumerate(layers):
+        held[np.searchsorted(classes, np.unique(graph.layers[i].classes)), k] = True
+    _, part = np.unique(held, axis=0, return_inverse=True)
+    part = part.reshape(-1)
+    firsts = {int(p): int(np.flatnonzero(part == p)[0]) for p in np.unique(part)}
+    return [classes[part == p] for p in sorted(firsts, key=firsts.get)]
+
+
+def _unrounded(plan: ChannelPlan, round_to: int) -> list[tuple[str, int, int]]:
+    """Layers whose kept channel count is no multiple of `round_to` although their count was:
+    (name, kept, channels)."""
+    found = []
+    for layer in plan.graph.layers:
+        n, kept = len(layer.classes), plan.kept_of(layer.classes)
+        if n % round_to == 0 and kept % round_to:
+            found.append((layer.name, kept, n))
+    return found
 
 
 def class_costs(graph: ChannelGraph, counted: Sequence[Counted], target: str) -> np.ndarray:
@@ -378,6 +407,15 @@ def plan_channels(
         else:
             lo = mid + 1
     plan.removed = removed_by(lo)[0]
+    if round_to and round_to > 1:
+        missed = _unrounded(plan, round_to)
+        if missed:
+            name, kept, n = missed[0]
+            plan.warnings.append(
+                f"--round-to {round_to} not honoured in {len(missed)} layer(s) (e.g. {name}: "
+                f"{kept} of {n} channels kept): their channels are coupled with other layers' "
+                f"in parts narrower than {round_to}, or partly frozen"
+            )
     if not round_to:
         ragged = [
             layer.name
@@ -418,7 +456,6 @@ def plan_channels(
     return plan
 
 
-
 def plan_channels_in_steps(
     model: ir.Model,
     graph: ChannelGraph,
@@ -446,6 +483,7 @@ def plan_channels_in_steps(
             scores = rescore(removed)
     assert plan is not None
     return plan
+
 
 def _accept(
     graph: ChannelGraph,

@@ -15,7 +15,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from onnxprune.core import wire
-from onnxprune.core.graphs import all_graphs, iter_tensors
+from onnxprune.core.graphs import all_graphs, iter_tensors, opset_problems
 from onnxprune.errors import ModelLoadError, OutputError
 from onnxprune.storage import datafile, wellformed, writer
 from onnxprune.storage import sparse as sparse_storage
@@ -333,6 +333,11 @@ def stage_model(
     names beside the output, flushed and checked, not yet in place. A failure leaves nothing."""
     inputs = input_files(input_path, model)
     out = writer.check_destination(output, inputs=inputs, force=force)
+    problems = opset_problems(model)
+    if problems:  # what a rewrite wrote: a bug, never written
+        raise OpsetError(
+            f"{len(problems)} node(s) use what the model's opset lacks, e.g. {problems[0]}"
+        )
     layout = sparse_layout(model, sparse)
     if external_data is None:
         external_data = (
@@ -357,6 +362,7 @@ def stage_model(
         _fault("written")
         if check:
             check_model_file(staged.tmp_model)
+            check_runtime_load(staged.tmp_model, input_path, model)
         _fault("checked")
     except BaseException:
         staged.discard()
@@ -652,6 +658,47 @@ def _write_inline(model: ir.Model, path: Path, layout: sparse_storage.Layout | N
                 wire.write_initializer(f, tensor, v.name)
             else:
                 sparse_storage.Parts(tensor, v.name, form).write(f)
+
+
+class OpsetError(RuntimeError):
+    """A rewrite made a node the model's opset lacks (a bug in onnxprune: nothing is written)."""
+
+
+# Domains ONNX Runtime implements; a model using another one needs the user's custom ops.
+RUNTIME_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+
+
+def _runtime_refuses(path: str | os.PathLike) -> str | None:
+    """Why ONNX Runtime cannot create a session for the model at `path` (CPU, no graph
+    optimisation: only loading and checking), or None when it can."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime raises its own exception types
+        return (str(exc).splitlines() or [type(exc).__name__])[0]
+    return None
+
+
+def check_runtime_load(
+    path: str | os.PathLike, input_path: str | os.PathLike | None, model: ir.Model
+) -> None:
+    """The written model loads in ONNX Runtime (session creation), which refuses things
+    onnx.checker lets through. A model ONNX Runtime cannot load as it came in (custom ops of the
+    user's own) is not held to it: the input is tried only when the output is refused."""
+    why = _runtime_refuses(path)
+    if why is None:
+        return
+    if input_path is not None and _runtime_refuses(input_path) is not None:
+        return
+    domains = {node.domain for node in model.graph.all_nodes()}
+    if input_path is None and domains - set(RUNTIME_DOMAINS):
+        return
+    raise onnx.checker.ValidationError(f"ONNX Runtime cannot load the written model: {why}")
 
 
 def check_model_file(path: str | os.PathLike) -> None:

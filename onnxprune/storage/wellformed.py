@@ -323,11 +323,11 @@ def _check_graph(graph: onnx.GraphProto, scope: _Scope, where: str) -> set[str]:
         for value in values:
             declared = value.type.tensor_type.shape.dim
             dims = [d.dim_value for d in declared]
-            if any(d < 0 for d in dims):
+            if any(d < -1 for d in dims):
                 raise _fail(
                     path,
                     f"{what} {value.name!r}{where} is declared with a negative dimension "
-                    f"({min(dims)})",
+                    f"({min(dims)}); -1 is read as a dynamic one",
                 )
             if math.prod(d for d in dims if d) > MAX_BYTES:
                 shown = [d.dim_value or d.dim_param or "?" for d in declared]
@@ -540,6 +540,7 @@ def check_model(
     assert not free  # the main graph has no outer scope
     _sort_graph(proto.graph)
     _spell_default_domain(proto)
+    dynamic_dims(proto)
     _check_declarations(proto.graph, path)
     _check_with_onnx(proto, path, payloads)
 
@@ -557,6 +558,31 @@ def _spell_default_domain(proto: onnx.ModelProto) -> None:
             if node.domain == "ai.onnx":
                 node.domain = ""
             graphs.extend(body for _, body in graph_attributes(node))
+
+
+def dynamic_dims(proto: onnx.ModelProto) -> int:
+    """Dims declared as `dim_value: -1` (older paddle2onnx and other exporters' "dynamic") become
+    symbolic, as ONNX Runtime reads them: a graph input's or output's is named
+    `<value>_dim<axis>` (one name per dim, so no two are claimed equal), a value_info's is left
+    unknown. The model is written that way too; the IR spec has no negative dims. Returns how
+    many dims changed."""
+    changed = 0
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        for values, named in ((graph.input, True), (graph.output, True), (graph.value_info, False)):
+            for value in values:
+                if not value.type.HasField("tensor_type"):
+                    continue
+                for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+                    if dim.HasField("dim_value") and dim.dim_value == -1:
+                        dim.Clear()
+                        if named:
+                            dim.dim_param = f"{value.name}_dim{axis}"
+                        changed += 1
+        for node in graph.node:
+            graphs.extend(body for _, body in graph_attributes(node))
+    return changed
 
 
 def _declared(value: onnx.ValueInfoProto) -> tuple[int, list[int | None] | None] | None:

@@ -70,6 +70,7 @@ def measure_latency(
     repeats: int = REPEATS,
     budget_s: float = LATENCY_BUDGET_S,
     io_binding: bool | None = None,
+    axes: dict[str, int | None] | None = None,
 ) -> Latency:
     """Milliseconds per run on one batch after warm-up.
 
@@ -103,7 +104,7 @@ def measure_latency(
         start = time.perf_counter()
         once()
         times.append(time.perf_counter() - start)
-    return Latency.from_seconds(times, _inputs.batch_rows(feeds))
+    return Latency.from_seconds(times, _inputs.batch_rows(feeds, axes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def run_model(
         accuracy=accuracy,
     )
     if latency:
-        result.latency = measure_latency(session, _first_batch(session, data))
+        result.latency = measure_latency(session, _first_batch(session, data), axes=data.batch_axes)
     return Run(result, names, outputs, predictions)
 
 
@@ -228,11 +229,13 @@ def prepare_inputs(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     seed: int = 0,
     model: str | os.PathLike | None = None,
+    batch_axes: dict[str, int] | None = None,
 ) -> tuple[list[_inputs.InputSpec], _inputs.Inputs]:
     """The reference session's input specs, and the batches: the user's data or generated ones
-    (integers in the range `model`'s graph can use, when its path is given)."""
+    (integers in the range `model`'s graph can use, when its path is given). Each input is
+    batched on its batch axis (`inputs.batch_axes_of`; `batch_axes` overrides)."""
     _inputs.check_batch_size(batch_size)
-    specs = _inputs.input_specs(session)
+    specs = _inputs.input_specs(session, batch_axes)
     if data is None:
         usable = _inputs.usable_values(io.load_model(model), specs) if model is not None else None
         return specs, _inputs.generate(
@@ -376,8 +379,10 @@ def validate(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     seed: int = 0,
     latency: bool = True,
+    batch_axes: dict[str, int] | None = None,
 ) -> Validation:
-    """Run both models on the same inputs and compare; either may be a path or an `ir.Model`."""
+    """Run both models on the same inputs and compare; either may be a path or an `ir.Model`.
+    `batch_axes` (input -> axis) overrides the batch axes read from the model."""
     runtime = select_runtime(device)
     if runtime.note:
         log.info("%s", runtime.note)
@@ -392,6 +397,7 @@ def validate(
             input_shapes=input_shapes,
             seed=seed,
             model=ref_path,
+            batch_axes=batch_axes,
         )
         for notice in data_.notices:
             log.info("%s", notice)
@@ -409,7 +415,9 @@ def validate(
         if latency:
             for run, path in ((ref_run, ref_path), (cand_run, cand_path)):
                 session = open_session(path, runtime)
-                run.result.latency = measure_latency(session, _first_batch(session, data_))
+                run.result.latency = measure_latency(
+                    session, _first_batch(session, data_), axes=data_.batch_axes
+                )
                 del session
     for run, source in ((ref_run, reference), (cand_run, candidate)):
         if isinstance(source, ir.Model):

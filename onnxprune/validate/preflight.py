@@ -19,6 +19,7 @@ def preflight(
     validating: bool = True,
     batch_size: int | None = None,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    batch_axes: dict[str, int] | None = None,
     max_accuracy_drop: float | None = None,
     min_agreement: float | None = None,
     min_cosine: float | None = None,
@@ -27,10 +28,10 @@ def preflight(
 
     The commands call it first, so that bad data stops them before a model is pruned or written:
     --batch-size and the gate values; the --calibration and --data files against `model`'s
-    inputs (read from the file, weights unread), labels against its classes; generated inputs'
-    shapes; and whether the gates asked for can be measured at all (labels, a [batch, classes]
-    output). What only a run can tell (an output width the file leaves open) is checked at the
-    first batch.
+    inputs (read from the file, weights unread; each batched on its batch axis, `batch_axes`
+    overriding), labels against its classes; generated inputs' shapes; and whether the gates
+    asked for can be measured at all (labels, a [batch, classes] output). What only a run can
+    tell (an output width the file leaves open) is checked at the first batch.
     """
     _inputs.check_batch_size(batch_size)
     check_gate_values(
@@ -38,7 +39,7 @@ def preflight(
     )
     if calibration is None and not validating:
         return
-    signature = _inputs.model_signature(model) if Path(model).is_file() else None
+    signature = _inputs.model_signature(model, batch_axes) if Path(model).is_file() else None
     if calibration is not None:
         _inputs.check_data_file(
             calibration, signature, option="--calibration", batch_size=batch_size
