@@ -137,9 +137,11 @@ def test_channel_shuffle_couples_channels_across_groups() -> None:
 
 @pytest.mark.parametrize(
     ("op", "needle"),
-    [("Softmax", "normalises over channels"), ("ReduceMean", "reduces over channels")],
+    [("Softmax", "normalises over channels"), ("ReduceMax", "reduces over channels")],
 )
 def test_ops_that_mix_channels_freeze(op: str, needle: str) -> None:
+    """A max over channels (and Softmax across them) changes with any channel removed; a mean
+    or a sum is kept exact instead (tests/test_norms.py)."""
     attrs = {"axis": 1} if op == "Softmax" else {"axes": [1], "keepdims": 1}
 
     def mix(b, h):

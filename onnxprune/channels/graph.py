@@ -20,6 +20,9 @@ from onnxprune.ops import Fix
 # Member roles. out/in: a weight's output/input-channel axis; bias: the producer's bias; scale and
 # shift: per-channel carrier parameters (a dead channel has its shifts zero); param: anything else.
 ROLES = ("out", "in", "bias", "scale", "shift", "param")
+# The roles whose entries are zero in a dead channel (the zero-channel invariant), a scale that
+# divides excepted: its producer's weight and bias, its shifts and multiplying scales.
+ZEROED_ROLES = ("out", "bias", "shift", "scale")
 
 
 @dataclass(frozen=True, eq=False)

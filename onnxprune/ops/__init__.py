@@ -17,7 +17,11 @@ tuple of `OpInfo` (ops/base.py), only what applies:
 - `design(weight, use)` (or `no_design`, the reason there is none): calibration's rows X with
   X @ W.T the output;
 - `output_dims(node, run)`: its output's dims in one run of shape folding's stand-ins;
-- `folded_inputs`: computed integer inputs the walk needs constant.
+- `folded_inputs`: computed integer inputs the walk needs constant;
+- `dead(node, walk)`: what its output holds in a removed channel (ops/dead.py), which reductions
+  over channels need to stay exact;
+- `sources(node, axis, walk)`: where an output axis's entries come from, so that a computed
+  tensor made of stored ones (RoPE's cos and sin of inv_freq) can get their channels.
 Then add the module to `FAMILIES` below and a model using the op to the tests
 (tests/test_ops.py checks that every op with a channel rule is exercised).
 """

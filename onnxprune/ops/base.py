@@ -51,9 +51,35 @@ class ChannelWalk(Protocol):
     def head_split(self, node: ir.Node, heads: np.ndarray, head_dim: int) -> None: ...
     def fix(self, fix: Fix) -> None: ...
     def entries(self, value: ir.Value) -> list[int | None] | None: ...
+    def dead(self, value: ir.Value) -> Dead | None: ...
 
 
 Rule = Callable[[ir.Node, ChannelWalk], None]
+
+
+@dataclass(frozen=True, eq=False)
+class Dead:
+    """What a removed channel holds in a tensor, as an expression: zero (no node, no value), a
+    tensor without the channel that broadcasts along it (`value`, used as it is: a mean), or
+    `node` applied to its inputs' expressions (an input the node does not have is None)."""
+
+    node: ir.Node | None = None
+    inputs: tuple[Dead | None, ...] = ()
+    value: ir.Value | None = None
+
+    @property
+    def zero(self) -> bool:
+        return self.node is None and self.value is None
+
+
+ZERO = Dead()
+
+# How one op's output holds a removed channel, from what its inputs hold (`ChannelWalk.dead`);
+# None where it cannot tell (the walk then refuses what needs it).
+DeadRule = Callable[[ir.Node, ChannelWalk], Dead | None]
+# Where an output axis's entries come from, one to one: (input, axis) pairs; [] where the op
+# makes the axis itself (Expand broadcasting along it); None where it cannot tell.
+SourcesRule = Callable[[ir.Node, int, ChannelWalk], list[tuple[int, int]] | None]
 
 
 class Kept(Protocol):
@@ -183,6 +209,9 @@ class OpInfo:
       its weights get none.
     - output_dims: its first output's dims in one run of shape folding's stand-ins.
     - folded_inputs: computed integer inputs the walk needs constant (folded before it).
+    - dead: what its output holds in a removed channel, from what its inputs hold (ops/dead.py).
+    - sources: where an output axis's entries come from (the walk gives a computed tensor the
+      channels of the stored tensors it is made of, as RoPE's cos and sin of inv_freq).
     """
 
     op_type: str
@@ -195,6 +224,8 @@ class OpInfo:
     no_design: str | None = None
     output_dims: OutputDims | None = None
     folded_inputs: tuple[int, ...] = ()
+    dead: DeadRule | None = None
+    sources: SourcesRule | None = None
 
 
 def declare(op_types: Sequence[str], **fields: Any) -> tuple[OpInfo, ...]:
