@@ -15,6 +15,7 @@ from onnx import TensorProto
 from tests.builders import GraphBuilder
 
 D, QH, KVH, HD, FF = 16, 4, 2, 4, 24  # width, query heads, kv heads, head dim, MLP width
+VOCAB = 11  # of the tied-embedding variant
 REP = QH // KVH
 _INT64 = TensorProto.INT64
 
@@ -78,12 +79,20 @@ def _repeat(b: GraphBuilder, t: str, how: str, reference: str) -> str:
     return b.node("Reshape", [t, _ints(b, 0, QH, -1, HD)])
 
 
-def decoder(how: str = "expand", cache: bool = False, seed: int = 0) -> onnx.ModelProto:
+def decoder(
+    how: str = "expand", cache: bool = False, seed: int = 0, tied: bool = False
+) -> onnx.ModelProto:
     """One pre-norm decoder layer and a head: x [N, S, 6] -> y [N, S, 5]; with `cache`, the
-    position_ids input and past_key_values.0.key/value inputs, present.0.key/value outputs."""
+    position_ids input and past_key_values.0.key/value inputs, present.0.key/value outputs;
+    `tied`: token ids x [N, S] embedded by a table [VOCAB, D] that the head reads transposed."""
     b = GraphBuilder(400 + seed)
-    x = b.input("x", ["N", "S", 6])
-    h = _proj(b, x, 6, D)
+    if tied:
+        x = b.input("x", ["N", "S"], _INT64)
+        table = b.weight((VOCAB, D), scale=0.5)
+        h = b.node("Gather", [table, x], axis=0)
+    else:
+        x = b.input("x", ["N", "S", 6])
+        h = _proj(b, x, 6, D)
     if cache:
         ids = b.input("position_ids", ["N", "S"], _INT64)
         positions = b.node("Cast", [b.node("Unsqueeze", [ids, _ints(b, -1)])], to=1)
@@ -109,8 +118,9 @@ def decoder(how: str = "expand", cache: bool = False, seed: int = 0) -> onnx.Mod
     gate = _proj(b, normed, D, FF)
     act = b.node("Mul", [b.node("Mul", [gate, b.node("Sigmoid", [gate])]), _proj(b, normed, D, FF)])
     h = b.node("Add", [h, _proj(b, act, FF, D)])
-    b.node("MatMul", [_rms(b, h), b.weight((D, 5))], out="y")
-    b.output("y", shape=["N", "S", 5])
+    head = b.node("Transpose", [table], perm=[1, 0]) if tied else b.weight((D, 5))
+    b.node("MatMul", [_rms(b, h), head], out="y")
+    b.output("y", shape=["N", "S", VOCAB if tied else 5])
     if cache:
         for n in ("key", "value"):
             b.output(f"present.0.{n}", shape=["N", KVH, "T", HD])
@@ -129,4 +139,13 @@ def gqa_cache() -> onnx.ModelProto:
     return decoder("expand", cache=True)
 
 
-DECODERS = {"gqa_expand": gqa_expand, "gqa_tile": gqa_tile, "gqa_cache": gqa_cache}
+def gqa_tied() -> onnx.ModelProto:
+    return decoder("tile", tied=True)
+
+
+DECODERS = {
+    "gqa_expand": gqa_expand,
+    "gqa_tile": gqa_tile,
+    "gqa_cache": gqa_cache,
+    "gqa_tied": gqa_tied,
+}

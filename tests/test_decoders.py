@@ -18,7 +18,7 @@ from onnxprune.selection.channels import ChannelPlan, counted_weights, plan_chan
 from onnxprune.storage import io
 from tests.builders import run
 from tests.channel_models import analyse, choose, kill
-from tests.decoder_models import DECODERS, HD, KVH, QH, REP, decoder
+from tests.decoder_models import DECODERS, HD, KVH, QH, REP, VOCAB, decoder
 
 SIZES = {"N": 2, "S": 5, "P": 0}
 
@@ -26,7 +26,10 @@ SIZES = {"N": 2, "S": 5, "P": 0}
 def _feeds(proto: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
     """x random, positions 0..S-1, an empty past (the first step of generation)."""
     rng = np.random.default_rng(seed)
-    data = {"x": rng.standard_normal((SIZES["N"], SIZES["S"], 6)).astype(np.float32)}
+    if proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64:  # token ids
+        data = {"x": rng.integers(0, VOCAB, (SIZES["N"], SIZES["S"])).astype(np.int64)}
+    else:
+        data = {"x": rng.standard_normal((SIZES["N"], SIZES["S"], 6)).astype(np.float32)}
     names = {i.name for i in proto.graph.input}
     if "position_ids" in names:
         data["position_ids"] = np.tile(np.arange(SIZES["S"], dtype=np.int64), (SIZES["N"], 1))
@@ -52,10 +55,26 @@ def _fit(path: Path, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def kill_read(graph: channels.ChannelGraph, removed: np.ndarray) -> None:
+    """Zero what reads the query heads removed inside a group: such a head, its query weights
+    zero, still averages the values its key/value head (kept) gives, so it is dead only where
+    its output projection's columns are zero too (what `kill` leaves to the producers)."""
+    settled = graph.settle(removed)
+    alone = np.zeros(graph.n_classes, dtype=bool)
+    for parents, children in graph.depends:
+        alone[children[settled[children] & ~settled[parents]]] = True
+    for m in graph.members:
+        if m.role == "in" and alone[m.ids].any():
+            array = channels.zeroed(m.value, m.axis, alone[m.ids])
+            m.value.const_value = ir.Tensor(array, name=m.value.name)
+
+
 def _invariant(proto: onnx.ModelProto, tmp: Path, seed: int, heads: bool) -> ChannelPlan:
     model, graph = analyse(proto, heads=heads)
     removed = choose(graph, seed=seed)
+    removed = graph.settle(removed)  # GQA: a key/value head goes with its group
     kill(graph, removed)
+    kill_read(graph, removed)
     data = _feeds(proto, seed)
     expected = run(ir.serde.serialize_model(model), data)
     plan = ChannelPlan(graph, removed, counted_weights(model, graph))
@@ -92,24 +111,48 @@ def test_removing_zeroed_channels_keeps_outputs(
     assert plan.removed.any()
 
 
+def _stored(proto: onnx.ModelProto) -> dict[str, list]:
+    return {t.name: onnx.numpy_helper.to_array(t).tolist() for t in proto.graph.initializer}
+
+
 @pytest.mark.parametrize("name", sorted(DECODERS))
-def test_a_kv_group_is_one_head_class(name: str) -> None:
-    """--heads on grouped-query attention: a key/value head and the REP query heads that read
-    it are one class (removing it removes all of them); the Reshape that merges the repeats
-    names the query heads kept."""
+def test_query_heads_go_one_by_one(name: str) -> None:
+    """--heads on grouped-query attention: each query head is a class of its own; removing one
+    inside a group keeps both key/value heads (a Gather after the repeat picks the copies of
+    the query heads kept)."""
     model, graph = analyse(DECODERS[name](), heads=True)
     (entry,) = graph.heads
-    assert len(entry.classes) == QH and len(np.unique(entry.classes)) == KVH
-    assert (np.unique(entry.classes, return_counts=True)[1] == REP).all()
+    assert len(np.unique(entry.classes)) == QH
+    assert graph.derived.sum() == 2 * KVH  # the key and the value heads, derived
     removed = np.zeros(graph.n_classes, dtype=bool)
     removed[entry.classes[0]] = True
-    apply_channel_plan(model, ChannelPlan(graph, removed, counted_weights(model, graph)))
+    plan = ChannelPlan(graph, removed, counted_weights(model, graph))
+    assert not plan.removed[graph.derived].any()
+    apply_channel_plan(model, plan)
     proto = ir.serde.serialize_model(model)
     onnx.checker.check_model(proto, full_check=True)
-    stored = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in proto.graph.initializer}
-    targets = [stored.get(n.input[1]) for n in proto.graph.node if n.op_type == "Reshape"]
-    assert [0, QH - REP, -1, HD] in targets  # the repeated heads, merged
-    assert [0, 0, QH - REP, HD] in targets and [0, 0, KVH - 1, HD] in targets  # the splits
+    targets = [_stored(proto).get(n.input[1]) for n in proto.graph.node if n.op_type == "Reshape"]
+    assert [0, 0, QH - 1, HD] in targets and [0, QH, -1, HD] in targets
+    picks = [n for n in proto.graph.node if n.op_type == "Gather" and "query_heads" in n.name]
+    assert len(picks) == 2 and all(_stored(proto)[n.input[1]] == [1, 2, 3] for n in picks)
+
+
+@pytest.mark.parametrize("name", sorted(DECODERS))
+def test_a_kv_head_goes_with_its_query_heads(name: str) -> None:
+    """The query heads of one group removed: their key/value head goes too (settled), and the
+    repeat and the key/value splits count one key/value head fewer."""
+    model, graph = analyse(DECODERS[name](), heads=True)
+    (entry,) = graph.heads
+    removed = np.zeros(graph.n_classes, dtype=bool)
+    removed[entry.classes[:REP]] = True
+    plan = ChannelPlan(graph, removed, counted_weights(model, graph))
+    assert plan.removed[graph.derived].sum() == 2  # the first group's key and value heads
+    apply_channel_plan(model, plan)
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    targets = [_stored(proto).get(n.input[1]) for n in proto.graph.node if n.op_type == "Reshape"]
+    assert [0, QH - REP, -1, HD] in targets and [0, 0, KVH - 1, HD] in targets
+    assert not [n for n in proto.graph.node if n.op_type == "Gather" and "query_heads" in n.name]
 
 
 def test_kv_cache_narrows_with_the_heads(tmp_path: Path) -> None:
@@ -119,7 +162,7 @@ def test_kv_cache_narrows_with_the_heads(tmp_path: Path) -> None:
     model, graph = analyse(proto, heads=True)
     (entry,) = graph.heads
     removed = np.zeros(graph.n_classes, dtype=bool)
-    removed[entry.classes[-1]] = True
+    removed[entry.classes[-REP:]] = True  # the last group's query heads, and so its kv head
     plan = ChannelPlan(graph, removed, counted_weights(model, graph))
     apply_channel_plan(model, plan)
     path = io.save_model(model, tmp_path / "cache.onnx", force=True, check=True)
@@ -157,3 +200,15 @@ def test_cache_inputs_are_found() -> None:
         "present.0.key",
         "present.0.value",
     ]
+
+
+def test_tied_head_is_pruned_once() -> None:
+    """An LM head that reads the embedding table transposed: the table is one tensor, sliced
+    once along the residual channels (its columns), for the lookup and the head alike; its
+    rows (the vocabulary: the logits, a model output) stay."""
+    _, graph = analyse(decoder("tile", tied=True))
+    members = [m for m in graph.members if m.value.name == "w1"]
+    columns = [m for m in members if m.axis == 1]
+    assert len({m.ids.tobytes() for m in columns}) == 1
+    assert not graph.frozen[columns[0].ids].any()
+    assert all(graph.frozen[m.ids].all() for m in members if m.axis == 0)

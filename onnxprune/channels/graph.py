@@ -109,6 +109,9 @@ class ChannelGraph:
     groups: list[Group]
     heads: list[Heads] = field(default_factory=list)  # attentions whose heads are classes
     unreached: list[Unreached] = field(default_factory=list)  # weights no layer stands for
+    # (parent of each copy, the copies): GQA's key/value heads and the query heads that read
+    # them; a parent is removed exactly when all its copies are (settle)
+    depends: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     @property
     def produced(self) -> np.ndarray:
@@ -119,8 +122,29 @@ class ChannelGraph:
         return mask
 
     @property
+    def derived(self) -> np.ndarray:
+        """Bool per class: removed with its copies only (a GQA key/value head), not chosen."""
+        mask = np.zeros(self.n_classes, dtype=bool)
+        for parents, _ in self.depends:
+            mask[parents] = True
+        return mask
+
+    @property
     def prunable(self) -> np.ndarray:
-        return self.produced & ~self.frozen
+        return self.produced & ~self.frozen & ~self.derived
+
+    def settle(self, removed: np.ndarray) -> np.ndarray:
+        """`removed` with each derived class removed exactly when all its copies are (a key/value
+        head whose query heads all go goes too; one a query head still reads stays)."""
+        if not self.depends:
+            return removed
+        derived = self.derived
+        needed = np.zeros(self.n_classes, dtype=bool)
+        for parents, children in self.depends:
+            needed[parents[~removed[children]]] = True
+        out = removed.copy()
+        out[derived] = ~needed[derived] & ~self.frozen[derived]
+        return out
 
 
 def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

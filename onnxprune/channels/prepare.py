@@ -98,12 +98,16 @@ class StoreWeightViewsPass(ir.passes.InPlacePass):
     """Store what a Reshape, Unsqueeze, Squeeze or Flatten makes of a stored float tensor (read
     through Transpose, Cast or Identity): the walk slices stored tensors, not their views (Swin's
     relative position bias, [49*49, H] -> [1, H, 49, 49], is then sliced with the heads it is
-    added to)."""
+    added to). A vector that Identity nodes hand to several readers is stored once per Identity:
+    exporters share one zero bias between unrelated layers (the TorchScript exporter gives every
+    bias of a fresh BERT the embedding LayerNorm's), which would tie their channels together."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         done = 0
         for node in list(model.graph):
-            if node.op_type not in _REARRANGE or node.domain not in ("", "ai.onnx"):
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type not in _REARRANGE and not _shared_vector(node):
                 continue
             out = node.outputs[0]
             if out.is_graph_output() or not out.uses():
@@ -125,6 +129,14 @@ class StoreWeightViewsPass(ir.passes.InPlacePass):
             out.replace_all_uses_with(const)
             done += 1
         return ir.passes.PassResult(model, done > 0)
+
+
+def _shared_vector(node: ir.Node) -> bool:
+    """An Identity of a stored vector that other nodes read too."""
+    if node.op_type != "Identity" or not node.inputs or node.inputs[0] is None:
+        return False
+    tensor = const_tensor(node.inputs[0])
+    return tensor is not None and len(tensor.shape) <= 1 and len(node.inputs[0].uses()) > 1
 
 
 def _stored_array(value: ir.Value | None) -> np.ndarray | None:
@@ -151,6 +163,8 @@ def _stored_array(value: ir.Value | None) -> np.ndarray | None:
 
 def _rearranged(node: ir.Node, array: np.ndarray, args: list[np.ndarray]) -> np.ndarray:
     attr = node.attributes
+    if node.op_type == "Identity":
+        return array
     if node.op_type == "Reshape":
         zero = attr.get("allowzero")
         target = [int(t) for t in args[0].reshape(-1)]

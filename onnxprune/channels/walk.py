@@ -68,6 +68,7 @@ class Walk:
         self.demands: list[tuple[ir.Value, int]] = []
         self.cache = cache_inputs(model)  # past key/value inputs -> the present outputs
         self.head_splits: list[tuple[ir.Node, np.ndarray, int]] = []  # (Reshape, heads, head_dim)
+        self.depends: list[tuple[np.ndarray, np.ndarray]] = []  # (parent of each child, children)
         self.symbols: dict[object, int] = {}  # symbolic dims met by shape arithmetic
         self.memos: list[dict] = [{} for _ in range(shapemath.RUNS)]  # shape arithmetic per run
         self.run_dims: dict[int, dict[ir.Value, list[int]]] = {}  # dims per run (shapemath.dims)
@@ -205,6 +206,12 @@ class Walk:
         """Record a Reshape that splits a channel axis into attention heads (heads=True)."""
         self.head_splits.append((node, heads, head_dim))
 
+    def depend(self, parents: np.ndarray, children: np.ndarray) -> None:
+        """Channels `children` are copies of `parents` (one parent per child; GQA's query heads
+        reading the key/value head repeated for them): a parent goes when all its copies do,
+        never on its own (ChannelGraph.settle)."""
+        self.depends.append((parents, children))
+
     def fix(self, fix: Fix) -> None:
         """Record attributes or shape constants the rewrite recomputes after removal."""
         self.fixes.append(fix)
@@ -305,6 +312,13 @@ class Walk:
                 self._dequantized(producer, source_axis, ids)
             self._put(value, axis, ids)
             return ids
+        producer = value.producer()
+        if value in self.cache and producer is not None:  # a Concat on the cache's way
+            parts = [self.space(v, axis, role, node) for v in producer.inputs if v is not None]
+            for ids in parts[1:]:
+                self.union(parts[0], ids)
+            self._put(value, axis, parts[0])
+            return parts[0]
         n = self.dim(value, axis)
         if n is None:
             raise Unsupported(f"axis {axis} of {value.name!r} has no static size")
@@ -354,6 +368,7 @@ class Walk:
                 len(self.fixes),
                 len(self.journal),
                 len(self.head_splits),
+                len(self.depends),
             )
             self.current = node
             self.held = {}
@@ -389,9 +404,10 @@ class Walk:
                 return f"{view[0].name!r} holds no elements (shape {tuple(shape)})"
         return None
 
-    def _rollback(self, mark: tuple[int, int, int, int, int]) -> None:
-        links, members, fixes, journal, heads = mark
+    def _rollback(self, mark: tuple[int, int, int, int, int, int]) -> None:
+        links, members, fixes, journal, heads, depends = mark
         del self.head_splits[heads:]
+        del self.depends[depends:]
         del self.links[links:]
         del self.members[members:]
         del self.fixes[fixes:]
@@ -699,6 +715,7 @@ def _resolve(walk: Walk) -> ChannelGraph:
             seen.add((m.value, m.axis))
             layers.append(Layer(m))
     graph = ChannelGraph(n_classes, spaces, members, fixes, frozen, reason, reasons, layers, [])
+    graph.depends = [(label[p], label[c]) for p, c in walk.depends]
     graph.groups = group_layers(graph)
     graph.heads = _attention_heads(walk, label, members)
     return graph
@@ -709,8 +726,11 @@ def _attention_heads(walk: Walk, label: np.ndarray, members: list[Member]) -> li
     V of one attention are joined by its MatMuls), named after the output projection, the first
     weight that reads exactly those classes (else the first that makes them)."""
     found: dict[bytes, Heads] = {}
+    copied = {int(c) for parents, _ in walk.depends for c in label[parents]}
     for node, ids, head_dim in walk.head_splits:
         classes = label[ids]
+        if all(int(c) in copied for c in classes):
+            continue  # GQA's key/value heads: they go with their query heads
         key = np.unique(classes).tobytes()
         if key in found:
             found[key].reshapes.append(node)

@@ -82,6 +82,25 @@ class Inputs:
         return shapes
 
 
+def fit_empty(
+    batch: Mapping[str, np.ndarray], dims: Mapping[str, Sequence[Dim]]
+) -> dict[str, np.ndarray]:
+    """Empty arrays (a KV cache's past of length 0) in the shape a model declares, its fixed
+    dims taken: a model pruned of key/value heads or head_dim takes narrower pasts than the
+    dense model the samples were made for, and an empty past holds nothing to narrow."""
+    out = dict(batch)
+    for name, array in batch.items():
+        declared = dims.get(name)
+        if array.size or declared is None or len(declared) != array.ndim:
+            continue
+        shape = tuple(
+            d if isinstance(d, int) else n for d, n in zip(declared, array.shape, strict=True)
+        )
+        if shape != array.shape and 0 in shape:
+            out[name] = np.zeros(shape, dtype=array.dtype)
+    return out
+
+
 def batch_rows(batch: Mapping[str, np.ndarray]) -> int:
     """Samples in a batch: the first axis of its arrays (a scalar input is the same for all)."""
     return next((int(a.shape[0]) for a in batch.values() if a.ndim), 1)

@@ -275,8 +275,17 @@ def slice_dims(node: ir.Node, run: RunDims) -> list[int] | None:
         a = positive_axis(int(axis), len(x))
         if not 0 <= a < len(x) or int(step) == 0:
             return None
+        # a bound past the end is clipped: where it is a stand-in of a symbolic dim (huge), the
+        # clipped size would be the axis's whatever the dim is, not a size to trust
+        for bound in (int(start), int(end)):
+            if abs(bound) > x[a] and abs(bound) < _UNTIL_THE_END:
+                return None
         out[a] = len(range(*slice(int(start), int(end), int(step)).indices(x[a])))
     return out
+
+
+# Slice bounds at or past this are "to the end" (exporters write INT32 or INT64 maxima).
+_UNTIL_THE_END = 2**31 - 1
 
 
 def concat_dims(node: ir.Node, run: RunDims) -> list[int] | None:

@@ -35,7 +35,7 @@ from onnxprune.ops.base import (
     positive_axis,
     stored_ints,
 )
-from onnxprune.ops.dead import fresh_name, keeps_zero
+from onnxprune.ops.dead import fresh_name, keeps_zero, reroute
 from onnxprune.ops.elementwise import BINARY, UNARY
 
 
@@ -92,6 +92,33 @@ def _own_target(node: ir.Node) -> ir.Value:
     graph.insert_before(node, copy)
     node.replace_input_with(1, copy.outputs[0])
     return copy.outputs[0]
+
+
+@dataclass(eq=False)
+class RepeatFix(Fix):
+    """GQA's key/value heads repeated for the query heads (Expand or Tile, then a Reshape that
+    merges the copies): the repeat stays uniform over the key/value heads kept (the targets
+    count them: ReshapeFix, ExpandFix), and a Gather after it keeps the copies of the query
+    heads kept, so query heads can go one by one inside a group."""
+
+    axis: int  # the merged (query heads) axis of the Reshape's output
+    parents: np.ndarray  # the key/value head each copy repeats
+    heads: np.ndarray  # the query head each copy serves
+    kind = "repeat"
+
+    def apply(self, kept: Kept, consts: Constants) -> None:
+        node, out = self.node, self.node.outputs[0]
+        graph = node.graph
+        copied = ~kept.removed[self.parents]
+        picked = np.flatnonzero(~kept.removed[self.heads][copied])
+        if graph is None or len(picked) == int(copied.sum()):
+            return
+        name = fresh_name(graph, f"{node.name or 'Reshape'}_query_heads")
+        gather = ir.Node("", "Gather", [out, None], [ir.AttrInt64("axis", self.axis)], name=name)
+        consts.replace(gather, 1, picked.astype(np.int64))
+        graph.insert_after(node, gather)
+        reroute(graph, out, gather.outputs[0], {gather})
+        out.shape = None  # the copies of the kept key/value heads: shape inference tells
 
 
 @dataclass(eq=False)
@@ -237,6 +264,14 @@ def _reshape_spaces(
         view = [1] * len(ins)
         view[ins.index(here[0])] = -1
         grid = np.broadcast_to(spaces[here[0]].reshape(view), dims).reshape(odims)
+        if node is not None and _repeats_heads(ctx, x, ins, here[0], out, outs):
+            copies = ctx.new(grid.size)
+            ctx.depend(grid.reshape(-1), copies)
+            ctx.set(out, outs[0], copies)
+            if target[outs[0]] not in (0, -1, None):
+                moved[outs[0]] = grid.reshape(-1)  # the count of copies made: kept kv heads x n
+            ctx.fix(RepeatFix(node, outs[0], grid.reshape(-1), copies))
+            continue
         found = carrier(grid)
         j = found if found is not None else len(odims) - 1 - int(np.argmax(odims[::-1]))
         if found is None and ctx.heads:
@@ -266,6 +301,27 @@ def _reshape_spaces(
         if target[outs[j]] not in (0, -1, None):
             moved[outs[j]] = line
     return moved
+
+
+def _repeats_heads(
+    ctx: ChannelWalk, x: ir.Value, ins: list[int], here: int, out: ir.Value, outs: list[int]
+) -> bool:
+    """Whether a Reshape merges attention heads with copies of them into the heads of an
+    attention (--heads): GQA's key/value heads, repeated by an Expand or a Tile along a new
+    axis for the query heads that read them. Each copy is then a channel of its own."""
+    if not ctx.heads or len(outs) != 1 or not _batched(ctx, out, outs[0], 0):
+        return False
+    node = x.producer()
+    if node is None or node.op_type not in ("Expand", "Tile") or node.domain not in ("", "ai.onnx"):
+        return False
+    source = node.inputs[0]
+    rank, out_rank = ctx.rank(source), ctx.rank(x)
+    if rank is None or out_rank is None:
+        return False
+    copied = [
+        a for a in ins if a != here and a - (out_rank - rank) >= 0 and (ctx.dim(x, a) or 1) > 1
+    ]
+    return bool(copied) and all(ctx.dim(source, a - (out_rank - rank)) == 1 for a in copied)
 
 
 def _align(a: list[Dim], b: list[Dim]) -> list[tuple[list[int], list[int]]] | None:

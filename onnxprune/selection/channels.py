@@ -84,6 +84,9 @@ class ChannelPlan:
     macs_at: dict[str, list[int]] = field(default_factory=dict)  # input shapes MACs count at
     reach: int | None = None  # the most of the target metric whole channels can remove
 
+    def __post_init__(self) -> None:
+        self.removed = self.graph.settle(self.removed)
+
     def kept_of(self, ids: np.ndarray) -> int:
         return int(np.count_nonzero(~self.removed[ids]))
 
@@ -359,6 +362,7 @@ def plan_channels(
         removed = np.zeros(graph.n_classes, dtype=bool)
         if count:
             removed[np.concatenate(accepted[:count])] = True
+        removed = graph.settle(removed)
         kept = sum(c.kept(removed) * (c.macs_per_param if target == "macs" else 1) for c in counted)
         return removed, before - kept
 
