@@ -54,10 +54,12 @@ def _rotate(b: GraphBuilder, t: str, cos: str, sin: str) -> str:
     return b.node("Add", [b.node("Mul", [t, cos]), b.node("Mul", [rotated, sin])])
 
 
+_INV_FREQ = (1.0 / 10000 ** (np.arange(0, HD, 2) / HD)).astype(np.float32)
+
+
 def _tables(b: GraphBuilder, positions: str) -> tuple[str, str]:
     """cos and sin of positions [..., S, 1] (float) x inv_freq [HD / 2], [..., 1, S, HD]."""
-    inv_freq = 1.0 / 10000 ** (np.arange(0, HD, 2, dtype=np.float32) / HD)
-    freqs = b.node("Mul", [positions, b.constant(inv_freq.astype(np.float32))])
+    freqs = b.node("Mul", [positions, b.constant(_INV_FREQ)])
     angles = b.node("Concat", [freqs, freqs], axis=-1)
     axis = _ints(b, -3)
     cos = b.node("Unsqueeze", [b.node("Cos", [angles]), axis])
@@ -65,26 +67,44 @@ def _tables(b: GraphBuilder, positions: str) -> tuple[str, str]:
     return cos, sin
 
 
-def _repeat(b: GraphBuilder, t: str, how: str, reference: str) -> str:
-    """[N, KVH, S, HD] -> [N, QH, S, HD], each kv head repeated for its REP query heads."""
+def _cached_tables(b: GraphBuilder, positions: str) -> tuple[str, str]:
+    """Older transformers: cos and sin cached as tables [positions, HD], gathered by the
+    integer positions [..., S], [..., 1, S, HD]."""
+    angles = np.arange(32, dtype=np.float32)[:, None] * np.concatenate([_INV_FREQ, _INV_FREQ])
+    axis = _ints(b, -3)
+    cos = b.node("Gather", [b.weight(angles.shape, array=np.cos(angles)), positions], axis=0)
+    sin = b.node("Gather", [b.weight(angles.shape, array=np.sin(angles)), positions], axis=0)
+    return b.node("Unsqueeze", [cos, axis]), b.node("Unsqueeze", [sin, axis])
+
+
+def _repeat(b: GraphBuilder, t: str, how: str, kv: int) -> str:
+    """[N, kv, S, HD] -> [N, QH, S, HD], each kv head repeated for its QH / kv query heads."""
+    rep = QH // kv
     t = b.node("Unsqueeze", [t, _ints(b, 2)])
     if how == "tile":
-        t = b.node("Tile", [t, _ints(b, 1, 1, REP, 1, 1)])
+        t = b.node("Tile", [t, _ints(b, 1, 1, rep, 1, 1)])
     else:  # Expand to a target computed from the Shape of the keys, as TorchScript writes it
-        dims = b.node("Shape", [reference])
+        dims = b.node("Shape", [t])
         batch = b.node("Gather", [dims, _ints(b, 0)], axis=0)
-        seq = b.node("Gather", [dims, _ints(b, 2)], axis=0)
-        target = b.node("Concat", [batch, _ints(b, KVH), _ints(b, REP), seq, _ints(b, HD)], axis=0)
+        seq = b.node("Gather", [dims, _ints(b, 3)], axis=0)
+        target = b.node("Concat", [batch, _ints(b, kv), _ints(b, rep), seq, _ints(b, HD)], axis=0)
         t = b.node("Expand", [t, target])
     return b.node("Reshape", [t, _ints(b, 0, QH, -1, HD)])
 
 
 def decoder(
-    how: str = "expand", cache: bool = False, seed: int = 0, tied: bool = False
+    how: str = "expand",
+    cache: bool = False,
+    seed: int = 0,
+    tied: bool = False,
+    kv: int = KVH,
+    cached_tables: bool = False,
 ) -> onnx.ModelProto:
     """One pre-norm decoder layer and a head: x [N, S, 6] -> y [N, S, 5]; with `cache`, the
     position_ids input and past_key_values.0.key/value inputs, present.0.key/value outputs;
-    `tied`: token ids x [N, S] embedded by a table [VOCAB, D] that the head reads transposed."""
+    `tied`: token ids x [N, S] embedded by a table [VOCAB, D] that the head reads transposed;
+    `kv` key/value heads (1: multi-query attention); `cached_tables`: cos and sin gathered from
+    stored tables by the positions."""
     b = GraphBuilder(400 + seed)
     if tied:
         x = b.input("x", ["N", "S"], _INT64)
@@ -94,24 +114,26 @@ def decoder(
         x = b.input("x", ["N", "S", 6])
         h = _proj(b, x, 6, D)
     if cache:
-        ids = b.input("position_ids", ["N", "S"], _INT64)
-        positions = b.node("Cast", [b.node("Unsqueeze", [ids, _ints(b, -1)])], to=1)
+        steps = b.input("position_ids", ["N", "S"], _INT64)
     else:
         length = b.node("Gather", [b.node("Shape", [x]), b.constant(np.array(1))], axis=0)
         steps = b.node("Range", [b.constant(np.array(0)), length, b.constant(np.array(1))])
-        positions = b.node("Cast", [b.node("Unsqueeze", [steps, _ints(b, 1)])], to=1)
-    cos, sin = _tables(b, positions)
+    if cached_tables:
+        cos, sin = _cached_tables(b, steps)
+    else:
+        positions = b.node("Cast", [b.node("Unsqueeze", [steps, _ints(b, -1)])], to=1)
+        cos, sin = _tables(b, positions)
     normed = _rms(b, h)
     q = _rotate(b, _heads(b, _proj(b, normed, D, QH * HD), QH), cos, sin)
-    k = _rotate(b, _heads(b, _proj(b, normed, D, KVH * HD), KVH), cos, sin)
-    v = _heads(b, _proj(b, normed, D, KVH * HD), KVH)
+    k = _rotate(b, _heads(b, _proj(b, normed, D, kv * HD), kv), cos, sin)
+    v = _heads(b, _proj(b, normed, D, kv * HD), kv)
     if cache:
-        pasts = [b.input(f"past_key_values.0.{n}", ["N", KVH, "P", HD]) for n in ("key", "value")]
+        pasts = [b.input(f"past_key_values.0.{n}", ["N", kv, "P", HD]) for n in ("key", "value")]
         k = b.node("Concat", [pasts[0], k], axis=2, out="present.0.key")
         v = b.node("Concat", [pasts[1], v], axis=2, out="present.0.value")
-    kt = b.node("Transpose", [_repeat(b, k, how, k)], perm=[0, 1, 3, 2])
+    kt = b.node("Transpose", [_repeat(b, k, how, kv)], perm=[0, 1, 3, 2])
     scores = b.node("Mul", [b.node("MatMul", [q, kt]), _scalar(b, HD**-0.5)])
-    mixed = b.node("MatMul", [b.node("Softmax", [scores], axis=-1), _repeat(b, v, how, v)])
+    mixed = b.node("MatMul", [b.node("Softmax", [scores], axis=-1), _repeat(b, v, how, kv)])
     mixed = b.node("Reshape", [b.node("Transpose", [mixed], perm=[0, 2, 1, 3]), _ints(b, 0, 0, -1)])
     h = b.node("Add", [h, _proj(b, mixed, QH * HD, D)])
     normed = _rms(b, h)
@@ -123,7 +145,7 @@ def decoder(
     b.output("y", shape=["N", "S", VOCAB if tied else 5])
     if cache:
         for n in ("key", "value"):
-            b.output(f"present.0.{n}", shape=["N", KVH, "T", HD])
+            b.output(f"present.0.{n}", shape=["N", kv, "T", HD])
     return b.model(opset=18)
 
 
@@ -143,9 +165,15 @@ def gqa_tied() -> onnx.ModelProto:
     return decoder("tile", tied=True)
 
 
+def mqa_cached_tables() -> onnx.ModelProto:
+    """Multi-query attention (one key/value head) with cos and sin gathered from tables."""
+    return decoder("expand", cache=True, kv=1, cached_tables=True)
+
+
 DECODERS = {
     "gqa_expand": gqa_expand,
     "gqa_tile": gqa_tile,
     "gqa_cache": gqa_cache,
     "gqa_tied": gqa_tied,
+    "mqa_cached_tables": mqa_cached_tables,
 }

@@ -33,8 +33,10 @@ def _feeds(proto: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
     names = {i.name for i in proto.graph.input}
     if "position_ids" in names:
         data["position_ids"] = np.tile(np.arange(SIZES["S"], dtype=np.int64), (SIZES["N"], 1))
-    for name in names - set(data):
-        data[name] = np.zeros((SIZES["N"], KVH, 0, HD), np.float32)
+    for value in proto.graph.input:  # the pasts, empty
+        if value.name not in data:
+            dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+            data[value.name] = np.zeros((SIZES["N"], dims[1], 0, dims[3]), np.float32)
     return data
 
 
@@ -123,7 +125,8 @@ def test_query_heads_go_one_by_one(name: str) -> None:
     model, graph = analyse(DECODERS[name](), heads=True)
     (entry,) = graph.heads
     assert len(np.unique(entry.classes)) == QH
-    assert graph.derived.sum() == 2 * KVH  # the key and the value heads, derived
+    kv = graph.derived.sum() // 2  # the key and the value heads, derived
+    assert kv == (1 if name.startswith("mqa") else KVH)
     removed = np.zeros(graph.n_classes, dtype=bool)
     removed[entry.classes[0]] = True
     plan = ChannelPlan(graph, removed, counted_weights(model, graph))
@@ -135,9 +138,11 @@ def test_query_heads_go_one_by_one(name: str) -> None:
     assert [0, 0, QH - 1, HD] in targets and [0, QH, -1, HD] in targets
     picks = [n for n in proto.graph.node if n.op_type == "Gather" and "query_heads" in n.name]
     assert len(picks) == 2 and all(_stored(proto)[n.input[1]] == [1, 2, 3] for n in picks)
+    splits = [0, 0, kv, HD]
+    assert splits in targets  # the key/value heads all kept
 
 
-@pytest.mark.parametrize("name", sorted(DECODERS))
+@pytest.mark.parametrize("name", sorted(n for n in DECODERS if not n.startswith("mqa")))
 def test_a_kv_head_goes_with_its_query_heads(name: str) -> None:
     """The query heads of one group removed: their key/value head goes too (settled), and the
     repeat and the key/value splits count one key/value head fewer."""

@@ -274,20 +274,28 @@ def _reshape_spaces(
             continue
         found = carrier(grid)
         j = found if found is not None else len(odims) - 1 - int(np.argmax(odims[::-1]))
-        if found is None and ctx.heads:
+        couple = found is None
+        single = found is not None and found > 0 and odims[found - 1] == 1
+        if ctx.heads and (found is None or single):
             # attention heads as classes: the axis that becomes a batch axis of the attention's
             # MatMuls is the heads axis ((heads, head_dim), or (3, heads, head_dim) for a packed
-            # projection); coupling along the others makes each head one class
-            batched = [
-                k for k in range(len(outs)) if odims[k] > 1 and _batched(ctx, out, outs[k], 0)
-            ]
+            # projection); coupling along the others makes each head one class. A single head
+            # (multi-query attention's key/value head, [1, head_dim]) is one class too, where
+            # head_dim is no batch axis itself (not [1, heads] adding a batch of 1).
+            if single and _batched(ctx, out, outs[found], 0):  # type: ignore[index]
+                candidates = []
+            elif single:
+                candidates = [found - 1]  # type: ignore[operator]
+            else:
+                candidates = [k for k in range(len(outs)) if odims[k] > 1]
+            batched = [k for k in candidates if _batched(ctx, out, outs[k], 0)]
             if batched:
-                j = batched[0]
+                j, couple = batched[0], True
                 if node is not None:
                     line = grid[tuple(slice(None) if i == j else 0 for i in range(len(outs)))]
                     ctx.head_split(node, line, _prod(odims[j + 1 :]) or 1)
         line = grid[tuple(slice(None) if i == j else 0 for i in range(len(outs)))]
-        if found is None:
+        if couple:
             # A channel axis split over several axes (channel shuffle's (groups, C/groups),
             # attention's (heads, head_dim)): keep the largest (with heads=True, the heads) as
             # the channel axis and couple the channels along the others, so pruning index d
@@ -516,6 +524,7 @@ def expand(node: ir.Node, ctx: ChannelWalk) -> None:
         position = j - (out_rank - len(target))
         return stored is not None or concat_piece(shape_input, position) is not None
 
+    carried = set()
     for axis in range(rank):
         ids = ctx.ids(x, axis)
         if ids is None and ctx.is_const(x) and (ctx.dim(x, axis) or 1) > 1:
@@ -523,6 +532,7 @@ def expand(node: ir.Node, ctx: ChannelWalk) -> None:
         if ids is None:
             continue
         j = axis + out_rank - rank
+        carried.add(j)
         entry = entry_of(j)
         if entry != 1:
             if entry is None or not rewritable(j):
@@ -530,7 +540,7 @@ def expand(node: ir.Node, ctx: ChannelWalk) -> None:
             moved[j] = ids
         ctx.set(node.outputs[0], j, ids)
     for j, ids in ctx.spaces_of(node.outputs[0]).items():
-        if j in moved or (j >= out_rank - rank and ctx.dim(x, j - (out_rank - rank)) != 1):
+        if j in carried or (j >= out_rank - rank and ctx.dim(x, j - (out_rank - rank)) != 1):
             continue
         if entry_of(j) in (None, 1) or not rewritable(j):  # a seeded broadcast axis
             raise Unsupported("computed target shape names the channel count")
