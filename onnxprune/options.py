@@ -309,4 +309,3 @@ class Validation:
             "min_agreement": self.min_agreement,
             "min_cosine": self.min_cosine,
         }
-

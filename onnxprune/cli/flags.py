@@ -110,8 +110,6 @@ gate_options = [
 ]
 
 
-
-
 structured_options = [
     click.option(
         "--structured",
