@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto
 
+from onnxprune import channels
 from tests.builders import GraphBuilder
 
 D, QH, KVH, HD, FF = 16, 4, 2, 4, 24  # width, query heads, kv heads, head dim, MLP width
@@ -177,3 +179,17 @@ DECODERS = {
     "gqa_tied": gqa_tied,
     "mqa_cached_tables": mqa_cached_tables,
 }
+
+
+def kill_read(graph: channels.ChannelGraph, removed: np.ndarray) -> None:
+    """Zero what reads the query heads removed inside a group: such a head, its query weights
+    zero, still averages the values its key/value head (kept) gives, so it is dead only where
+    its output projection's columns are zero too (what `kill` leaves to the producers)."""
+    settled = graph.settle(removed)
+    alone = np.zeros(graph.n_classes, dtype=bool)
+    for parents, children in graph.depends:
+        alone[children[settled[children] & ~settled[parents]]] = True
+    for m in graph.members:
+        if m.role == "in" and alone[m.ids].any():
+            array = channels.zeroed(m.value, m.axis, alone[m.ids])
+            m.value.const_value = ir.Tensor(array, name=m.value.name)

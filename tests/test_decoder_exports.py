@@ -22,7 +22,7 @@ from onnxprune.selection.channels import ChannelPlan, counted_weights
 from onnxprune.storage import io
 from tests.builders import run
 from tests.channel_models import analyse, choose, kill
-from tests.test_decoders import kill_read
+from tests.decoder_models import kill_read
 
 DECODER = Path(__file__).resolve().parent.parent / "models" / "decoder"
 BERT = Path(__file__).resolve().parent.parent / "models" / "exports" / "bert_tiny.onnx"
@@ -185,3 +185,24 @@ def test_bert_invariant(heads: bool, tmp_path: Path) -> None:
     path = io.save_model(model, tmp_path / "pruned.onnx", force=True, check=True)
     for e, g in zip(expected, run(path, feeds), strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(np.abs(e).max()))
+
+
+def test_positions_follow_the_mask() -> None:
+    """transformers' positions: counted along the mask, 1 where it is 0 (left padding)."""
+    from onnxprune.inputs.sequence import positions_of
+
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert positions_of(mask, np.dtype(np.int64)).tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_made_inputs_are_said_and_empty_tokens_refused() -> None:
+    from onnxprune.errors import DataError
+    from onnxprune.inputs import from_arrays
+
+    specs = model_input_specs(io.load_model(_path("kv.legacy")))
+    ids = np.zeros((2, 5), np.int64)
+    made = from_arrays({"input_ids": ids, "attention_mask": np.ones((2, 5), np.int64)}, specs)
+    assert made.batches[0]["position_ids"].tolist() == [[0, 1, 2, 3, 4]] * 2
+    assert any("made position_ids" in n and "4 empty past" in n for n in made.notices)
+    with pytest.raises(DataError, match="is empty"):
+        from_arrays({"input_ids": np.zeros((2, 0), np.int64)}, specs)

@@ -18,7 +18,7 @@ from onnxprune.selection.channels import ChannelPlan, counted_weights, plan_chan
 from onnxprune.storage import io
 from tests.builders import run
 from tests.channel_models import analyse, choose, kill
-from tests.decoder_models import DECODERS, HD, KVH, QH, REP, VOCAB, decoder
+from tests.decoder_models import DECODERS, HD, KVH, QH, REP, VOCAB, decoder, kill_read
 
 SIZES = {"N": 2, "S": 5, "P": 0}
 
@@ -55,20 +55,6 @@ def _fit(path: Path, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             ]
             out[value.name] = out[value.name].reshape(shape)
     return out
-
-
-def kill_read(graph: channels.ChannelGraph, removed: np.ndarray) -> None:
-    """Zero what reads the query heads removed inside a group: such a head, its query weights
-    zero, still averages the values its key/value head (kept) gives, so it is dead only where
-    its output projection's columns are zero too (what `kill` leaves to the producers)."""
-    settled = graph.settle(removed)
-    alone = np.zeros(graph.n_classes, dtype=bool)
-    for parents, children in graph.depends:
-        alone[children[settled[children] & ~settled[parents]]] = True
-    for m in graph.members:
-        if m.role == "in" and alone[m.ids].any():
-            array = channels.zeroed(m.value, m.axis, alone[m.ids])
-            m.value.const_value = ir.Tensor(array, name=m.value.name)
 
 
 def _invariant(proto: onnx.ModelProto, tmp: Path, seed: int, heads: bool) -> ChannelPlan:
