@@ -851,8 +851,10 @@ def feeds(
             d.dim_value if d.HasField("dim_value") else sizes.get(d.dim_param, 2)
             for d in value.type.tensor_type.shape.dim
         ]
-        if value.type.tensor_type.elem_type == TensorProto.INT64:  # token ids
-            out[value.name] = rng.integers(0, 4, dims).astype(np.int64)
+        kind = value.type.tensor_type.elem_type
+        if kind in (TensorProto.INT64, TensorProto.INT32):  # token ids
+            dtype = np.int64 if kind == TensorProto.INT64 else np.int32
+            out[value.name] = rng.integers(0, 4, dims).astype(dtype)
             continue
         assert value.type.tensor_type.elem_type == TensorProto.FLOAT
         out[value.name] = rng.standard_normal(dims).astype(np.float32)

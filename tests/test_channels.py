@@ -137,9 +137,11 @@ def test_channel_shuffle_couples_channels_across_groups() -> None:
 
 @pytest.mark.parametrize(
     ("op", "needle"),
-    [("Softmax", "normalises over channels"), ("ReduceMean", "reduces over channels")],
+    [("Softmax", "normalises over channels"), ("ReduceMax", "reduces over channels")],
 )
 def test_ops_that_mix_channels_freeze(op: str, needle: str) -> None:
+    """A max over channels (and Softmax across them) changes with any channel removed; a mean
+    or a sum is kept exact instead (tests/test_norms.py)."""
     attrs = {"axis": 1} if op == "Softmax" else {"axes": [1], "keepdims": 1}
 
     def mix(b, h):
@@ -245,22 +247,28 @@ def test_one_channel_broadcast_against_many_is_no_space_of_the_output() -> None:
     assert len(graph.spaces[mul][1]) == 8
 
 
-def test_stored_tensor_shared_through_identity_with_a_frozen_reader_is_frozen() -> None:
-    """The TorchScript exporter shares equal initializers (zero biases) through Identity nodes:
-    a prunable layer's bias may also be a LayerNorm's bias where no channels are followed."""
+@pytest.mark.parametrize("through_identity", [False, True])
+def test_stored_tensor_shared_with_a_frozen_reader(through_identity: bool) -> None:
+    """A prunable layer's bias also read by a LayerNorm where no channels are followed: read
+    directly, it is frozen with the layer; handed on by an Identity (the TorchScript exporter
+    shares equal initializers, zero biases, that way), each reader gets its own copy (prepare)
+    and the layer stays prunable."""
     b = GraphBuilder(0)
     x, u = b.input("x", [1, 8]), b.input("u", [1, 6])
     bias = b.weight((6,), array=np.zeros(6, np.float32))
     h = b.node("Relu", [b.node("Add", [b.node("MatMul", [x, b.weight((8, 6))]), bias])])
     b.node("MatMul", [h, b.weight((6, 4))], out="y")
-    alias = b.node("Identity", [bias])
+    alias = b.node("Identity", [bias]) if through_identity else bias
     normed = b.node("LayerNormalization", [u, b.weight((6,)), alias])
     b.node("MatMul", [normed, b.weight((6, 3))], out="z")
     b.output("y", shape=[1, 4])
     b.output("z", shape=[1, 3])
     graph = analyse(b.model())[1]
-    assert graph.frozen[graph.layers[0].classes].all()
-    assert any("also read by LayerNormalization" in r for r in graph.reasons)
+    if through_identity:
+        assert not graph.frozen[graph.layers[0].classes].any()
+    else:
+        assert graph.frozen[graph.layers[0].classes].all()
+        assert any("also read by LayerNormalization" in r for r in graph.reasons)
 
 
 def test_shape_arithmetic_on_symbolic_dims_is_not_folded() -> None:

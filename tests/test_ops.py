@@ -25,7 +25,7 @@ from onnxprune import channels, ops
 from onnxprune.rewrite.structured import apply_channel_plan
 from onnxprune.selection.channels import ChannelPlan, counted_weights
 from onnxprune.storage import io
-from tests import builders, channel_models
+from tests import builders, channel_models, decoder_models, export_builders, norm_models
 from tests.builders import run
 from tests.channel_models import analyse, check_invariant, choose, feeds
 from tests.test_calibration import design_of_single, layer_rows, one_node, reference_per_group
@@ -61,9 +61,12 @@ def test_lookups_follow_the_domain() -> None:
 
 
 def all_models() -> dict[str, onnx.ModelProto]:
-    """Every model of tests/channel_models.py and tests/builders.py (random ones at a few seeds)."""
-    found = {}
-    for module in (channel_models, builders):
+    """Every model of tests/channel_models.py, tests/decoder_models.py and tests/builders.py
+    (random ones at a few seeds), every normalisation of tests/norm_models.py, and the
+    tf2onnx classifier that embeds by OneHot."""
+    found = {f"norm_{name}": norm_models.residual_model(name) for name in norm_models.NORMS}
+    found["layernorm_onehot"] = export_builders.layernorm_classifier(embed="onehot")
+    for module in (channel_models, decoder_models, builders):
         for name, make in inspect.getmembers(module, inspect.isfunction):
             if name.startswith("_") or make.__module__ != module.__name__:
                 continue
@@ -338,6 +341,7 @@ def test_prepare_is_the_composed_passes() -> None:
     assert [type(p).__name__ for p in refresh.inner.passes] == [
         "FoldConstantsPass",
         "FoldShapeArithmeticPass",
+        "SkipShapeGuardsPass",
         "StoreWeightViewsPass",
         "RegroupReshapesPass",
         "SetStaticDimsPass",

@@ -26,7 +26,7 @@ from onnxprune.calibration.solvers import inverse_factor
 from onnxprune.core.graphs import values_by_name
 from onnxprune.core.progress import step
 from onnxprune.errors import DataError
-from onnxprune.inputs import Inputs
+from onnxprune.inputs import Inputs, fit_empty
 from onnxprune.ops import Design, design_of
 from onnxprune.options import Calibration
 from onnxprune.runtime import Runtime, open_session, select_runtime
@@ -251,6 +251,10 @@ class Runner:
     def __init__(self, model: ir.Model, values: Sequence[ir.Value], runtime: Runtime, label: str):
         initializers = model.graph.initializers
         self.inputs = {v.name for v in model.graph.inputs if v.name not in initializers}
+        self.declared = {
+            v.name: [d if isinstance(d, int) else None for d in v.shape or ()]
+            for v in model.graph.inputs
+        }
         self.names = list(dict.fromkeys(v.name for v in values if v.name not in self.inputs))
         self.label = label
         # values that are all graph inputs need no session: the feeds are the activations
@@ -265,7 +269,7 @@ class Runner:
         return list(self.session.get_providers()) if self.session is not None else []
 
     def run(self, batch: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
-        feeds = {k: v for k, v in batch.items() if k in self.inputs}
+        feeds = fit_empty({k: v for k, v in batch.items() if k in self.inputs}, self.declared)
         try:
             outputs = self.session.run(self.names, feeds) if self.session is not None else []
         except Exception as exc:

@@ -20,6 +20,9 @@ from onnxprune.ops import Fix
 # Member roles. out/in: a weight's output/input-channel axis; bias: the producer's bias; scale and
 # shift: per-channel carrier parameters (a dead channel has its shifts zero); param: anything else.
 ROLES = ("out", "in", "bias", "scale", "shift", "param")
+# The roles whose entries are zero in a dead channel (the zero-channel invariant), a scale that
+# divides excepted: its producer's weight and bias, its shifts and multiplying scales.
+ZEROED_ROLES = ("out", "bias", "shift", "scale")
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,6 +121,9 @@ class ChannelGraph:
         found, counts = np.unique(self.freeze_pairs[held, 1], return_counts=True)
         order = np.lexsort((found, -counts))
         return [self.reasons[int(found[i])] for i in order]
+    # (parent of each copy, the copies): GQA's key/value heads and the query heads that read
+    # them; a parent is removed exactly when all its copies are (settle)
+    depends: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     @property
     def produced(self) -> np.ndarray:
@@ -128,8 +134,29 @@ class ChannelGraph:
         return mask
 
     @property
+    def derived(self) -> np.ndarray:
+        """Bool per class: removed with its copies only (a GQA key/value head), not chosen."""
+        mask = np.zeros(self.n_classes, dtype=bool)
+        for parents, _ in self.depends:
+            mask[parents] = True
+        return mask
+
+    @property
     def prunable(self) -> np.ndarray:
-        return self.produced & ~self.frozen
+        return self.produced & ~self.frozen & ~self.derived
+
+    def settle(self, removed: np.ndarray) -> np.ndarray:
+        """`removed` with each derived class removed exactly when all its copies are (a key/value
+        head whose query heads all go goes too; one a query head still reads stays)."""
+        if not self.depends:
+            return removed
+        derived = self.derived
+        needed = np.zeros(self.n_classes, dtype=bool)
+        for parents, children in self.depends:
+            needed[parents[~removed[children]]] = True
+        out = removed.copy()
+        out[derived] = ~needed[derived] & ~self.frozen[derived]
+        return out
 
 
 def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ prunable.
 nothing (each can make a later shape known to another): `FoldConstantsPass` (what chains fed by
 stored constants only compute, evaluated), `FoldShapeArithmeticPass` (computed
 Reshape targets, integer inputs the walk needs constant, scalars read as data),
+`SkipShapeGuardsPass` (a computed target read past the guards TorchScript writes around it),
 `StoreWeightViewsPass` (stored tensors reshaped are stored reshaped), `RegroupReshapesPass`
 (Reshape -> Transpose -> Reshape that merges axes only to split them again) and
 `SetStaticDimsPass` (dims inference leaves open that the propagated dims tell). A round that
@@ -25,6 +26,8 @@ from onnxprune.channels import shapemath
 from onnxprune.channels.walk import CONST_VIEWS, Walk
 from onnxprune.core.folding import fold_constants
 from onnxprune.core.tensors import const_tensor
+from onnxprune.ops.base import same_dims
+from onnxprune.ops.normalization import SAME_SHAPE_OUTPUTS
 from onnxprune.ops.shape import resolve_target
 
 
@@ -111,12 +114,16 @@ class StoreWeightViewsPass(ir.passes.InPlacePass):
     """Store what a Reshape, Unsqueeze, Squeeze or Flatten makes of a stored float tensor (read
     through Transpose, Cast or Identity): the walk slices stored tensors, not their views (Swin's
     relative position bias, [49*49, H] -> [1, H, 49, 49], is then sliced with the heads it is
-    added to)."""
+    added to). A vector that Identity nodes hand to several readers is stored once per Identity:
+    exporters share one zero bias between unrelated layers (the TorchScript exporter gives every
+    bias of a fresh BERT the embedding LayerNorm's), which would tie their channels together."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         done = 0
         for node in list(model.graph):
-            if node.op_type not in _REARRANGE or node.domain not in ("", "ai.onnx"):
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type not in _REARRANGE and not _shared_vector(node):
                 continue
             out = node.outputs[0]
             if out.is_graph_output() or not out.uses():
@@ -138,6 +145,14 @@ class StoreWeightViewsPass(ir.passes.InPlacePass):
             out.replace_all_uses_with(const)
             done += 1
         return ir.passes.PassResult(model, done > 0)
+
+
+def _shared_vector(node: ir.Node) -> bool:
+    """An Identity of a stored vector that other nodes read too."""
+    if node.op_type != "Identity" or not node.inputs or node.inputs[0] is None:
+        return False
+    tensor = const_tensor(node.inputs[0])
+    return tensor is not None and len(tensor.shape) <= 1 and len(node.inputs[0].uses()) > 1
 
 
 def _stored_array(value: ir.Value | None) -> np.ndarray | None:
@@ -164,6 +179,8 @@ def _stored_array(value: ir.Value | None) -> np.ndarray | None:
 
 def _rearranged(node: ir.Node, array: np.ndarray, args: list[np.ndarray]) -> np.ndarray:
     attr = node.attributes
+    if node.op_type == "Identity":
+        return array
     if node.op_type == "Reshape":
         zero = attr.get("allowzero")
         target = [int(t) for t in args[0].reshape(-1)]
@@ -189,28 +206,117 @@ def _reads_data(walk: Walk, node: ir.Node, memos: list[dict]) -> bool:
 
 
 class SetStaticDimsPass(ir.passes.InPlacePass):
-    """Static dims that shape inference leaves unknown and the propagated dims tell (an
-    attention mask expanded by a computed target to [B, 1, S, S] broadcasts over the heads):
-    equal in every run of the stand-ins."""
+    """Dims that shape inference leaves unknown and the propagated dims tell: static ones, equal
+    in every run of the stand-ins (an attention mask expanded by a computed target to
+    [B, 1, S, S] broadcasts over the heads), and a model input's named dim where inference
+    named it afresh (the batch and sequence of GQA's key/value heads expanded by a computed
+    target), so that reshapes line the axes up by name."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         walk = Walk(model)
         changed = 0
+        names: dict[tuple[int, ...], str] | None = None
         for node in model.graph:
+            changed += _same_shape(node)
             for out in node.outputs:
                 if out is None or out.shape is None or all(isinstance(d, int) for d in out.shape):
                     continue
                 found = [shapemath.dims(walk, out, r) for r in range(shapemath.RUNS)]
                 if any(f is None or len(f) != len(out.shape) for f in found):
                     continue
-                new = [
-                    old if isinstance(old, int) or len(set(column)) != 1 else column[0]
-                    for old, column in zip(out.shape, zip(*found, strict=True), strict=True)  # type: ignore[arg-type]
-                ]
+                if names is None:
+                    names = _named_dims(walk, model)
+                new = []
+                for old, column in zip(out.shape, zip(*found, strict=True), strict=True):
+                    if isinstance(old, int):
+                        new.append(old)
+                    elif len(set(column)) == 1:
+                        new.append(column[0])
+                    elif column in names and getattr(old, "value", None) != names[column]:
+                        new.append(ir.SymbolicDim(names[column]))
+                    else:
+                        new.append(old)
                 if new != list(out.shape):
                     out.shape = ir.Shape(new)
                     changed += 1
         return ir.passes.PassResult(model, changed > 0)
+
+
+def _named_dims(walk: Walk, model: ir.Model) -> dict[tuple[int, ...], str]:
+    """The stand-ins of each named symbolic dim of the model's inputs, over the runs."""
+    found = {}
+    for value in model.graph.inputs:
+        for dim in value.shape or ():
+            name = getattr(dim, "value", None)
+            if isinstance(name, str) and name:
+                runs = tuple(shapemath.stand_in(walk, name, r) for r in range(shapemath.RUNS))
+                found.setdefault(runs, name)
+    return found
+
+
+def _same_shape(node: ir.Node) -> int:
+    """An op that ONNX's shape inference does not know (ONNX Runtime's normalisations) but the
+    registry says keeps its input's shape: its output (a skip norm's sum too) gets the input's
+    shape and type where it has none. Returns how many it set."""
+    info = ops.op_info(node)
+    x = node.inputs[0] if node.inputs else None
+    if info is None or info.output_dims is not same_dims or x is None or x.shape is None:
+        return 0
+    done = 0
+    for index in SAME_SHAPE_OUTPUTS.get(node.op_type, (0,)):
+        out = node.outputs[index] if index < len(node.outputs) else None
+        if out is not None and out.shape is None:
+            out.shape = ir.Shape(list(x.shape))
+            out.type = out.type or x.type
+            done += 1
+    return done
+
+
+class SkipShapeGuardsPass(ir.passes.InPlacePass):
+    """A computed shape vector that equals one of its producer's computed inputs in every run of
+    the stand-ins is that input: the TorchScript exporter guards an expand's target against -1
+    entries with Where(Equal(t, -1), 1, t) and reshapes a vector to [-1]. Read past them, a
+    target's channel counts are stored pieces of the Concat that makes it (GQA's key/value
+    heads repeated by Expand), which the rewrite can change."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        walk = Walk(model)
+        done = 0
+        for node in list(model.graph):
+            if node.op_type not in _GUARDS or node.domain not in ("", "ai.onnx"):
+                continue
+            out = node.outputs[0]
+            if out is None or out.is_graph_output() or not out.uses():
+                continue
+            made = _vector_runs(walk, out)
+            if made is None:
+                continue
+            for value in node.inputs:
+                if value is None or const_tensor(value) is not None or value.dtype != out.dtype:
+                    continue
+                runs = _vector_runs(walk, value)
+                if runs is not None and all(
+                    a.shape == b.shape and (a == b).all() for a, b in zip(runs, made, strict=True)
+                ):
+                    out.replace_all_uses_with(value)
+                    done += 1
+                    break
+        return ir.passes.PassResult(model, done > 0)
+
+
+# Ops that may hand a shape vector on unchanged.
+_GUARDS = ("Where", "Reshape", "Identity", "Cast")
+
+
+def _vector_runs(walk: Walk, value: ir.Value) -> list[np.ndarray] | None:
+    """A computed 1-D integer vector in every run of the stand-ins, where shape math tells."""
+    runs = []
+    for run in range(shapemath.RUNS):
+        found = shapemath.shape_value(walk, value, run, walk.memos[run])
+        if found is None or np.asarray(found).ndim != 1 or np.asarray(found).dtype.kind != "i":
+            return None
+        runs.append(np.asarray(found))
+    return runs
 
 
 class RegroupReshapesPass(ir.passes.InPlacePass):
@@ -395,6 +501,7 @@ class PrepareChannelsPass(ir.passes.PassManager):
         one_round = ir.passes.Sequential(
             FoldConstantsPass(),
             FoldShapeArithmeticPass(),
+            SkipShapeGuardsPass(),
             StoreWeightViewsPass(),
             RegroupReshapesPass(),
             SetStaticDimsPass(),

@@ -18,6 +18,7 @@ listed in `ChannelGraph.unreached` with the reason, so that no weight is left ou
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,6 +27,7 @@ import onnx_ir as ir
 from onnxprune import ops, weights
 from onnxprune.channels import shapemath
 from onnxprune.channels.graph import (
+    ZEROED_ROLES,
     ChannelGraph,
     Heads,
     Layer,
@@ -39,6 +41,8 @@ from onnxprune.core.graphs import subgraph_owners
 from onnxprune.core.tensors import const_tensor
 from onnxprune.errors import NothingToPruneError
 from onnxprune.ops import RECURRENT_OPS, RECURRENT_REASON, Fix, Unsupported
+from onnxprune.ops.base import ZERO, Dead
+from onnxprune.ops.dead import as_is
 
 # Ops through which a stored tensor is still "the same constant" (weights.PASS_THROUGH).
 CONST_VIEWS = ("Transpose", "Cast", "Identity")
@@ -50,10 +54,21 @@ class Walk:
     """The context the channel rules (`ops.ChannelWalk`) work on: spaces, links, members,
     fixes, freezes; and, for shape folding (`shapemath`), the stand-ins of symbolic dims."""
 
-    def __init__(self, model: ir.Model, heads: bool = False) -> None:
+    def __init__(
+        self, model: ir.Model, heads: bool = False, seeds: set[tuple[ir.Value, int]] | None = None
+    ) -> None:
         self.model = model
         self.heads = heads  # attention heads as channel classes (see ops.shape.reshape)
+        # (value, axis) given channels when first read: what an earlier walk found computed
+        # from stored tensors (build); and where this walk froze a computed tensor's axis
+        self.seeds: dict[ir.Value, set[int]] = {}
+        for value, axis in seeds or ():
+            self.seeds.setdefault(value, set()).add(axis)
+        self.seeding = False
+        self.demands: list[tuple[ir.Value, int]] = []
+        self.cache = cache_inputs(model)  # past key/value inputs -> the present outputs
         self.head_splits: list[tuple[ir.Node, np.ndarray, int]] = []  # (Reshape, heads, head_dim)
+        self.depends: list[tuple[np.ndarray, np.ndarray]] = []  # (parent of each child, children)
         self.symbols: dict[object, int] = {}  # symbolic dims met by shape arithmetic
         self.memos: list[dict] = [{} for _ in range(shapemath.RUNS)]  # shape arithmetic per run
         self.run_dims: dict[int, dict[ir.Value, list[int]]] = {}  # dims per run (shapemath.dims)
@@ -69,6 +84,7 @@ class Walk:
         # channels must be looked at by every node that reads it (see check_readers)
         self.current: ir.Node | None = None
         self.looked: set[tuple[ir.Node, ir.Value]] = set()
+        self.held: dict[ir.Value, Dead | None] = {}  # dead(), for the node being visited
 
     # -- reading the graph -------------------------------------------------------------------
     def const(self, value: ir.Value | None) -> np.ndarray | None:
@@ -109,13 +125,34 @@ class Walk:
         if value is None:
             return None
         self._look(value)
+        self._seed(value)
         return self.spaces.get(value, {}).get(axis)
 
     def spaces_of(self, value: ir.Value | None) -> dict[int, np.ndarray]:
         if value is None:
             return {}
         self._look(value)
+        self._seed(value)
         return dict(self.spaces.get(value, {}))
+
+    def _seed(self, value: ir.Value) -> None:
+        """Give a seeded value its channels when a rule first reads it: a stored tensor becomes
+        a member (sliced with the channels it meets), a computed one (a broadcast axis) gets
+        fresh channels."""
+        axes = self.seeds.get(value)
+        if not axes or self.seeding or self.current is None:
+            return
+        have = self.spaces.get(value, {})
+        self.seeding = True
+        try:
+            for axis in sorted(a for a in axes if a not in have):
+                if self._const_view(value, axis) is not None:
+                    with contextlib.suppress(Unsupported):  # it stays whole, as unseeded
+                        self.space(value, axis, "param", self.current)
+                elif (n := self.dim(value, axis)) is not None:
+                    self._put(value, axis, self.new(n))
+        finally:
+            self.seeding = False
 
     def _look(self, value: ir.Value) -> None:
         if self.current is not None:
@@ -169,6 +206,12 @@ class Walk:
         """Record a Reshape that splits a channel axis into attention heads (heads=True)."""
         self.head_splits.append((node, heads, head_dim))
 
+    def depend(self, parents: np.ndarray, children: np.ndarray) -> None:
+        """Channels `children` are copies of `parents` (one parent per child; GQA's query heads
+        reading the key/value head repeated for them): a parent goes when all its copies do,
+        never on its own (ChannelGraph.settle)."""
+        self.depends.append((parents, children))
+
     def fix(self, fix: Fix) -> None:
         """Record attributes or shape constants the rewrite recomputes after removal."""
         self.fixes.append(fix)
@@ -176,6 +219,30 @@ class Walk:
     def entries(self, value: ir.Value) -> list[int | None] | None:
         """A computed 1-D integer tensor entry by entry: None where it depends on symbolic dims."""
         return shapemath.entries(self, value)
+
+    def dead(self, value: ir.Value) -> Dead | None:
+        """What a removed channel holds in `value` (ops.dead): as it is where the value carries
+        no channel, zero in a stored tensor whose entries a dead channel has at zero (a bias, a
+        shift, a scale that multiplies), else what its producer's rule says. None where that
+        is not known, or where the value carries channels on several axes."""
+        if value in self.held:
+            return self.held[value]
+        self.held[value] = None
+        spaces = self.spaces_of(value)
+        if not spaces:
+            found: Dead | None = as_is(value)
+        elif len(spaces) > 1:
+            found = None
+        elif self._const_view(value, 0) is not None:
+            stored = self._const_view(value, 0)[0]  # type: ignore[index]
+            found = ZERO if any(_zeroed(m) for m in self.members if m.value is stored) else None
+        else:
+            producer = value.producer()
+            info = None if producer is None else ops.op_info(producer)
+            rule = None if info is None else info.dead
+            found = None if rule is None else rule(producer, self)  # type: ignore[arg-type]
+        self.held[value] = found
+        return found
 
     def _const_view(self, value: ir.Value | None, axis: int) -> tuple[ir.Value, int] | None:
         """(stored constant, its axis) that `value`'s axis is, through Transpose/Cast/Identity
@@ -245,15 +312,25 @@ class Walk:
                 self._dequantized(producer, source_axis, ids)
             self._put(value, axis, ids)
             return ids
+        producer = value.producer()
+        if value in self.cache and producer is not None:  # a Concat on the cache's way
+            parts = [self.space(v, axis, role, node) for v in producer.inputs if v is not None]
+            for ids in parts[1:]:
+                self.union(parts[0], ids)
+            self._put(value, axis, parts[0])
+            return parts[0]
         n = self.dim(value, axis)
         if n is None:
             raise Unsupported(f"axis {axis} of {value.name!r} has no static size")
         ids = self.new(n)
         self._put(value, axis, ids)
+        if value in self.cache:
+            return ids  # the model's own state: narrowed with the channels it holds
         if view is not None:
             self.member(role, value, axis, ids, node)
         else:
             self.freeze(ids, self._origin(value, axis))
+            self.demands.append((value, axis))
         return ids
 
     def _origin(self, value: ir.Value, axis: int) -> str:
@@ -291,8 +368,10 @@ class Walk:
                 len(self.fixes),
                 len(self.journal),
                 len(self.head_splits),
+                len(self.depends),
             )
             self.current = node
+            self.held = {}
             try:
                 rule(node, self)
                 return
@@ -325,9 +404,10 @@ class Walk:
                 return f"{view[0].name!r} holds no elements (shape {tuple(shape)})"
         return None
 
-    def _rollback(self, mark: tuple[int, int, int, int, int]) -> None:
-        links, members, fixes, journal, heads = mark
+    def _rollback(self, mark: tuple[int, int, int, int, int, int]) -> None:
+        links, members, fixes, journal, heads, depends = mark
         del self.head_splits[heads:]
+        del self.depends[depends:]
         del self.links[links:]
         del self.members[members:]
         del self.fixes[fixes:]
@@ -335,6 +415,14 @@ class Walk:
         while len(self.journal) > journal:
             value, axis = self.journal.pop()
             self.spaces[value].pop(axis, None)
+
+
+def _zeroed(member: Member) -> bool:
+    """Whether a dead channel has this member's entries at zero: its producer's weight and bias,
+    its shifts and the scales that multiply it (not a divisor)."""
+    if member.role not in ZEROED_ROLES:
+        return False
+    return not (member.role == "scale" and member.node.op_type == "Div")
 
 
 def _subgraph_inputs(node: ir.Node) -> Iterator[ir.Value]:
@@ -355,17 +443,101 @@ def build(model: ir.Model, heads: bool = False) -> ChannelGraph:
     attention's heads are its channel classes: a channel axis split into (heads, head_dim)
     keeps one class per head (all its head_dim indices, in Q, K, V and the output projection's
     inputs), so pruning removes whole heads and rewrites the head count in the shapes; without,
-    class d is index d of head_dim in every head, and pruning narrows every head alike."""
-    walk = Walk(model, heads=heads)
+    class d is index d of head_dim in every head, and pruning narrows every head alike.
+
+    Where channels meet a computed tensor that is made entry by entry of stored ones (RoPE's
+    cos and sin, made of inv_freq; a LayerNorm's mean expanded to the width), a second walk
+    gives those stored tensors (or the broadcast axis) channels from the start, so that they
+    are sliced with the channels they meet instead of freezing them; it is kept where it
+    leaves more channels removable."""
+    walk = _walk(model, heads, set())
+    graph = _resolve(walk)
+    seeds: set[tuple[ir.Value, int]] = set()
+    for value, axis in walk.demands:
+        found: set[tuple[ir.Value, int]] = set()
+        if _derive(walk, value, axis, found, 0):
+            seeds |= found
+    if seeds:
+        again = _walk(model, heads, seeds)
+        other = _resolve(again)
+        if other.prunable.sum() > graph.prunable.sum():
+            walk, graph = again, other
+    graph.unreached = _unreached(model, walk, graph)
+    return graph
+
+
+def _walk(model: ir.Model, heads: bool, seeds: set[tuple[ir.Value, int]]) -> Walk:
+    walk = Walk(model, heads=heads, seeds=seeds)
     for node in model.graph:
         walk.visit(node)
     walk.current = None
+    presents = {out for outs in walk.cache.values() for out in outs}
     for value in model.graph.outputs:
-        walk.freeze_value(value, f"reaches model output {value.name!r}, which keeps its shape")
+        if value not in presents:
+            walk.freeze_value(value, f"reaches model output {value.name!r}, which keeps its shape")
     _check_readers(walk)
-    graph = _resolve(walk)
-    graph.unreached = _unreached(model, walk, graph)
-    return graph
+    return walk
+
+
+def cache_inputs(model: ir.Model) -> dict[ir.Value, list[ir.Value]]:
+    """The KV cache of a decoder export (Optimum, onnxruntime-genai, torch): each model input
+    (past_key_values.i.key) that reaches model outputs (present.i.key) through Concats only,
+    read otherwise by Shape alone (the past length), with those outputs; the Concats' outputs
+    on the way are keys too. The model feeds its presents back as its pasts, so the two are its
+    own state, not an interface to keep: with the key/value heads (or head_dim) they hold
+    removed, both narrow alike."""
+    outputs = set(model.graph.outputs)
+    found: dict[ir.Value, list[ir.Value]] = {}
+    for value in model.graph.inputs:
+        presents: list[ir.Value] = []
+        path, stack, pure = [value], [value], True
+        while stack and pure:
+            for use in stack.pop().uses():
+                node = use.node
+                if node.op_type == "Shape" and node.domain in ("", "ai.onnx"):
+                    continue
+                if node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
+                    pure = False
+                    break
+                out = node.outputs[0]
+                if out in outputs:
+                    presents.append(out)
+                else:
+                    stack.append(out)
+                    path.append(out)
+        if pure and presents:
+            found.update(dict.fromkeys(path, presents))
+    return found
+
+
+def _derive(
+    walk: Walk, value: ir.Value, axis: int, found: set[tuple[ir.Value, int]], depth: int
+) -> bool:
+    """Whether `value`'s axis is made entry by entry of stored tensors' axes (or of an axis an
+    op broadcasts along), following the ops' `sources`; adds those to `found`."""
+    if depth > 32 or value.is_graph_input():
+        return False
+    if walk._const_view(value, axis) is not None:
+        found.add((value, axis))
+        return True
+    node = value.producer()
+    info = None if node is None else ops.op_info(node)
+    rule = None if info is None else info.sources
+    if rule is None:
+        return False
+    try:
+        made = rule(node, axis, walk)  # type: ignore[arg-type]
+    except Unsupported:
+        return False
+    if made is None:
+        return False
+    if not made:
+        found.add((value, axis))
+        return True
+    return all(
+        node.inputs[i] is not None and _derive(walk, node.inputs[i], k, found, depth + 1)  # type: ignore[union-attr, arg-type]
+        for i, k in made
+    )
 
 
 def _unreached(model: ir.Model, walk: Walk, graph: ChannelGraph) -> list[Unreached]:
@@ -533,8 +705,13 @@ def _check_readers(walk: Walk) -> None:
         stack = [source]
         while stack:
             value = stack.pop()
-            if value.is_graph_output() and const_tensor(source) is not None:
-                # (a computed value there is frozen as reaching the model output already)
+            if (
+                value.is_graph_output()
+                and const_tensor(source) is not None
+                and not any(value in o for o in walk.cache.values())
+            ):
+                # (a computed value there is frozen as reaching the model output already; a
+                # KV cache's present narrows with its past)
                 walk.freeze_value(source, f"stored tensor {source.name!r} is a model output")
             for use in value.uses():
                 reader = use.node
@@ -593,6 +770,7 @@ def _resolve(walk: Walk) -> ChannelGraph:
             layers.append(Layer(m))
     graph = ChannelGraph(n_classes, spaces, members, fixes, frozen, reason, reasons, layers, [])
     graph.freeze_pairs = freeze_pairs
+    graph.depends = [(label[p], label[c]) for p, c in walk.depends]
     graph.groups = group_layers(graph)
     graph.heads = _attention_heads(walk, label, members)
     return graph
@@ -603,8 +781,11 @@ def _attention_heads(walk: Walk, label: np.ndarray, members: list[Member]) -> li
     V of one attention are joined by its MatMuls), named after the output projection, the first
     weight that reads exactly those classes (else the first that makes them)."""
     found: dict[bytes, Heads] = {}
+    copied = {int(c) for parents, _ in walk.depends for c in label[parents]}
     for node, ids, head_dim in walk.head_splits:
         classes = label[ids]
+        if all(int(c) in copied for c in classes):
+            continue  # GQA's key/value heads: they go with their query heads
         key = np.unique(classes).tobytes()
         if key in found:
             found[key].reshapes.append(node)

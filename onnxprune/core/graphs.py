@@ -96,9 +96,9 @@ def infer_shapes(model: ir.Model, *, strict: bool = True) -> bool:
 def concat_piece(value: ir.Value, position: int) -> tuple[ir.Node, int, int] | None:
     """Where entry `position` of a computed shape vector is stored: (the Concat that makes the
     vector, its input holding the entry, the entry's index there), when that input is a stored
-    constant and the vector is read once (so changing the piece changes nothing else)."""
+    constant. (A rewrite that changes the piece gives a vector other nodes read too a copy.)"""
     node = value.producer()
-    if node is None or node.op_type != "Concat" or len(value.uses()) != 1:
+    if node is None or node.op_type != "Concat":
         return None
     offset = 0
     for index, piece in enumerate(node.inputs):

@@ -5,6 +5,7 @@ inputs and batched, or generated ones. Checks happen before any model runs.
     npz.py       reading .npz files safely
     match.py     arrays matched to the model's inputs, batched; labels; data file checks
     generate.py  generated inputs where no data is given
+    sequence.py  a decoder's mask, positions and empty KV cache, consistent with its tokens
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from onnxprune.inputs.spec import (
     batch_axes_of,
     batch_rows,
     check_batch_size,
+    fit_empty,
     input_specs,
     parse_batch_axes,
     parse_input_shapes,
@@ -65,6 +67,7 @@ __all__ = [
     "check_batch_size",
     "check_data_file",
     "check_labels",
+    "fit_empty",
     "from_arrays",
     "generate",
     "generated_shapes",

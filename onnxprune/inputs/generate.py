@@ -12,6 +12,7 @@ import numpy as np
 
 from onnxprune.core.tensors import const_tensor
 from onnxprune.errors import DataError, InvalidArgumentError
+from onnxprune.inputs.sequence import settle_shapes, settle_values, settled
 from onnxprune.inputs.spec import (
     Inputs,
     InputSpec,
@@ -45,6 +46,7 @@ def resolve_shapes(
     A symbolic dim named like one that --input-shape gave a size (the sequence of input_ids)
     takes that size in every input."""
     shapes = dict(shapes or {})
+    shapes = settle_shapes(specs, _with_tokens(specs, shapes, batch_size))
     names = {s.name for s in specs}
     unknown = sorted(set(shapes) - names)
     if unknown:
@@ -98,6 +100,17 @@ def resolve_shapes(
                 )
         out[spec.name] = tuple(dims)
     return out, notices
+
+
+def _with_tokens(
+    specs: Sequence[InputSpec], shapes: dict[str, tuple[int, ...]], batch_size: int | None
+) -> dict[str, tuple[int, ...]]:
+    """A decoder's token shape where it is known without guessing (given, or static but for the
+    batch), so that its mask, positions and pasts can follow it (inputs.sequence)."""
+    spec = next((s for s in specs if s.name == "input_ids" and len(s.shape) == 2), None)
+    if spec is None or spec.name in shapes or not isinstance(spec.shape[1], int):
+        return shapes
+    return {**shapes, spec.name: (batch_size or 1, spec.shape[1])}
 
 
 def generated_shapes(
@@ -276,8 +289,15 @@ def generate(
     concrete, notices = generated_shapes(specs, shapes, batch_size=batch_size)
     rng = np.random.default_rng(seed)
     fixed: dict[str, np.ndarray] = {}
+    prompt = settled(specs)
+    if prompt:
+        notices.append(
+            f"decoder inputs as the prompt step: {', '.join(prompt[:3])}"
+            + (f" and {len(prompt) - 3} more" if len(prompt) > 3 else "")
+            + " follow input_ids (every token attended, positions from 0, no past)"
+        )
     for spec in specs:
-        notice = _usable_notice(spec, usable.get(spec.name))
+        notice = None if spec.name in prompt else _usable_notice(spec, usable.get(spec.name))
         if not spec.shape:
             value = _random(rng, (), spec.dtype, usable.get(spec.name))
             fixed[spec.name] = value
@@ -299,6 +319,8 @@ def generate(
         for _ in range(batches)
     ]
     axes = {s.name: s.batch_axis for s in specs}
+    for batch in feeds:  # a decoder's prompt step: mask of ones, positions 0.., empty pasts
+        settle_values(specs, batch)
     return Inputs(
         batches=feeds,
         labels=None,

@@ -13,6 +13,7 @@ import onnx
 
 from onnxprune.errors import DataError
 from onnxprune.inputs.npz import load_npz, read_npz_headers
+from onnxprune.inputs.sequence import fill_missing
 from onnxprune.inputs.spec import (
     DEFAULT_BATCH,
     LABELS,
@@ -87,7 +88,7 @@ def match(
     check_batch_size(batch_size)
     arrays = dict(arrays)
     labels = arrays.pop(LABELS, None)
-    notices: list[str] = []
+    arrays, notices = fill_missing(arrays, specs)
     by_input: dict[str, tuple[str, Any]] = {}
     if len(specs) == 1 and specs[0].name not in arrays and len(arrays) == 1:
         key = next(iter(arrays))
@@ -129,8 +130,13 @@ def match(
     total = next((n for n, _ in counts.values()), 0 if counts or not by_input else 1)
     if total == 0:
         raise DataError(f"{source}: the arrays hold no samples")
-    for key, a in by_input.values():
-        if 0 in a.shape:
+    for name, (key, a) in by_input.items():
+        spec = next(s for s in specs if s.name == name)
+        # a past of length 0 (a KV cache on the prompt step) is empty along an open axis
+        open_axes = {i for i, d in enumerate(spec.shape) if i > 0 and not isinstance(d, int)}
+        if any(n == 0 and i not in open_axes for i, n in enumerate(a.shape)):
+            raise DataError(f"{source}: array {key!r} is empty (shape {list(a.shape)})")
+        if all(0 in b.shape for _, b in by_input.values()):  # nothing but empty pasts
             raise DataError(f"{source}: array {key!r} is empty (shape {list(a.shape)})")
     if labels is not None:
         if labels.ndim != 1 or labels.dtype.kind not in "iu":

@@ -202,6 +202,25 @@ def parse_batch_axes(specs: Sequence[str] | None) -> dict[str, int]:
     return axes
 
 
+def fit_empty(
+    batch: Mapping[str, np.ndarray], dims: Mapping[str, Sequence[Dim]]
+) -> dict[str, np.ndarray]:
+    """Empty arrays (a KV cache's past of length 0) in the shape a model declares, its fixed
+    dims taken: a model pruned of key/value heads or head_dim takes narrower pasts than the
+    dense model the samples were made for, and an empty past holds nothing to narrow."""
+    out = dict(batch)
+    for name, array in batch.items():
+        declared = dims.get(name)
+        if array.size or declared is None or len(declared) != array.ndim:
+            continue
+        shape = tuple(
+            d if isinstance(d, int) else n for d, n in zip(declared, array.shape, strict=True)
+        )
+        if shape != array.shape and 0 in shape:
+            out[name] = np.zeros(shape, dtype=array.dtype)
+    return out
+
+
 def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
     """['x=1x3x224x224'] -> {'x': (1, 3, 224, 224)}; one entry may name several inputs,
     'ids=1x128,mask=1x128', and 'x=' is a scalar (0-d)."""

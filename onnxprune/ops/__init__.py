@@ -20,6 +20,10 @@ tuple of `OpInfo` (ops/base.py), only what applies:
 - `folded_inputs`: computed integer inputs the walk needs constant;
 - `view(node, index, axes)`: where the op only cuts, places or reshapes a stored tensor into
   pieces, which stored axis each output axis holds (finding weights follows them).
+- `dead(node, walk)`: what its output holds in a removed channel (ops/dead.py), which reductions
+  over channels need to stay exact;
+- `sources(node, axis, walk)`: where an output axis's entries come from, so that a computed
+  tensor made of stored ones (RoPE's cos and sin of inv_freq) can get their channels.
 Then add the module to `FAMILIES` below and a model using the op to the tests
 (tests/test_ops.py checks that every op with a channel rule is exercised).
 """

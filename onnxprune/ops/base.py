@@ -49,11 +49,39 @@ class ChannelWalk(Protocol):
     ) -> None: ...
     def freeze(self, ids: np.ndarray, reason: str) -> None: ...
     def head_split(self, node: ir.Node, heads: np.ndarray, head_dim: int) -> None: ...
+    def new(self, n: int) -> np.ndarray: ...
+    def depend(self, parents: np.ndarray, children: np.ndarray) -> None: ...
     def fix(self, fix: Fix) -> None: ...
     def entries(self, value: ir.Value) -> list[int | None] | None: ...
+    def dead(self, value: ir.Value) -> Dead | None: ...
 
 
 Rule = Callable[[ir.Node, ChannelWalk], None]
+
+
+@dataclass(frozen=True, eq=False)
+class Dead:
+    """What a removed channel holds in a tensor, as an expression: zero (no node, no value), a
+    tensor without the channel that broadcasts along it (`value`, used as it is: a mean), or
+    `node` applied to its inputs' expressions (an input the node does not have is None)."""
+
+    node: ir.Node | None = None
+    inputs: tuple[Dead | None, ...] = ()
+    value: ir.Value | None = None
+
+    @property
+    def zero(self) -> bool:
+        return self.node is None and self.value is None
+
+
+ZERO = Dead()
+
+# How one op's output holds a removed channel, from what its inputs hold (`ChannelWalk.dead`);
+# None where it cannot tell (the walk then refuses what needs it).
+DeadRule = Callable[[ir.Node, ChannelWalk], Dead | None]
+# Where an output axis's entries come from, one to one: (input, axis) pairs; [] where the op
+# makes the axis itself (Expand broadcasting along it); None where it cannot tell.
+SourcesRule = Callable[[ir.Node, int, ChannelWalk], list[tuple[int, int]] | None]
 
 
 class Kept(Protocol):
@@ -191,6 +219,9 @@ class OpInfo:
     - view: how a stored tensor's axes pass through the op where it only rearranges pieces of
       it (Slice, Concat, Split, a Gather of stored indices, Unsqueeze, Squeeze): finding
       weights follows a constant through such views to the weight slot that reads it.
+    - dead: what its output holds in a removed channel, from what its inputs hold (ops/dead.py).
+    - sources: where an output axis's entries come from (the walk gives a computed tensor the
+      channels of the stored tensors it is made of, as RoPE's cos and sin of inv_freq).
     """
 
     op_type: str
@@ -204,6 +235,8 @@ class OpInfo:
     output_dims: OutputDims | None = None
     folded_inputs: tuple[int, ...] = ()
     view: ViewOf | None = None
+    dead: DeadRule | None = None
+    sources: SourcesRule | None = None
 
 
 def declare(op_types: Sequence[str], **fields: Any) -> tuple[OpInfo, ...]:

@@ -41,6 +41,7 @@ from onnxprune.ops.base import (
     only_axes,
     statistic_positions,
 )
+from onnxprune.ops.dead import makes_zero
 
 # Elements of im2col patches built at once; bounds the temporary memory of a Conv's rows.
 PATCH_ELEMENTS = 1 << 24
@@ -492,6 +493,7 @@ OPS = (
         rule=conv,
         macs=conv_macs,
         design=conv_design,
+        dead=makes_zero,
     ),
     OpInfo(
         "ConvTranspose",
@@ -500,5 +502,6 @@ OPS = (
         rule=conv,
         macs=conv_transpose_macs,
         design=conv_transpose_design,
+        dead=makes_zero,
     ),
 )

@@ -31,6 +31,7 @@ from onnxprune.ops.base import (
     positive_axis,
     stored_ints,
 )
+from onnxprune.ops.dead import keeps_zero
 
 
 @dataclass(eq=False)
@@ -117,6 +118,19 @@ def concat(node: ir.Node, ctx: ChannelWalk) -> None:
             for ids in parts[1:]:
                 ctx.union(parts[0], ids)
             ctx.set(out, k, parts[0])
+
+
+def concat_sources(node: ir.Node, axis: int, ctx: ChannelWalk) -> list[tuple[int, int]] | None:
+    """Every part's same axis: placed at offsets along the joined axis, the same entries along
+    the others."""
+    return [(i, axis) for i, v in enumerate(node.inputs) if v is not None]
+
+
+def one_hot(node: ir.Node, ctx: ChannelWalk) -> None:
+    """OneHot makes a new axis of classes from indices: no channel flows through it (the
+    indices carry none; the classes are the rows of the table a MatMul then reads)."""
+    if ctx.spaces_of(node.inputs[0]):
+        raise Unsupported("indices carry channels")
 
 
 def split(node: ir.Node, ctx: ChannelWalk) -> None:
@@ -240,6 +254,44 @@ def gather_dims(node: ir.Node, run: RunDims) -> list[int] | None:
     return x[:axis] + indices + x[axis + 1 :]
 
 
+def slice_dims(node: ir.Node, run: RunDims) -> list[int] | None:
+    """Slice's output dims from its bounds in this run (a key length cut from a mask)."""
+    x = run.dims(node.inputs[0])
+    if x is None:
+        return None
+    if len(node.inputs) < 3:  # opset 9: bounds as attributes
+        bounds = [attr(node, name, None) for name in ("starts", "ends", "axes")]
+        if bounds[0] is None or bounds[1] is None:
+            return None
+        starts, ends = (np.asarray(b).reshape(-1) for b in bounds[:2])
+        axes = np.asarray(bounds[2] if bounds[2] is not None else range(len(starts))).reshape(-1)
+        steps = np.ones(len(starts), dtype=np.int64)
+    else:
+        values = [run.value(v) if v is not None else None for v in node.inputs[1:5]]
+        values += [None] * (4 - len(values))
+        if values[0] is None or values[1] is None:
+            return None
+        starts, ends = (np.asarray(v).reshape(-1) for v in values[:2])
+        axes = np.asarray(values[2] if values[2] is not None else range(len(starts))).reshape(-1)
+        steps = np.asarray(values[3] if values[3] is not None else [1] * len(starts)).reshape(-1)
+    out = list(x)
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=False):
+        a = positive_axis(int(axis), len(x))
+        if not 0 <= a < len(x) or int(step) == 0:
+            return None
+        # a bound past the end is clipped: where it is a stand-in of a symbolic dim (huge), the
+        # clipped size would be the axis's whatever the dim is, not a size to trust
+        for bound in (int(start), int(end)):
+            if abs(bound) > x[a] and abs(bound) < _UNTIL_THE_END:
+                return None
+        out[a] = len(range(*slice(int(start), int(end), int(step)).indices(x[a])))
+    return out
+
+
+# Slice bounds at or past this are "to the end" (exporters write INT32 or INT64 maxima).
+_UNTIL_THE_END = 2**31 - 1
+
+
 def concat_dims(node: ir.Node, run: RunDims) -> list[int] | None:
     x = run.dims(node.inputs[0])
     if x is None:
@@ -273,8 +325,23 @@ def gather_view(node: ir.Node, index: int, axes: AxisMap) -> list[AxisMap] | Non
 
 
 OPS = (
-    OpInfo("Concat", rule=concat, output_dims=concat_dims, view=same_axes_view),
-    OpInfo("Split", rule=split, folded_inputs=(1,), view=same_axes_view),
-    OpInfo("Slice", rule=slice_, folded_inputs=(1, 2, 3, 4), view=same_axes_view),
-    OpInfo("Gather", rule=gather, output_dims=gather_dims, view=gather_view),
+    OpInfo(
+        "Concat",
+        rule=concat,
+        output_dims=concat_dims,
+        view=same_axes_view,
+        dead=keeps_zero,
+        sources=concat_sources,
+    ),
+    OpInfo("OneHot", rule=one_hot),
+    OpInfo("Split", rule=split, folded_inputs=(1,), view=same_axes_view, dead=keeps_zero),
+    OpInfo(
+        "Slice",
+        rule=slice_,
+        output_dims=slice_dims,
+        folded_inputs=(1, 2, 3, 4),
+        view=same_axes_view,
+        dead=keeps_zero,
+    ),
+    OpInfo("Gather", rule=gather, output_dims=gather_dims, view=gather_view, dead=keeps_zero),
 )

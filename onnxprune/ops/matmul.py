@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from onnxprune.ops.base import (
     ChannelWalk,
+    Dead,
     Design,
     Dims,
     OpInfo,
@@ -31,6 +32,7 @@ from onnxprune.ops.base import (
     broadcast_exact,
     input_at,
 )
+from onnxprune.ops.dead import keeps_zero, makes_zero
 
 
 # -- weights ---------------------------------------------------------------------------------------
@@ -136,6 +138,28 @@ def einsum(node: ir.Node, ctx: ChannelWalk) -> None:
             ctx.union(spaces[0], ids)
         if letter in rhs:
             ctx.set(node.outputs[0], rhs.index(letter), spaces[0])
+
+
+def matmul_dead(node: ir.Node, ctx: ChannelWalk) -> Dead | None:
+    """A layer's removed output channels are zero; between two computed tensors, a product with
+    a removed channel that is zero is zero."""
+    if any(ctx.is_const(v) for v in node.inputs):
+        return makes_zero(node, ctx)
+    return keeps_zero(node, ctx)
+
+
+def matmul_sources(node: ir.Node, axis: int, ctx: ChannelWalk) -> list[tuple[int, int]] | None:
+    """Between two computed tensors: the output's rows are the left operand's, its columns the
+    right one's (Optimum's RoPE: inv_freq [b, d/2, 1] @ positions [b, 1, s])."""
+    a, b = node.inputs
+    ra, rb, ro = ctx.rank(a), ctx.rank(b), ctx.rank(node.outputs[0])
+    if ra is None or rb is None or ro is None or ra < 2 or rb < 2:
+        return None
+    if axis == ro - 2:
+        return [(0, ra - 2)]
+    if axis == ro - 1:
+        return [(1, rb - 1)]
+    return None
 
 
 # -- multiply-accumulates --------------------------------------------------------------------------
@@ -259,6 +283,7 @@ OPS = (
         macs=gemm_macs,
         design=gemm_design,
         output_dims=gemm_dims,
+        dead=makes_zero,
     ),
     OpInfo(
         "MatMul",
@@ -268,6 +293,8 @@ OPS = (
         macs=matmul_macs,
         design=matmul_design,
         output_dims=matmul_dims,
+        dead=matmul_dead,
+        sources=matmul_sources,
     ),
-    OpInfo("Einsum", rule=einsum),
+    OpInfo("Einsum", rule=einsum, dead=keeps_zero),
 )

@@ -1,4 +1,5 @@
-"""Shape ops: Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Expand, Shape, Constant and Range.
+"""Shape ops: Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Expand, Tile, Shape, Constant and
+Range.
 
 What the family shares: they rearrange axes (or read them) without touching values, so channels
 follow the axes they are on. A reshape that splits a channel axis keeps the channels on the one
@@ -22,6 +23,7 @@ from onnxprune.ops.base import (
     AxisMap,
     ChannelWalk,
     Constants,
+    Dead,
     Fix,
     Kept,
     OpInfo,
@@ -34,6 +36,7 @@ from onnxprune.ops.base import (
     positive_axis,
     stored_ints,
 )
+from onnxprune.ops.dead import fresh_name, keeps_zero, reroute
 from onnxprune.ops.elementwise import BINARY, UNARY
 
 
@@ -51,9 +54,14 @@ class TargetFix(Fix):
     def apply(self, kept: Kept, consts: Constants) -> None:
         node = self.node
         count = {axis: kept.kept_of(ids) for axis, ids in zip(self.axes, self.ids, strict=True)}
+        out = node.outputs[0]
         if const_tensor(node.inputs[1]) is None:
+            target = _own_target(node)
+            length = target.shape[0] if target.shape is not None else None
+            rank = len(out.shape) if out.shape is not None else length
             for axis in self.axes:
-                found = concat_piece(node.inputs[1], axis)
+                position = axis - (rank - length) if self.align and rank and length else axis
+                found = concat_piece(target, position)
                 assert found is not None, f"{node.name}: target entry {axis} is not stored"
                 concat, piece, entry = found
                 array = stored_ints(concat, piece)
@@ -61,13 +69,57 @@ class TargetFix(Fix):
                 consts.replace(concat, piece, array)
             return
         array = stored_ints(node, 1)
-        out = node.outputs[0]
         rank = len(out.shape) if out.shape is not None else len(array)
         for axis in self.axes:
             position = axis - (rank - len(array)) if self.align else axis
             if 0 <= position < len(array) and array[position] > (1 if self.align else 0):
                 array[position] = count[axis]
         consts.replace(node, 1, array)
+
+
+def _own_target(node: ir.Node) -> ir.Value:
+    """The node's computed target, made its own: a Concat that other nodes read too (exporters
+    share one target between layers whose counts may differ) is copied for this node."""
+    target = node.inputs[1]
+    concat = target.producer()
+    graph = node.graph
+    if len(target.uses()) == 1 or concat is None or graph is None:
+        return target
+    attributes = [ir.Attr(a.name, a.type, a.value) for a in concat.attributes.values()]
+    name = fresh_name(graph, f"{concat.name or 'Concat'}_for_{node.name or node.op_type}")
+    copy = ir.Node(concat.domain, "Concat", list(concat.inputs), attributes, name=name)
+    copy.outputs[0].type = target.type
+    copy.outputs[0].shape = target.shape
+    graph.insert_before(node, copy)
+    node.replace_input_with(1, copy.outputs[0])
+    return copy.outputs[0]
+
+
+@dataclass(eq=False)
+class RepeatFix(Fix):
+    """GQA's key/value heads repeated for the query heads (Expand or Tile, then a Reshape that
+    merges the copies): the repeat stays uniform over the key/value heads kept (the targets
+    count them: ReshapeFix, ExpandFix), and a Gather after it keeps the copies of the query
+    heads kept, so query heads can go one by one inside a group."""
+
+    axis: int  # the merged (query heads) axis of the Reshape's output
+    parents: np.ndarray  # the key/value head each copy repeats
+    heads: np.ndarray  # the query head each copy serves
+    kind = "repeat"
+
+    def apply(self, kept: Kept, consts: Constants) -> None:
+        node, out = self.node, self.node.outputs[0]
+        graph = node.graph
+        copied = ~kept.removed[self.parents]
+        picked = np.flatnonzero(~kept.removed[self.heads][copied])
+        if graph is None or len(picked) == int(copied.sum()):
+            return
+        name = fresh_name(graph, f"{node.name or 'Reshape'}_query_heads")
+        gather = ir.Node("", "Gather", [out, None], [ir.AttrInt64("axis", self.axis)], name=name)
+        consts.replace(gather, 1, picked.astype(np.int64))
+        graph.insert_after(node, gather)
+        reroute(graph, out, gather.outputs[0], {gather})
+        out.shape = None  # the copies of the kept key/value heads: shape inference tells
 
 
 @dataclass(eq=False)
@@ -213,22 +265,38 @@ def _reshape_spaces(
         view = [1] * len(ins)
         view[ins.index(here[0])] = -1
         grid = np.broadcast_to(spaces[here[0]].reshape(view), dims).reshape(odims)
+        if node is not None and _repeats_heads(ctx, x, ins, here[0], out, outs):
+            copies = ctx.new(grid.size)
+            ctx.depend(grid.reshape(-1), copies)
+            ctx.set(out, outs[0], copies)
+            if target[outs[0]] not in (0, -1, None):
+                moved[outs[0]] = grid.reshape(-1)  # the count of copies made: kept kv heads x n
+            ctx.fix(RepeatFix(node, outs[0], grid.reshape(-1), copies))
+            continue
         found = carrier(grid)
         j = found if found is not None else len(odims) - 1 - int(np.argmax(odims[::-1]))
-        if found is None and ctx.heads:
+        couple = found is None
+        single = found is not None and found > 0 and odims[found - 1] == 1
+        if ctx.heads and (found is None or single):
             # attention heads as classes: the axis that becomes a batch axis of the attention's
             # MatMuls is the heads axis ((heads, head_dim), or (3, heads, head_dim) for a packed
-            # projection); coupling along the others makes each head one class
-            batched = [
-                k for k in range(len(outs)) if odims[k] > 1 and _batched(ctx, out, outs[k], 0)
-            ]
+            # projection); coupling along the others makes each head one class. A single head
+            # (multi-query attention's key/value head, [1, head_dim]) is one class too, where
+            # head_dim is no batch axis itself (not [1, heads] adding a batch of 1).
+            if single and _batched(ctx, out, outs[found], 0):  # type: ignore[index]
+                candidates = []
+            elif single:
+                candidates = [found - 1]  # type: ignore[operator]
+            else:
+                candidates = [k for k in range(len(outs)) if odims[k] > 1]
+            batched = [k for k in candidates if _batched(ctx, out, outs[k], 0)]
             if batched:
-                j = batched[0]
+                j, couple = batched[0], True
                 if node is not None:
                     line = grid[tuple(slice(None) if i == j else 0 for i in range(len(outs)))]
                     ctx.head_split(node, line, _prod(odims[j + 1 :]) or 1)
         line = grid[tuple(slice(None) if i == j else 0 for i in range(len(outs)))]
-        if found is None:
+        if couple:
             # A channel axis split over several axes (channel shuffle's (groups, C/groups),
             # attention's (heads, head_dim)): keep the largest (with heads=True, the heads) as
             # the channel axis and couple the channels along the others, so pruning index d
@@ -242,6 +310,27 @@ def _reshape_spaces(
         if target[outs[j]] not in (0, -1, None):
             moved[outs[j]] = line
     return moved
+
+
+def _repeats_heads(
+    ctx: ChannelWalk, x: ir.Value, ins: list[int], here: int, out: ir.Value, outs: list[int]
+) -> bool:
+    """Whether a Reshape merges attention heads with copies of them into the heads of an
+    attention (--heads): GQA's key/value heads, repeated by an Expand or a Tile along a new
+    axis for the query heads that read them. Each copy is then a channel of its own."""
+    if not ctx.heads or len(outs) != 1 or not _batched(ctx, out, outs[0], 0):
+        return False
+    node = x.producer()
+    if node is None or node.op_type not in ("Expand", "Tile") or node.domain not in ("", "ai.onnx"):
+        return False
+    source = node.inputs[0]
+    rank, out_rank = ctx.rank(source), ctx.rank(x)
+    if rank is None or out_rank is None:
+        return False
+    copied = [
+        a for a in ins if a != here and a - (out_rank - rank) >= 0 and (ctx.dim(x, a) or 1) > 1
+    ]
+    return bool(copied) and all(ctx.dim(source, a - (out_rank - rank)) == 1 for a in copied)
 
 
 def _align(a: list[Dim], b: list[Dim]) -> list[tuple[list[int], list[int]]] | None:
@@ -379,15 +468,19 @@ def _forward_axis(
         if axis == gathered or q is None:
             return None
         return axis if axis < gathered else axis - 1 + q
-    if op == "Reshape" and index == 0:  # only where the axis stays whole, 1s added or dropped
+    if op == "Reshape" and index == 0:
+        # where the axis stays whole (1s added or dropped) or is merged with others into one
+        # (GQA's [kv_heads, repeats] -> query heads), not where it is split
         shape, out_shape = ctx.named_shape(value), ctx.named_shape(node.outputs[0])
         groups = None if shape is None or out_shape is None else _align(shape, out_shape)
         for ins, outs in groups or []:
             if axis in ins:
                 sized = [k for k in outs if out_shape[k] != 1]  # type: ignore[index]
-                whole = [k for k in ins if shape[k] != 1] == [axis]  # type: ignore[index]
-                return sized[0] if whole and len(sized) == 1 else None
+                return sized[0] if len(sized) == 1 else None
         return None
+    if op in ("Expand", "Tile") and index == 0:
+        out_rank = ctx.rank(node.outputs[0])
+        return None if out_rank is None else axis + out_rank - rank
     if op in ("Squeeze", "Unsqueeze") and index == 0:
         axes = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else attr(node, "axes", None)
         if axes is None:
@@ -405,7 +498,10 @@ def _forward_axis(
 def expand(node: ir.Node, ctx: ChannelWalk) -> None:
     """Channels of the input stay on their (right-aligned) axes. A stored input (a class token)
     gets its channels here, so that what it meets later slices it. A target entry of 1 keeps
-    the input's size; one equal to it is rewritten, which needs the target stored."""
+    the input's size; one equal to it is rewritten, which needs it stored (a constant target,
+    or a stored piece of the Concat that computes it). An axis the input broadcasts over that
+    the walk has given channels (`Walk` seeds it where a LayerNorm's mean, expanded to the
+    width, meets the channels) has its entry rewritten alike."""
     x, shape_input = node.inputs
     rank = ctx.rank(x)
     stored = ctx.const(shape_input)
@@ -414,13 +510,22 @@ def expand(node: ir.Node, ctx: ChannelWalk) -> None:
     else:  # computed: entries that differ with the model's symbolic dims are unknown (None)
         target = ctx.entries(shape_input)
         if target is None:
-            if ctx.spaces_of(x):
+            if ctx.spaces_of(x) or ctx.spaces_of(node.outputs[0]):
                 raise Unsupported("computed target shape")
             return
     if rank is None:
         raise Unsupported("unknown rank")
     out_rank = max(rank, len(target))
     moved: dict[int, np.ndarray] = {}
+
+    def entry_of(j: int) -> int | None:
+        return target[j - (out_rank - len(target))] if j >= out_rank - len(target) else 1
+
+    def rewritable(j: int) -> bool:
+        position = j - (out_rank - len(target))
+        return stored is not None or concat_piece(shape_input, position) is not None
+
+    carried = set()
     for axis in range(rank):
         ids = ctx.ids(x, axis)
         if ids is None and ctx.is_const(x) and (ctx.dim(x, axis) or 1) > 1:
@@ -428,14 +533,80 @@ def expand(node: ir.Node, ctx: ChannelWalk) -> None:
         if ids is None:
             continue
         j = axis + out_rank - rank
-        entry = target[j - (out_rank - len(target))] if j >= out_rank - len(target) else 1
+        carried.add(j)
+        entry = entry_of(j)
         if entry != 1:
-            if stored is None or entry is None:
+            if entry is None or not rewritable(j):
                 raise Unsupported("computed target shape names the channel count")
             moved[j] = ids
         ctx.set(node.outputs[0], j, ids)
+    for j, ids in ctx.spaces_of(node.outputs[0]).items():
+        if j in carried or (j >= out_rank - rank and ctx.dim(x, j - (out_rank - rank)) != 1):
+            continue
+        if entry_of(j) in (None, 1) or not rewritable(j):  # a seeded broadcast axis
+            raise Unsupported("computed target shape names the channel count")
+        moved[j] = ids
     if moved:
         ctx.fix(ExpandFix(node, tuple(moved), tuple(moved.values())))
+
+
+def expand_sources(node: ir.Node, axis: int, ctx: ChannelWalk) -> list[tuple[int, int]] | None:
+    """The input axis an output axis copies, or none where the input broadcasts along it."""
+    x = node.inputs[0]
+    rank, out_rank = ctx.rank(x), ctx.rank(node.outputs[0])
+    if rank is None or out_rank is None:
+        return None
+    k = axis - (out_rank - rank)
+    return [(0, k)] if k >= 0 and ctx.dim(x, k) != 1 else []
+
+
+def tile(node: ir.Node, ctx: ChannelWalk) -> None:
+    """Tile repeats an axis whole: its channels repeat with it ([c0, c1, c0, c1]), so a
+    removed channel goes from every copy and the repeat counts stay (GQA's key/value heads
+    repeated for the query heads)."""
+    x = node.inputs[0]
+    repeats = const_ints(ctx, node, 1, "repeats")
+    if repeats is None:
+        raise Unsupported("computed repeats")
+    for axis, ids in ctx.spaces_of(x).items():
+        if axis >= len(repeats):
+            raise Unsupported("repeats shorter than the rank")
+        ctx.set(node.outputs[0], axis, np.tile(ids, max(1, repeats[axis])))
+
+
+def positions(node: ir.Node, ctx: ChannelWalk) -> None:
+    """Range makes positions from scalars: no channel flows through it."""
+
+
+def transpose_sources(node: ir.Node, axis: int, ctx: ChannelWalk) -> list[tuple[int, int]] | None:
+    rank = ctx.rank(node.inputs[0])
+    if rank is None:
+        return None
+    perm = list(attr(node, "perm", list(range(rank))[::-1]))
+    return [(0, int(perm[axis]))]
+
+
+def squeeze_sources(node: ir.Node, axis: int, ctx: ChannelWalk) -> list[tuple[int, int]] | None:
+    """The input axis an (Un)Squeeze output axis is."""
+    rank = ctx.rank(node.inputs[0])
+    out_rank = ctx.rank(node.outputs[0])
+    axes = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else attr(node, "axes", None)
+    if rank is None or out_rank is None or axes is None:
+        return None
+    axes = [int(a) for a in np.asarray(axes).reshape(-1)]
+    if node.op_type == "Unsqueeze":
+        new = {positive_axis(a, out_rank) for a in axes}
+        if axis in new:
+            return None
+        return [(0, [k for k in range(out_rank) if k not in new].index(axis))]
+    gone = {positive_axis(a, rank) for a in axes}
+    return [(0, [k for k in range(rank) if k not in gone][axis])]
+
+
+def expand_dead(node: ir.Node, ctx: ChannelWalk) -> Dead | None:
+    """What the input holds, broadcast: a tensor without the channel (a mean broadcast over
+    the channel axis) is that tensor in every channel, removed ones included."""
+    return ctx.dead(node.inputs[0])
 
 
 def shape_op(node: ir.Node, ctx: ChannelWalk) -> None:
@@ -575,20 +746,39 @@ def squeeze_view(node: ir.Node, index: int, axes: AxisMap) -> list[AxisMap] | No
 
 OPS = (
     OpInfo("Constant", rule=constant),
-    OpInfo("Transpose", rule=transpose, output_dims=transpose_dims),
     OpInfo(
-        "Squeeze", rule=squeeze, output_dims=squeeze_dims, folded_inputs=(1,), view=squeeze_view
+        "Transpose",
+        rule=transpose,
+        output_dims=transpose_dims,
+        dead=keeps_zero,
+        sources=transpose_sources,
     ),
+    *(
+        OpInfo(
+            op,
+            rule=rule,
+            output_dims=squeeze_dims,
+            folded_inputs=(1,),
+            view=view,
+            dead=keeps_zero,
+            sources=squeeze_sources,
+        )
+        for op, rule, view in (
+            ("Squeeze", squeeze, squeeze_view),
+            ("Unsqueeze", unsqueeze, unsqueeze_view),
+        )
+    ),
+    OpInfo("Flatten", rule=flatten, dead=keeps_zero),
+    OpInfo("Reshape", rule=reshape, output_dims=target_dims, dead=keeps_zero),
     OpInfo(
-        "Unsqueeze",
-        rule=unsqueeze,
-        output_dims=squeeze_dims,
+        "Expand",
+        rule=expand,
+        output_dims=target_dims,
         folded_inputs=(1,),
-        view=unsqueeze_view,
+        dead=expand_dead,
+        sources=expand_sources,
     ),
-    OpInfo("Flatten", rule=flatten),
-    OpInfo("Reshape", rule=reshape, output_dims=target_dims),
-    OpInfo("Expand", rule=expand, output_dims=target_dims, folded_inputs=(1,)),
+    OpInfo("Tile", rule=tile, folded_inputs=(1,), dead=keeps_zero),
     OpInfo("Shape", rule=shape_op),
-    OpInfo("Range", output_dims=range_dims),
+    OpInfo("Range", rule=positions, output_dims=range_dims),
 )

@@ -16,6 +16,7 @@ import onnx_ir as ir
 from onnxprune.ops.base import (
     ChannelWalk,
     Constants,
+    Dead,
     Fix,
     Kept,
     OpInfo,
@@ -26,6 +27,7 @@ from onnxprune.ops.base import (
     positive_axis,
     stored_ints,
 )
+from onnxprune.ops.dead import emit, fresh_name, keeps_zero
 
 POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 REDUCE_SUMS = ("ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2")
@@ -45,6 +47,54 @@ class SizesFix(Fix):
         for position, ids in zip(self.positions, self.ids, strict=True):
             array[position] = kept.kept_of(ids)
         consts.replace(self.node, 3, array)
+
+
+@dataclass(eq=False)
+class ReduceFix(Fix):
+    """A sum or mean over channel axes: its input is rewritten so that the reduction over the
+    channels kept gives what it gave over all of them, the removed ones holding what they held:
+    a mean's input is scaled by kept / original (it keeps dividing by the original count), and
+    each removed channel's value (where it is not zero) is spread over the kept entries. The
+    reduction's own output stays the same value, so what reads it needs no change."""
+
+    ids: tuple[np.ndarray, ...]  # the channels of each reduced channel axis
+    held: Dead  # what a removed channel holds in the reduced input
+    mean: bool
+    kind = "reduce"
+
+    def apply(self, kept: Kept, consts: Constants) -> None:
+        node = self.node
+        total = int(np.prod([len(ids) for ids in self.ids]))
+        left = int(np.prod([kept.kept_of(ids) for ids in self.ids]))
+        if left == total or node.graph is None:
+            return
+        out = node.outputs[0]
+        dtype = out.dtype.numpy() if out.dtype is not None else np.float32
+        graph = node.graph
+        name = node.name or node.op_type
+        made: list[ir.Node] = []
+        value = node.inputs[0]
+        if self.mean:  # sum over the kept / the original count
+            made.append(
+                ir.Node("", "Mul", [value, None], name=fresh_name(graph, f"{name}_original_count"))
+            )
+            consts.replace(made[-1], 1, np.array(left / total, dtype=dtype))
+            value = made[-1].outputs[0]
+        if not self.held.zero:  # each removed channel's value, spread over the kept entries
+            removed = emit(self.held, node, consts)
+            share = (total - left) / (total if self.mean else left)
+            made.append(
+                ir.Node("", "Mul", [removed, None], name=fresh_name(graph, f"{name}_removed_share"))
+            )
+            consts.replace(made[-1], 1, np.array(share, dtype=dtype))
+            made.append(
+                ir.Node(
+                    "", "Add", [value, made[-1].outputs[0]], name=fresh_name(graph, f"{name}_exact")
+                )
+            )
+            value = made[-1].outputs[0]
+        graph.insert_before(node, made)
+        node.replace_input_with(0, value)
 
 
 def pool(node: ir.Node, ctx: ChannelWalk) -> None:
@@ -108,8 +158,10 @@ def const_floats(ctx: ChannelWalk, node: ir.Node, index: int, name: str) -> list
 
 
 def reduce(node: ir.Node, ctx: ChannelWalk) -> None:
-    """Reducing other axes keeps channels. Summing over channels drops them (a zero adds
-    nothing); a mean or max over channels depends on their count and freezes."""
+    """Reducing other axes keeps channels. A sum or a mean over channels stays exact when the
+    removed ones still count as what they held (`ReduceFix`): a zero adds nothing to a sum, a
+    mean keeps dividing by the original count, and a removed channel that held something else
+    (x - mean in a variance) has that added back. A max or a product over channels freezes."""
     x = node.inputs[0]
     rank = ctx.rank(x)
     if rank is None:
@@ -130,15 +182,53 @@ def reduce(node: ir.Node, ctx: ChannelWalk) -> None:
             continue
         mapping[axis] = out_axis
         out_axis += 1
-    if reduced & set(ctx.spaces_of(x)) and node.op_type not in REDUCE_SUMS:
+    spaces = ctx.spaces_of(x)
+    over = sorted(reduced & set(spaces))
+    if over:
+        _over_channels(node, ctx, x, over, len(reduced) == 1 and bool(keep))
+    for axis, ids in spaces.items():
+        if axis in mapping:
+            ctx.set(node.outputs[0], mapping[axis], ids)
+
+
+def _over_channels(
+    node: ir.Node, ctx: ChannelWalk, x: ir.Value, axes: list[int], one: bool
+) -> None:
+    """Check a reduction over channel axes and record its fix (see `reduce`)."""
+    op = node.op_type
+    if op not in (*REDUCE_SUMS, "ReduceMean"):
         raise Unsupported("reduces over channels")
-    ctx.carry(x, node.outputs[0], {a: mapping[a] for a in ctx.spaces_of(x) if a in mapping})
+    held = ctx.dead(x)
+    if held is None:
+        raise Unsupported("reduces over channels whose removed value it cannot tell")
+    if not held.zero and (op not in ("ReduceSum", "ReduceMean") or not one):
+        raise Unsupported("reduces over channels that hold something other than zero")
+    out = node.outputs[0]
+    if out.dtype is None or not out.dtype.is_floating_point():
+        raise Unsupported("reduces integers over channels")
+    if op == "ReduceMean" or not held.zero:
+        ctx.fix(ReduceFix(node, tuple(ctx.spaces_of(x)[a] for a in axes), held, op == "ReduceMean"))
+
+
+def pad_dead(node: ir.Node, ctx: ChannelWalk) -> Dead | None:
+    """Zero padding keeps a removed channel zero; another value or mode does not."""
+    mode = attr(node, "mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    value = node.inputs[2] if len(node.inputs) > 2 else None
+    padded = 0.0 if value is None else ctx.const(value)
+    fill = float(attr(node, "value", 0.0)) if len(node.inputs) < 2 else padded
+    if mode != "constant" or fill is None or np.any(np.asarray(fill) != 0):
+        return None
+    return keeps_zero(node, ctx)
 
 
 OPS = (
-    *(OpInfo(op, rule=pool) for op in POOLS),
-    OpInfo("Pad", rule=pad, folded_inputs=(1,)),
-    OpInfo("Resize", rule=resize, folded_inputs=(3,)),
-    OpInfo("Upsample", rule=resize),
-    *(OpInfo(op, rule=reduce) for op in REDUCES),
+    *(OpInfo(op, rule=pool, dead=keeps_zero) for op in POOLS),
+    OpInfo("Pad", rule=pad, folded_inputs=(1,), dead=pad_dead),
+    OpInfo("Resize", rule=resize, folded_inputs=(3,), dead=keeps_zero),
+    OpInfo("Upsample", rule=resize, dead=keeps_zero),
+    *(
+        OpInfo(op, rule=reduce, dead=None if op == "ReduceLogSumExp" else keeps_zero)
+        for op in REDUCES
+    ),
 )

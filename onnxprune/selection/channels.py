@@ -36,6 +36,7 @@ from onnxprune.core import quantized
 from onnxprune.core.tensors import const_tensor
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
 from onnxprune.inputs.spec import batch_axes_of
+from onnxprune.ops.normalization import NormFix
 from onnxprune.options import MinKeep, check_sparsity
 from onnxprune.scoring.magnitude import channel_scores
 from onnxprune.weights import PRUNABLE_OPS
@@ -83,6 +84,9 @@ class ChannelPlan:
     warnings: list[str] = field(default_factory=list)
     macs_at: dict[str, list[int]] = field(default_factory=dict)  # input shapes MACs count at
     reach: int | None = None  # the most of the target metric whole channels can remove
+
+    def __post_init__(self) -> None:
+        self.removed = self.graph.settle(self.removed)
 
     def kept_of(self, ids: np.ndarray) -> int:
         return int(np.count_nonzero(~self.removed[ids]))
@@ -387,6 +391,7 @@ def plan_channels(
         removed = np.zeros(graph.n_classes, dtype=bool)
         if count:
             removed[np.concatenate(accepted[:count])] = True
+        removed = graph.settle(removed)
         kept = sum(c.kept(removed) * (c.macs_per_param if target == "macs" else 1) for c in counted)
         return removed, before - kept
 
@@ -443,17 +448,44 @@ def plan_channels(
             f"({most / before:.0%} of the {target}); a per-layer minimum (--min-keep 10%) "
             "spreads the removal"
         )
+    cache = _narrowed_cache(graph, plan)
+    if cache:
+        plan.warnings.append(
+            f"the KV cache narrows: {cache[0]} (and the other past/present tensors, {len(cache)} "
+            "inputs): the model feeds them back to itself, but the generation loop that makes "
+            "empty pasts must use the new shape (num_key_value_heads / head_dim in Optimum's or "
+            "onnxruntime-genai's config)"
+        )
     normed = {
-        m.node.name or m.node.op_type
-        for m in graph.members
-        if m.node.op_type == "LayerNormalization" and plan.removed[m.ids].any()
+        fix.node.name or fix.node.op_type
+        for fix in graph.fixes
+        if isinstance(fix, NormFix)
+        and not fix.exact
+        and any(plan.removed[ids].any() for ids in fix.ids)
     }
     if normed:
         plan.warnings.append(
-            f"{len(normed)} LayerNormalization nodes lose channels: their mean and variance then "
-            "cover the channels left, an approximation (even an all-zero channel counted)"
+            f"{len(normed)} normalisations lose channels that are not zero at their input (e.g. "
+            f"{sorted(normed)[0]}): their mean and variance then cover the channels left, an "
+            "approximation"
         )
     return plan
+
+
+def _narrowed_cache(graph: ChannelGraph, plan: ChannelPlan) -> list[str]:
+    """The model inputs (a KV cache's pasts) that lose channels, as 'name [old] -> [new]'."""
+    found = []
+    for value, spaces in graph.spaces.items():
+        if not value.is_graph_input() or value.shape is None:
+            continue
+        if not any(plan.removed[ids].any() for ids in spaces.values()):
+            continue
+        old = [d if isinstance(d, int) else str(d) for d in value.shape]
+        new = list(old)
+        for axis, ids in spaces.items():
+            new[axis] = plan.kept_of(ids)
+        found.append(f"{value.name} [{', '.join(map(str, old))}] -> [{', '.join(map(str, new))}]")
+    return found
 
 
 def plan_channels_in_steps(

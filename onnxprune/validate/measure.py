@@ -170,9 +170,10 @@ def run_model(
             "the models are not comparable"
         )
     names = [o.name for o in session.get_outputs()]
+    declared = {s.name: s.shape for s in _inputs.input_specs(session)}
     outputs = []
     for i, batch in enumerate(data.batches):
-        feeds = {k: v for k, v in batch.items() if k in needed}
+        feeds = _inputs.fit_empty({k: v for k, v in batch.items() if k in needed}, declared)
         try:
             outputs.append(session.run(names, feeds))
         except Exception as exc:
