@@ -361,11 +361,7 @@ def find_weights(
             continue
         if not uses:
             continue
-        # a lazy tensor (a rewrite's result, computed whole when read) is no fixed transform:
-        # those are never rewritten, and reading it would hold a pruned copy
-        lazy = isinstance(tensor, ir.LazyTensor)
-        skip = quant is not None or lazy
-        fixed = None if skip else fixed_transform(tensor.numpy(), uses[0].out_axis)
+        fixed = None if quant is not None else fixed_transform(tensor.numpy(), uses[0].out_axis)
         if fixed is not None:
             why = f"{fixed}: a fixed transform, not a learned weight (pruning changes it)"
             found.fixed[constant.outputs[0] if constant is not None else value] = why
