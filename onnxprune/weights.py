@@ -211,8 +211,6 @@ def source_of(value: ir.Value) -> tuple[ir.Value, ir.Node | None, ir.Node | None
     return None
 
 
-
-
 def find_weights(
     model: ir.Model,
     *,

@@ -11,7 +11,6 @@ The samples are loaded here (`load_samples`); what calibration did is summed up 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +18,7 @@ import onnx_ir as ir
 
 from onnxprune import inputs as _inputs
 from onnxprune.errors import DataError
+from onnxprune.inputs.readers import read_samples
 from onnxprune.options import DEFAULT_CALIBRATION_BATCH, Calibration
 
 
@@ -64,18 +64,13 @@ def model_input_specs(model: ir.Model) -> list[_inputs.InputSpec]:
 
 
 def load_samples(model: ir.Model, options: Calibration) -> _inputs.Inputs:
-    """The calibration samples, checked against the model's inputs and batched; labels ignored."""
-    if isinstance(options.data, Mapping):
-        arrays, source = dict(options.data), "calibration data"
-    else:
-        arrays = _inputs.load_npz(options.data, "--calibration")
-        source = f"--calibration {options.data}"
-    arrays.pop(_inputs.LABELS, None)
-    if options.samples is not None:
-        arrays = {k: v[: options.samples] if v.ndim else v for k, v in arrays.items()}
-    return _inputs.from_arrays(
-        arrays,
+    """The calibration samples (an .npz, a folder of shards, arrays, or an iterable of input
+    dicts: inputs.readers), checked against the model's inputs and batched; labels ignored."""
+    return read_samples(
+        options.data,
         model_input_specs(model),
         batch_size=options.batch_size or DEFAULT_CALIBRATION_BATCH,
-        source=source,
+        option="--calibration",
+        labels=False,
+        limit=options.samples,
     )

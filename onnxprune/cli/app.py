@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from onnxprune import __version__
+from onnxprune.core.progress import forget_notices
 from onnxprune.errors import OnnxPruneError
 from onnxprune.storage import writer
 
@@ -75,6 +76,7 @@ class DefaultCommandGroup(click.Group):
         extra.pop("standalone_mode", None)
         argv = list(sys.argv[1:] if args is None else args)
         writer.forget_written()
+        forget_notices()
         try:
             code = super().main(argv, prog_name, standalone_mode=False, **extra)
         except click.exceptions.Abort as exc:  # an interrupt while click parsed the arguments
@@ -136,10 +138,22 @@ debug_option = click.option(
 )
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test runner swaps it per command)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        del value
+
+
 def setup_logging(quiet: bool) -> None:
     logger = logging.getLogger("onnxprune")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("onnxprune: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)

@@ -3,6 +3,8 @@ inputs and batched, or generated ones. Checks happen before any model runs.
 
     spec.py      what a model input is, batches of samples (`Inputs`), --input-shape
     npz.py       reading .npz files safely
+    readers.py   where samples come from: an .npz, a folder of shards, arrays, an iterable of
+                 input dicts or a CalibrationDataReader
     match.py     arrays matched to the model's inputs, batched; labels; data file checks
     generate.py  generated inputs where no data is given
 """
@@ -28,6 +30,15 @@ from onnxprune.inputs.match import (
     model_signature,
 )
 from onnxprune.inputs.npz import ArrayHeader, load_npz, read_npz_headers
+from onnxprune.inputs.readers import (
+    FirstStepBatches,
+    ShardedBatches,
+    check_samples,
+    first_step_inputs,
+    read_samples,
+    sample_files,
+    sample_keys,
+)
 from onnxprune.inputs.spec import (
     DEFAULT_BATCH,
     LABELS,
@@ -37,6 +48,7 @@ from onnxprune.inputs.spec import (
     InputSpec,
     batch_rows,
     check_batch_size,
+    check_shape_names,
     input_specs,
     parse_input_shapes,
     scalar_type,
@@ -51,15 +63,20 @@ __all__ = [
     "ORT_TYPES",
     "ArrayHeader",
     "Dim",
+    "FirstStepBatches",
     "InputSpec",
     "Inputs",
     "Matched",
+    "ShardedBatches",
     "Signature",
     "Usable",
     "batch_rows",
     "check_batch_size",
     "check_data_file",
     "check_labels",
+    "check_samples",
+    "check_shape_names",
+    "first_step_inputs",
     "from_arrays",
     "generate",
     "generated_shapes",
@@ -69,7 +86,10 @@ __all__ = [
     "model_signature",
     "parse_input_shapes",
     "read_npz_headers",
+    "read_samples",
     "resolve_shapes",
+    "sample_files",
+    "sample_keys",
     "scalar_type",
     "shape_text",
     "usable_values",

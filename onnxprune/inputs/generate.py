@@ -17,6 +17,7 @@ from onnxprune.inputs.spec import (
     InputSpec,
     batch_rows,
     check_batch_size,
+    check_shape_names,
     scalar_type,
     shape_text,
 )
@@ -45,14 +46,7 @@ def resolve_shapes(
     A symbolic dim named like one that --input-shape gave a size (the sequence of input_ids)
     takes that size in every input."""
     shapes = dict(shapes or {})
-    names = {s.name for s in specs}
-    unknown = sorted(set(shapes) - names)
-    if unknown:
-        raise InvalidArgumentError(
-            f"--input-shape {unknown[0]}: the model has no such input (inputs: "
-            + ", ".join(sorted(names))
-            + ")"
-        )
+    check_shape_names(shapes, [s.name for s in specs])
     notices = []
     out: dict[str, tuple[int, ...]] = {}
     bound: dict[str, int] = {}  # symbolic dim name -> the size --input-shape gave it

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from onnxprune.selection.channels import ChannelPlan
     from onnxprune.validate import Validation
 
+
 @dataclass
 class Report:
     """Everything a prune run decided (the plan) and measured (calibration, repair, output).

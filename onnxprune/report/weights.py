@@ -231,3 +231,18 @@ def format_inspect(stats: list[tuple[Any, MagnitudeStats]], plan: Plan | None) -
     if plan:
         out += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(out)
+
+
+def unvalidated_note(model: str, report: Report) -> str:
+    """The one line a run without validation ends on: nothing says what pruning cost yet."""
+    if report.channels is not None:
+        metric = "MACs" if report.channels.metric == "macs" else "parameters"
+        what = f"removing {report.channels.achieved:.0%} of the {metric} as channels"
+    else:
+        what = f"pruning to sparsity {report.sparsity:.2f}"
+    out = report.output_path or "OUTPUT"
+    return (
+        f"nothing was validated: what {what} cost in accuracy is unknown; add --data val.npz "
+        f"(with 'labels'; --max-accuracy-drop to gate), or run: onnxprune validate {model} {out} "
+        "--data val.npz"
+    )

@@ -31,8 +31,6 @@ from onnxprune.weights import PRUNABLE_OPS, RECURRENT_OPS, Weight
 COLLAPSE_KEEP = 0.01
 
 
-
-
 @dataclass
 class LayerPlan:
     """What happens to one weight tensor."""
@@ -88,10 +86,6 @@ class Plan:
     @property
     def sparsity(self) -> float:
         return self.pruned / self.total if self.total else 0.0
-
-
-
-
 
 
 def pattern_mask(keys: np.ndarray, shape: Sequence[int], axis: int, n: int, m: int) -> np.ndarray:

@@ -418,7 +418,6 @@ def plan_channels(
     return plan
 
 
-
 def plan_channels_in_steps(
     model: ir.Model,
     graph: ChannelGraph,
@@ -446,6 +445,7 @@ def plan_channels_in_steps(
             scores = rescore(removed)
     assert plan is not None
     return plan
+
 
 def _accept(
     graph: ChannelGraph,
