@@ -29,6 +29,6 @@ def test_the_api_page_runs(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     scope: dict[str, object] = {}
     for block in blocks:
-        exec(compile(block, "docs/api.md", "exec"), scope)  # noqa: S102
+        exec(compile(block, "docs/api.md", "exec"), scope)
     assert (tmp_path / "digits.small.onnx").is_file()
     assert scope["report"].validation.reference.perplexity is not None  # type: ignore[attr-defined]

@@ -230,3 +230,11 @@ def test_sweep_that_picks_nothing_writes_nothing(model, data, tmp_path) -> None:
     assert not out.exists()
     lonely = invoke("sweep", model, "--data", data, "-o", out)
     assert lonely.exit_code == 2 and "budget" in lonely.stderr
+
+
+def test_two_four_runs_say_how_to_ask_tensorrt_for_sparse_kernels(model, tmp_path) -> None:
+    result = invoke(model, "--pattern", "2:4", "-o", tmp_path / "p.onnx")
+    assert result.exit_code == 0, result.output
+    assert "trt_sparsity_enable=1" in result.stdout
+    other = invoke(model, "--pattern", "1:4", "-o", tmp_path / "q.onnx")
+    assert "trt_sparsity_enable" not in other.stdout

@@ -138,6 +138,17 @@ debug_option = click.option(
 )
 
 
+def load_heavy() -> None:
+    """Import ONNX, onnx-ir, ONNX Runtime and numpy with signals held, once a command has checked
+    its arguments: a Ctrl-C inside an extension module's initialisation (nanobind) would abort
+    the process with a C++ message instead of the one line; held, it is raised right after."""
+    with writer.signals_deferred():
+        import numpy  # noqa: F401
+        import onnx  # noqa: F401
+        import onnx_ir  # noqa: F401
+        import onnxruntime  # noqa: F401
+
+
 class _CurrentStderr(logging.StreamHandler):
     """Writes to whatever sys.stderr is at the time (a test runner swaps it per command)."""
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from onnxprune.cli.app import debug_option, main, setup_logging, user_errors
+from onnxprune.cli.app import debug_option, load_heavy, main, setup_logging, user_errors
 from onnxprune.cli.flags import (
     calibration_options,
     calibration_settings,
@@ -164,6 +164,7 @@ def prune_command(
         or metric != "top1"
         or any(v is not None for v in gates.values())
     )
+    load_heavy()
     where = device_settings(device, providers, provider_options)
     validation = (
         Validation(data, batch_size, where, shapes, seed, metric=metric, **gates)
@@ -253,14 +254,15 @@ def inspect_command(
     With --structured: the channels per layer, the frozen channel groups and why, and (with
     --sparsity) how many channels each layer would keep.
     """
-    from onnxprune import pipeline, selection
-    from onnxprune.report import write_json
-
     setup_logging(False)
     options = Selection(
         sparsity or 0.0, method=method, min_keep=min_keep, include=include, exclude=exclude
     )
     channels = structured_settings(structured, target=target, round_to=round_to, heads=heads)
+    load_heavy()
+    from onnxprune import pipeline, selection
+    from onnxprune.report import write_json
+
     pipeline.check_outputs(pipeline.input_files(model), [(report_path, "the report")], force=force)
     if channels is not None:
         from onnxprune.report.weights import format_report

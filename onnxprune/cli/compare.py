@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from onnxprune.cli.app import debug_option, main, setup_logging, user_errors
+from onnxprune.cli.app import debug_option, load_heavy, main, setup_logging, user_errors
 from onnxprune.cli.flags import (
     calibration_mode_option,
     calibration_option,
@@ -63,6 +63,7 @@ def validate_command(
       onnxprune validate lm.onnx lm.pruned.onnx --data tokens.npz --metric perplexity
     """
     setup_logging(quiet)
+    load_heavy()
     options = Validation(
         data,
         batch_size,
@@ -238,6 +239,7 @@ def sweep_command(
     channels = structured_settings(
         structured, target=target, round_to=round_to, heads=heads, input_shapes=shapes
     )
+    load_heavy()
     where = device_settings(device, providers, provider_options)
     settings = calibration_settings(
         calibration, None, calibration_mode, None, True, batch_size, where
