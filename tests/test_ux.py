@@ -84,7 +84,7 @@ def test_plain_progress_lines_when_not_a_terminal(model, data, monkeypatch) -> N
 
 
 def test_a_bar_on_a_terminal(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(progress, "_terminal", lambda: True)
+    monkeypatch.setattr(progress, "stderr_is_terminal", lambda: True)
     monkeypatch.setattr(progress, "PROGRESS_AFTER_S", 0.0)
     logger = logging.getLogger("onnxprune")
     before = logger.level
@@ -103,8 +103,8 @@ def test_a_bar_on_a_terminal(monkeypatch, capsys) -> None:
 
 def test_sweep_steps_say_their_row(model, data) -> None:
     with progress.labelled("sparsegpt+calibration at 0.8"):
-        assert progress._title("calibrating") == "sparsegpt+calibration at 0.8: calibrating"
-    assert progress._title("calibrating") == "calibrating"
+        assert progress.titled("calibrating") == "sparsegpt+calibration at 0.8: calibrating"
+    assert progress.titled("calibrating") == "calibrating"
 
 
 def test_unknown_provider_is_one_line_naming_the_available(model, data) -> None:

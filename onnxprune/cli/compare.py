@@ -281,6 +281,7 @@ def sweep_command(
         "structured": channels,
         "metric": metric,
     }
+    picked = None
     if budget is None:
         result = _compare(model, sparsities, min_keep, settings, names, run)
         click.echo(report_sweep.format_sweep(result))
@@ -300,7 +301,7 @@ def sweep_command(
         if picked.best is not None:
             summary = _write_pick(model, picked, settings, run, budget, out, force) | summary
     _extras(result, markdown, plot, report_path, summary, force)
-    if budget is not None and picked.best is None:
+    if picked is not None and picked.best is None:
         from onnxprune.errors import ValidationFailed
 
         raise ValidationFailed("no sparsity tried stays within the budget; nothing was written")

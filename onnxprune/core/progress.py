@@ -41,7 +41,7 @@ def labelled(label: str) -> Iterator[None]:
         _label.reset(token)
 
 
-def _title(message: str) -> str:
+def titled(message: str) -> str:
     label = _label.get()
     return f"{label}: {message}" if label else message
 
@@ -58,7 +58,7 @@ def forget_notices() -> None:
     _said.clear()
 
 
-def _terminal() -> bool:
+def stderr_is_terminal() -> bool:
     stream = sys.stderr
     return bool(getattr(stream, "isatty", None)) and stream.isatty()
 
@@ -127,10 +127,10 @@ class Meter:
 def step(message: str, total: int | None = None) -> Iterator[Meter]:
     """Announce a slow step on the log (stderr in the CLI) and how long it took. With `total`
     (units of work), the `Meter` it yields draws a bar or writes periodic lines."""
-    title = _title(message)
+    title = titled(message)
     shown: Any = None
     if total and log.isEnabledFor(logging.INFO):
-        shown = _bar(title, total) if _terminal() else _Plain(title, total)
+        shown = _bar(title, total) if stderr_is_terminal() else _Plain(title, total)
     start = time.perf_counter()
     timer = None
     if shown is None or isinstance(shown, _Plain):
