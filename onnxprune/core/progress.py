@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 import sys
 import threading
 import time
@@ -94,13 +95,20 @@ def _bar(title: str, total: int) -> Any:
     """A tqdm bar redrawn in place on stderr, shown once the step takes PROGRESS_AFTER_S."""
     from tqdm import tqdm
 
+    try:  # a terminal that reports no size (some ptys) gets 80x24, not an empty or hidden bar
+        size = os.get_terminal_size(sys.stderr.fileno())
+        sized = size.columns > 0 and size.lines > 0
+    except (OSError, ValueError, AttributeError):
+        sized = False
     return tqdm(
         total=total,
         desc=f"onnxprune: {title}",
         file=sys.stderr,
         leave=False,
         delay=PROGRESS_AFTER_S,
-        dynamic_ncols=True,
+        dynamic_ncols=sized,
+        ncols=None if sized else 80,
+        nrows=None if sized else 24,
         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]",
     )
 
