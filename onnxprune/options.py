@@ -290,10 +290,12 @@ class Selection:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Samples to rank and repair from. `data`: an .npz path, a mapping of arrays, or an
-    iterable of input dicts; `criterion`: a registered importance (onnxprune.scoring: magnitude,
-    wanda, sparsegpt, or your own); `mode`: sequential re-measures layers on the model pruned so
-    far (accurate), one-pass measures the dense model once (fast); `samples`: use the first N;
+    """Samples to rank and repair from. `data`: an .npz path, a folder of .npz shards (read one
+    at a time), a mapping of arrays, or an iterable of input dicts (an onnxruntime.quantization
+    CalibrationDataReader too); `device`: auto, cuda, cpu or a `Device`; `criterion`: a
+    registered importance (onnxprune.scoring: magnitude, wanda, sparsegpt, or your own); `mode`:
+    sequential re-measures layers on the model pruned so far (accurate), one-pass measures the
+    dense model once (fast); `samples`: use the first N;
     `rounds`: sequential measurement rounds at most; `bias_correction`: fold each pruned layer's
     mean output shift into its bias; `damp`, `budget_bytes`, `compare`, `steps`: solver and
     ranking settings (see calibration/)."""

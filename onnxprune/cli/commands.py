@@ -12,6 +12,7 @@ from onnxprune.cli.app import debug_option, load_heavy, main, setup_logging, use
 from onnxprune.cli.flags import (
     calibration_options,
     calibration_settings,
+    check_providers,
     device_settings,
     force_option,
     gate_options,
@@ -164,13 +165,14 @@ def prune_command(
         or metric != "top1"
         or any(v is not None for v in gates.values())
     )
-    load_heavy()
     where = device_settings(device, providers, provider_options)
     validation = (
         Validation(data, batch_size, where, shapes, seed, metric=metric, **gates)
         if validating
         else None
     )
+    load_heavy()
+    check_providers(where)
     settings = calibration_settings(
         calibration,
         criterion,

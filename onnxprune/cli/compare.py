@@ -12,6 +12,7 @@ from onnxprune.cli.flags import (
     calibration_mode_option,
     calibration_option,
     calibration_settings,
+    check_providers,
     device_settings,
     force_option,
     gate_options,
@@ -63,7 +64,6 @@ def validate_command(
       onnxprune validate lm.onnx lm.pruned.onnx --data tokens.npz --metric perplexity
     """
     setup_logging(quiet)
-    load_heavy()
     options = Validation(
         data,
         batch_size,
@@ -76,6 +76,8 @@ def validate_command(
         metric=metric,
         max_perplexity_ratio=max_perplexity_ratio,
     )
+    load_heavy()
+    check_providers(options.device)
     from onnxprune import pipeline
     from onnxprune.report import write_json
     from onnxprune.report.validation import format_validation
@@ -239,8 +241,9 @@ def sweep_command(
     channels = structured_settings(
         structured, target=target, round_to=round_to, heads=heads, input_shapes=shapes
     )
-    load_heavy()
     where = device_settings(device, providers, provider_options)
+    load_heavy()
+    check_providers(where)
     settings = calibration_settings(
         calibration, None, calibration_mode, None, True, batch_size, where
     )

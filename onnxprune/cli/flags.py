@@ -304,13 +304,16 @@ def device_settings(device: str, providers: tuple[str, ...], options: tuple[str,
 
     if options and not providers:
         raise InvalidArgumentError("--provider-option needs --provider NAME")
-    settings = Device(device, providers, parse_provider_options(options, providers))
-    if providers:  # refused now, not when a session is first made (or never, without one)
+    return Device(device, providers, parse_provider_options(options, providers))
+
+
+def check_providers(settings: Any) -> None:
+    """Provider names refused now, not when a session is first made (or never, without one)."""
+    if settings.providers:
         from onnxprune.runtime import resolve_provider
 
-        for name in providers:
+        for name in settings.providers:
             resolve_provider(name)
-    return settings
 
 
 def structured_settings(
