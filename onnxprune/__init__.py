@@ -20,7 +20,9 @@ __version__ = "0.1.0"
 
 # Loaded on first use, so that `import onnxprune.launch` (the command's first step) is instant.
 _EXPORTS = {
+    "Budget": "onnxprune.options",
     "Calibration": "onnxprune.options",
+    "Device": "onnxprune.options",
     "MinKeep": "onnxprune.options",
     "OnnxPruneError": "onnxprune.errors",
     "Plan": "onnxprune.selection",

@@ -5,6 +5,7 @@
     Structured   whole channels instead of weights: what --sparsity counts, rounding, heads
     Save         how the output is written: external data, sparse storage, the checker
     Validation   what to compare the pruned model on, and the gates that fail a run
+    Device       where ONNX Runtime runs: auto, cuda, cpu, or execution providers by name
 
 The command line builds them in one place (cli/) and `pipeline.prune` takes them; a value that
 cannot work raises `InvalidArgumentError` here, before any model is read. This module imports no
@@ -17,12 +18,16 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from onnxprune.errors import InvalidArgumentError
 
 METHODS = ("global", "uniform")
+DEVICES = ("auto", "cuda", "cpu")
+# What validation compares besides the outputs: top-1 (accuracy with labels, agreement) or the
+# perplexity of a causal language model's next-token predictions.
+METRICS = ("top1", "perplexity")
 TARGETS = ("params", "macs")
 MODES = ("one-pass", "sequential")
 # How calibrated layers' scores meet in the global ranking: row (each output's share of its
@@ -36,6 +41,7 @@ GATE_RANGES = {
     "max_accuracy_drop": ("--max-accuracy-drop", 0.0, 1.0),
     "min_agreement": ("--min-agreement", 0.0, 1.0),
     "min_cosine": ("--min-cosine", -1.0, 1.0),
+    "max_perplexity_ratio": ("--max-perplexity-ratio", 1.0, math.inf),
 }
 
 
@@ -141,6 +147,129 @@ class MinKeep:
         return text if "." in text or "e" in text else f"{100 * self.fraction:g}%"
 
 
+def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
+    """['x=1x3x224x224'] -> {'x': (1, 3, 224, 224)}; one entry may name several inputs,
+    'ids=1x128,mask=1x128', and 'x=' is a scalar (0-d)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in (part.strip() for entry in specs or () for part in entry.split(",")):
+        if not spec:
+            continue
+        name, sep, dims = spec.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shape = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
+            if any(d < 0 for d in shape):
+                raise ValueError
+        except ValueError:
+            raise InvalidArgumentError(
+                f"--input-shape {spec!r}: write NAME=DIMS, e.g. input=1x3x224x224 (several: "
+                "input_ids=1x128,attention_mask=1x128)"
+            ) from None
+        if 0 in shape:
+            raise InvalidArgumentError(
+                f"--input-shape {spec!r}: a dimension of 0 makes an empty input; every size must "
+                "be at least 1"
+            )
+        shapes[name] = shape
+    return shapes
+
+
+def parse_batch_axes(specs: Sequence[str] | None) -> dict[str, int]:
+    """['state=1'] -> {'state': 1}; one entry may name several inputs, 'a=1,b=0'."""
+    axes: dict[str, int] = {}
+    for spec in (part.strip() for entry in specs or () for part in entry.split(",")):
+        if not spec:
+            continue
+        name, sep, axis = spec.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            axes[name] = int(axis)
+            if axes[name] < 0:
+                raise ValueError
+        except ValueError:
+            raise InvalidArgumentError(
+                f"--batch-axis {spec!r}: write NAME=AXIS, e.g. state=1 (the axis of input "
+                "'state' that holds the samples)"
+            ) from None
+    return axes
+
+
+def check_batch_size(batch_size: int | None) -> None:
+    """--batch-size must be a positive count (a huge one is cut to the samples there are)."""
+    if batch_size is not None and batch_size < 1:
+        raise InvalidArgumentError(f"--batch-size {batch_size}: must be at least 1")
+
+
+def parse_provider_options(
+    specs: Sequence[str], providers: Sequence[str]
+) -> dict[str, dict[str, str]]:
+    """--provider-option entries, 'NAME:KEY=VALUE' or 'KEY=VALUE' (for the first --provider),
+    grouped by provider: {'TensorRT': {'trt_sparsity_enable': '1'}}."""
+    grouped: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        head, sep, value = spec.partition("=")
+        name, colon, key = head.rpartition(":")
+        if not sep or not key.strip():
+            raise InvalidArgumentError(
+                f"--provider-option {spec!r}: write KEY=VALUE or PROVIDER:KEY=VALUE, e.g. "
+                "TensorRT:trt_sparsity_enable=1"
+            )
+        if not colon:
+            if not providers:
+                raise InvalidArgumentError(
+                    f"--provider-option {spec!r}: name the provider it is for with --provider"
+                )
+            name = providers[0]
+        grouped.setdefault(name.strip(), {})[key.strip()] = value.strip()
+    return grouped
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where ONNX Runtime runs validation and calibration. `name`: auto (CUDA when it can run,
+    else the CPU, saying why), cuda or cpu; or `providers`, execution providers by name in
+    priority order (TensorRT, OpenVINO, DirectML, CoreML, CUDA, CPU; the short or the full name),
+    checked against the installed ONNX Runtime when a session is made, with `options` per
+    provider ({"TensorRT": {"trt_sparsity_enable": "1"}}). A plain string means `Device(name)`."""
+
+    name: str = "auto"
+    providers: tuple[str, ...] = ()
+    options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in DEVICES:
+            raise InvalidArgumentError(
+                f"--device {self.name!r}: choose one of {', '.join(DEVICES)}"
+            )
+        object.__setattr__(self, "providers", tuple(self.providers))
+        if self.providers and self.name != "auto":
+            raise InvalidArgumentError(
+                f"--device {self.name} and --provider exclude each other: list the providers in "
+                "the order to try them (--provider CUDA --provider CPU)"
+            )
+        wanted = {p.lower().removesuffix("executionprovider") for p in self.providers}
+        for name, settings in self.options.items():
+            if name.lower().removesuffix("executionprovider") not in wanted:
+                raise InvalidArgumentError(
+                    f"--provider-option {name}:...: {name} is not among the --provider values"
+                )
+            for key, value in settings.items():
+                if not isinstance(key, str) or not isinstance(value, str):
+                    raise InvalidArgumentError(
+                        f"provider option {key!r}={value!r} of {name}: keys and values are strings"
+                    )
+
+    @classmethod
+    def of(cls, device: str | Device) -> Device:
+        """A `Device` from the shorthand the API takes (a name, or a Device)."""
+        return device if isinstance(device, Device) else cls(device)
+
+    def __str__(self) -> str:
+        return ",".join(self.providers) if self.providers else self.name
+
+
 @dataclass(frozen=True)
 class Selection:
     """What to prune. `sparsity`: the share of prunable weights (or, structured, of the target
@@ -182,10 +311,12 @@ class Selection:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Samples to rank and repair from. `data`: an .npz path, a mapping of arrays, or an
-    iterable of input dicts; `criterion`: a registered importance (onnxprune.scoring: magnitude,
-    wanda, sparsegpt, or your own); `mode`: sequential re-measures layers on the model pruned so
-    far (accurate), one-pass measures the dense model once (fast); `samples`: use the first N;
+    """Samples to rank and repair from. `data`: an .npz path, a folder of .npz shards (read one
+    at a time), a mapping of arrays, or an iterable of input dicts (an onnxruntime.quantization
+    CalibrationDataReader too); `device`: auto, cuda, cpu or a `Device`; `criterion`: a
+    registered importance (onnxprune.scoring: magnitude, wanda, sparsegpt, or your own); `mode`:
+    sequential re-measures layers on the model pruned so far (accurate), one-pass measures the
+    dense model once (fast); `samples`: use the first N;
     `rounds`: sequential measurement rounds at most; `bias_correction`: fold each pruned layer's
     mean output shift into its bias; `damp`, `budget_bytes`, `compare`, `steps`: solver and
     ranking settings (see calibration/)."""
@@ -195,7 +326,7 @@ class Calibration:
     mode: str = "sequential"
     samples: int | None = None
     batch_size: int | None = None
-    device: str = "auto"
+    device: str | Device = "auto"
     bias_correction: bool = True
     damp: float = 0.01
     budget_bytes: int = DEFAULT_BUDGET_BYTES
@@ -229,6 +360,7 @@ class Calibration:
         if not (math.isfinite(self.damp) and self.damp > 0):
             raise InvalidArgumentError(f"damp {self.damp!r}: must be a positive number")
         check_batch_axes(self.batch_axes)
+        object.__setattr__(self, "device", Device.of(self.device))
 
 
 @dataclass(frozen=True)
@@ -293,15 +425,23 @@ def check_gate_values(**gates: float | None) -> None:
             raise InvalidArgumentError(f"{flag} {value}: must be a number in [{low:g}, {high:g}]")
 
 
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise InvalidArgumentError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
+
+
 @dataclass(frozen=True)
 class Validation:
     """What the pruned model is compared on, against the original, and the gates that fail the
-    run (exit 1). `data`: an .npz of inputs (with optional 'labels'), else inputs are generated
-    (`input_shapes`, `seed`); `device`: auto, cuda or cpu."""
+    run (exit 1). `data`: an .npz of inputs (with optional 'labels'), a folder of .npz shards, a
+    mapping of arrays or an iterable of input dicts; else inputs are generated (`input_shapes`,
+    `seed`); `device`: auto, cuda, cpu or a `Device` naming execution providers; `metric`:
+    "perplexity" also scores a causal language model's next-token predictions (logits against
+    `input_ids`, padding per `attention_mask` left out), gated by `max_perplexity_ratio`."""
 
-    data: str | os.PathLike | Mapping[str, Any] | None = None
+    data: str | os.PathLike | Mapping[str, Any] | Iterable[Any] | None = None
     batch_size: int | None = None
-    device: str = "auto"
+    device: str | Device = "auto"
     input_shapes: dict[str, tuple[int, ...]] | None = None
     seed: int = 0
     max_accuracy_drop: float | None = None
@@ -311,12 +451,18 @@ class Validation:
     # input -> the axis its samples are stacked on, where the model's symbolic dims do not say
     # (inputs.batch_axes_of); --batch-axis NAME=K
     batch_axes: Mapping[str, int] | None = None
+    metric: str = "top1"
+    max_perplexity_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
             raise InvalidArgumentError(f"--batch-size {self.batch_size}: must be at least 1")
+        check_metric(self.metric)
         check_gate_values(**self.gates)
         check_batch_axes(self.batch_axes)
+        if self.max_perplexity_ratio is not None and self.metric != "perplexity":
+            raise InvalidArgumentError("--max-perplexity-ratio needs --metric perplexity")
+        object.__setattr__(self, "device", Device.of(self.device))
 
     @property
     def gates(self) -> dict[str, float | None]:
@@ -324,4 +470,39 @@ class Validation:
             "max_accuracy_drop": self.max_accuracy_drop,
             "min_agreement": self.min_agreement,
             "min_cosine": self.min_cosine,
+            "max_perplexity_ratio": self.max_perplexity_ratio,
         }
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a sweep that picks (`sweep.pick`) may lose against the dense model: the highest
+    sparsity whose model stays within every limit given wins. At least one limit is needed."""
+
+    max_accuracy_drop: float | None = None
+    min_agreement: float | None = None
+    min_cosine: float | None = None
+    max_perplexity_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        check_gate_values(**self.limits)
+        if all(v is None for v in self.limits.values()):
+            raise InvalidArgumentError(
+                "a sweep that picks needs a budget: --max-accuracy-drop, --min-agreement, "
+                "--min-cosine or --max-perplexity-ratio"
+            )
+
+    @property
+    def limits(self) -> dict[str, float | None]:
+        return {
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "min_agreement": self.min_agreement,
+            "min_cosine": self.min_cosine,
+            "max_perplexity_ratio": self.max_perplexity_ratio,
+        }
+
+    def check(self, metric: str) -> None:
+        """The limits measurable under `metric`."""
+        check_metric(metric)
+        if self.max_perplexity_ratio is not None and metric != "perplexity":
+            raise InvalidArgumentError("--max-perplexity-ratio needs --metric perplexity")

@@ -26,6 +26,8 @@ from onnxprune.calibration import CalibrationSummary, capture
 from onnxprune.core.graphs import copy_model, dynamic_dims
 from onnxprune.core.progress import step
 from onnxprune.errors import DataError, InvalidArgumentError, ValidationFailed
+from onnxprune.inputs.readers import sample_files
+from onnxprune.inputs.spec import check_shape_names
 from onnxprune.options import (
     Calibration,
     Save,
@@ -39,6 +41,11 @@ from onnxprune.rewrite import RemoveChannelsPass, ZeroWeightsPass
 from onnxprune.scoring import importance as importances
 from onnxprune.scoring.magnitude import MagnitudeStats, magnitude_hazard, magnitude_stats
 from onnxprune.storage import io, sparse, writer
+
+
+def model_inputs(model: ir.Model) -> list[str]:
+    """The inputs a run feeds (initializers listed as inputs are not among them)."""
+    return [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
 
 
 def default_output(path: str | os.PathLike) -> Path:
@@ -123,6 +130,7 @@ def prune_channels(
         raise InvalidArgumentError("--structured ranks channels globally; leave out --method")
     includes = compile_patterns(options.include, "--include")
     excludes = compile_patterns(options.exclude, "--exclude")
+    check_shape_names(settings.input_shapes, model_inputs(model))
     with step("tracing channels"):
         # what the report accounts for is named as the input names it, before preparation
         found = weights.find_weights(model)
@@ -192,8 +200,10 @@ def _calibrated_channels(
     importance = importances.get(options.criterion)
     found, unsolved = consumers(graph, weights.find_weights(model).weights)
     stats, samples, runtime, summary = capture.measure(model, [c.weight for c in found], options)
-    with step("scoring channels"):
-        scores, unmeasured = channel_importance(graph, found, stats, importance, options.damp)
+    with step("scoring channels", total=len(found)) as meter:
+        scores, unmeasured = channel_importance(
+            graph, found, stats, importance, options.damp, advance=meter.advance
+        )
     if unmeasured:
         summary.notices.append(
             f"{unmeasured} channel(s) are read by no measured layer (attention's Q and K, say): "
@@ -201,10 +211,12 @@ def _calibrated_channels(
         )
     steps = selection_steps(importance, options.mode, options.steps, found, stats)
 
-    def rescore(removed):  # what removing one more class costs once these are gone
-        return channel_importance(graph, found, stats, importance, options.damp, removed)[0]
+    with step(f"ranking channels in {steps} step(s)", total=steps) as meter:
 
-    with step(f"ranking channels in {steps} step(s)"):
+        def rescore(removed):  # what removing one more class costs once these are gone
+            meter.advance()
+            return channel_importance(graph, found, stats, importance, options.damp, removed)[0]
+
         plan = plan_channels_in_steps(model, graph, sparsity, scores, rescore, steps, **select)
     left = [(w.name, why) for w, ids, why in unsolved if plan.removed[ids].any()]
     if left:
@@ -291,7 +303,10 @@ def input_files(
         for path, what in io.input_files(model).items():
             files.setdefault(path, what if len(given) == 1 else f"{what} {model}")
     for path, what in ((data, "the --data file"), (calibration, "the --calibration file")):
-        if isinstance(path, str | os.PathLike):
+        if isinstance(path, str | os.PathLike) and Path(path).is_dir():
+            for shard in sample_files(path):
+                files[shard] = f"a shard of {what.removesuffix(' file')}"
+        elif isinstance(path, str | os.PathLike):
             files[Path(path)] = what
     return files
 
@@ -360,6 +375,8 @@ def prune(
         with step(f"loading {input_path}"):
             model = io.load_model(input_path)
     assert isinstance(model, ir.Model)
+    if validation is not None:
+        check_shape_names(validation.input_shapes, model_inputs(model))
     if save.sparse_storage and output is not None:
         sparse.check_possible(model)  # before any work
     pruner = PrunePass(options, settings, calibration)
@@ -450,6 +467,7 @@ def _preflight(model: Path, calibration: Calibration | None, validation: Validat
         batch_size=(validation or calibration).batch_size,  # type: ignore[union-attr]
         input_shapes=None if validation is None else validation.input_shapes,
         batch_axes=axes,
+        metric="top1" if validation is None else validation.metric,
         **({} if validation is None else validation.gates),
     )
 
@@ -500,6 +518,7 @@ def _validate(result: Report, options: Validation, candidate: object) -> None:
             seed=options.seed,
             latency=options.latency,
             batch_axes=dict(options.batch_axes or {}),
+            metric=options.metric,
         )
     except DataError as exc:
         said = str(exc) if path is None else str(exc).replace(str(path), str(result.output_path))

@@ -1,5 +1,6 @@
 """The ONNX Runtime sessions that calibration and validation share: CUDA when it can really run,
-else the CPU, and the reason when it cannot.
+else the CPU, and the reason when it cannot; or the execution providers the user names
+(TensorRT, OpenVINO, DirectML, CoreML...), checked against what this ONNX Runtime has.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from pathlib import Path
 import onnxruntime as ort
 
 from onnxprune.errors import DeviceError, InvalidArgumentError, ModelLoadError
+from onnxprune.options import DEVICES, Device
 from onnxprune.storage import writer
 
-DEVICES = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # Ops that do the arithmetic of a model: with --device cuda none may run on the CPU. Everything
@@ -120,32 +121,52 @@ class Placement:
     """Which execution provider runs each node of a session's (optimised) graph."""
 
     nodes: dict[str, list[tuple[str, str]]]  # provider -> [(op type, node name)]
+    primary: str = CUDA  # the provider asked for first
+
+    @property
+    def primary_name(self) -> str:
+        return short_name(self.primary)
 
     def counts(self) -> dict[str, int]:
         return {provider: len(nodes) for provider, nodes in self.nodes.items()}
 
+    def off_primary(self) -> list[str]:
+        """Op types that run on another provider than the first one asked for."""
+        return sorted(
+            {op for p, nodes in self.nodes.items() if p != self.primary for op, _ in nodes}
+        )
+
     def fallen(self) -> list[tuple[str, str]]:
-        """Compute nodes (COMPUTE_OPS) that a CUDA session left on another provider."""
+        """Compute nodes (COMPUTE_OPS) that the session left off its first provider."""
         return [
             node
             for provider, nodes in self.nodes.items()
-            if provider != CUDA
+            if provider != self.primary
             for node in nodes
             if node[0] in COMPUTE_OPS
         ]
 
     def summary(self) -> str:
-        """One line: nodes per provider; what runs off CUDA, by op type."""
-        parts = [f"{p.removesuffix('ExecutionProvider')} {n}" for p, n in self.counts().items()]
-        off = sorted({op for p, nodes in self.nodes.items() if p != CUDA for op, _ in nodes})
-        extra = f" (off CUDA: {', '.join(off[:8])}{' ...' if len(off) > 8 else ''})" if off else ""
+        """One line: nodes per provider; what runs off the first provider, by op type."""
+        parts = [f"{short_name(p)} {n}" for p, n in self.counts().items()]
+        off = self.off_primary()
+        more = " ..." if len(off) > 8 else ""
+        extra = f" (off {self.primary_name}: {', '.join(off[:8])}{more})" if off else ""
         return f"nodes per provider: {', '.join(parts)}{extra}"
 
     def to_dict(self) -> dict[str, object]:
+        compute = [f"{op} {name}" for op, name in self.fallen()]
+        if self.primary == CUDA:  # the keys reports had before other providers could be asked for
+            return {
+                "counts": self.counts(),
+                "off_cuda": self.off_primary(),
+                "compute_off_cuda": compute,
+            }
         return {
             "counts": self.counts(),
-            "off_cuda": sorted({op for p, ns in self.nodes.items() if p != CUDA for op, _ in ns}),
-            "compute_off_cuda": [f"{op} {name}" for op, name in self.fallen()],
+            "primary": self.primary,
+            "off_primary": self.off_primary(),
+            "compute_off_primary": compute,
         }
 
 
@@ -185,33 +206,89 @@ def parse_placement(log: str) -> Placement | None:
     return Placement(nodes) if nodes else None
 
 
-def placement_of(source: str | bytes, providers: tuple[str, ...]) -> Placement | None:
+def short_name(provider: str) -> str:
+    """CUDAExecutionProvider -> CUDA: how messages and tables name a provider."""
+    return provider.removesuffix("ExecutionProvider")
+
+
+def placement_of(
+    source: str | bytes, providers: tuple[str, ...], options: tuple[dict, ...] | None = None
+) -> Placement | None:
     """Where ONNX Runtime places every node, read from its verbose log of a session made for
     that alone (the sessions that measure never log verbosely: it would slow their runs)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 0
-    options.log_verbosity_level = 0
+    settings = ort.SessionOptions()
+    settings.log_severity_level = 0
+    settings.log_verbosity_level = 0
     with tempfile.TemporaryFile(mode="w+b") as log:
         with _stderr_to(log.fileno()):
             try:
-                ort.InferenceSession(source, options, providers=list(providers))
+                with contextlib.redirect_stdout(_io.StringIO()):
+                    ort.InferenceSession(source, settings, **_provider_args(providers, options))
             except Exception:
                 return None
         log.seek(0)
-        return parse_placement(log.read().decode(errors="replace"))
+        placed = parse_placement(log.read().decode(errors="replace"))
+    if placed is None or not providers:
+        return placed
+    return Placement(placed.nodes, providers[0])
+
+
+def _provider_args(providers: tuple[str, ...], options: tuple[dict, ...] | None) -> dict:
+    """InferenceSession's keyword arguments for a provider list and its options."""
+    if options is None or not any(options):
+        return {"providers": list(providers)}
+    return {"providers": list(providers), "provider_options": [dict(o) for o in options]}
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """Which providers sessions get, and why CUDA is not among them when it is not."""
+    """Which providers sessions get (with their options), and why CUDA is not among them when it
+    is not. `device` is auto, cuda or cpu, or "providers" for a list the user named."""
 
     device: str
     providers: tuple[str, ...]
     note: str | None = None
+    options: tuple[dict, ...] | None = None  # one dict per provider, where any was given
+
+    @property
+    def placed(self) -> bool:
+        """Whether sessions read where ONNX Runtime puts the nodes: off the CPU only."""
+        return self.providers[0] != CPU if self.device == "providers" else CUDA in self.providers
 
 
-def select_runtime(device: str = "auto") -> Runtime:
-    """auto: CUDA if it can run, else CPU with the reason; cuda: CUDA or a DeviceError."""
+def resolve_provider(name: str, available: list[str] | None = None) -> str:
+    """A provider's full name from what a user writes (TensorRT, tensorrt, DmlExecutionProvider);
+    one that this ONNX Runtime does not have is refused, naming those it has."""
+    have = ort.get_available_providers() if available is None else available
+    wanted = name.strip().lower().removesuffix("executionprovider")
+    for full in have:
+        if full.lower().removesuffix("executionprovider") == wanted:
+            return full
+    listed = ", ".join(short_name(p) for p in have)
+    raise InvalidArgumentError(
+        f"--provider {name}: this ONNX Runtime ({ort.__version__}) has no such execution provider "
+        f"(available: {listed})"
+    )
+
+
+def _named_runtime(device: Device) -> Runtime:
+    """The providers the user named, in their order, with the CPU last for what they cannot run."""
+    names = [resolve_provider(p) for p in device.providers]
+    given = {resolve_provider(p): dict(o) for p, o in device.options.items()}
+    providers = tuple(dict.fromkeys([*names, CPU]))
+    options = tuple(given.get(p, {}) for p in providers)
+    if CUDA in providers and cuda_problem():
+        raise DeviceError(f"--provider CUDA: {cuda_problem()}")
+    return Runtime("providers", providers, None, options if any(options) else None)
+
+
+def select_runtime(device: str | Device = "auto") -> Runtime:
+    """auto: CUDA if it can run, else CPU with the reason; cuda: CUDA or a DeviceError; a
+    `Device` naming providers: those, checked against this ONNX Runtime."""
+    if isinstance(device, Device):
+        if device.providers:
+            return _named_runtime(device)
+        device = device.name
     if device not in DEVICES:
         raise InvalidArgumentError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
     if device == "cpu":
@@ -250,11 +327,14 @@ def open_session(
     options.log_severity_level = 3
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    said = _io.StringIO()  # ONNX Runtime prints a provider that failed to start, then falls back
     try:
         alias = writer.utf8_alias(source) if isinstance(source, str) else contextlib.nullcontext()
-        with alias as readable:
+        with alias as readable, contextlib.redirect_stdout(said):
             model = source if readable is None else str(readable)
-            session = ort.InferenceSession(model, options, providers=list(runtime.providers))
+            session = ort.InferenceSession(
+                model, options, **_provider_args(runtime.providers, runtime.options)
+            )
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if runtime.device == "cuda":
@@ -263,13 +343,33 @@ def open_session(
                 "--device auto lets the CPU run the nodes CUDA has no kernel for"
             ) from None
         raise ModelLoadError(f"{path}: ONNX Runtime cannot load it ({reason})") from None
-    if CUDA in runtime.providers:
-        if session.get_providers()[0] != CUDA:
-            raise DeviceError(f"--device cuda: the session for {path} did not start on CUDA")
-        placed = placement_of(source, runtime.providers)
+    if runtime.device == "providers":
+        _check_started(session, runtime, str(path), said.getvalue())
+    elif CUDA in runtime.providers and session.get_providers()[0] != CUDA:
+        raise DeviceError(f"--device cuda: the session for {path} did not start on CUDA")
+    if runtime.placed:
+        placed = (
+            placement_of(source, runtime.providers, runtime.options)
+            if runtime.options
+            else placement_of(source, runtime.providers)
+        )
         session.onnxprune_placement = placed  # type: ignore[attr-defined]
         check_placement(placed, runtime, str(path))
     return session
+
+
+def _check_started(session: ort.InferenceSession, runtime: Runtime, what: str, said: str) -> None:
+    """Every provider the user named runs in the session: ONNX Runtime drops one that fails to
+    start (its libraries missing, an option it refuses) and says so on stdout only."""
+    running = set(session.get_providers())
+    for provider in runtime.providers:
+        if provider not in running:
+            why = next((line for line in said.splitlines() if "EP Error" in line), "")
+            reason = f" ({why.removeprefix('EP Error').strip()[:300]})" if why else ""
+            raise DeviceError(
+                f"--provider {short_name(provider)}: ONNX Runtime could not start it for "
+                f"{what}{reason}; check its libraries and options, or leave it out"
+            )
 
 
 def check_placement(placed: Placement | None, runtime: Runtime, what: str) -> None:

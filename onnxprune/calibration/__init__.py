@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from onnxprune import inputs as _inputs
 from onnxprune.errors import DataError
+from onnxprune.inputs.readers import read_samples
 from onnxprune.options import DEFAULT_CALIBRATION_BATCH, Calibration
 
 
@@ -67,22 +68,14 @@ def model_input_specs(
 
 
 def load_samples(model: ir.Model, options: Calibration) -> _inputs.Inputs:
-    """The calibration samples, checked against the model's inputs and batched; labels ignored."""
-    if isinstance(options.data, Mapping):
-        arrays, source = dict(options.data), "calibration data"
-    else:
-        arrays = _inputs.load_npz(options.data, "--calibration")
-        source = f"--calibration {options.data}"
-    arrays.pop(_inputs.LABELS, None)
-    specs = model_input_specs(model, options.batch_axes)
-    if options.samples is not None:
-        axes = {s.name: s.batch_axis for s in specs}
-        arrays = {
-            k: _inputs.take_rows(v, axes.get(k, 0), 0, options.samples) for k, v in arrays.items()
-        }
-    return _inputs.from_arrays(
-        arrays,
-        specs,
+    """The calibration samples (an .npz, a folder of shards, arrays, or an iterable of input
+    dicts: inputs.readers), checked against the model's inputs and batched on their batch axes;
+    labels ignored."""
+    return read_samples(
+        options.data,
+        model_input_specs(model, options.batch_axes),
         batch_size=options.batch_size or DEFAULT_CALIBRATION_BATCH,
-        source=source,
+        option="--calibration",
+        labels=False,
+        limit=options.samples,
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +24,7 @@ import onnx_ir as ir
 from onnxprune.calibration import CalibrationSummary, load_samples
 from onnxprune.calibration.solvers import inverse_factor
 from onnxprune.core.graphs import values_by_name
-from onnxprune.core.progress import step
+from onnxprune.core.progress import Meter, notice_once, step
 from onnxprune.errors import DataError
 from onnxprune.inputs import Inputs, fit_empty
 from onnxprune.ops import Design, design_of
@@ -311,13 +311,14 @@ def collect(
     budget_bytes: int,
     dense: ir.Model | None = None,
     aliases: dict[str, str] | None = None,
-    progress: Callable[[str], None] | None = None,
+    meter: Meter | None = None,
 ) -> Statistics:
     """Run `model` over every batch of `data` and sum each weight's statistics.
 
     With `dense`, the same samples also run through the dense model, and each layer's sums pair
     its input in `model` with its input in `dense` (sequential calibration); tensors are matched
     by name, through `aliases` (new name -> dense name) where a rewrite inserted a node.
+    `meter` advances once per batch run (and grows when the sums take several passes).
     """
     stats = Statistics(samples=data.samples)
     stats.designs, stats.missing = plan_designs(model, weights)
@@ -333,11 +334,11 @@ def collect(
     passes = split_passes(sizes, budget_bytes)
     sums: dict[Key, LayerStats] = {}
     dense_values = values_by_name(dense) if dense is not None else {}
-    for number, chosen in enumerate(passes):
+    if meter is not None:
+        meter.grow((len(passes) - 1) * len(data.batches))
+    for chosen in passes:
         pass_keys = [order[i] for i in chosen]
         values = [keys[k].activation for k in pass_keys]
-        if progress is not None and len(passes) > 1:
-            progress(f"calibration pass {number + 1} of {len(passes)} ({len(values)} layers)")
         runner = Runner(model, values, runtime, "the calibration copy")
         stats.providers = runner.providers or stats.providers
         dense_runner = None
@@ -362,6 +363,8 @@ def collect(
                     continue
                 for chunk, dense_chunk in _paired_chunks(design, found[name], target[dense_name]):
                     partial[k].add(chunk, dense_chunk)
+            if meter is not None:
+                meter.advance()
         sums.update(partial)
     stats.passes = len(passes)
     for name, designs in stats.designs.items():
@@ -430,9 +433,13 @@ def measure(
     """The first pass both calibrated modes start with: the samples loaded and checked, the
     runtime chosen, every weight's statistics on the dense model, and the summary begun."""
     runtime = select_runtime(options.device)
+    if runtime.note:
+        notice_once(runtime.note)
     samples = load_samples(model, options)
-    with step(f"calibrating on {samples.samples} samples"):
-        stats = collect(model, weights, samples, runtime, budget_bytes=options.budget_bytes)
+    with step(f"calibrating on {samples.samples} samples", total=len(samples.batches)) as meter:
+        stats = collect(
+            model, weights, samples, runtime, budget_bytes=options.budget_bytes, meter=meter
+        )
     summary = CalibrationSummary(
         criterion=options.criterion,
         mode=options.mode,
@@ -442,6 +449,4 @@ def measure(
         notices=list(samples.notices),
         passes=stats.passes,
     )
-    if runtime.note:
-        summary.notices.append(runtime.note)
     return stats, samples, runtime, summary

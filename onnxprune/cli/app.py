@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from onnxprune import __version__
+from onnxprune.core.progress import forget_notices
 from onnxprune.errors import OnnxPruneError
 from onnxprune.storage import writer
 
@@ -76,6 +77,7 @@ class DefaultCommandGroup(click.Group):
         extra.pop("standalone_mode", None)
         argv = list(sys.argv[1:] if args is None else args)
         writer.forget_written()
+        forget_notices()
         try:
             with warnings.catch_warnings():
                 if not _debugging(argv):
@@ -142,10 +144,33 @@ debug_option = click.option(
 )
 
 
+def load_heavy() -> None:
+    """Import ONNX, onnx-ir, ONNX Runtime and numpy with signals held, once a command has checked
+    its arguments: a Ctrl-C inside an extension module's initialisation (nanobind) would abort
+    the process with a C++ message instead of the one line; held, it is raised right after."""
+    with writer.signals_deferred():
+        import numpy  # noqa: F401
+        import onnx  # noqa: F401
+        import onnx_ir  # noqa: F401
+        import onnxruntime  # noqa: F401
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test runner swaps it per command)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        del value
+
+
 def setup_logging(quiet: bool) -> None:
     logger = logging.getLogger("onnxprune")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("onnxprune: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)

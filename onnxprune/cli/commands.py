@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import click
 
-from onnxprune import pipeline, selection
-from onnxprune.cli.app import debug_option, main, setup_logging, user_errors
+from onnxprune.cli.app import debug_option, load_heavy, main, setup_logging, user_errors
 from onnxprune.cli.flags import (
     calibration_options,
     calibration_settings,
+    check_providers,
+    device_settings,
+    force_option,
     gate_options,
+    metric_option,
+    report_option,
     run_options,
     selection_options,
     structured_options,
@@ -20,34 +25,16 @@ from onnxprune.cli.flags import (
     with_options,
 )
 from onnxprune.errors import ValidationFailed
-from onnxprune.options import MinKeep
-from onnxprune.report import write_json
-from onnxprune.storage import writer
+from onnxprune.options import (
+    Save,
+    Selection,
+    Validation,
+    check_batch_size,
+    parse_batch_axes,
+    parse_input_shapes,
+)
 
-
-def _run_validation(
-    reference: str,
-    candidate: str,
-    *,
-    data: str | None,
-    batch_size: int | None,
-    device: str,
-    input_shape: tuple[str, ...],
-    seed: int,
-    batch_axis: tuple[str, ...] = (),
-) -> Any:
-    from onnxprune import inputs, validate
-
-    return validate.validate(
-        reference,
-        candidate,
-        data=data,
-        batch_size=batch_size,
-        device=device,
-        input_shapes=inputs.parse_input_shapes(input_shape),
-        seed=seed,
-        batch_axes=inputs.parse_batch_axes(batch_axis),
-    )
+log = logging.getLogger("onnxprune")
 
 
 @main.command("prune")
@@ -76,14 +63,8 @@ def _run_validation(
     type=click.Path(path_type=str),
     help="Output model (default: MODEL.pruned.onnx beside the input).",
 )
-@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
-@click.option(
-    "--report",
-    "report_path",
-    default=None,
-    type=click.Path(path_type=str),
-    help="Write the report as JSON to this file.",
-)
+@click.option("--force", is_flag=True, help="Overwrite the output (and report) if it exists.")
+@report_option("the report")
 @click.option(
     "--external-data/--no-external-data",
     "external_data",
@@ -112,6 +93,7 @@ def _run_validation(
 )
 @with_options(run_options)
 @with_options(gate_options)
+@metric_option
 @click.option("-q", "--quiet", is_flag=True, help="Print no table, only errors and warnings.")
 @debug_option
 @user_errors
@@ -143,12 +125,16 @@ def prune_command(
     data: str | None,
     batch_size: int | None,
     device: str,
+    providers: tuple[str, ...],
+    provider_options: tuple[str, ...],
     input_shape: tuple[str, ...],
     batch_axis: tuple[str, ...],
     seed: int,
     max_accuracy_drop: float | None,
     min_agreement: float | None,
     min_cosine: float | None,
+    max_perplexity_ratio: float | None,
+    metric: str,
     quiet: bool,
 ) -> None:
     """Prune MODEL and write the pruned copy; the input is never modified."""
@@ -157,9 +143,6 @@ def prune_command(
         raise click.UsageError("give --sparsity (e.g. --sparsity 0.9) or --pattern (e.g. 2:4)")
     if sparsity is not None and pattern is not None:
         raise click.UsageError("--sparsity and --pattern exclude each other")
-    from onnxprune.inputs import check_batch_size, parse_batch_axes, parse_input_shapes
-    from onnxprune.options import Save, Selection, Validation
-
     check_batch_size(batch_size)
     shapes = parse_input_shapes(input_shape)
     axes = parse_batch_axes(batch_axis)
@@ -183,13 +166,24 @@ def prune_command(
         "max_accuracy_drop": max_accuracy_drop,
         "min_agreement": min_agreement,
         "min_cosine": min_cosine,
+        "max_perplexity_ratio": max_perplexity_ratio,
     }
-    validating = validate_ or data is not None or any(v is not None for v in gates.values())
+    validating = (
+        validate_
+        or data is not None
+        or metric != "top1"
+        or any(v is not None for v in gates.values())
+    )
+    where = device_settings(device, providers, provider_options)
     validation = (
-        Validation(data, batch_size, device, shapes, seed, **gates, batch_axes=axes or None)
+        Validation(
+            data, batch_size, where, shapes, seed, metric=metric, **gates, batch_axes=axes or None
+        )
         if validating
         else None
     )
+    load_heavy()
+    check_providers(where)
     settings = calibration_settings(
         calibration,
         criterion,
@@ -197,10 +191,12 @@ def prune_command(
         calibration_samples,
         bias_correction or (structured and calibration is None),
         batch_size,
-        device,
+        where,
         calibration_rounds,
         axes,
     )
+    from onnxprune import pipeline
+
     try:
         _, report = pipeline.prune(
             model,
@@ -217,6 +213,10 @@ def prune_command(
         _print_run(exc.report, quiet)  # type: ignore[attr-defined]
         raise
     _print_run(report, quiet)
+    if validation is None:
+        from onnxprune.report.weights import unvalidated_note
+
+        log.info("%s", unvalidated_note(model, report))
 
 
 def _print_run(report: Any, quiet: bool) -> None:
@@ -244,14 +244,8 @@ def _print_run(report: Any, quiet: bool) -> None:
     help="Also show what pruning at this sparsity would keep per layer.",
 )
 @with_options(selection_options)
-@click.option(
-    "--report",
-    "report_path",
-    default=None,
-    type=click.Path(path_type=str),
-    help="Write the same numbers as JSON to this file.",
-)
-@click.option("--force", is_flag=True, help="Overwrite the files it writes if they exist.")
+@report_option("the same numbers")
+@force_option
 @with_options(structured_options)
 @debug_option
 @user_errors
@@ -274,13 +268,15 @@ def inspect_command(
     With --structured: the channels per layer, the frozen channel groups and why, and (with
     --sparsity) how many channels each layer would keep.
     """
-    from onnxprune.options import Selection
-
     setup_logging(False)
     options = Selection(
         sparsity or 0.0, method=method, min_keep=min_keep, include=include, exclude=exclude
     )
     channels = structured_settings(structured, target=target, round_to=round_to, heads=heads)
+    load_heavy()
+    from onnxprune import pipeline, selection
+    from onnxprune.report import write_json
+
     pipeline.check_outputs(pipeline.input_files(model), [(report_path, "the report")], force=force)
     if channels is not None:
         from onnxprune.report.weights import format_report
@@ -326,244 +322,3 @@ def inspect_command(
 
             data["plan"] = Report(plan=plan).to_dict()
         write_json(data, report_path, force=force)
-
-
-@main.command("validate")
-@click.argument("reference", type=click.Path(dir_okay=False, path_type=str))
-@click.argument("candidate", type=click.Path(dir_okay=False, path_type=str))
-@with_options(run_options)
-@with_options(gate_options)
-@click.option(
-    "--report",
-    "report_path",
-    default=None,
-    type=click.Path(path_type=str),
-    help="Write the numbers as JSON to this file.",
-)
-@click.option("--force", is_flag=True, help="Overwrite the files it writes if they exist.")
-@click.option("-q", "--quiet", is_flag=True, help="Print no table, only errors and the verdict.")
-@debug_option
-@user_errors
-def validate_command(
-    reference: str,
-    candidate: str,
-    data: str | None,
-    batch_size: int | None,
-    device: str,
-    input_shape: tuple[str, ...],
-    batch_axis: tuple[str, ...],
-    seed: int,
-    max_accuracy_drop: float | None,
-    min_agreement: float | None,
-    min_cosine: float | None,
-    report_path: str | None,
-    force: bool,
-    quiet: bool,
-) -> None:
-    """Compare CANDIDATE with REFERENCE in ONNX Runtime: any two models with the same inputs.
-
-    \b
-      onnxprune validate model.onnx model.pruned.onnx --data val.npz --max-accuracy-drop 0.01
-    """
-    from onnxprune import inputs
-    from onnxprune.report.validation import format_validation
-    from onnxprune.validate import check_gates, preflight
-
-    setup_logging(quiet)
-    preflight(
-        reference,
-        data=data,
-        batch_size=batch_size,
-        input_shapes=inputs.parse_input_shapes(input_shape),
-        batch_axes=inputs.parse_batch_axes(batch_axis),
-        max_accuracy_drop=max_accuracy_drop,
-        min_agreement=min_agreement,
-        min_cosine=min_cosine,
-    )
-    pipeline.check_outputs(
-        pipeline.input_files(reference, candidate, data=data),
-        [(report_path, "the report")],
-        force=force,
-    )
-    result = _run_validation(
-        reference,
-        candidate,
-        data=data,
-        batch_size=batch_size,
-        device=device,
-        input_shape=input_shape,
-        seed=seed,
-        batch_axis=batch_axis,
-    )
-    if not quiet:
-        click.echo(format_validation(result))
-    if report_path:
-        write_json(result.to_dict(), report_path, force=force)
-    check_gates(
-        result,
-        max_accuracy_drop=max_accuracy_drop,
-        min_agreement=min_agreement,
-        min_cosine=min_cosine,
-    )
-
-
-@main.command("sweep")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
-@click.option(
-    "--sparsities",
-    default="0.5,0.8,0.9,0.95,0.98",
-    show_default=True,
-    help="Comma-separated sparsities to prune at.",
-)
-@click.option(
-    "--min-keep",
-    "min_keep",
-    default="0.01",
-    show_default=True,
-    metavar="FRACTION|COUNT",
-    help="Minimum retention per layer for the global+min-keep line, a fraction (0.01, 1%) or "
-    "a count (100), as in prune --help (0 leaves that line out).",
-)
-@with_options(structured_options)
-@with_options(run_options)
-@click.option(
-    "--calibration",
-    default=None,
-    type=click.Path(dir_okay=False, path_type=str),
-    help="Calibration samples (.npz): compare calibrated criteria with plain magnitude.",
-)
-@click.option(
-    "--criteria",
-    default="magnitude,wanda,sparsegpt",
-    show_default=True,
-    help="With --calibration: the criteria to compare, comma-separated.",
-)
-@click.option(
-    "--calibration-mode",
-    "calibration_mode",
-    type=click.Choice(["one-pass", "sequential"]),
-    default="sequential",
-    show_default=True,
-    help="With --calibration: how layers are measured (see prune --help).",
-)
-@click.option(
-    "--plot",
-    default=None,
-    type=click.Path(dir_okay=False, path_type=str),
-    help="Draw accuracy (agreement without labels) against sparsity to this PNG "
-    "(needs matplotlib: pip install 'onnxprune[plot]').",
-)
-@click.option(
-    "--markdown",
-    default=None,
-    type=click.Path(dir_okay=False, path_type=str),
-    help="Write the accuracy table as Markdown to this file.",
-)
-@click.option(
-    "--report",
-    "report_path",
-    default=None,
-    type=click.Path(path_type=str),
-    help="Write every row as JSON to this file.",
-)
-@click.option("--force", is_flag=True, help="Overwrite the files it writes if they exist.")
-@debug_option
-@user_errors
-def sweep_command(
-    model: str,
-    sparsities: str,
-    min_keep: str,
-    structured: bool,
-    round_to: int | None,
-    target: str,
-    heads: bool,
-    data: str | None,
-    batch_size: int | None,
-    device: str,
-    input_shape: tuple[str, ...],
-    batch_axis: tuple[str, ...],
-    seed: int,
-    calibration: str | None,
-    criteria: str,
-    calibration_mode: str,
-    plot: str | None,
-    markdown: str | None,
-    report_path: str | None,
-    force: bool,
-) -> None:
-    """Prune MODEL at each sparsity with global, global+min-keep and uniform; validate each.
-
-    With --structured: channel removal with and without the minimum retention, timed too.
-    With --calibration: plain global magnitude against each calibrated criterion.
-
-    \b
-      onnxprune sweep model.onnx --data val.npz --sparsities 0.5,0.9,0.98 --plot sweep.png
-      onnxprune sweep model.onnx --data val.npz --structured --round-to 8 --sparsities 0.1,0.3
-      onnxprune sweep model.onnx --data val.npz --calibration calib.npz --min-keep 0
-      onnxprune sweep model.onnx --data val.npz --structured --calibration calib.npz
-    """
-    from onnxprune import inputs, sweep
-    from onnxprune.report import json_text
-    from onnxprune.report import sweep as report_sweep
-    from onnxprune.validate import preflight
-
-    setup_logging(False)
-    # every argument before any file: a bad value is the first complaint
-    shapes = inputs.parse_input_shapes(input_shape)
-    channels = structured_settings(
-        structured, target=target, round_to=round_to, heads=heads, input_shapes=shapes
-    )
-    points = sweep.parse_sparsities(sparsities)
-    MinKeep.parse(min_keep)
-    chosen = [c.strip() for c in criteria.split(",") if c.strip()]
-    sweep.methods_for(min_keep, channels is not None, chosen if calibration is not None else None)
-    axes = inputs.parse_batch_axes(batch_axis)
-    settings = calibration_settings(
-        calibration, None, calibration_mode, None, True, batch_size, device, None, axes
-    )
-    inputs.check_batch_size(batch_size)
-    preflight(
-        model,
-        data=data,
-        calibration=calibration,
-        batch_size=batch_size,
-        input_shapes=shapes,
-        batch_axes=axes,
-    )
-    pipeline.check_outputs(
-        pipeline.input_files(model, data=data, calibration=calibration),
-        [(markdown, "the Markdown table"), (plot, "the plot"), (report_path, "the report")],
-        force=force,
-    )
-    if plot:
-        report_sweep.check_plotting()
-    result = sweep.sweep(
-        model,
-        points,
-        data=data,
-        min_keep=min_keep,
-        batch_size=batch_size,
-        device=device,
-        input_shapes=shapes,
-        seed=seed,
-        structured=channels,
-        calibration=settings,
-        criteria=chosen,
-        batch_axes=axes,
-    )
-    click.echo(report_sweep.format_sweep(result))
-    outputs: list[writer.StagedFile] = []
-    try:  # all of them or none
-        if markdown:
-            text = report_sweep.format_markdown(result) + "\n"
-            outputs.append(writer.stage_text(markdown, text, force=force))
-        if plot:
-            outputs.append(writer.stage_file(plot, report_sweep.drawing(result), force=force))
-        if report_path:
-            outputs.append(writer.stage_text(report_path, json_text(result.to_dict()), force=force))
-        writer.commit_all(outputs)
-    finally:
-        for item in outputs:
-            item.discard()
-    if plot:
-        click.echo(f"plot written to {plot}")

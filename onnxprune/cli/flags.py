@@ -8,13 +8,13 @@ from typing import Any
 
 import click
 
-from onnxprune import pipeline, selection
 from onnxprune.errors import InvalidArgumentError
+from onnxprune.options import METHODS
 
 selection_options = [
     click.option(
         "--method",
-        type=click.Choice(selection.METHODS),
+        type=click.Choice(METHODS),
         default="global",
         show_default=True,
         help="global: one magnitude ranking over all layers; uniform: the same sparsity "
@@ -48,9 +48,10 @@ run_options = [
     click.option(
         "--data",
         default=None,
-        type=click.Path(dir_okay=False, path_type=str),
+        type=click.Path(path_type=str),
         help="Validation data: .npz with one array per model input (by input name) and an "
-        "optional 'labels' array. Without it, inputs are generated from the model.",
+        "optional 'labels' array, or a folder of such .npz shards (read one at a time). Without "
+        "it, inputs are generated from the model.",
     ),
     click.option(
         "--batch-size",
@@ -65,6 +66,23 @@ run_options = [
         default="auto",
         show_default=True,
         help="ONNX Runtime device: auto uses CUDA when it can run, else the CPU (and says why).",
+    ),
+    click.option(
+        "--provider",
+        "providers",
+        multiple=True,
+        metavar="NAME",
+        help="An execution provider of the installed ONNX Runtime instead of --device "
+        "(repeatable, in priority order): TensorRT, OpenVINO, Dml, CoreML, CUDA, CPU...; the CPU "
+        "is added last for what the others cannot run.",
+    ),
+    click.option(
+        "--provider-option",
+        "provider_options",
+        multiple=True,
+        metavar="[NAME:]KEY=VALUE",
+        help="An option of a --provider (repeatable), e.g. TensorRT:trt_sparsity_enable=1; "
+        "without NAME: the first --provider.",
     ),
     click.option(
         "--input-shape",
@@ -116,7 +134,39 @@ gate_options = [
         metavar="VALUE",
         help="Fail (exit 1) if any output's cosine similarity to the original is below this.",
     ),
+    click.option(
+        "--max-perplexity-ratio",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="With --metric perplexity: fail (exit 1) if the pruned model's perplexity exceeds "
+        "the original's times this (1.05 = 5% higher).",
+    ),
 ]
+
+metric_option = click.option(
+    "--metric",
+    type=click.Choice(["top1", "perplexity"]),
+    default="top1",
+    show_default=True,
+    help="perplexity: also score next-token perplexity of a causal language model (logits "
+    "against --data's input_ids; positions where attention_mask is 0 left out).",
+)
+
+
+def report_option(what: str) -> Callable[..., Any]:
+    return click.option(
+        "--report",
+        "report_path",
+        default=None,
+        type=click.Path(path_type=str),
+        help=f"Write {what} as JSON to this file.",
+    )
+
+
+force_option = click.option(
+    "--force", is_flag=True, help="Overwrite the files it writes if they exist."
+)
 
 
 structured_options = [
@@ -150,17 +200,30 @@ structured_options = [
 ]
 
 
+calibration_option = click.option(
+    "--calibration",
+    default=None,
+    type=click.Path(path_type=str),
+    help="Calibration samples: .npz with one array per model input, like --data (labels "
+    "ignored), or a folder of .npz shards. Weights are then ranked by what they do on these "
+    "samples, and the kept ones repaired (SparseGPT updates, bias correction). With "
+    "--structured: channels ranked by the output error their removal causes, and every layer "
+    "that read a removed channel re-solved by least squares.",
+)
+
+calibration_mode_option = click.option(
+    "--calibration-mode",
+    "calibration_mode",
+    type=click.Choice(["one-pass", "sequential"]),
+    default="sequential",
+    show_default=True,
+    help="sequential: each wave of layers measured on the model pruned so far and "
+    "re-solved against the dense model's outputs (more passes, much more accurate); "
+    "one-pass: every layer measured once on the dense model (fastest).",
+)
+
 calibration_options = [
-    click.option(
-        "--calibration",
-        default=None,
-        type=click.Path(dir_okay=False, path_type=str),
-        help="Calibration samples: .npz with one array per model input, like --data (labels "
-        "ignored). Weights are then ranked by what they do on these samples, and the kept ones "
-        "repaired (SparseGPT updates, bias correction). With --structured: channels ranked by "
-        "the output error their removal causes, and every layer that read a removed channel "
-        "re-solved by least squares.",
-    ),
+    calibration_option,
     click.option(
         "--criterion",
         type=click.Choice(["magnitude", "wanda", "sparsegpt"]),
@@ -172,16 +235,7 @@ calibration_options = [
         "(its output fluctuation) or magnitude (weight norms); every layer that read a removed "
         "channel is re-solved in each case.",
     ),
-    click.option(
-        "--calibration-mode",
-        "calibration_mode",
-        type=click.Choice(["one-pass", "sequential"]),
-        default="sequential",
-        show_default=True,
-        help="sequential: each wave of layers measured on the model pruned so far and "
-        "re-solved against the dense model's outputs (more passes, much more accurate); "
-        "one-pass: every layer measured once on the dense model (fastest).",
-    ),
+    calibration_mode_option,
     click.option(
         "--calibration-rounds",
         "calibration_rounds",
@@ -219,7 +273,7 @@ def calibration_settings(
     samples: int | None,
     bias_correction: bool,
     batch_size: int | None,
-    device: str,
+    device: Any,
     rounds: int | None = None,
     batch_axes: dict[str, int] | None = None,
 ) -> Any:
@@ -237,6 +291,8 @@ def calibration_settings(
         ]
         if given:
             raise InvalidArgumentError(f"{given[0]} needs --calibration FILE.npz")
+        from onnxprune import pipeline
+
         return pipeline.calibration_options(None, criterion)
     from onnxprune.options import Calibration
 
@@ -251,6 +307,24 @@ def calibration_settings(
         rounds=rounds,
         batch_axes=batch_axes or None,
     )
+
+
+def device_settings(device: str, providers: tuple[str, ...], options: tuple[str, ...]) -> Any:
+    """--device, or --provider with its --provider-option entries, as one `Device`."""
+    from onnxprune.options import Device, parse_provider_options
+
+    if options and not providers:
+        raise InvalidArgumentError("--provider-option needs --provider NAME")
+    return Device(device, providers, parse_provider_options(options, providers))
+
+
+def check_providers(settings: Any) -> None:
+    """Provider names refused now, not when a session is first made (or never, without one)."""
+    if settings.providers:
+        from onnxprune.runtime import resolve_provider
+
+        for name in settings.providers:
+            resolve_provider(name)
 
 
 def structured_settings(

@@ -3,6 +3,8 @@ inputs and batched, or generated ones. Checks happen before any model runs.
 
     spec.py      what a model input is, batches of samples (`Inputs`), --input-shape
     npz.py       reading .npz files safely
+    readers.py   where samples come from: an .npz, a folder of shards, arrays, an iterable of
+                 input dicts or a CalibrationDataReader
     match.py     arrays matched to the model's inputs, batched; labels; data file checks
     generate.py  generated inputs where no data is given
     sequence.py  a decoder's mask, positions and empty KV cache, consistent with its tokens
@@ -29,6 +31,15 @@ from onnxprune.inputs.match import (
     model_signature,
 )
 from onnxprune.inputs.npz import ArrayHeader, load_npz, read_npz_headers, scalar_arrays
+from onnxprune.inputs.readers import (
+    FirstStepBatches,
+    ShardedBatches,
+    check_samples,
+    first_step_inputs,
+    read_samples,
+    sample_files,
+    sample_keys,
+)
 from onnxprune.inputs.spec import (
     DEFAULT_BATCH,
     LABELS,
@@ -39,6 +50,7 @@ from onnxprune.inputs.spec import (
     batch_axes_of,
     batch_rows,
     check_batch_size,
+    check_shape_names,
     fit_empty,
     input_specs,
     parse_batch_axes,
@@ -57,9 +69,11 @@ __all__ = [
     "ORT_TYPES",
     "ArrayHeader",
     "Dim",
+    "FirstStepBatches",
     "InputSpec",
     "Inputs",
     "Matched",
+    "ShardedBatches",
     "Signature",
     "Usable",
     "batch_axes_of",
@@ -67,6 +81,9 @@ __all__ = [
     "check_batch_size",
     "check_data_file",
     "check_labels",
+    "check_samples",
+    "check_shape_names",
+    "first_step_inputs",
     "fit_empty",
     "from_arrays",
     "generate",
@@ -78,7 +95,10 @@ __all__ = [
     "parse_batch_axes",
     "parse_input_shapes",
     "read_npz_headers",
+    "read_samples",
     "resolve_shapes",
+    "sample_files",
+    "sample_keys",
     "scalar_arrays",
     "scalar_type",
     "shape_text",

@@ -18,6 +18,7 @@ from onnxprune.inputs.spec import (
     InputSpec,
     batch_rows,
     check_batch_size,
+    check_shape_names,
     scalar_type,
     shape_text,
 )
@@ -47,14 +48,7 @@ def resolve_shapes(
     takes that size in every input."""
     shapes = dict(shapes or {})
     shapes = settle_shapes(specs, _with_tokens(specs, shapes, batch_size))
-    names = {s.name for s in specs}
-    unknown = sorted(set(shapes) - names)
-    if unknown:
-        raise InvalidArgumentError(
-            f"--input-shape {unknown[0]}: the model has no such input (inputs: "
-            + ", ".join(sorted(names))
-            + ")"
-        )
+    check_shape_names(shapes, [s.name for s in specs])
     notices = []
     out: dict[str, tuple[int, ...]] = {}
     bound: dict[str, int] = {}  # symbolic dim name -> the size --input-shape gave it

@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnxprune.errors import DataError, InvalidArgumentError
+from onnxprune.options import (  # noqa: F401  (parsed with the options, exported here too)
+    check_batch_size,
+    parse_batch_axes,
+    parse_input_shapes,
+)
 
 LABELS = "labels"
 DEFAULT_BATCH = 32
@@ -139,7 +144,7 @@ def input_specs(session: object, batch_axes: Mapping[str, int] | None = None) ->
 class Inputs:
     """Batches of feeds for every model input, and the labels that go with their rows."""
 
-    batches: list[dict[str, np.ndarray]]
+    batches: Sequence[dict[str, np.ndarray]]  # a list, or shards read as they are walked
     labels: np.ndarray | None
     source: str
     batch_size: int
@@ -150,6 +155,9 @@ class Inputs:
 
     @property
     def samples(self) -> int:
+        rows = getattr(self.batches, "rows", None)  # lazily read batches know it from headers
+        if rows is not None:
+            return rows
         return sum(batch_rows(batch, self.batch_axes) for batch in self.batches)
 
     def sample_values(self) -> dict[str, np.ndarray]:
@@ -181,27 +189,6 @@ def batch_rows(
     return 1
 
 
-def parse_batch_axes(specs: Sequence[str] | None) -> dict[str, int]:
-    """['state=1'] -> {'state': 1}; one entry may name several inputs, 'a=1,b=0'."""
-    axes: dict[str, int] = {}
-    for spec in (part.strip() for entry in specs or () for part in entry.split(",")):
-        if not spec:
-            continue
-        name, sep, axis = spec.rpartition("=")
-        try:
-            if not sep or not name:
-                raise ValueError
-            axes[name] = int(axis)
-            if axes[name] < 0:
-                raise ValueError
-        except ValueError:
-            raise InvalidArgumentError(
-                f"--batch-axis {spec!r}: write NAME=AXIS, e.g. state=1 (the axis of input "
-                "'state' that holds the samples)"
-            ) from None
-    return axes
-
-
 def fit_empty(
     batch: Mapping[str, np.ndarray], dims: Mapping[str, Sequence[Dim]]
 ) -> dict[str, np.ndarray]:
@@ -221,38 +208,16 @@ def fit_empty(
     return out
 
 
-def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
-    """['x=1x3x224x224'] -> {'x': (1, 3, 224, 224)}; one entry may name several inputs,
-    'ids=1x128,mask=1x128', and 'x=' is a scalar (0-d)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for spec in (part.strip() for entry in specs or () for part in entry.split(",")):
-        if not spec:
-            continue
-        name, sep, dims = spec.rpartition("=")
-        try:
-            if not sep or not name:
-                raise ValueError
-            shape = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
-            if any(d < 0 for d in shape):
-                raise ValueError
-        except ValueError:
-            raise InvalidArgumentError(
-                f"--input-shape {spec!r}: write NAME=DIMS, e.g. input=1x3x224x224 (several: "
-                "input_ids=1x128,attention_mask=1x128)"
-            ) from None
-        if 0 in shape:
-            raise InvalidArgumentError(
-                f"--input-shape {spec!r}: a dimension of 0 makes an empty input; every size must "
-                "be at least 1"
-            )
-        shapes[name] = shape
-    return shapes
-
-
-def check_batch_size(batch_size: int | None) -> None:
-    """--batch-size must be a positive count (a huge one is cut to the samples there are)."""
-    if batch_size is not None and batch_size < 1:
-        raise InvalidArgumentError(f"--batch-size {batch_size}: must be at least 1")
+def check_shape_names(shapes: Mapping[str, object] | None, names: Sequence[str]) -> None:
+    """--input-shape (or `input_shapes`) may only name the model's inputs: a typo would otherwise
+    leave a shape unused, and what needed it (MACs, constant compensation) quietly guessed."""
+    unknown = sorted(set(shapes or {}) - set(names))
+    if unknown:
+        raise InvalidArgumentError(
+            f"--input-shape {unknown[0]}: the model has no such input (inputs: "
+            + ", ".join(sorted(names))
+            + ")"
+        )
 
 
 def shape_text(shape: Sequence[Dim]) -> str:

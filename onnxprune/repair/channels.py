@@ -165,12 +165,13 @@ class RefitChannelsPass(ir.passes.InPlacePass):
     def _one_pass(self, model: ir.Model) -> None:
         removed, stats = self.plan.removed, self.stats
         changed = [c for c in self.found if c.name in stats.layers and removed[c.columns].any()]
-        with step(f"re-solving {len(changed)} layers"):
+        with step(f"re-solving {len(changed)} layers", total=len(changed)) as meter:
             for consumer in changed:
                 self.result.solved[consumer.name] = solve(
                     consumer, removed, _dense(consumer), stats.layers.pop(consumer.name),
                     stats.uses.pop(consumer.name), self.options, paired=False,
                 )  # fmt: skip
+                meter.advance()
         consts = NodeConstants(model)
         aliases: dict[str, str] = {}
         pruned = {w.name: w for w in find_weights(model).weights}
@@ -192,12 +193,14 @@ class RefitChannelsPass(ir.passes.InPlacePass):
         waves = measurement_rounds(model, pruned, chosen, options.rounds)
         unpaired: list[str] = []
         self.result.passes += len(waves)
-        with step(f"re-solving {len(chosen)} layers in {len(waves)} waves"):
+        work = len(waves) * len(self.samples.batches)
+        with step(f"re-solving {len(chosen)} layers in {len(waves)} waves", total=work) as meter:
             for wave in waves:
                 batch = [pruned[i] for i in wave]
                 paired = collect(
                     model, batch, self.samples, self.runtime,
                     budget_bytes=options.budget_bytes, dense=self.dense, aliases=aliases,
+                    meter=meter,
                 )  # fmt: skip
                 for weight in batch:
                     layer = paired.layers.pop(weight.name, None)

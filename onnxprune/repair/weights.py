@@ -181,22 +181,26 @@ class RepairWeightsPass(ir.passes.InPlacePass):
         ]
         consts = NodeConstants(model)
         aliases: dict[str, str] = {}
-        with step(f"repairing {len(measured)} layers"):
-            if options.mode == "one-pass":
+        if options.mode == "one-pass":
+            with step(f"repairing {len(measured)} layers", total=len(measured)) as meter:
                 for i in measured:
                     self._repair(model, layers[i], stats, consts, aliases)
-            else:
-                assert self.dense is not None, "sequential repair needs the dense model"
-                # the dense sums served the ranking; each round measures its own
-                stats.layers.clear()
-                stats.uses.clear()
-                weights = [layer.weight for layer in layers]
-                rounds = measurement_rounds(model, weights, measured, options.rounds)
-                self.result.passes += len(rounds)
+                    meter.advance()
+        else:
+            assert self.dense is not None, "sequential repair needs the dense model"
+            # the dense sums served the ranking; each round measures its own
+            stats.layers.clear()
+            stats.uses.clear()
+            weights = [layer.weight for layer in layers]
+            rounds = measurement_rounds(model, weights, measured, options.rounds)
+            self.result.passes += len(rounds)
+            work = len(rounds) * len(self.samples.batches)  # batches run, the bulk of the time
+            with step(f"repairing {len(measured)} layers", total=work) as meter:
                 for chosen in rounds:
                     paired = collect(
                         model, [weights[i] for i in chosen], self.samples, self.runtime,
                         budget_bytes=options.budget_bytes, dense=self.dense, aliases=aliases,
+                        meter=meter,
                     )  # fmt: skip
                     for i in chosen:
                         self._repair(model, layers[i], paired, consts, aliases)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 
 
+
 @dataclass
 class Report:
     """Everything a prune run decided (the plan) and measured (calibration, repair, output).

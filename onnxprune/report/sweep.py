@@ -8,9 +8,9 @@ from pathlib import Path
 
 from onnxprune.errors import InvalidArgumentError
 from onnxprune.report.tables import format_table, human_bytes, pct
-from onnxprune.report.validation import GENERATED_CAVEAT, mac_figure, macs_text
+from onnxprune.report.validation import GENERATED_CAVEAT, mac_figure, macs_text, points
 from onnxprune.storage import writer
-from onnxprune.sweep import Sweep, SweepRow
+from onnxprune.sweep import Pick, Sweep, SweepRow
 
 
 def _macs(row: SweepRow, nonzero: bool = False) -> str:
@@ -29,7 +29,10 @@ def format_sweep(result: Sweep) -> str:
     removed channels buy (file size, MACs, latency).
     """
     ref = result.reference
+    scored = result.metric == "perplexity"
     headers = ["method", "sparsity", "achieved", "accuracy", "agreement", "min cosine"]
+    headers += ["perplexity"] if scored else []
+    searched = any(row.within is not None for row in result.rows)
     if result.structured:
         headers += ["file size", "MACs", "latency"]
         dense = [
@@ -40,10 +43,16 @@ def format_sweep(result: Sweep) -> str:
     else:
         headers += ["gzip size", "MACs (non-zero)"]
         dense = [human_bytes(ref.cost.gzip_bytes), macs_text(ref.cost, nonzero=True)]
-    rows = [["dense", "0", "-", pct(ref.accuracy), "-", "-", *dense]]
+    if searched:
+        headers.append("within budget")
+    rows = [["dense", "0", "-", pct(ref.accuracy), "-", "-", *_ppl(ref.perplexity, scored), *dense]]
+    if searched:
+        rows[0].append("")
     for row in result.rows:
+        verdict = [] if row.within is None else ["yes" if row.within else "no"]
         if row.error:
-            rows.append([row.method, f"{row.sparsity:g}", "infeasible", *[""] * 5])
+            blank = [""] * (len(headers) - 3 - len(verdict))
+            rows.append([row.method, f"{row.sparsity:g}", "infeasible", *blank, *verdict])
             continue
         if result.structured:
             costs = [human_bytes(row.file_bytes), _macs(row), _ms(row.latency_ms)]
@@ -57,7 +66,9 @@ def format_sweep(result: Sweep) -> str:
                 pct(row.accuracy),
                 pct(row.agreement),
                 "-" if row.min_cosine is None else f"{row.min_cosine:.4f}",
+                *_ppl(row.perplexity, scored),
                 *costs,
+                *verdict,
             ]
         )
     lines = [format_table(headers, rows)]
@@ -79,6 +90,41 @@ def format_sweep(result: Sweep) -> str:
     return "\n".join(lines)
 
 
+def _ppl(value: float | None, scored: bool) -> list[str]:
+    if not scored:
+        return []
+    return ["-" if value is None else f"{value:.4f}"]
+
+
+def format_pick(result: Pick) -> str:
+    """The search's path (in the order tried), then the one line that answers it."""
+    lines = [format_sweep(result.sweep)]
+    limits = ", ".join(
+        f"--{key.replace('_', '-')} {value:g}"
+        for key, value in result.budget.limits.items()
+        if value is not None
+    )
+    best = result.best
+    if best is None:
+        lines.append(f"no sparsity tried stays within {limits}: nothing was written")
+        return "\n".join(lines)
+    ref = result.sweep.reference
+    what = []
+    if best.accuracy is not None and ref.accuracy is not None:
+        what.append(f"accuracy {pct(best.accuracy)} ({points(best.accuracy - ref.accuracy)})")
+    if best.perplexity is not None and ref.perplexity:
+        what.append(f"perplexity {best.perplexity:.4f} (x{best.perplexity / ref.perplexity:.3f})")
+    if best.agreement is not None:
+        what.append(f"agreement {pct(best.agreement)}")
+    if best.min_cosine is not None:
+        what.append(f"min cosine {best.min_cosine:.4f}")
+    lines.append(
+        f"picked sparsity {best.sparsity:g} of {len(result.sweep.rows)} tried within {limits}: "
+        + ", ".join(what)
+    )
+    return "\n".join(lines)
+
+
 def _meaning(result: Sweep) -> str:
     """What the sparsity column counts."""
     if result.structured:
@@ -89,7 +135,7 @@ def _meaning(result: Sweep) -> str:
 
 def format_markdown(result: Sweep) -> str:
     """The accuracy table as Markdown: sparsity down, method across."""
-    metric = "accuracy" if result.labels else "agreement"
+    metric = _metric(result)
     methods = result.methods
     lines = [
         "| sparsity | " + " | ".join(methods) + " |",
@@ -97,8 +143,11 @@ def format_markdown(result: Sweep) -> str:
     ]
     sparsities = list(dict.fromkeys(row.sparsity for row in result.rows))
     cell = {(row.method, row.sparsity): row for row in result.rows}
-    dense = result.reference.accuracy if result.labels else 1.0
-    lines.append("| 0 (dense) | " + " | ".join(pct(dense) for _ in methods) + " |")
+    dense = {"accuracy": result.reference.accuracy, "agreement": 1.0}.get(metric)
+    show = _ppl_text if metric == "perplexity" else pct
+    if metric == "perplexity":
+        dense = result.reference.perplexity
+    lines.append("| 0 (dense) | " + " | ".join(show(dense) for _ in methods) + " |")
     for s in sparsities:
         values = []
         for m in methods:
@@ -106,9 +155,21 @@ def format_markdown(result: Sweep) -> str:
             if row is None or row.error:
                 values.append("infeasible")
             else:
-                values.append(pct(getattr(row, metric)))
+                values.append(show(getattr(row, metric)))
         lines.append(f"| {s:g} | " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def _metric(result: Sweep) -> str:
+    """What tables and plots show per row: perplexity when asked, else accuracy (with labels)
+    or agreement."""
+    if result.metric == "perplexity":
+        return "perplexity"
+    return "accuracy" if result.labels else "agreement"
+
+
+def _ppl_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def check_plotting() -> None:
@@ -134,24 +195,26 @@ def drawing(result: Sweep) -> Callable[[Path], None]:
     check_plotting()
     import matplotlib.pyplot as plt
 
-    metric = "accuracy" if result.labels else "agreement"
+    metric = _metric(result)
+    scale = 1 if metric == "perplexity" else 100
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     # distinct markers and dashes: lines that coincide (min-keep not binding) stay visible
     styles = [("o", "-", 7), ("s", "--", 5), ("^", ":", 6), ("D", "-.", 5)]
     for i, method in enumerate(result.methods):
         marker, dashes, size = styles[i % len(styles)]
         points = [
-            (row.sparsity, 100 * getattr(row, metric))
+            (row.sparsity, scale * getattr(row, metric))
             for row in result.rows
             if row.method == method and not row.error and getattr(row, metric) is not None
         ]
         if points:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker=marker, linestyle=dashes, markersize=size, label=method)
-    if result.labels and result.reference.accuracy is not None:
-        ax.axhline(100 * result.reference.accuracy, color="gray", linestyle="--", label="dense")
+    dense = result.reference.perplexity if metric == "perplexity" else result.reference.accuracy
+    if (result.labels or metric == "perplexity") and dense is not None:
+        ax.axhline(scale * dense, color="gray", linestyle="--", label="dense")
     ax.set_xlabel(f"sparsity: {_meaning(result).removeprefix('sparsity counts ')}")
-    ax.set_ylabel(f"top-1 {metric} (%)")
+    ax.set_ylabel("perplexity" if metric == "perplexity" else f"top-1 {metric} (%)")
     ax.set_title(f"{Path(result.reference.path).name}: {metric} against sparsity")
     ax.grid(True, alpha=0.3)
     ax.legend()

@@ -66,6 +66,19 @@ def macs_note(cost: ModelCost) -> str | None:
     )
 
 
+RELATIVE_ERR = "relative err = ||candidate - reference|| / ||reference|| over each whole output"
+
+
+def points(change: float) -> str:
+    """An accuracy change in percentage points, never '-0.00 pts'."""
+    value = round(100 * change, 2)
+    return f"{value + 0.0:+.2f} pts"
+
+
+def _perplexity(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 GENERATED_CAVEAT = (
     "generated inputs measure output drift only, not task accuracy: --data val.npz (with "
     "'labels') does"
@@ -83,9 +96,21 @@ def format_validation(result: Validation) -> str:
             "top-1 accuracy",
             pct(ref.accuracy),
             pct(cand.accuracy),
-            "" if drop is None else f"{-100 * drop:+.2f} pts",
+            "" if drop is None else points(-drop),
         ],
         ["top-1 agreement", "", pct(result.agreement), ""],
+        *(
+            [
+                [
+                    "perplexity",
+                    _perplexity(ref.perplexity),
+                    _perplexity(cand.perplexity),
+                    _ratio(ref.perplexity, cand.perplexity),
+                ]
+            ]
+            if ref.tokens is not None
+            else []
+        ),
         [
             "latency median",
             _ms(ref.latency),
@@ -128,13 +153,13 @@ def format_validation(result: Validation) -> str:
     lines = [format_table(["", "reference", "candidate", "change"], rows)]
     lines.append(
         format_table(
-            ["output", "max abs err", "mean abs err", "max rel err", "cosine"],
+            ["output", "max abs err", "mean abs err", "relative err", "cosine"],
             [
                 [
                     o.name,
                     f"{o.max_abs:.4g}",
                     f"{o.mean_abs:.4g}",
-                    f"{o.max_rel:.4g}",
+                    "-" if o.rel_l2 is None else f"{o.rel_l2:.4g}",
                     f"{o.cosine:.6f}",
                 ]
                 for o in result.outputs
@@ -154,9 +179,16 @@ def format_validation(result: Validation) -> str:
         note = macs_note(cost) if cost is not None else None
         if note:
             lines.append(f"{label}: {note}")
+    lines.append(RELATIVE_ERR)
+    if ref.tokens is not None:
+        lines.append(
+            f"perplexity: exp(mean next-token loss) over {ref.tokens:,} predicted tokens of "
+            "input_ids (padding left out); lower is better"
+        )
     for label, model in (("reference", ref), ("candidate", cand)):
         if model.placement is not None:
-            lines.append(f"{label} on CUDA: {model.placement.summary()}")
+            where = model.placement.primary_name
+            lines.append(f"{label} on {where}: {model.placement.summary()}")
     if result.agreement is None and result.agreement_note:
         lines.append(f"top-1 agreement: {result.agreement_note.removeprefix('no top-1: ')}")
     if result.generated:

@@ -211,6 +211,8 @@ def format_report(report: Report) -> str:
             f"pattern {method}: {pruned} of {plan.total} prunable weights are zero "
             f"(sparsity {report.sparsity:.6f})"
         )
+        if tuple(plan.pattern) == (2, 4):
+            lines.append(SPARSE_KERNELS)
     if report.size_before is not None:
         lines.append(
             f"size: {human_bytes(report.size_before)} -> {human_bytes(report.size_after)}"
@@ -270,3 +272,26 @@ def format_inspect(stats: list[tuple[Any, MagnitudeStats]], plan: Plan | None) -
     if plan:
         out += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(out)
+
+
+# 2:4 is what sparse tensor cores (Ampere and later) run; ONNX Runtime uses them through TensorRT.
+SPARSE_KERNELS = (
+    "2:4 runs on sparse tensor cores through TensorRT with its sparsity option: onnxprune "
+    "validate MODEL PRUNED --provider TensorRT --provider-option trt_sparsity_enable=1 (in code: "
+    "TensorrtExecutionProvider with {'trt_sparsity_enable': '1'})"
+)
+
+
+def unvalidated_note(model: str, report: Report) -> str:
+    """The one line a run without validation ends on: nothing says what pruning cost yet."""
+    if report.channels is not None:
+        metric = "MACs" if report.channels.metric == "macs" else "parameters"
+        what = f"removing {report.channels.achieved:.0%} of the {metric} as channels"
+    else:
+        what = f"pruning to sparsity {report.sparsity:.2f}"
+    out = report.output_path or "OUTPUT"
+    return (
+        f"nothing was validated: what {what} cost in accuracy is unknown; add --data val.npz "
+        f"(with 'labels'; --max-accuracy-drop to gate), or run: onnxprune validate {model} {out} "
+        "--data val.npz"
+    )

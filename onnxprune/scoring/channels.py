@@ -13,7 +13,7 @@ weight norms (scoring.magnitude.channel_scores).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -32,11 +32,13 @@ def channel_importance(
     importance: Importance,
     damp: float,
     removed: np.ndarray | None = None,
+    advance: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, int]:
     """A score per class (module docstring) and how many prunable classes no consumer measured.
 
     With `removed` (bool per class), each consumer is scored on the columns it keeps: what
-    removing one more class costs once those are gone (their scores are meaningless)."""
+    removing one more class costs once those are gone (their scores are meaningless).
+    `advance(1)` is called after each consumer (progress)."""
     prunable = graph.prunable
     if not importance.calibrated:
         return channel_scores(graph), 0
@@ -44,6 +46,8 @@ def channel_importance(
     measured = np.zeros(graph.n_classes, dtype=bool)
     energies: dict[str, np.ndarray] = {}
     for consumer in found:
+        if advance is not None:
+            advance(1)
         layer = stats.layers.get(consumer.name)
         if layer is None:
             continue

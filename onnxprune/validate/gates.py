@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import math
 
-from onnxprune.errors import DataError, InvalidArgumentError, ValidationFailed
+from onnxprune.errors import DataError, ValidationFailed
+from onnxprune.options import check_gate_values
 from onnxprune.validate.measure import Validation
 from onnxprune.validate.metrics import MIN_CLASSES
 
 NEEDS_LABELS = "--max-accuracy-drop needs labels: add a 'labels' array to --data"
 NEEDS_CLASSES = f"needs a first output shaped [batch, classes] with at least {MIN_CLASSES} classes"
-# Each gate's range: accuracy drop and agreement are fractions, cosine a cosine.
-GATE_RANGES = {
-    "max_accuracy_drop": ("--max-accuracy-drop", 0.0, 1.0),
-    "min_agreement": ("--min-agreement", 0.0, 1.0),
-    "min_cosine": ("--min-cosine", -1.0, 1.0),
-}
-
-
-def check_gate_values(**gates: float | None) -> None:
-    """Gate thresholds in range and finite, before any work: a NaN threshold would pass all."""
-    for key, value in gates.items():
-        if value is None:
-            continue
-        flag, low, high = GATE_RANGES[key]
-        if not (isinstance(value, int | float) and low <= value <= high):
-            raise InvalidArgumentError(f"{flag} {value}: must be a number in [{low:g}, {high:g}]")
 
 
 def check_gates(
@@ -34,15 +19,29 @@ def check_gates(
     max_accuracy_drop: float | None = None,
     min_agreement: float | None = None,
     min_cosine: float | None = None,
+    max_perplexity_ratio: float | None = None,
 ) -> None:
     """Raise `ValidationFailed` with one line naming every gate that failed.
 
     A measured value that is not a number (NaN outputs) fails every gate it meets.
     """
     check_gate_values(
-        max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine
+        max_accuracy_drop=max_accuracy_drop,
+        min_agreement=min_agreement,
+        min_cosine=min_cosine,
+        max_perplexity_ratio=max_perplexity_ratio,
     )
     failures = []
+    if max_perplexity_ratio is not None:
+        ratio = result.perplexity_ratio
+        if ratio is None:
+            raise DataError("--max-perplexity-ratio needs --metric perplexity and token ids")
+        if not ratio <= max_perplexity_ratio:
+            failures.append(
+                f"perplexity rose x{ratio:.4f} ({result.reference.perplexity:.4f} -> "
+                f"{result.candidate.perplexity:.4f}), more than --max-perplexity-ratio "
+                f"{max_perplexity_ratio:g}"
+            )
     if max_accuracy_drop is not None:
         drop = result.accuracy_drop
         if drop is None and not result.labels:

@@ -25,10 +25,18 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxprune import inputs as _inputs
+from onnxprune.core.progress import notice_once
 from onnxprune.errors import (
     DataError,
     ModelLoadError,
 )
+from onnxprune.inputs.readers import (
+    FirstStepBatches,
+    Samples,
+    first_step_inputs,
+    sample_keys,
+)
+from onnxprune.options import Device, check_metric
 from onnxprune.runtime import (  # noqa: F401  (re-exported)
     CPU,
     CUDA,
@@ -120,14 +128,20 @@ class ModelResult:
     cost: ModelCost | None
     latency: Latency | None = None
     accuracy: float | None = None
-    placement: Placement | None = None  # nodes per provider, when CUDA was among them
+    placement: Placement | None = None  # nodes per provider, off the CPU
+    perplexity: float | None = None  # with metric "perplexity"
+    tokens: int | None = None  # the predicted tokens it averages over
 
     def to_dict(self) -> dict[str, Any]:
+        scored = (
+            {} if self.tokens is None else {"perplexity": self.perplexity, "tokens": self.tokens}
+        )
         return {
             "path": self.path,
             "providers": self.providers,
             "placement": None if self.placement is None else self.placement.to_dict(),
             "accuracy": self.accuracy,
+            **scored,
             "latency_ms": None
             if self.latency is None
             else {
@@ -159,8 +173,10 @@ def run_model(
     latency: bool = True,
     cost: bool = True,
     session: ort.InferenceSession | None = None,
+    metric: str = "top1",
 ) -> Run:
-    """Run every batch; then read the model's costs and time one batch unless told not to."""
+    """Run every batch; then read the model's costs and time one batch unless told not to.
+    With `metric` "perplexity", the next-token perplexity of its logits on the input ids."""
     session = session or open_session(path, runtime)
     needed = {arg.name for arg in session.get_inputs()}
     missing = sorted(needed - {s.name for s in specs})
@@ -171,6 +187,7 @@ def run_model(
         )
     names = [o.name for o in session.get_outputs()]
     declared = {s.name: s.shape for s in _inputs.input_specs(session)}
+    scorer = _perplexity_scorer(session, specs) if metric == "perplexity" else None
     outputs = []
     for i, batch in enumerate(data.batches):
         feeds = _inputs.fit_empty({k: v for k, v in batch.items() if k in needed}, declared)
@@ -179,6 +196,10 @@ def run_model(
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DataError(f"{path}: ONNX Runtime failed on batch {i + 1}: {reason}") from None
+        if scorer is not None:
+            accumulator, index = scorer
+            logits = np.asarray(outputs[-1][index])
+            accumulator.update(logits, batch[metrics.TOKENS], batch.get(metrics.MASK))
         if i == 0 and data.labels is not None and names:
             # where the model's file does not say how many classes, its first output does
             first = np.asarray(outputs[0][0])
@@ -196,9 +217,31 @@ def run_model(
         cost=model_cost(path, data.sample_shapes(specs), data.sample_values()) if cost else None,
         accuracy=accuracy,
     )
+    if scorer is not None:
+        result.perplexity, result.tokens = scorer[0].result(), scorer[0].tokens
     if latency:
         result.latency = measure_latency(session, _first_batch(session, data), axes=data.batch_axes)
     return Run(result, names, outputs, predictions)
+
+
+def _perplexity_scorer(
+    session: ort.InferenceSession, specs: Sequence[_inputs.InputSpec]
+) -> tuple[metrics.PerplexityAccumulator, int]:
+    """The accumulator and the logits output's index; a model that is no causal language model
+    (no input_ids input, no [batch, sequence, vocabulary] output) is refused in one line."""
+    if metrics.TOKENS not in {s.name for s in specs}:
+        raise DataError(
+            f"--metric perplexity reads token ids from an input named {metrics.TOKENS!r}; the "
+            f"model's inputs are {', '.join(s.name for s in specs)}"
+        )
+    outputs = session.get_outputs()
+    index = metrics.logits_index([o.name for o in outputs], [tuple(o.shape) for o in outputs])
+    if index is None:
+        raise DataError(
+            "--metric perplexity needs next-token logits: an output named 'logits' or one shaped "
+            "[batch, sequence, vocabulary]"
+        )
+    return metrics.PerplexityAccumulator(), index
 
 
 def _first_batch(session: ort.InferenceSession, data: _inputs.Inputs) -> dict[str, np.ndarray]:
@@ -225,16 +268,19 @@ def model_file(model: ModelSource, name: str = "model.onnx") -> Iterator[Path]:
 def prepare_inputs(
     session: ort.InferenceSession,
     *,
-    data: str | os.PathLike | dict[str, np.ndarray] | None = None,
+    data: Samples | None = None,
     batch_size: int | None = None,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     seed: int = 0,
     model: str | os.PathLike | None = None,
     batch_axes: dict[str, int] | None = None,
+    metric: str = "top1",
 ) -> tuple[list[_inputs.InputSpec], _inputs.Inputs]:
-    """The reference session's input specs, and the batches: the user's data or generated ones
-    (integers in the range `model`'s graph can use, when its path is given). Each input is
-    batched on its batch axis (`inputs.batch_axes_of`; `batch_axes` overrides)."""
+    """The reference session's input specs, and the batches: the user's data (an .npz, a folder
+    of shards, arrays, an iterable of input dicts) or generated ones (integers in the range
+    `model`'s graph can use, when its path is given). Each input is batched on its batch axis
+    (`inputs.batch_axes_of`; `batch_axes` overrides). For perplexity, a KV-cache decoder's
+    position ids and pasts may be left out of the data (its first step: `first_step_inputs`)."""
     _inputs.check_batch_size(batch_size)
     specs = _inputs.input_specs(session, batch_axes)
     if data is None:
@@ -242,13 +288,19 @@ def prepare_inputs(
         return specs, _inputs.generate(
             specs, shapes=input_shapes, batch_size=batch_size, seed=seed, usable=usable
         )
-    if isinstance(data, dict):
-        arrays, source = data, "data"
-    else:
-        arrays, source = _inputs.load_npz(data), str(data)
-    prepared = _inputs.from_arrays(arrays, specs, batch_size=batch_size, source=source)
+    derived = first_step_inputs(specs, sample_keys(data)) if metric == "perplexity" else []
+    fed = [s for s in specs if s not in derived]
+    prepared = _inputs.read_samples(data, fed, batch_size=batch_size)
+    if derived:
+        prepared.batches = FirstStepBatches(prepared.batches, derived)
+        prepared.notices.append(
+            f"{', '.join(s.name for s in derived)}: not in the data; fed as a decoder's first "
+            "step (positions from attention_mask, empty pasts)"
+        )
     if prepared.labels is not None:
-        _inputs.check_labels(prepared.labels, _classes(session), source)
+        _inputs.check_labels(prepared.labels, _classes(session), prepared.source)
+    if input_shapes:
+        _inputs.check_shape_names(input_shapes, [s.name for s in specs])
     if input_shapes:
         prepared.notices.append("--input-shape is ignored: the shapes come from --data")
     return specs, prepared
@@ -284,6 +336,15 @@ class Validation:
     notices: list[str] = field(default_factory=list)
     generated: bool = False  # inputs made up from the model's types, not the user's samples
     agreement_note: str | None = None  # why there is no top-1 agreement, where there is none
+    metric: str = "top1"
+
+    @property
+    def perplexity_ratio(self) -> float | None:
+        """Candidate perplexity over the reference's (with metric "perplexity")."""
+        ref, cand = self.reference.perplexity, self.candidate.perplexity
+        if ref is None or cand is None or ref <= 0:
+            return None
+        return cand / ref
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -313,6 +374,11 @@ class Validation:
             "top1_agreement": self.agreement,
             "top1_agreement_note": self.agreement_note,
             "min_cosine": self.min_cosine,
+            **(
+                {"metric": self.metric, "perplexity_ratio": self.perplexity_ratio}
+                if self.metric != "top1"
+                else {}
+            ),
             "outputs": [asdict(o) for o in self.outputs],
             "reference": self.reference.to_dict(),
             "candidate": self.candidate.to_dict(),
@@ -374,19 +440,24 @@ def validate(
     reference: ModelSource,
     candidate: ModelSource,
     *,
-    data: str | os.PathLike | dict[str, np.ndarray] | None = None,
+    data: Samples | None = None,
     batch_size: int | None = None,
-    device: str = "auto",
+    device: str | Device = "auto",
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     seed: int = 0,
     latency: bool = True,
     batch_axes: dict[str, int] | None = None,
+    metric: str = "top1",
 ) -> Validation:
     """Run both models on the same inputs and compare; either may be a path or an `ir.Model`.
-    `batch_axes` (input -> axis) overrides the batch axes read from the model."""
+    `data`: an .npz path, a folder of .npz shards, arrays, or an iterable of input dicts;
+    `device`: auto, cuda, cpu or a `Device` naming execution providers; `metric` "perplexity"
+    also scores both models' next-token predictions; `batch_axes` (input -> axis) overrides the
+    batch axes read from the model."""
+    check_metric(metric)
     runtime = select_runtime(device)
     if runtime.note:
-        log.info("%s", runtime.note)
+        notice_once(runtime.note)
     with contextlib.ExitStack() as stack:
         ref_path = stack.enter_context(model_file(reference, "reference.onnx"))
         cand_path = stack.enter_context(model_file(candidate, "candidate.onnx"))
@@ -399,6 +470,7 @@ def validate(
             seed=seed,
             model=ref_path,
             batch_axes=batch_axes,
+            metric=metric,
         )
         for notice in data_.notices:
             log.info("%s", notice)
@@ -408,10 +480,13 @@ def validate(
         with ThreadPoolExecutor(max_workers=2) as pool:
             costs = [pool.submit(model_cost, p, shapes, values) for p in (ref_path, cand_path)]
             ref_run = run_model(
-                ref_path, data_, runtime, specs, latency=False, cost=False, session=session
-            )
+                ref_path, data_, runtime, specs, latency=False, cost=False, session=session,
+                metric=metric,
+            )  # fmt: skip
             del session
-            cand_run = run_model(cand_path, data_, runtime, specs, latency=False, cost=False)
+            cand_run = run_model(
+                cand_path, data_, runtime, specs, latency=False, cost=False, metric=metric
+            )
             ref_run.result.cost, cand_run.result.cost = (c.result() for c in costs)
         if latency:
             for run, path in ((ref_run, ref_path), (cand_run, cand_path)):
@@ -437,4 +512,5 @@ def validate(
         notices=list(data_.notices),
         generated=data_.generated,
         agreement_note=agreement_note(ref_run),
+        metric=metric,
     )

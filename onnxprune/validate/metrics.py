@@ -40,8 +40,9 @@ class OutputDiff:
     name: str
     max_abs: float
     mean_abs: float
-    max_rel: float
+    max_rel: float  # max |b - a| / max(|a|, 1e-6): huge wherever the reference is near zero
     cosine: float
+    rel_l2: float | None = None  # ||b - a|| / ||a||: the error's size against the output's
 
 
 class DiffAccumulator:
@@ -56,6 +57,7 @@ class DiffAccumulator:
         self.dot = 0.0
         self.norm_ref = 0.0
         self.norm_cand = 0.0
+        self.norm_diff = 0.0
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
         if ref.shape != cand.shape:
@@ -82,6 +84,7 @@ class DiffAccumulator:
         self.dot += float(a @ b)
         self.norm_ref += float(a @ a)
         self.norm_cand += float(b @ b)
+        self.norm_diff += float((b - a) @ (b - a))
 
     def result(self) -> OutputDiff:
         # sqrt of the product is exact for identical outputs (cosine exactly 1); on overflow,
@@ -98,6 +101,7 @@ class DiffAccumulator:
             mean_abs=self.sum_abs / self.count if self.count else 0.0,
             max_rel=self.max_rel,
             cosine=cosine if math.isnan(cosine) else min(1.0, cosine),  # NaN must fail gates
+            rel_l2=math.sqrt(self.norm_diff / self.norm_ref) if self.norm_ref > 0 else None,
         )
 
 
@@ -119,6 +123,59 @@ def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
 
 def agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.mean(reference == candidate)) if len(reference) else 0.0
+
+
+# Perplexity reads the token ids from this input and the padding from this one.
+TOKENS = "input_ids"
+MASK = "attention_mask"
+LOGITS = "logits"
+
+
+def logits_index(names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> int | None:
+    """Which output holds next-token logits: the one named 'logits', else the first of rank 3
+    ([batch, sequence, vocabulary]); None when there is none."""
+    if LOGITS in names:
+        return list(names).index(LOGITS)
+    return next((i for i, shape in enumerate(shapes) if len(shape) == 3), None)
+
+
+class PerplexityAccumulator:
+    """Next-token negative log-likelihood summed in float64 batch by batch: position t's logits
+    predict token t+1; a pair where either token is padding (attention_mask 0) is left out."""
+
+    def __init__(self) -> None:
+        self.nll = 0.0
+        self.tokens = 0
+
+    def update(self, logits: np.ndarray, ids: np.ndarray, mask: np.ndarray | None) -> None:
+        if logits.ndim != 3 or logits.shape[:2] != ids.shape:
+            raise DataError(
+                f"perplexity: logits of shape {list(logits.shape)} do not match {TOKENS} of "
+                f"shape {list(ids.shape)} ([batch, sequence, vocabulary] against [batch, "
+                "sequence])"
+            )
+        if ids.size and (ids.min() < 0 or ids.max() >= logits.shape[2]):
+            raise DataError(
+                f"perplexity: {TOKENS} holds ids outside the vocabulary of {logits.shape[2]}"
+            )
+        if mask is None:
+            mask = np.ones(ids.shape, dtype=bool)
+        elif mask.shape[1] > ids.shape[1]:  # past and current positions (KV cache): current only
+            mask = mask[:, -ids.shape[1] :]
+        x = logits[:, :-1].astype(np.float64)
+        x -= x.max(axis=-1, keepdims=True)
+        log_z = np.log(np.exp(x).sum(axis=-1))
+        target = np.take_along_axis(x, ids[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
+        valid = (mask[:, :-1] != 0) & (mask[:, 1:] != 0)
+        self.nll += float((log_z - target)[valid].sum())
+        self.tokens += int(valid.sum())
+
+    def result(self) -> float | None:
+        """exp(mean NLL); None when no token was predicted."""
+        if not self.tokens:
+            return None
+        mean = self.nll / self.tokens
+        return math.exp(mean) if mean < 700 else math.inf
 
 
 @dataclass
