@@ -1154,22 +1154,9 @@ def test_float16_model_counts_exactly_and_runs(tmp_path, criterion: str) -> None
     assert checked_run(out, data)[0].dtype == np.float16
 
 
-@pytest.mark.parametrize(
-    ("rounds", "expect"),
-    [
-        (None, [[0], [1, 2], [3], [4]]),
-        (4, [[0], [1, 2], [3], [4]]),
-        (2, [[0, 1, 2], [3, 4]]),
-        (1, [[0, 1, 2, 3, 4]]),
-    ],
-)
-def test_rounds_merge_consecutive_waves(rounds, expect) -> None:
-    from onnxprune.calibration.capture import merge_waves
-
-    assert merge_waves([[0], [1, 2], [3], [4]], rounds) == expect
-
-
-def test_fewer_rounds_keep_exact_counts(tmp_path) -> None:
+def test_sequential_walks_segments_with_exact_counts(tmp_path) -> None:
+    """A chain of Gemms: a segment per layer, each run alone from the activations kept at its
+    start (dense once, the pruned wave, the repaired segment once more): three runs each."""
     b = GraphBuilder(81)
     h = b.input("x", ["N", 12])
     for i in range(4):
@@ -1178,10 +1165,10 @@ def test_fewer_rounds_keep_exact_counts(tmp_path) -> None:
     b.node("Gemm", [h, b.weight((3, 12), name="Wout")], out="y", transB=1)
     b.output("y")
     data = {"x": np.random.default_rng(82).standard_normal((40, 12)).astype(np.float32)}
-    options = Calibration(data=data, device="cpu", rounds=2)
+    options = Calibration(data=data, device="cpu")
     _, report = onnxprune.prune(to_ir(b.model()), 0.6, calibration=options)
-    assert report.plan.pruned == round(0.6 * (4 * 144 + 36))
-    assert report.calibration.passes == 1 + 2
+    assert report.total_pruned == round(0.6 * (4 * 144 + 36))
+    assert report.calibration.passes == 1 + 3 * 5
 
 
 def test_conv_statistics_keep_a_fixed_subset_of_positions() -> None:

@@ -122,7 +122,6 @@ def prune_command(
     calibration: str | None,
     criterion: str | None,
     calibration_mode: str,
-    calibration_rounds: int | None,
     calibration_samples: int | None,
     bias_correction: bool,
     structured: bool,
@@ -189,7 +188,6 @@ def prune_command(
         bias_correction or (structured and calibration is None),
         batch_size,
         device,
-        calibration_rounds,
     )
     try:
         _, report = pipeline.prune(

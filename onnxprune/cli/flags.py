@@ -171,19 +171,11 @@ calibration_options = [
         type=click.Choice(["one-pass", "sequential"]),
         default="sequential",
         show_default=True,
-        help="sequential: each wave of layers measured on the model pruned so far and "
-        "re-solved against the dense model's outputs (more passes, much more accurate); "
-        "one-pass: every layer measured once on the dense model (fastest).",
-    ),
-    click.option(
-        "--calibration-rounds",
-        "calibration_rounds",
-        type=click.IntRange(min=1),
-        default=None,
-        metavar="N",
-        help="Sequential: measure in at most N rounds, merging consecutive waves (each round "
-        "runs the samples through the dense and the pruned model; default: one per wave of "
-        "equal depth). Fewer rounds are faster on deep models and less accurate.",
+        help="sequential: layers measured on the model pruned so far, segment by segment (the "
+        "model cut where little is alive, each piece run alone from the activations kept "
+        "there), and re-solved against the dense model's outputs (about one forward pass per "
+        "wave of a segment, much more accurate); one-pass: every layer measured once on the "
+        "dense model (fastest).",
     ),
     click.option(
         "--calibration-samples",
@@ -213,7 +205,6 @@ def calibration_settings(
     bias_correction: bool,
     batch_size: int | None,
     device: str,
-    rounds: int | None = None,
 ) -> Any:
     """The Calibration settings the options ask for (None without --calibration)."""
     if path is None:
@@ -222,7 +213,6 @@ def calibration_settings(
             for flag, used in (
                 ("--calibration-mode", mode != "sequential"),
                 ("--calibration-samples", samples is not None),
-                ("--calibration-rounds", rounds is not None),
                 ("--no-bias-correction", not bias_correction),
             )
             if used
@@ -240,7 +230,6 @@ def calibration_settings(
         batch_size=batch_size,
         device=device,
         bias_correction=bias_correction,
-        rounds=rounds,
     )
 
 

@@ -5,8 +5,9 @@ SparseGPT's OBS updates, the final mask chosen inside each column block with the
 (or, with an N:M pattern, the pattern chosen while sweeping the columns). Bias correction then
 moves each output's mean back to the dense one. One-pass repairs every layer from the dense
 model's statistics; sequential measures the layers again, wave by wave, on the model pruned so
-far and re-solves them against the dense model's outputs (`refit`), so a layer also makes up for
-what the layers before it lost. Weights without statistics were zeroed by the rewrite and stay so.
+far (segment by segment: calibration/walk.py) and re-solves them against the dense model's
+outputs (`refit`), so a layer also makes up for what the layers before it lost. Weights without
+statistics were zeroed by the rewrite and stay so.
 """
 
 from __future__ import annotations
@@ -17,12 +18,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calibration import solvers
-from onnxprune.calibration.capture import (
-    LayerStats,
-    Statistics,
-    collect,
-    measurement_rounds,
-)
+from onnxprune.calibration.capture import LayerStats, Statistics
+from onnxprune.calibration.walk import SequentialWalk
 from onnxprune.core.progress import step
 from onnxprune.inputs import Inputs
 from onnxprune.ops import Design
@@ -187,19 +184,17 @@ class RepairWeightsPass(ir.passes.InPlacePass):
                     self._repair(model, layers[i], stats, consts, aliases)
             else:
                 assert self.dense is not None, "sequential repair needs the dense model"
-                # the dense sums served the ranking; each round measures its own
+                # the dense sums served the ranking; each segment measures its own
                 stats.layers.clear()
                 stats.uses.clear()
                 weights = [layer.weight for layer in layers]
-                rounds = measurement_rounds(model, weights, measured, options.rounds)
-                self.result.passes += len(rounds)
-                for chosen in rounds:
-                    paired = collect(
-                        model, [weights[i] for i in chosen], self.samples, self.runtime,
-                        budget_bytes=options.budget_bytes, dense=self.dense, aliases=aliases,
-                    )  # fmt: skip
-                    for i in chosen:
+                walk = SequentialWalk(
+                    model, self.dense, weights, measured, self.samples, self.runtime, aliases
+                )
+                for wave, paired in walk.rounds():
+                    for i in wave:
                         self._repair(model, layers[i], paired, consts, aliases)
+                self.result.passes += walk.passes
         return ir.passes.PassResult(model, modified=bool(measured))
 
     def _repair(
