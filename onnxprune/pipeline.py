@@ -33,7 +33,7 @@ from onnxprune.options import (
     Validation,
     compile_patterns,
 )
-from onnxprune.report import Report, write_json
+from onnxprune.report import Report, json_text
 from onnxprune.rewrite import RemoveChannelsPass, ZeroWeightsPass
 from onnxprune.scoring import importance as importances
 from onnxprune.scoring.magnitude import MagnitudeStats, magnitude_hazard, magnitude_stats
@@ -72,6 +72,7 @@ def prune_weights(
     from onnxprune.repair import RepairWeightsPass
     from onnxprune.scoring.weights import weight_scores
 
+    weights.check_finite((w.name, w.tensor()) for w in found.weights)
     importance = importances.get(calibration.criterion)
     stats, samples, runtime, summary = capture.measure(model, found.weights, calibration)
     thin = [n for n, s in stats.layers.items() if s.rows < stats.designs[n][0].in_features]
@@ -134,6 +135,9 @@ def prune_channels(
         hit = [i for i, layer in enumerate(graph.layers) if named(layer, excludes)]
         channel_graph.freeze_layers(graph, hit, "matched by --exclude")
     channel_graph.check_removable(graph)
+    if calibration is not None or settings.compensate:  # the samples run through the weights
+        found = weights.find_weights(model, include=options.include, exclude=options.exclude)
+        weights.check_finite((w.name, w.tensor()) for w in found.weights)
     select = {
         "min_keep": options.min_keep,
         "round_to": settings.round_to,
@@ -333,8 +337,10 @@ def prune(
             [(output, "the output model"), (report, "the report")],
             force=force,
         )
-    if validation is not None and output is None:
-        raise InvalidArgumentError("validation compares the written model: give an output path")
+    if validation is not None and input_path is None:
+        raise InvalidArgumentError(
+            "validation compares the pruned model with the original: give the model as a path"
+        )
     if input_path is not None and (validation is not None or calibration is not None):
         _preflight(input_path, calibration, validation)
     if input_path is not None:
@@ -350,13 +356,23 @@ def prune(
     if input_path is not None:
         result.input_path = str(input_path)
         result.size_before = io.file_size(input_path)
+    # every output is prepared under a temporary name, then all are put in place together: a
+    # run that fails (data that does not fit, a full disk for the report) leaves what was there
+    staged: list[writer.StagedFile] = []
+    try:
+        if output is not None:
+            staged.append(_stage(model, result, output, input_path, save, force))
+        result.seconds = round(time.perf_counter() - start, 3)
+        if validation is not None:
+            _validate(result, validation, staged[0] if staged else model)
+        if report is not None:
+            staged.insert(0, writer.stage_text(report, json_text(result.to_dict()), force=force))
+        writer.commit_all(staged)  # the model last: its commit is the likeliest refused
+    finally:
+        for item in staged:
+            item.discard()
     if output is not None:
-        _write(model, result, output, input_path, save, force)
-    result.seconds = round(time.perf_counter() - start, 3)
-    if validation is not None:
-        _validate(result, validation)
-    if report is not None:
-        write_json(result.to_dict(), report, force=force)
+        result.size_after = io.file_size(result.output_path)  # type: ignore[arg-type]
     if validation is not None:
         from onnxprune.validate import check_gates
 
@@ -385,17 +401,18 @@ def _preflight(model: Path, calibration: Calibration | None, validation: Validat
     )
 
 
-def _write(
+def _stage(
     model: ir.Model,
     result: Report,
     output: str | os.PathLike,
     input_path: Path | None,
     save: Save,
     force: bool,
-) -> None:
+) -> writer.StagedFile:
+    """The pruned model written and checked under temporary names beside `output`."""
     with step(f"writing {output}"):
         layout = io.sparse_layout(model, save.sparse_storage)
-        out = io.save_model(
+        staged = io.stage_model(
             model,
             output,
             input_path=input_path,
@@ -406,21 +423,23 @@ def _write(
         )
     if layout is not None:
         result.extra["sparse_storage"] = layout.summary()
-    result.output_path = str(out)
-    result.size_after = io.file_size(out)
+    result.output_path = str(staged.out)
+    result.size_after = staged.size()
+    return staged
 
 
-def _validate(result: Report, options: Validation) -> None:
-    """Run the original and the pruned model side by side; the numbers go into the report. Data
-    that only a run shows does not fit (an output width the file leaves open, ONNX Runtime
-    refusing a batch) leaves no pruned model behind."""
+def _validate(result: Report, options: Validation, candidate: object) -> None:
+    """Run the original and the pruned model side by side (the pruned one as staged, before it
+    is in place); the numbers go into the report. Data that only a run shows does not fit (an
+    output width the file leaves open, ONNX Runtime refusing a batch) keeps no pruned model."""
     from onnxprune.validate import validate
 
-    assert result.input_path is not None and result.output_path is not None
+    assert result.input_path is not None
+    path = getattr(candidate, "path", None)
     try:
         measured = validate(
             result.input_path,
-            result.output_path,
+            str(path) if path is not None else candidate,  # type: ignore[arg-type]
             data=options.data,
             batch_size=options.batch_size,
             device=options.device,
@@ -429,9 +448,12 @@ def _validate(result: Report, options: Validation) -> None:
             latency=options.latency,
         )
     except DataError as exc:
-        for path in io.model_files(result.output_path):
-            path.unlink(missing_ok=True)
-        raise DataError(f"{exc} (no pruned model was kept)") from None
+        said = str(exc) if path is None else str(exc).replace(str(path), str(result.output_path))
+        raise DataError(f"{said} (no pruned model was kept)") from None
+    if path is not None:  # measured on the prepared files: reported under their final name
+        measured.candidate.path = str(result.output_path)
+        if measured.candidate.cost is not None:
+            measured.candidate.cost.file_bytes = result.size_after
     result.validation = measured
     result.extra["validation"] = measured.to_dict()
 

@@ -16,7 +16,7 @@ initial states are never pruned.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +25,8 @@ import onnx_ir as ir
 from onnxprune import ops
 from onnxprune.core import quantized
 from onnxprune.core.quantized import DequantizedTensor, Quantization
+from onnxprune.core.tensors import tensor_chunks
+from onnxprune.errors import ModelLoadError
 from onnxprune.options import compile_patterns
 
 # The registry's: ops with weights (messages list them), recurrent ones (W and R pruned
@@ -211,6 +213,28 @@ def source_of(value: ir.Value) -> tuple[ir.Value, ir.Node | None, ir.Node | None
     return None
 
 
+
+
+def check_finite(tensors: Iterable[tuple[str, ir.TensorProtocol]]) -> None:
+    """Refuse stored float tensors holding NaN or Inf, naming them: calibration multiplies the
+    samples through the weights and solves with them, so one NaN would spread through every
+    result and look like bad samples. (Magnitude pruning alone ranks NaN above every number,
+    never pruning it first: it runs.)"""
+    bad = []
+    for name, tensor in tensors:
+        if not tensor.dtype.is_floating_point():
+            continue
+        try:
+            finite = all(np.isfinite(chunk).all() for _, chunk in tensor_chunks(tensor))
+        except TypeError:  # a float type numpy cannot test: not judged
+            continue
+        if not finite:
+            bad.append(name)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ModelLoadError(
+            f"weight {bad[0]!r}{more} holds NaN or Inf: the model itself is damaged; re-export it"
+        )
 
 
 def find_weights(

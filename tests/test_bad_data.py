@@ -265,6 +265,29 @@ def test_labels_beyond_an_open_output_width_keep_no_model(tmp_path) -> None:
     assert_user_error(result, "'labels' holds 3")
 
 
+def test_data_refused_by_the_run_keeps_the_previous_output(tmp_path) -> None:
+    """--force over an output: validation runs on the prepared model before anything is put in
+    place, so data that only the run refuses leaves the previous output, its report and the
+    input as they were (it deleted the new output, the old one already gone)."""
+    model = open_width(tmp_path)
+    rng = np.random.default_rng(0)
+    good = npz(tmp_path / "g.npz", x=rng.standard_normal((8, 4)).astype(np.float32))
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    first = invoke(model, "-s", "0.5", "-o", out, "--report", report, "--data", good, "-q")
+    assert first.exit_code == 0, first.output
+    bad = npz(
+        tmp_path / "d.npz",
+        x=rng.standard_normal((8, 4)).astype(np.float32),
+        labels=np.array([0, 1, 2, 3, 0, 1, 2, 0]),
+    )
+    before = _snapshot(tmp_path)
+    args = ["-s", "0.9", "-o", out, "--report", report, "--data", bad, "--force", "-q"]
+    result = invoke(model, *args)
+    assert_user_error(result, "'labels' holds 3, but the model's first output has 3 classes")
+    assert "(no pruned model was kept)" in result.stderr and ".onnxprune-" not in result.stderr
+    assert _snapshot(tmp_path) == before
+
+
 def test_labels_in_range_pass(model, tmp_path) -> None:
     path = npz(tmp_path / "d.npz", x=x(), labels=np.arange(SAMPLES) % 10)
     result = invoke(model, "-s", "0.5", "--data", path, "--device", "cpu", "-q")
@@ -437,3 +460,92 @@ def test_input_shape_with_a_zero_dim_is_refused(model, tmp_path) -> None:
     result = invoke(model, "-s", "0.5", "--validate", "--input-shape", "x=0x3x8x8")
     assert_user_error(result, "a dimension of 0 makes an empty input")
     assert files(tmp_path) == before
+
+
+# -- the order of complaints, and what they name (issue 20) ------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--pattern", "5:4"], "--pattern '5:4': need 0 < N < M"),
+        (["--pattern", "two:four"], "--pattern 'two:four': write N:M"),
+        (["-s", "1.5"], "--sparsity 1.5: must be in [0, 1)"),
+        (["-s", "0.5", "--min-keep", "abc"], "--min-keep 'abc'"),
+        (["-s", "0.5", "--include", "("], "--include '(': not a regular expression"),
+        (["-s", "0.5", "--criterion", "wanda"], "--criterion wanda needs calibration samples"),
+        (["-s", "0.5", "--calibration-rounds", "2"], "--calibration-rounds needs --calibration"),
+        (["-s", "0.5", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["-s", "0.5", "--min-cosine", "3"], "--min-cosine 3.0: must be a number in [-1, 1]"),
+        (["-s", "0.5", "--heads"], "--heads removes whole attention heads"),
+    ],
+)
+def test_argument_errors_come_before_file_state_errors(model, tmp_path, args, message) -> None:
+    """A bad argument is said first, not "already exists" (which --force would only trade for
+    the same error) nor a missing data file."""
+    taken = tmp_path / "o.onnx"
+    taken.write_bytes(b"someone's file")
+    before = _snapshot(tmp_path)
+    result = invoke(model, *args, "-o", taken, "--data", tmp_path / "missing.npz")
+    assert_user_error(result, message)
+    assert _snapshot(tmp_path) == before
+
+
+def test_argument_errors_first_in_inspect_and_sweep(model, tmp_path) -> None:
+    taken = tmp_path / "r.json"
+    taken.write_text("keep")
+    cases = [
+        (["inspect", model, "-s", "2", "--report", taken], "--sparsity 2: must be in [0, 1)"),
+        (["sweep", model, "--sparsities", "2", "--report", taken], "--sparsities '2'"),
+        (["sweep", model, "--min-keep", "x", "--markdown", taken], "--min-keep 'x'"),
+        (
+            ["sweep", model, "--criteria", "foo", "--calibration", tmp_path / "no.npz"],
+            "--criteria 'foo'",
+        ),
+    ]
+    for args, message in cases:
+        assert_user_error(invoke(*args), message)
+    assert taken.read_text() == "keep"
+
+
+@pytest.mark.parametrize("option", ["--data", "--calibration"])
+def test_one_array_named_for_another_input_is_refused_by_name(model, tmp_path, option) -> None:
+    """One array for a one-input model is used only when it has no name of its own (np.savez's
+    arr_0): an array named for another input is another model's samples."""
+    samples = npz(tmp_path / "s.npz", input_ids=x())
+    before = _snapshot(tmp_path)
+    result = invoke(model, "-s", "0.5", "-o", tmp_path / "o.onnx", option, samples)
+    assert_user_error(result, "the array is named 'input_ids', the model's input 'x'")
+    assert _snapshot(tmp_path) == before
+    np.savez(tmp_path / "u.npz", x())  # unnamed: arr_0
+    ok = invoke(model, "-s", "0.5", "-o", tmp_path / "o.onnx", option, tmp_path / "u.npz", "-q")
+    assert ok.exit_code == 0, ok.output
+
+
+def nan_weight_model(value: float) -> GraphBuilder:
+    b = GraphBuilder(0)
+    h = b.node("Relu", [b.node("MatMul", [b.input("x", ["N", 16]), b.weight((16, 32))])])
+    w = np.random.default_rng(1).standard_normal((32, 8)).astype(np.float32)
+    w[3, 4] = value
+    b.node("MatMul", [h, b.weight((32, 8), name="head", array=w)], out="y")
+    b.output("y", shape=["N", 8])
+    return b
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize(
+    "extra", [[], ["--criterion", "wanda"], ["--structured"]], ids=["sparsegpt", "wanda", "ch"]
+)
+def test_nan_weights_are_named_as_the_models_not_the_samples(tmp_path, value, extra) -> None:
+    src = save(nan_weight_model(value).model(), tmp_path / "m.onnx")
+    rows = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    calib = npz(tmp_path / "c.npz", x=rows)
+    before = _snapshot(tmp_path)
+    result = invoke(src, "-s", "0.5", "-o", tmp_path / "o.onnx", "--calibration", calib, *extra)
+    assert_user_error(result, "weight 'head' holds NaN or Inf: the model itself is damaged")
+    assert "calibration data" not in result.stderr
+    assert _snapshot(tmp_path) == before

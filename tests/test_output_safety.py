@@ -5,8 +5,11 @@ documented exit code (0, 1, 2, 3, 130, 143)."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -229,8 +232,11 @@ def test_failure_at_every_step_of_a_save(tmp_path, monkeypatch, step) -> None:
 
 @pytest.mark.parametrize("step", io.SAVE_STEPS)
 def test_kill_at_every_step_of_a_save(tmp_path, step) -> None:
-    """SIGKILL (nothing can clean up): a reader still sees one whole model with its own data,
-    and the next run removes what the killed one left, and says so."""
+    """SIGKILL (nothing can clean up): a reader still sees one whole model with its own data.
+    The next run removes the killed run's temporary files and says so; a kill inside the commit
+    also leaves one final file that nothing reads (the new data file before the model was in
+    place, the replaced one after), which it names and never deletes (issue 20: a later run
+    deletes only provable temporaries)."""
     src, out, before = _previous_output(tmp_path)
     old = zeros(out)
     killer = (
@@ -258,7 +264,11 @@ def test_kill_at_every_step_of_a_save(tmp_path, step) -> None:
     assert not temporaries(tmp_path)
     names = sorted(os.listdir(tmp_path))
     data = [p.name for p in io.model_files(out)[1:]]
-    assert names == sorted(["m.onnx", "m.onnx.data", "o.onnx", *data]), names
+    left = sorted(set(names) - {"m.onnx", "m.onnx.data", "o.onnx", *data})
+    assert len(left) == (step in ("data placed", "committing", "committed")), names
+    for name in left:
+        assert f"{tmp_path / name} was left by a run killed while it put {out}" in again.stderr
+        assert (tmp_path / name).stat().st_size > 0
     if step not in ("cleaned",):
         assert "temporary file(s) an interrupted run left" in again.stderr
 
@@ -283,88 +293,184 @@ def test_stale_temporaries_of_live_runs_are_kept(tmp_path, caplog) -> None:
 # -- interrupts and signals -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def big(tmp_path_factory) -> Path:
-    """About 300 MB of weights in a data file: a run takes a second or two."""
-    folder = tmp_path_factory.mktemp("big")
-    rng = np.random.default_rng(0)
-    dims = [512, 4096, 4096, 4096, 4096, 512]
-    nodes, inits, x = [], [], "x"
-    for i, (a, b) in enumerate(itertools.pairwise(dims)):
-        inits.append(numpy_helper.from_array(rng.standard_normal((a, b), np.float32), f"w{i}"))
-        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"]))
-        x = f"h{i}"
-    graph = helper.make_graph(
-        nodes,
-        "big",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 512])],
-        inits,
+# Where a signal can land, in the order a run meets them: "start" is the launcher's first moment
+# with its handlers in place (before the heavy imports), "loading" and "pruning" the work, then
+# every step of the save. No test guesses how long a step takes: each child sends its signal to
+# itself at the moment named, or says when it is ready (ONNXPRUNE_READY_FD) and waits for it.
+MOMENTS = ("start", "loading", "pruning", *io.SAVE_STEPS)
+HELD = ("data placed", "committing", "committed", "cleaned")  # inside a commit: signals wait
+
+SIGNALLED = """
+import os, signal, sys
+moment, signum, ignored = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "ignored"
+if ignored:  # as `nohup` and a shell's background job leave it
+    signal.signal(signum, signal.SIG_IGN)
+else:  # as a terminal leaves it, whatever this test run inherited (`make test &` ignores SIGINT)
+    signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+def fire(*args, **kwargs):
+    os.kill(os.getpid(), signum)
+from onnxprune import launch
+if moment == "start":
+    launch._say_ready = fire
+else:
+    import onnxprune.storage.io as io, onnxprune.pipeline as pipeline
+    def at(name, real):
+        def wrapped(*args, **kwargs):
+            fire()
+            return real(*args, **kwargs)
+        return wrapped
+    if moment == "loading":
+        io.load_model = at("loading", io.load_model)
+    elif moment == "pruning":
+        pipeline.ZeroWeightsPass = at("pruning", pipeline.ZeroWeightsPass)
+    else:
+        io._fault = lambda step: fire() if step == moment else None
+sys.argv = ["onnxprune", *sys.argv[4:]]
+launch.main()
+"""
+
+
+def signalled(
+    moment: str, signum: int, *args: object, ignored: bool = False
+) -> subprocess.CompletedProcess:
+    """Run onnxprune through its launcher; it sends itself `signum` at `moment`."""
+    command = [sys.executable, "-c", SIGNALLED, moment, str(int(signum))]
+    command += ["ignored" if ignored else "handled", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+SIGNALS = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+
+
+@pytest.mark.parametrize(
+    ("moment", "signum"),
+    [
+        *itertools.product(MOMENTS, [signal.SIGINT, signal.SIGTERM]),
+        *((m, s) for m in ("start", "pruning", "committing") for s in SIGNALS[2:]),
+    ],
+    ids=lambda v: signal.Signals(v).name if isinstance(v, int) else v,
+)
+def test_a_signal_at_every_moment_of_a_run(tmp_path, moment, signum) -> None:
+    """Before the commit: one line, 128 + the signal, the previous output and its data as they
+    were, nothing left. Inside the commit the signal waits for it to end: the new output whole,
+    named in the line."""
+    src, out, before = _previous_output(tmp_path)
+    proc = signalled(moment, signum, src, "-s", "0.9", "-o", out, "--force", "-q")
+    assert proc.returncode == 128 + signum, proc.stderr
+    line = one_line(proc.stderr)
+    name = "interrupted" if signum == signal.SIGINT else f"terminated ({signum.name})"
+    assert line.startswith(f"onnxprune: {name}")
+    assert not temporaries(tmp_path)
+    if moment in HELD:
+        assert line.endswith(f"{out} was written whole")
+        assert zeros(out) > zeros(src) and len(io.model_files(out)) == 2
+        assert {k: v for k, v in snapshot(tmp_path).items() if k.startswith("m.")} == {
+            k: v for k, v in before.items() if k.startswith("m.")
+        }
+    else:
+        assert line.endswith("nothing was written")
+        if moment == "start":
+            assert "while starting" in line
+        assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+@pytest.mark.parametrize("moment", ["start", "written", "committing"])
+def test_an_ignored_hang_up_stays_ignored(tmp_path, moment) -> None:
+    """`nohup onnxprune ... &`: SIGHUP was ignored when the process started, so a hang-up at
+    any moment, inside a commit too, leaves the run going (it died with 129)."""
+    src, out, before = _previous_output(tmp_path)
+    proc = signalled(moment, signal.SIGHUP, src, "-s", "0.9", "-o", out, "--force", ignored=True)
+    assert proc.returncode == 0, proc.stderr
+    assert zeros(out) > zeros(src) and not temporaries(tmp_path)
+    assert {k: v for k, v in snapshot(tmp_path).items() if k.startswith("m.")} == {
+        k: v for k, v in before.items() if k.startswith("m.")
+    }
+
+
+def as_from_a_terminal() -> None:
+    """In the child before it runs: the signals as a terminal leaves them. A test run started in
+    the background (`make test &`, some CI runners) ignores SIGINT, and an ignored signal stays
+    ignored (nohup must keep working): without this, Ctrl-C tests would test nothing."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_DFL)
+
+
+def started(command: list[str], **popen: object) -> subprocess.Popen:
+    """Start a command and return once onnxprune's launcher says its handlers are in place."""
+    read, write = os.pipe()
+    env = {**os.environ, "ONNXPRUNE_READY_FD": str(write)}
+    proc = subprocess.Popen(
+        command,
+        pass_fds=(write,),
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=as_from_a_terminal,
+        **popen,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    path = folder / "big.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, location="big.onnx.data")
-    return path
+    os.close(write)
+    with os.fdopen(read) as ready:
+        said = ready.readline()  # "" if the child closed it unsaid: then its stderr says why
+    assert said == "ready\n", proc.communicate(timeout=60)
+    return proc
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signals_during_a_big_run(big, tmp_path, signum) -> None:
-    out = tmp_path / "o.onnx"
-    first = cli(big, "-s", "0.3", "-o", out, "-q")
-    assert first.returncode == 0, first.stderr
-    before = snapshot(tmp_path)
-    args = [sys.executable, "-m", "onnxprune", str(big), "-s", "0.7", "-o", str(out), "--force"]
-    outcomes = set()
-    for delay in (0.05, 0.4, 0.8, 1.2, 1.6, 2.2):
-        proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        time.sleep(delay)
-        proc.send_signal(signum)
-        stderr = proc.communicate(timeout=120)[1]
-        outcomes.add(proc.returncode)
-        assert "Traceback" not in stderr, stderr
-        assert not temporaries(tmp_path), delay
-        if proc.returncode == 0:  # finished before the signal: the new output, whole
-            assert len(io.model_files(out)) == 2
-            before = snapshot(tmp_path)
-            continue
-        if "was written whole" in stderr:  # the signal came after the commit
-            assert proc.returncode == 128 + signum and len(io.model_files(out)) == 2
-            before = snapshot(tmp_path)
-            continue
-        assert snapshot(tmp_path) == before, delay
-        if proc.returncode == -signum:  # before the interpreter ran any of onnxprune's code
-            assert not stderr
-            continue
-        assert proc.returncode == 128 + signum, (delay, stderr)
-        last = one_line(stderr)
-        assert last.startswith(
-            "onnxprune: interrupted"
-            if signum == signal.SIGINT
-            else "onnxprune: terminated (SIGTERM)"
-        )
-        assert snapshot(tmp_path) == before, delay
-    assert 128 + signum in outcomes
-
-
-def test_interrupt_during_start_up(tmp_path) -> None:
-    src = save(small_cnn(), tmp_path / "m.onnx")
+def console_script() -> Path:
     command = Path(sys.executable).with_name("onnxprune")  # the console script users run
     if not command.is_file():
         pytest.skip("the onnxprune command is not installed beside this Python")
-    for delay in (0.1, 0.2, 0.3, 0.4):
-        proc = subprocess.Popen(
-            [command, str(src), "-s", "0.5", "-o", str(tmp_path / "o.onnx"), "--force"],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
-        stderr = proc.communicate(timeout=60)[1]
-        assert "Traceback" not in stderr, (delay, stderr)
-        # -SIGINT: before the interpreter itself had set up its handler
-        assert proc.returncode in (0, 130, -signal.SIGINT), (delay, proc.returncode, stderr)
-        if proc.returncode == 130:
-            assert one_line(stderr).startswith("onnxprune: interrupted")
+    return command
+
+
+def test_interrupt_during_start_up(tmp_path) -> None:
+    """Ctrl-C once the launcher is ready (it is importing ONNX Runtime then, for half a second):
+    one line and 130; should the run win the race, the output is whole. A Ctrl-C inside
+    CPython's own start-up, before onnxprune runs at all, is the interpreter's (README)."""
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    before = src.read_bytes()
+    out = tmp_path / "o.onnx"
+    proc = started([console_script(), src, "-s", "0.5", "-o", out])
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode in (0, 130), stderr  # 0: the run finished before the signal came
+    if proc.returncode == 130:
+        assert one_line(stderr).startswith("onnxprune: interrupted")
+        assert not out.exists()
+    else:
+        assert zeros(out) > 0
+    assert src.read_bytes() == before and not temporaries(tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("nohup") is None, reason="no nohup command")
+def test_nohup_outlives_the_hang_up(tmp_path) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    before = src.read_bytes()
+    out = tmp_path / "o.onnx"
+    proc = started(["nohup", console_script(), src, "-s", "0.5", "-o", out, "-q"], cwd=tmp_path)
+    proc.send_signal(signal.SIGHUP)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 0, stderr
+    assert zeros(out) > 0 and src.read_bytes() == before and not temporaries(tmp_path)
+
+
+def test_handlers_keep_an_inherited_ignore() -> None:
+    if not hasattr(signal, "SIGHUP"):
+        pytest.skip("POSIX signals")
+    previous = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        writer.install_signal_handlers()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+        with writer.signals_deferred():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)  # ignored: nothing is raised after the block
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def test_interrupt_after_the_output_is_in_place_says_so(tmp_path, monkeypatch) -> None:
@@ -524,3 +630,303 @@ def test_a_forged_claim_never_reaches_outside_its_folder(tmp_path) -> None:
                      '"replaced": []}')  # fmt: skip
     assert invoke(src, "-s", "0.5", "-o", folder / "o.onnx").exit_code == 0
     assert victim.read_bytes() == b"keep" and not claim.exists()
+
+
+# -- issue 20: a later run deletes only its own temporaries -------------------------------------
+
+
+def forged(folder: Path, kind: str, pid: int = 999999999) -> Path:
+    """A name of onnxprune's own temporary pattern, this host, a pid that is not running."""
+    return folder / f"{writer.TEMP_PREFIX}{writer._HOST}-{pid}-f0.{kind}{writer.TEMP_SUFFIX}"
+
+
+def identity(path: Path) -> list[int]:
+    st = os.lstat(path)
+    return [st.st_dev, st.st_ino, st.st_size]
+
+
+@pytest.fixture
+def shared(tmp_path) -> tuple[Path, Path, Path, dict[str, bytes]]:
+    """A shared output folder: the input with its data file, a previous output with its data
+    file, a user's file, a symlink to a file in another folder; and that other folder."""
+    folder, elsewhere = tmp_path / "shared", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    src = external(folder)
+    out = folder / "o.onnx"
+    assert invoke(src, "-s", "0.5", "-o", out, "-q").exit_code == 0
+    (folder / "notes.txt").write_text("a colleague's notes")
+    (elsewhere / "victim.data").write_bytes(b"somebody's data")
+    os.symlink(elsewhere / "victim.data", folder / "link.data")
+    os.symlink(elsewhere / "victim.data", folder / "o.onnx.5.data")  # named like a data file
+    return src, out, elsewhere, {**snapshot(folder), **snapshot(elsewhere)}
+
+
+TARGETS = [
+    "m.onnx",
+    "m.onnx.data",
+    "o.onnx",
+    "o.onnx.data",
+    "notes.txt",
+    "link.data",
+    "o.onnx.5.data",
+    "../elsewhere/victim.data",
+]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("when", ["before the model", "after the model"])
+def test_a_forged_claim_deletes_nothing_it_names(shared, target, when, caplog) -> None:
+    """A claim written by anyone, naming the input, the output, a user file, a symlink or a file
+    in another folder, with their true device, inode and size (the strongest forgery): the run
+    deletes none of them, says nothing about them, and removes only the claim itself."""
+    src, out, elsewhere, before = shared
+    folder = src.parent
+    name = target
+    true = identity(folder / target) if os.path.lexists(folder / target) else [0, 0, 0]
+    record = {"model": out.name, "data": "", "replaced": []}
+    if when == "before the model":  # the output is not the claimed model: its data file goes
+        record.update(model_id=[0, 0], data=name, data_id=true)
+    else:  # the output is the claimed model: the files it replaced go
+        record.update(model_id=identity(out)[:2], replaced=[[name, *true]])
+    claim = forged(folder, "claim")
+    claim.write_text(json.dumps(record))
+    result = invoke(src, "-s", "0.7", "-o", out, "--force", "-q")
+    assert result.exit_code == 0, result.output
+    after = {**snapshot(folder), **snapshot(elsewhere)}
+    for kept in ("m.onnx", "m.onnx.data", "notes.txt", "link.data", "o.onnx.5.data"):
+        assert after[kept] == before[kept], kept
+    assert after["victim.data"] == before["victim.data"]
+    assert os.path.islink(folder / "link.data") and os.path.islink(folder / "o.onnx.5.data")
+    assert zeros(out) > zeros(src) and not temporaries(folder)
+    assert "was left by a run killed" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "content", ["[" * 60000 + "]" * 60000, "{" * 100000, "x" * (1 << 20), ""], ids=str.__len__
+)
+def test_a_claim_that_is_not_one_is_only_removed(shared, content) -> None:
+    """A nesting bomb, a truncated record, a megabyte of junk, nothing: exit 0, the claim gone
+    (a temporary of onnxprune's pattern, a dead run's), nothing else touched."""
+    src, out, elsewhere, before = shared
+    claim = forged(src.parent, "claim")
+    claim.write_text(content)
+    fifo = forged(src.parent, "data", pid=999999998)
+    os.mkfifo(fifo)  # never opened: not a regular file
+    result = invoke(src, "-s", "0.7", "-o", out, "--force", "-q")
+    assert result.exit_code == 0, result.output
+    assert not claim.exists() and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    after = {**snapshot(src.parent), **snapshot(elsewhere)}
+    assert {k: after[k] for k in ("m.onnx", "m.onnx.data", "notes.txt", "victim.data")} == {
+        k: before[k] for k in ("m.onnx", "m.onnx.data", "notes.txt", "victim.data")
+    }
+
+
+def test_forged_temporary_names_are_judged_by_what_they_are(shared) -> None:
+    """Named like onnxprune's temporaries of a dead run: a symlink (to a user file) is left
+    alone, a hard link to the input is left alone (the input is never touched), a hard link to a
+    user file loses only that name; the user's file and the input keep every byte."""
+    src, out, _, before = shared
+    folder = src.parent
+    symlink, to_input, to_user = forged(folder, "onnx"), forged(folder, "data"), forged(folder, "x")
+    os.symlink(folder / "notes.txt", symlink)
+    os.link(src, to_input)  # (a second name of its data file would make the input refused)
+    os.link(folder / "notes.txt", to_user)
+    result = invoke(src, "-s", "0.7", "-o", out, "--force", "-q")
+    assert result.exit_code == 0, result.output
+    assert os.path.islink(symlink) and to_input.exists() and not to_user.exists()
+    after = snapshot(folder)
+    for kept in ("m.onnx", "m.onnx.data", "notes.txt"):
+        assert after[kept] == before[kept]
+
+
+def test_an_input_named_like_a_temporary_is_never_removed(tmp_path) -> None:
+    src = forged(tmp_path, "onnx")
+    onnx.save(small_cnn(), str(src))
+    before = src.read_bytes()
+    result = invoke(src, "-s", "0.5", "-o", tmp_path / "o.onnx", "-q")
+    assert result.exit_code == 0, result.output
+    assert src.read_bytes() == before and zeros(tmp_path / "o.onnx") > 0
+    assert sorted(os.listdir(tmp_path)) == sorted([src.name, "o.onnx"])
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
+def test_another_users_temporary_is_left_alone(tmp_path) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    theirs = forged(tmp_path, "onnx")
+    theirs.write_bytes(b"another user's run")
+    os.chown(theirs, 65534, 65534)
+    assert invoke(src, "-s", "0.5", "-o", tmp_path / "o.onnx", "-q").exit_code == 0
+    assert theirs.read_bytes() == b"another user's run"
+
+
+# -- issue 20: a failed run leaves what was there -----------------------------------------------
+
+
+RACER = """
+import sys
+from contextlib import contextmanager
+from onnxprune.storage import io, writer
+role = sys.argv[1]
+def say(word):
+    print(word, flush=True)
+if role == "holder":  # pauses inside its commit, holding the folder's lock
+    def fault(step):
+        if step == "data placed":
+            say("paused")
+            sys.stdin.readline()
+    io._fault = fault
+else:  # says when it is about to take the lock
+    real = writer.folder_lock
+    @contextmanager
+    def announced(folder):
+        say("locking")
+        with real(folder):
+            yield
+    writer.folder_lock = announced
+from onnxprune.cli import main
+main(sys.argv[2:])
+"""
+
+
+def test_two_forced_runs_onto_one_output_leave_one_data_file(tmp_path) -> None:
+    """Both read the output before either replaced it, and the earlier run's data file stayed
+    behind. Now they take turns: one commits while the other waits at the folder's lock, then
+    the second replaces the first's model and its data file with it."""
+    src, out, _ = _previous_output(tmp_path)
+    args = [src, "-s", "0.9", "-o", out, "--force", "--external-data", "-q"]
+
+    def start(role: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-c", RACER, role, *map(str, args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+
+    holder = start("holder")
+    assert holder.stdout.readline() == "paused\n", holder.communicate()
+    waiter = start("waiter")
+    assert waiter.stdout.readline() == "locking\n", waiter.communicate()
+    holder.stdin.write("go\n")
+    holder.stdin.flush()
+    for proc in (holder, waiter):
+        stderr = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 0, stderr
+    data = [p.name for p in io.model_files(out)[1:]]
+    assert len(data) == 1 and zeros(out) > zeros(src)
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.onnx", "m.onnx.data", "o.onnx", *data])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_a_commit_holds_its_folder_against_other_processes(tmp_path) -> None:
+    probe = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n"
+        "    sys.exit(1)\n"
+    )
+    command = [sys.executable, "-c", probe, str(tmp_path)]
+    with writer.folder_lock(tmp_path):
+        assert subprocess.run(command, timeout=60).returncode == 1
+    assert subprocess.run(command, timeout=60).returncode == 0
+
+
+def test_three_forced_runs_at_once_leave_one_model_and_its_data(tmp_path) -> None:
+    src, out, _ = _previous_output(tmp_path)
+    args = [sys.executable, "-m", "onnxprune", src, "-s", "0.9", "-o", out, "--force", "-q"]
+    args = [*map(str, args), "--external-data"]
+    procs = [subprocess.Popen(args, stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(3)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    data = [p.name for p in io.model_files(out)[1:]]
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.onnx", "m.onnx.data", "o.onnx", *data])
+
+
+def full_disk_for(part: str):
+    """`writer.sync` failing with ENOSPC for temporary files of one kind (`part`: reports and
+    tables; the model's are `onnx` and `data`)."""
+    real = writer.sync
+
+    def sync(path: Path) -> None:
+        if f".{part}{writer.TEMP_SUFFIX}" in path.name:
+            raise OSError(28, "No space left on device")
+        real(path)
+
+    return sync
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["fresh", "force-over-previous"])
+def test_a_report_the_disk_has_no_room_for_leaves_no_model(tmp_path, monkeypatch, previous):
+    """The report is written before anything is put in place: no room for it, and the folder is
+    as it was (with --force, the previous output, its data file and report too); the rerun
+    does not find an output "already exists"."""
+    src = external(tmp_path)
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    force = ["--force"] if previous else []
+    if previous:
+        assert invoke(src, "-s", "0.5", "-o", out, "--report", report, "-q").exit_code == 0
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(writer, "sync", full_disk_for("part"))
+    result = invoke(src, "-s", "0.9", "-o", out, "--report", report, "-q", *force)
+    assert result.exit_code == 2
+    assert "No space left on device" in one_line(result.stderr)
+    assert snapshot(tmp_path) == before and not temporaries(tmp_path)
+    monkeypatch.undo()
+    again = invoke(src, "-s", "0.9", "-o", out, "--report", report, "-q", *force)
+    assert again.exit_code == 0, again.output
+    assert json.loads(report.read_text())["output"] == str(out) and zeros(out) > 0
+
+
+def test_a_model_refused_at_its_commit_takes_the_report_back(tmp_path, monkeypatch) -> None:
+    """The report goes in place first; the model, last, is refused (a file appeared at the
+    output meanwhile): the report is taken back, and the file that appeared is not touched."""
+    src = external(tmp_path)
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+
+    def other_run_wins(step: str) -> None:
+        if step == "committing":
+            out.write_bytes(b"the other run's model")
+
+    monkeypatch.setattr(io, "_fault", other_run_wins)
+    result = invoke(src, "-s", "0.5", "-o", out, "--report", report)
+    assert result.exit_code == 2 and "created while this run worked" in one_line(result.stderr)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data", "o.onnx"]
+    assert out.read_bytes() == b"the other run's model"
+
+
+def test_a_forced_report_taken_back_restores_the_previous_one(tmp_path, monkeypatch) -> None:
+    src = external(tmp_path)
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    report.write_text("the previous report")
+
+    def refused(step: str) -> None:
+        if step == "committing":
+            raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(io, "_fault", refused)
+    result = invoke(src, "-s", "0.5", "-o", out, "--report", report, "--force")
+    assert result.exit_code in (2, 3) and "Traceback" not in result.stderr
+    assert report.read_text() == "the previous report"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data", "r.json"]
+
+
+def test_sweep_outputs_all_or_none(tmp_path, monkeypatch) -> None:
+    src = save(small_cnn(), tmp_path / "m.onnx")
+    markdown, report = tmp_path / "t.md", tmp_path / "r.json"
+    real = writer.sync
+
+    def no_room_for_the_second(path: Path) -> None:
+        if path.name.endswith(f".part{writer.TEMP_SUFFIX}") and no_room_for_the_second.seen:
+            raise OSError(28, "No space left on device")
+        no_room_for_the_second.seen += path.name.endswith(f".part{writer.TEMP_SUFFIX}")
+        real(path)
+
+    no_room_for_the_second.seen = 0
+    monkeypatch.setattr(writer, "sync", no_room_for_the_second)
+    args = ["sweep", src, "--sparsities", "0.5", "--markdown", markdown, "--report", report]
+    result = invoke(*args)
+    assert result.exit_code == 2 and "No space left" in one_line(result.stderr)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -76,7 +77,12 @@ class DefaultCommandGroup(click.Group):
         argv = list(sys.argv[1:] if args is None else args)
         writer.forget_written()
         try:
-            code = super().main(argv, prog_name, standalone_mode=False, **extra)
+            with warnings.catch_warnings():
+                if not _debugging(argv):
+                    # numpy's "invalid value" notes on a damaged model's NaN weights are not
+                    # lines for a user: the outcome is said in the one line of the result
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                code = super().main(argv, prog_name, standalone_mode=False, **extra)
         except click.exceptions.Abort as exc:  # an interrupt while click parsed the arguments
             cause = exc.__cause__
             sys.exit(

@@ -20,6 +20,7 @@ from onnxprune.cli.flags import (
     with_options,
 )
 from onnxprune.errors import ValidationFailed
+from onnxprune.options import MinKeep
 from onnxprune.report import write_json
 from onnxprune.storage import writer
 
@@ -487,24 +488,25 @@ def sweep_command(
       onnxprune sweep model.onnx --data val.npz --structured --calibration calib.npz
     """
     from onnxprune import inputs, sweep
+    from onnxprune.report import json_text
     from onnxprune.report import sweep as report_sweep
     from onnxprune.validate import preflight
 
     setup_logging(False)
+    # every argument before any file: a bad value is the first complaint
+    shapes = inputs.parse_input_shapes(input_shape)
     channels = structured_settings(
-        structured,
-        target=target,
-        round_to=round_to,
-        heads=heads,
-        input_shapes=inputs.parse_input_shapes(input_shape),
+        structured, target=target, round_to=round_to, heads=heads, input_shapes=shapes
     )
-    preflight(
-        model,
-        data=data,
-        calibration=calibration,
-        batch_size=batch_size,
-        input_shapes=inputs.parse_input_shapes(input_shape),
+    points = sweep.parse_sparsities(sparsities)
+    MinKeep.parse(min_keep)
+    chosen = [c.strip() for c in criteria.split(",") if c.strip()]
+    sweep.methods_for(min_keep, channels is not None, chosen if calibration is not None else None)
+    settings = calibration_settings(
+        calibration, None, calibration_mode, None, True, batch_size, device
     )
+    inputs.check_batch_size(batch_size)
+    preflight(model, data=data, calibration=calibration, batch_size=batch_size, input_shapes=shapes)
     pipeline.check_outputs(
         pipeline.input_files(model, data=data, calibration=calibration),
         [(markdown, "the Markdown table"), (plot, "the plot"), (report_path, "the report")],
@@ -514,23 +516,30 @@ def sweep_command(
         report_sweep.check_plotting()
     result = sweep.sweep(
         model,
-        sweep.parse_sparsities(sparsities),
+        points,
         data=data,
         min_keep=min_keep,
         batch_size=batch_size,
         device=device,
-        input_shapes=inputs.parse_input_shapes(input_shape),
+        input_shapes=shapes,
         seed=seed,
         structured=channels,
-        calibration=calibration_settings(
-            calibration, None, calibration_mode, None, True, batch_size, device
-        ),
-        criteria=[c.strip() for c in criteria.split(",") if c.strip()],
+        calibration=settings,
+        criteria=chosen,
     )
     click.echo(report_sweep.format_sweep(result))
-    if markdown:
-        writer.write_text(markdown, report_sweep.format_markdown(result) + "\n", force=force)
+    outputs: list[writer.StagedFile] = []
+    try:  # all of them or none
+        if markdown:
+            text = report_sweep.format_markdown(result) + "\n"
+            outputs.append(writer.stage_text(markdown, text, force=force))
+        if plot:
+            outputs.append(writer.stage_file(plot, report_sweep.drawing(result), force=force))
+        if report_path:
+            outputs.append(writer.stage_text(report_path, json_text(result.to_dict()), force=force))
+        writer.commit_all(outputs)
+    finally:
+        for item in outputs:
+            item.discard()
     if plot:
-        click.echo(f"plot written to {report_sweep.plot_sweep(result, plot, force=force)}")
-    if report_path:
-        write_json(result.to_dict(), report_path, force=force)
+        click.echo(f"plot written to {plot}")

@@ -190,7 +190,8 @@ def initializer_head(tensor: ir.TensorProtocol, name: str) -> bytes | None:
     """What `write_initializer` writes before a plain tensor's payload (`tensor.nbytes` bytes
     follow it); None for tensors that go through onnx-ir's serialiser instead."""
     dtype = tensor.dtype
-    plain = dtype.bitwidth % 8 == 0 and dtype != ir.DataType.STRING and sys.byteorder == "little"
+    # STRING first: onnx-ir has no bit width for it (asking raises)
+    plain = dtype != ir.DataType.STRING and dtype.bitwidth % 8 == 0 and sys.byteorder == "little"
     if not plain:
         return None
     length = tensor.nbytes

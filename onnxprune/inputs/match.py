@@ -62,6 +62,10 @@ class Matched:
     notices: list[str]
 
 
+# The name np.savez gives an array passed without a keyword: the one name any single input takes.
+UNNAMED = "arr_0"
+
+
 def match(
     arrays: Mapping[str, Any],
     specs: Sequence[InputSpec],
@@ -69,9 +73,9 @@ def match(
     batch_size: int | None = None,
     source: str = "data",
 ) -> Matched:
-    """Match arrays to inputs by name (one unnamed array is fine for one input) and check them:
-    dtypes, ranks, fixed dims, equal sample counts, labels. Works on arrays and on headers alike,
-    so a file is checked before its data is read."""
+    """Match arrays to inputs by name (one unnamed array, `arr_0`, is fine for one input) and
+    check them: dtypes, ranks, fixed dims, equal sample counts, labels. Works on arrays and on
+    headers alike, so a file is checked before its data is read."""
     check_batch_size(batch_size)
     arrays = dict(arrays)
     labels = arrays.pop(LABELS, None)
@@ -79,6 +83,11 @@ def match(
     by_input: dict[str, tuple[str, Any]] = {}
     if len(specs) == 1 and specs[0].name not in arrays and len(arrays) == 1:
         key = next(iter(arrays))
+        if key != UNNAMED:  # a name of its own is another input's: a different model's samples
+            raise DataError(
+                f"{source}: the array is named {key!r}, the model's input {specs[0].name!r}; "
+                f"name it {specs[0].name!r} (or save it unnamed: np.savez(path, array))"
+            )
         by_input[specs[0].name] = (key, arrays[key])
     else:
         for spec in specs:

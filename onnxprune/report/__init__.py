@@ -130,6 +130,11 @@ class Report:
         }
 
 
+def json_text(data: dict[str, Any]) -> str:
+    """A report's JSON, as every command writes it."""
+    return json.dumps(data, indent=2) + "\n"
+
+
 def write_json(data: dict[str, Any], path: str | os.PathLike, *, force: bool = False) -> Path:
     """Write JSON through the one writer, like the model: whole or not at all, no clobbering."""
-    return writer.write_text(path, json.dumps(data, indent=2) + "\n", force=force)
+    return writer.write_text(path, json_text(data), force=force)

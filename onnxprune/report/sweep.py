@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from onnxprune.errors import InvalidArgumentError
@@ -125,6 +126,11 @@ def check_plotting() -> None:
 
 def plot_sweep(result: Sweep, path: str | os.PathLike, *, force: bool = False) -> Path:
     """Accuracy (or agreement without labels) against sparsity, one line per method."""
+    return writer.write_file(path, drawing(result), force=force)
+
+
+def drawing(result: Sweep) -> Callable[[Path], None]:
+    """What `plot_sweep` draws, as a writer's `produce(temporary_path)` (a PNG)."""
     check_plotting()
     import matplotlib.pyplot as plt
 
@@ -150,7 +156,11 @@ def plot_sweep(result: Sweep, path: str | os.PathLike, *, force: bool = False) -
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        return writer.write_file(path, lambda tmp: fig.savefig(tmp, format="png"), force=force)
-    finally:
-        plt.close(fig)
+
+    def produce(tmp: Path) -> None:
+        try:
+            fig.savefig(tmp, format="png")
+        finally:
+            plt.close(fig)
+
+    return produce

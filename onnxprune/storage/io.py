@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Iterator
@@ -85,7 +86,19 @@ def file_size(path: str | os.PathLike, model: ir.Model | None = None) -> int:
 
 
 def _check_external_tensor(name: str, tensor: ir.ExternalTensor, model_dir: Path) -> None:
+    """A tensor's data file is a file in the model's folder that opens as its location is
+    written and holds the tensor's bytes; else one line saying why (the readers would fail)."""
     location = os.fspath(tensor.location)
+    if "\0" in location:
+        raise ModelLoadError(
+            f"external data of tensor {name!r} has a location with a NUL byte ({location!r}); "
+            "refused: no file has such a name"
+        )
+    if location.endswith(("/", os.sep, *([os.altsep] if os.altsep else []))):
+        raise ModelLoadError(
+            f"external data of tensor {name!r} has the location {location!r}, which ends with a "
+            "separator: a folder, not a file; refused"
+        )
     base = os.path.realpath(model_dir)
     if os.path.isabs(location):
         raise ModelLoadError(
@@ -98,13 +111,27 @@ def _check_external_tensor(name: str, tensor: ir.ExternalTensor, model_dir: Path
             f"external data of tensor {name!r} points outside the model's folder "
             f"({location!r}); refused (a known path-traversal attack on ONNX loaders)"
         )
-    if not os.path.isfile(target):
+    # as the readers open it: realpath settles `sub/..` on paper even where `sub` is no folder
+    opened = os.path.join(model_dir, location)
+    if not os.path.isfile(opened):
+        if os.path.isfile(target):
+            raise ModelLoadError(
+                f"external data location {location!r} of tensor {name!r} does not open: a "
+                f"folder it names on the way to {target} is missing or not a folder"
+            )
         raise ModelLoadError(
             f"external data file {location!r} of tensor {name!r} is missing: expected at {target}; "
             "copy it beside the model"
         )
+    st = os.stat(opened)
+    if st.st_nlink > 1:  # as onnx.load and onnx-ir refuse it, and before either is reached
+        raise ModelLoadError(
+            f"external data file {location!r} of tensor {name!r} has {st.st_nlink} names (hard "
+            "links); refused, as ONNX loaders refuse it (a hard link can bring in a file from "
+            "outside the model's folder): copy it beside the model instead of linking it"
+        )
     end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
-    size = os.path.getsize(target)
+    size = st.st_size
     if size < end:
         raise ModelLoadError(
             f"external data file {location!r} is truncated: tensor {name!r} needs bytes up to "
@@ -269,15 +296,41 @@ def save_model(
     """Write a model and its data file as one unit; the destination sees the old model with its
     old data, or the new model with its new data, never a mix, and never a half-written file.
 
-    Steps: data file and model written under temporary names beside the output, flushed,
-    checked; then (signals held) the data file linked to a free name, the model told that name
-    and renamed over the output last, and the replaced model's own data file removed.
-    External data is kept when the input had it, forced by ``external_data=True``, or needed
-    because the tensors would not fit a 2 GB protobuf. Tensors stream to disk one at a time.
-    ``sparse=True`` writes each main-graph initializer as a sparse initializer where that is
-    smaller (`sparse.plan`; a `sparse.Layout` gives the decisions made already); the default
-    keeps the input's form.
+    `stage_model` writes and checks it under temporary names beside the output, then
+    `StagedModel.commit` puts it in place. External data is kept when the input had it, forced by
+    ``external_data=True``, or needed because the tensors would not fit a 2 GB protobuf. Tensors
+    stream to disk one at a time. ``sparse=True`` writes each main-graph initializer as a sparse
+    initializer where that is smaller (`sparse.plan`; a `sparse.Layout` gives the decisions made
+    already); the default keeps the input's form.
     """
+    staged = stage_model(
+        model,
+        output,
+        input_path=input_path,
+        force=force,
+        external_data=external_data,
+        check=check,
+        sparse=sparse,
+    )
+    try:
+        writer.commit_all([staged])
+    finally:
+        staged.discard()
+    return staged.out
+
+
+def stage_model(
+    model: ir.Model,
+    output: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | None = None,
+    force: bool = False,
+    external_data: bool | None = None,
+    check: bool = False,
+    sparse: bool | sparse_storage.Layout | None = None,
+) -> StagedModel:
+    """The first half of `save_model`: the model (and its data file) written under temporary
+    names beside the output, flushed and checked, not yet in place. A failure leaves nothing."""
     inputs = input_files(input_path, model)
     out = writer.check_destination(output, inputs=inputs, force=force)
     layout = sparse_layout(model, sparse)
@@ -287,55 +340,147 @@ def save_model(
             or tensor_nbytes(model) > PROTO_LIMIT_BYTES
         )
     folder = out.parent
-    writer.remove_stale(folder, in_use=lambda model, data: data in model_files(model)[1:])
-    tmp_model = writer.temp_file(folder, "onnx")
-    tmp_data = writer.temp_file(folder, "data") if external_data else None
-    data_path: Path | None = None
-    claimed: Path | None = None
+    writer.remove_stale(folder, leftover=_left_by_commit)
+    staged = StagedModel(out, force, inputs, writer.temp_file(folder, "onnx"))
     try:
         try:
-            if tmp_data is not None:
-                header = _write_external(model, tmp_data, layout)
-                onnx.save(header, str(tmp_model))
-                writer.sync(tmp_data)
+            if external_data:
+                staged.tmp_data = writer.temp_file(folder, "data")
+                staged.header = _write_external(model, staged.tmp_data, layout)
+                onnx.save(staged.header, str(staged.tmp_model))
+                writer.sync(staged.tmp_data)
             else:
-                _write_inline(model, tmp_model, layout)
-            writer.sync(tmp_model)
+                _write_inline(model, staged.tmp_model, layout)
+            writer.sync(staged.tmp_model)
         except OSError as exc:
             raise OutputError(f"{out}: write failed ({exc.strerror or exc})") from None
         _fault("written")
         if check:
-            check_model_file(tmp_model)
+            check_model_file(staged.tmp_model)
         _fault("checked")
-        with writer.signals_deferred():
-            replaced = _own_data_files(out, inputs)
-            st = tmp_model.stat()
-            record = {
-                "model": out.name,
-                "inode": [st.st_dev, st.st_ino],
-                "replaced": [p.name for p in replaced],
-                "data": "",
-            }
-            claimed = writer.claim(folder, record)
-            if tmp_data is not None:
-                data_path = _claim_data_name(tmp_data, out, claimed, record)
-                _fault("data placed")
-                _relocate(header, tmp_data.name, data_path.name)
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
+class StagedModel:
+    """A model written and checked under temporary names beside its output, not yet in place.
+
+    `path` is a whole model ONNX Runtime can load (its header names the temporary data file)
+    until `commit` puts it in place; `discard` removes whatever is left of it. Part of a run's
+    outputs with `writer.commit_all` (last: its commit is the one a file that appeared meanwhile
+    can refuse).
+    """
+
+    def __init__(self, out: Path, force: bool, inputs: dict[Path, str], tmp_model: Path) -> None:
+        self.out, self.force, self.inputs, self.tmp_model = out, force, inputs, tmp_model
+        self.tmp_data: Path | None = None
+        self.header: onnx.ModelProto | None = None  # of a model with a data file
+        self.data_path: Path | None = None  # its data file at its final name, until committed
+        self.claimed: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.tmp_model
+
+    def size(self) -> int:
+        """Bytes the output takes once in place: the model naming its data file's final name
+        (the first free one now, which the commit takes unless another file takes it first)
+        and the data file."""
+        if self.header is None or self.tmp_data is None:
+            return self.tmp_model.stat().st_size
+        header = onnx.ModelProto()
+        header.CopyFrom(self.header)
+        _relocate(header, self.tmp_data.name, next(_free_data_names(self.out)).name)
+        return header.ByteSize() + self.tmp_data.stat().st_size
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        return writer.folder_lock(self.out.parent)
+
+    def commit(self, keep: bool = False) -> Path:
+        """Put the model in place with its data file, signals held (`writer.commit_all`).
+
+        Under the folder's lock: the data files of the model now in place are read (they go
+        once it is replaced); the header is told the first free data file name and flushed; a
+        claim records what comes (`writer.write_claim`); the data file is linked to that name,
+        and the model renamed over the output at once, and the replaced data files removed at
+        once: a kill (SIGKILL, power loss) between two of these steps leaves one final file
+        that nothing reads, which the next run names and leaves alone.
+        """
+        out, folder = self.out, self.out.parent
+        replaced = [(p, _lstat(p)) for p in _own_data_files(out, self.inputs)]
+        record: dict = {
+            "model": out.name,
+            "replaced": [[p.name, st.st_dev, st.st_ino, st.st_size] for p, st in replaced if st],
+            "data": "",
+        }
+        for target in _free_data_names(out) if self.tmp_data is not None else [None]:
+            if target is not None:
+                assert self.header is not None and self.tmp_data is not None
+                data = self.tmp_data.stat()
+                record.update(data=target.name, data_id=[data.st_dev, data.st_ino, data.st_size])
+                header = onnx.ModelProto()
+                header.CopyFrom(self.header)
+                _relocate(header, self.tmp_data.name, target.name)
                 try:
-                    onnx.save(header, str(tmp_model))
-                    writer.sync(tmp_model)
+                    onnx.save(header, str(self.tmp_model))
+                    writer.sync(self.tmp_model)
                 except OSError as exc:
                     raise OutputError(f"{out}: write failed ({exc.strerror or exc})") from None
-            _fault("committing")
-            writer.commit(tmp_model, out, force=force)
-            data_path = None  # in place: now the new model's, not ours to remove
-            _fault("committed")
-            writer.discard(p for p in replaced if not writer.same_file(p, out))
-            _fault("cleaned")
-    finally:
-        leftovers = (tmp_model, tmp_data, data_path, claimed)
-        writer.discard(p for p in leftovers if p is not None and p.exists())
-    return out
+            st = self.tmp_model.stat()
+            record["model_id"] = [st.st_dev, st.st_ino]
+            if self.claimed is None:
+                self.claimed = writer.claim(folder, record)
+            else:
+                writer.write_claim(self.claimed, record)
+            if target is None:
+                break
+            try:
+                if writer.link_new(self.tmp_data, target):
+                    self.data_path = target
+                    break
+            except OSError as exc:
+                raise OutputError(f"{target}: cannot be written ({exc.strerror or exc})") from None
+        else:
+            raise OutputError(f"{out}: no free name for its data file beside it")
+        _fault("data placed")
+        _fault("committing")
+        writer.commit(self.tmp_model, out, force=self.force, sync=False)
+        self.data_path = None  # in place: now the output's, not ours to remove
+        _fault("committed")
+        for path, before in replaced:
+            now = _lstat(path)
+            if before and now and (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino):
+                writer.discard([path])
+        writer.sync_folder(folder)
+        _fault("cleaned")
+        return out
+
+    def discard(self) -> None:
+        leftovers = (self.tmp_model, self.tmp_data, self.data_path, self.claimed)
+        writer.discard(p for p in leftovers if p is not None and os.path.lexists(p))
+
+
+def _left_by_commit(model: Path, file: Path) -> bool:
+    """Could a commit of `model` have left `file` behind: named like its data files and not
+    read by the model there now? (What a claim names is told to the user only if so.)"""
+    return file.name in set(data_file_names(model)) and file not in model_files(model)[1:]
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
+def _free_data_names(out: Path) -> Iterator[Path]:
+    """The output's data file names (`data_file_names`) that nothing has now."""
+    for name in data_file_names(out):
+        target = out.parent / name
+        if not os.path.lexists(target):
+            yield target
 
 
 def sparse_layout(
@@ -361,21 +506,6 @@ SAVE_STEPS = ("written", "checked", "data placed", "committing", "committed", "c
 
 def _fault(step: str) -> None:
     """A point of the save where tests inject a failure or a kill; does nothing otherwise."""
-
-
-def _claim_data_name(tmp_data: Path, out: Path, claim: Path, record: dict) -> Path:
-    """Link the written data file to the first free name, recorded in `claim` first."""
-    for name in data_file_names(out):
-        target = out.parent / name
-        if target.exists() or target.is_symlink():
-            continue
-        writer.write_claim(claim, {**record, "data": name})
-        try:
-            if writer.link_new(tmp_data, target):
-                return target
-        except OSError as exc:
-            raise OutputError(f"{target}: cannot be written ({exc.strerror or exc})") from None
-    raise OutputError(f"{out}: no free name for its data file beside it")
 
 
 def _relocate(header: onnx.ModelProto, old: str, new: str) -> None:

@@ -63,8 +63,14 @@ class DiffAccumulator:
                 f"output {self.name!r} has shape {list(ref.shape)} in the reference and "
                 f"{list(cand.shape)} in the candidate: the models are not comparable"
             )
-        a = np.asarray(ref, dtype=np.float64).ravel()
-        b = np.asarray(cand, dtype=np.float64).ravel()
+        if ref.dtype.kind in "OSU" or cand.dtype.kind in "OSU":
+            # text (a label read from a STRING table): equal or not, element by element; the
+            # errors are the share of elements that differ, the cosine the share that agree
+            a = np.ones(ref.size)
+            b = (np.asarray(ref) == np.asarray(cand)).ravel().astype(np.float64)
+        else:
+            a = np.asarray(ref, dtype=np.float64).ravel()
+            b = np.asarray(cand, dtype=np.float64).ravel()
         if a.size == 0:
             return
         diff = np.abs(b - a)
