@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from torch_reference import _load_tokens, onnx_perplexity  # noqa: E402
+from torch_reference import _load_tokens, onnx_perplexity
 
-import onnxprune  # noqa: E402
-from onnxprune.options import Calibration, Selection  # noqa: E402
+import onnxprune
+from onnxprune.options import Calibration, Selection
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,9 @@ def perplexities(model: Path, heldout: dict[str, tuple]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=None)
-    parser.add_argument("--export", default=None, help="default tiny.legacy.onnx / decoder.legacy.onnx")
+    parser.add_argument(
+        "--export", default=None, help="default tiny.legacy.onnx / decoder.legacy.onnx"
+    )
     parser.add_argument("--criteria", default="magnitude,wanda,sparsegpt")
     parser.add_argument("--sparsities", default="0.5,0.7,2:4")
     parser.add_argument("--methods", default="global")
@@ -91,7 +93,8 @@ def main() -> None:
                         **perplexities(out, heldout),
                     }
                     spread = [
-                        report.pruned(layer) / layer.size for layer in report.plan.layers
+                        report.pruned(layer) / layer.size
+                        for layer in report.plan.layers
                         if layer.changed
                     ]
                     row["layer_sparsity"] = [round(min(spread), 3), round(max(spread), 3)]

@@ -22,7 +22,7 @@ from typing import Any
 
 from onnxprune.errors import InvalidArgumentError
 
-METHODS = ("global", "uniform")
+METHODS = ("global", "uniform", "owl")
 TARGETS = ("params", "macs")
 MODES = ("one-pass", "sequential")
 # How calibrated layers' scores meet in the global ranking: row (each output's share of its
@@ -306,4 +306,3 @@ class Validation:
             "min_agreement": self.min_agreement,
             "min_cosine": self.min_cosine,
         }
-
