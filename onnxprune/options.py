@@ -23,7 +23,7 @@ from typing import Any
 
 from onnxprune.errors import InvalidArgumentError
 
-METHODS = ("global", "uniform")
+METHODS = ("global", "uniform", "owl")
 DEVICES = ("auto", "cuda", "cpu")
 # What validation compares besides the outputs: top-1 (accuracy with labels, agreement) or the
 # perplexity of a causal language model's next-token predictions.
@@ -317,7 +317,7 @@ class Calibration:
     registered importance (onnxprune.scoring: magnitude, wanda, sparsegpt, or your own); `mode`:
     sequential re-measures layers on the model pruned so far (accurate), one-pass measures the
     dense model once (fast); `samples`: use the first N;
-    `rounds`: sequential measurement rounds at most; `bias_correction`: fold each pruned layer's
+    `bias_correction`: fold each pruned layer's
     mean output shift into its bias; `damp`, `budget_bytes`, `compare`, `steps`: solver and
     ranking settings (see calibration/)."""
 
@@ -331,7 +331,6 @@ class Calibration:
     damp: float = 0.01
     budget_bytes: int = DEFAULT_BUDGET_BYTES
     compare: str = "lamp"
-    rounds: int | None = None
     # structured: channels chosen in this many steps, each re-scoring what is left (None: as
     # many as the layers' sizes allow, the criterion's choice)
     steps: int | None = None
@@ -349,8 +348,6 @@ class Calibration:
             )
         if self.compare not in COMPARE:
             raise InvalidArgumentError(f"compare {self.compare!r}: choose one of {COMPARE}")
-        if self.rounds is not None and self.rounds < 1:
-            raise InvalidArgumentError(f"--calibration-rounds {self.rounds}: must be >= 1")
         if self.steps is not None and self.steps < 1:
             raise InvalidArgumentError(f"steps {self.steps}: must be >= 1")
         if self.samples is not None and self.samples < 1:

@@ -62,6 +62,8 @@ def prune_weights(
 ) -> Report:
     """Zero weights (unstructured, N:M) in `model`, in place: magnitudes ranked, or calibrated
     scores with the pruned layers repaired from the samples."""
+    from onnxprune.scoring.weights import outlier_ratios
+
     with step("finding weights"):
         found = weights.find_weights(model, include=options.include, exclude=options.exclude)
         skipped = found.skipped + weights.account(model, found)
@@ -69,7 +71,8 @@ def prune_weights(
     with step(f"ranking {found.total:,} weights"):
         # by magnitude first, also with calibration: every argument error and an infeasible
         # minimum surface before the samples run
-        plan = selection.plan(found.weights, options.sparsity, **select)
+        outliers = outlier_ratios(found.weights, None) if options.method == "owl" else None
+        plan = selection.plan(found.weights, options.sparsity, **select, outliers=outliers)
     report = Report(plan=plan, skipped=skipped)
     if calibration is None:
         if options.method == "global" and options.pattern is None:
@@ -96,13 +99,22 @@ def prune_weights(
             found.weights, stats, importance, damp=calibration.damp, compare=calibration.compare,
             pattern=options.pattern is not None,
         )  # fmt: skip
-        plan = selection.plan(found.weights, options.sparsity, **select, scores=scores)
+        if options.method == "owl":
+            outliers = outlier_ratios(found.weights, stats)
+        plan = selection.plan(
+            found.weights, options.sparsity, **select, scores=scores, outliers=outliers
+        )
     dense = copy_model(model) if calibration.mode == "sequential" else None
     ZeroWeightsPass(plan)(model)
     repair = RepairWeightsPass(plan, importance, calibration, stats, samples, runtime, dense)
     repair(model)
     summary.bias_corrected = repair.result.bias_corrected
     summary.passes += repair.result.passes
+    if repair.result.bias_left:
+        summary.notices.append(
+            f"{repair.result.bias_left} layer(s) have no bias to correct (a bias-free MatMul): "
+            "their mean output shift is left as it is, no node is added for it"
+        )
     return Report(
         plan=plan,
         skipped=skipped,

@@ -478,7 +478,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
         (["-s", "0.5", "--min-keep", "abc"], "--min-keep 'abc'"),
         (["-s", "0.5", "--include", "("], "--include '(': not a regular expression"),
         (["-s", "0.5", "--criterion", "wanda"], "--criterion wanda needs calibration samples"),
-        (["-s", "0.5", "--calibration-rounds", "2"], "--calibration-rounds needs --calibration"),
+        (["-s", "0.5", "--calibration-samples", "2"], "--calibration-samples needs --calibration"),
         (["-s", "0.5", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
         (["-s", "0.5", "--min-cosine", "3"], "--min-cosine 3.0: must be a number in [-1, 1]"),
         (["-s", "0.5", "--heads"], "--heads removes whole attention heads"),

@@ -34,6 +34,7 @@ from onnxprune.cli import main
 from onnxprune.ops import conv as conv_ops
 from onnxprune.options import Selection
 from onnxprune.runtime import select_runtime
+from onnxprune.scoring import importance
 from onnxprune.weights import find_weights
 
 Arrays = dict[str, np.ndarray]
@@ -268,13 +269,18 @@ def test_matmul_left_with_a_vector_activation() -> None:
     b.output("y")
     proto = b.model()
     data = {"x": (np.random.default_rng(13).standard_normal((30, 16)) + 0.5).astype(np.float32)}
-    model, _ = onnxprune.prune(
+    want = run(proto, data)[0]
+    calibrated, _ = onnxprune.prune(
         to_ir(proto),
         0.5,
-        calibration=Calibration(data=data, criterion="wanda", batch_size=30, device="cpu"),
+        calibration=Calibration(data=data, criterion="sparsegpt", batch_size=30, device="cpu"),
     )
-    got = run(ir.serde.serialize_model(model), data)[0]
-    np.testing.assert_allclose(got, run(proto, data)[0], rtol=1e-4, atol=1e-4 * 16)
+    plain, _ = onnxprune.prune(to_ir(proto), 0.5)
+    # One activation row: the weights kept can carry the whole output, which they do only
+    # when the design reads the weight on the left with the vector as its single row.
+    err = np.abs(run(ir.serde.serialize_model(calibrated), data)[0] - want).max()
+    err_plain = np.abs(run(ir.serde.serialize_model(plain), data)[0] - want).max()
+    assert err < 0.05 * err_plain
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,15 +463,14 @@ def test_sparsegpt_pattern_is_sequential_obs() -> None:
 def test_sparsegpt_counts_are_sequential_obs(block: int) -> None:
     w, x, h = layer_problem(2, o=6, k=12)
     hd = damped(h, 0.01)
-    energy = np.random.default_rng(3).uniform(0.5, 2.0, 6)
     counts = [31] if block >= 12 else [9, 12, 8]
-    new, mask = reconstruct.sparsegpt(w, h, counts=counts, energy=energy, damp=0.01, block=block)
+    new, mask = reconstruct.sparsegpt(w, h, counts=counts, damp=0.01, block=block)
 
     def choose(current: np.ndarray, q: int) -> np.ndarray | None:
         if q % block:
             return None
         cols = range(q, min(q + block, 12))
-        saliency = np.stack([obs_saliency(current, hd, j) for j in cols], axis=1) / energy[:, None]
+        saliency = np.stack([obs_saliency(current, hd, j) for j in cols], axis=1)
         chosen = np.zeros(saliency.shape, dtype=bool)
         chosen.reshape(-1)[np.argsort(saliency.reshape(-1))[: counts[q // block]]] = True
         return chosen
@@ -479,7 +484,7 @@ def test_sparsegpt_counts_are_sequential_obs(block: int) -> None:
     assert output_norm(w - new, x) <= output_norm(w - zeroed, x)
     # the given inverse is the same as the one computed inside
     again, _ = reconstruct.sparsegpt(
-        w, h, counts=counts, energy=energy, block=block, factor=reconstruct.inverse_factor(h, 0.01)
+        w, h, counts=counts, block=block, factor=reconstruct.inverse_factor(h, 0.01)
     )
     np.testing.assert_allclose(again, new, rtol=1e-12, atol=1e-12)
 
@@ -489,12 +494,13 @@ def test_damped_inverse_and_scores() -> None:
     hinv = reconstruct.damped_inverse(h, 0.01)
     np.testing.assert_allclose(hinv, np.linalg.inv(damped(h, 0.01)), rtol=1e-9, atol=1e-12)
     r = np.einsum("ok,kl,ol->o", w, h, w) + reconstruct.DELTA * (np.square(w) @ np.diag(h))
-    wanda = reconstruct.scores(w[None], h[None], "wanda")[0]
-    np.testing.assert_allclose(wanda, np.square(w) * np.diag(h) / r[:, None], rtol=1e-12)
+    np.testing.assert_allclose(reconstruct.output_energy(w, h), r, rtol=1e-12)
+    wanda = importance.get("wanda").weight_scores(w[None], h[None], lambda g: np.eye(8))[0]
+    np.testing.assert_allclose(wanda, np.square(w) * np.diag(h), rtol=1e-12)
     upper = reconstruct.inverse_factor(h, 0.01)
     np.testing.assert_array_equal(upper, np.triu(upper))  # U is upper triangular
-    obs = reconstruct.scores(w[None], h[None], "sparsegpt", lambda g: upper)[0]
-    np.testing.assert_allclose(obs, np.square(w) / np.diag(hinv) / r[:, None], rtol=1e-9)
+    obs = importance.get("sparsegpt").weight_scores(w[None], h[None], lambda g: upper)[0]
+    np.testing.assert_allclose(obs, np.square(w) / np.diag(hinv), rtol=1e-9)
 
 
 @pytest.mark.parametrize("k", [5, 128, 129, 300])
@@ -563,9 +569,12 @@ LINEAR = ["gemm-c", "gemm", "gemm-left", "conv-bias", "conv", "matmul-add", "mat
 @pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("kind", LINEAR)
 def test_bias_correction_keeps_the_mean_output(tmp_path, kind: str, criterion: str) -> None:
+    """Into the bias the layer has a place for (Conv's B, Gemm's C, the Add after a MatMul);
+    a bare MatMul keeps its shift (said in the report): no node is added for it."""
     proto, data, axis = linear_model(kind)
     dense = feature_means(run(proto, data)[0], axis)
     scale = float(np.abs(dense).max())
+    bare = kind in ("matmul", "matmul-left")
     means = {}
     for correct in (True, False):
         out, report = prune_calibrated(
@@ -578,14 +587,16 @@ def test_bias_correction_keeps_the_mean_output(tmp_path, kind: str, criterion: s
             bias_correction=correct,
         )
         means[correct] = feature_means(checked_run(out, data)[0], axis)
-        assert report.calibration.bias_corrected == int(correct)
-    np.testing.assert_allclose(means[True], dense, rtol=1e-4, atol=1e-4 * scale)
+        assert report.calibration.bias_corrected == int(correct and not bare)
+        said = any("no bias to correct" in n for n in report.calibration.notices)
+        assert said == (correct and bare)
+    if bare:
+        np.testing.assert_array_equal(means[True], means[False])
+    else:
+        np.testing.assert_allclose(means[True], dense, rtol=1e-4, atol=1e-4 * scale)
     assert np.abs(means[False] - dense).max() > 1e-2 * scale
     nodes = [n.op_type for n in onnx.load(str(tmp_path / "True.onnx")).graph.node]
-    # the Add that follows is reused; a bare MatMul gets one; Conv and Gemm use B and C
-    assert nodes == (
-        ["MatMul", "Add"] if kind.startswith("matmul") else [proto.graph.node[0].op_type]
-    )
+    assert nodes == [n.op_type for n in proto.graph.node]  # the Add that follows is reused
     assert [o.name for o in onnx.load(str(tmp_path / "True.onnx")).graph.output] == ["y"]
 
 
@@ -619,9 +630,11 @@ def two_linear(kind: str) -> tuple[onnx.ModelProto, Arrays]:
     if kind == "gemm":
         h = b.node("Gemm", [x, b.weight((12, 16), name="W1"), b.weight((12,))], transB=1)
         b.node("Gemm", [h, b.weight((8, 12), name="W2"), b.weight((8,))], out="y", transB=1)
-    else:  # bare MatMuls: both get an Add inserted, the second reads the first's new output
+    else:  # MatMuls each followed by the Add of a bias, as exporters write Linear
         h = b.node("MatMul", [x, b.weight((16, 12), name="W1")])
-        b.node("MatMul", [h, b.weight((12, 8), name="W2")], out="y")
+        h = b.node("Add", [h, b.weight((12,))])
+        h = b.node("MatMul", [h, b.weight((12, 8), name="W2")])
+        b.node("Add", [h, b.weight((8,))], out="y")
     b.output("y")
     rng = np.random.default_rng(34)
     data = {"x": (rng.standard_normal((40, 16)) + rng.uniform(-1, 2, 16)).astype(np.float32)}
@@ -640,19 +653,33 @@ def test_bias_correction_through_two_linear_layers(tmp_path, kind: str, mode: st
 
 
 def test_sequential_after_an_inserted_add_on_a_graph_output(tmp_path) -> None:
+    """Structured, sequential: W2's re-solve puts an Add after it (a bare MatMul) whose output
+    takes the model output's name; W3, in a later segment, reads it under that name."""
     b = GraphBuilder(35)
     x = b.input("x", ["N", 16])
-    h = b.node("MatMul", [x, b.weight((16, 12), name="W1")], out="h")
-    b.node("MatMul", [h, b.weight((12, 8), name="W2")], out="y")
-    b.output("h")
+    h = b.node("MatMul", [x, b.weight((16, 12), name="W1")])
+    h = b.node("Relu", [h])
+    y = b.node("MatMul", [h, b.weight((12, 8), name="W2")], out="y")
+    b.node("MatMul", [y, b.weight((8, 6), name="W3")], out="z")
     b.output("y")
+    b.output("z")
     proto = b.model()
     rng = np.random.default_rng(36)
     data = {"x": (rng.standard_normal((40, 16)) + 0.5).astype(np.float32)}
-    out, _ = prune_calibrated(tmp_path, proto, 0.5, data, mode="sequential")
+    out = tmp_path / "out.onnx"
+    _, report = onnxprune.prune(
+        to_ir(proto),
+        0.3,
+        structured=True,
+        calibration=Calibration(data=data, device="cpu", mode="sequential"),
+        output=out,
+    )
+    assert report.calibration.bias_corrected >= 1
+    names = [o.name for o in onnx.load(str(out)).graph.output]
+    assert names == ["y", "z"]
     outputs = checked_run(out, data)
     for got, dense in zip(outputs, run(proto, data), strict=True):
-        np.testing.assert_allclose(got.mean(axis=0), dense.mean(axis=0), rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(got.mean(axis=0), dense.mean(axis=0), rtol=1e-3, atol=1e-2)
 
 
 @pytest.mark.parametrize("op", ["MatMul", "Conv", "Gemm"])
@@ -664,7 +691,11 @@ def test_bias_of_a_float16_weight_cast_to_float(tmp_path, op: str) -> None:
         x, shape, w_shape = b.input("x", ["N", 16]), (30, 16), (8, 16)
     w = b.weight(w_shape if op != "MatMul" else w_shape[::-1], name="W", dtype=np.float16)
     w = b.node("Cast", [w], to=onnx.TensorProto.FLOAT)
-    b.node(op, [x, w], out="y", **({"transB": 1} if op == "Gemm" else {}))
+    if op == "MatMul":  # with the Add of its bias, as exporters write a Linear
+        h = b.node(op, [x, w])
+        b.node("Add", [h, b.weight((8,))], out="y")
+    else:
+        b.node(op, [x, w], out="y", **({"transB": 1} if op == "Gemm" else {}))
     b.output("y")
     proto = b.model()
     rng = np.random.default_rng(38)
@@ -754,8 +785,15 @@ def test_exact_counts_min_keep_and_determinism(tmp_path, criterion: str, mode: s
                 for name in CNN_WEIGHTS:
                     assert (tensors[name][original[name] == 0] == 0).all(), name
             if zeros and criterion == "wanda":
-                # what reads the dead channel scores zero: pruned before anything that is live
-                assert (tensors["W1"][:, 2] == 0).all()
+                # what reads the dead channel scores zero: in each output row (wanda compares
+                # within rows) pruned before anything live the row reads
+                w1, before = tensors["W1"].reshape(8, -1), original["W1"].reshape(8, -1)
+                dead = np.zeros((4, 3, 3), bool)
+                dead[2] = True
+                dead = np.broadcast_to(dead.reshape(1, -1), w1.shape)
+                live_pruned = (w1 == 0) & ~dead & (before != 0)
+                dead_kept = (w1 != 0) & dead
+                assert not (live_pruned.any(axis=1) & dead_kept.any(axis=1)).any()
             assert checked_run(out, data)[0].shape == (20, 10)
         (tmp_path / "model.onnx").unlink()
     # --min-keep holds per layer; the same run twice writes the same bytes
@@ -860,18 +898,22 @@ def test_bn_folded_twin_gets_the_same_masks(criterion: str) -> None:
     names = ["W1", "W2", "W3"]
     a = zero_masks(plain, data, names, criterion=criterion)
     b = zero_masks(folded, data, names, criterion=criterion)
-    for name in names:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    same_masks(a, b, criterion)
     assert sum(int(m.sum()) for m in a.values()) == round(0.5 * (162 + 324 + 540))
 
 
-@pytest.mark.parametrize(
-    "criterion",
-    [
-        "wanda",
-        "sparsegpt",
-    ],
-)
+def same_masks(a: dict[str, np.ndarray], b: dict[str, np.ndarray], criterion: str) -> None:
+    """Twins get the same masks under wanda; under sparsegpt the same count per layer (the global
+    ranking divides by each output's energy), while the mask inside a layer follows the published
+    choice, the layer's own output error in its own units, which a rescaled output changes."""
+    for name in a:
+        if criterion == "sparsegpt":
+            assert int(a[name].sum()) == int(b[name].sum()), name
+        else:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
 def test_relu_rescaled_twin_gets_the_same_masks(criterion: str) -> None:
     data = {"x": np.random.default_rng(52).standard_normal((64, 12)).astype(np.float32)}
     plain, scaled = gemm_twin(False), gemm_twin(True)
@@ -879,8 +921,7 @@ def test_relu_rescaled_twin_gets_the_same_masks(criterion: str) -> None:
     names = ["W1", "W2", "W3"]
     a = zero_masks(plain, data, names, criterion=criterion)
     b = zero_masks(scaled, data, names, criterion=criterion)
-    for name in names:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    same_masks(a, b, criterion)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1154,22 +1195,9 @@ def test_float16_model_counts_exactly_and_runs(tmp_path, criterion: str) -> None
     assert checked_run(out, data)[0].dtype == np.float16
 
 
-@pytest.mark.parametrize(
-    ("rounds", "expect"),
-    [
-        (None, [[0], [1, 2], [3], [4]]),
-        (4, [[0], [1, 2], [3], [4]]),
-        (2, [[0, 1, 2], [3, 4]]),
-        (1, [[0, 1, 2, 3, 4]]),
-    ],
-)
-def test_rounds_merge_consecutive_waves(rounds, expect) -> None:
-    from onnxprune.calibration.capture import merge_waves
-
-    assert merge_waves([[0], [1, 2], [3], [4]], rounds) == expect
-
-
-def test_fewer_rounds_keep_exact_counts(tmp_path) -> None:
+def test_sequential_walks_segments_with_exact_counts(tmp_path) -> None:
+    """A chain of Gemms: a segment per layer, each run alone from the activations kept at its
+    start (dense once, the pruned wave, the repaired segment once more): three runs each."""
     b = GraphBuilder(81)
     h = b.input("x", ["N", 12])
     for i in range(4):
@@ -1178,10 +1206,10 @@ def test_fewer_rounds_keep_exact_counts(tmp_path) -> None:
     b.node("Gemm", [h, b.weight((3, 12), name="Wout")], out="y", transB=1)
     b.output("y")
     data = {"x": np.random.default_rng(82).standard_normal((40, 12)).astype(np.float32)}
-    options = Calibration(data=data, device="cpu", rounds=2)
+    options = Calibration(data=data, device="cpu")
     _, report = onnxprune.prune(to_ir(b.model()), 0.6, calibration=options)
-    assert report.plan.pruned == round(0.6 * (4 * 144 + 36))
-    assert report.calibration.passes == 1 + 2
+    assert report.total_pruned == round(0.6 * (4 * 144 + 36))
+    assert report.calibration.passes == 1 + 3 * 5
 
 
 def test_conv_statistics_keep_a_fixed_subset_of_positions() -> None:

@@ -12,7 +12,6 @@ one pruned so far (what the layer will really see); then it also sums X_pruned^T
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -175,7 +174,7 @@ def plan_designs(
 Key = tuple[int, tuple]  # (id of the activation value, design signature)
 
 
-def _key(design: Design) -> Key:
+def design_key(design: Design) -> Key:
     return id(design.activation), design.signature
 
 
@@ -215,13 +214,13 @@ def _captured(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _chunks(design: Design, activation: np.ndarray) -> list[np.ndarray]:
+def chunks(design: Design, activation: np.ndarray) -> list[np.ndarray]:
     if activation.dtype != np.float32 and activation.dtype != np.float64:
         activation = activation.astype(np.float32)
     return design.rows(activation, sample=True)
 
 
-def _paired_chunks(
+def paired_chunks(
     design: Design, activation: np.ndarray, dense: np.ndarray
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Rows of the pruned and the dense activation, chunk by chunk over the same samples.
@@ -229,9 +228,9 @@ def _paired_chunks(
     A Conv's rows come in chunks of as many samples as fit its patch budget, so a pruned input
     (fewer channels) is cut at other samples than the dense one: it is cut again at the dense
     chunks' boundaries, where each piece fits in one chunk."""
-    dense_rows = _chunks(design, dense)
+    dense_rows = chunks(design, dense)
     if len(dense_rows) == 1:  # Gemm and MatMul always, a Conv whose batch fits one chunk
-        rows = _chunks(design, activation)
+        rows = chunks(design, activation)
         return [(rows[0] if len(rows) == 1 else np.concatenate(rows, axis=1), dense_rows[0])]
     # a Conv input [N, C, ...]: the narrower pruned one fits at least as many samples per chunk,
     # so each dense chunk's samples are one chunk of its rows (built once, never cut twice)
@@ -240,7 +239,7 @@ def _paired_chunks(
     start = 0
     for chunk in dense_rows:
         count = chunk.shape[1] // max(1, per_sample)
-        recut.append(np.concatenate(_chunks(design, activation[start : start + count]), axis=1))
+        recut.append(np.concatenate(chunks(design, activation[start : start + count]), axis=1))
         start += count
     return list(zip(recut, dense_rows, strict=True))
 
@@ -325,7 +324,7 @@ def collect(
     keys: dict[Key, Design] = {}
     for designs in stats.designs.values():
         for design in designs:
-            keys.setdefault(_key(design), design)
+            keys.setdefault(design_key(design), design)
     order = list(keys)
     sizes = [
         keys[k].groups * keys[k].in_features ** 2 * 8 * (3 if dense is not None else 1)
@@ -358,17 +357,17 @@ def collect(
                 name = design.activation.name
                 dense_name = (aliases or {}).get(name, name)
                 if target is None:
-                    for chunk in _chunks(design, found[name]):
+                    for chunk in chunks(design, found[name]):
                         partial[k].add(chunk)
                     continue
-                for chunk, dense_chunk in _paired_chunks(design, found[name], target[dense_name]):
+                for chunk, dense_chunk in paired_chunks(design, found[name], target[dense_name]):
                     partial[k].add(chunk, dense_chunk)
             if meter is not None:
                 meter.advance()
         sums.update(partial)
     stats.passes = len(passes)
     for name, designs in stats.designs.items():
-        per_use = [sums[_key(design)] for design in designs]
+        per_use = [sums[design_key(design)] for design in designs]
         total = per_use[0]
         for other in per_use[1:]:
             total = total.merged(other)
@@ -400,31 +399,6 @@ def depth_waves(
     for i in chosen:
         groups.setdefault(wave[i], []).append(i)
     return [sorted(groups[k]) for k in sorted(groups)]
-
-
-def merge_waves(waves: list[list[int]], rounds: int | None) -> list[list[int]]:
-    """At most `rounds` measurement rounds: consecutive waves merged, as evenly as they go.
-
-    Each round costs two runs over the samples (pruned and dense model, up to that depth); in a
-    merged round a layer is measured before the layers of its own round upstream of it are
-    pruned, which is what one-pass does everywhere.
-    """
-    if rounds is None or len(waves) <= rounds:
-        return waves
-    bounds = np.linspace(0, len(waves), rounds + 1).round().astype(int)
-    return [
-        sorted(i for wave in waves[a:b] for i in wave)
-        for a, b in itertools.pairwise(bounds.tolist())
-        if b > a
-    ]
-
-
-def measurement_rounds(
-    model: ir.Model, weights: Sequence[Weight], chosen: Sequence[int], rounds: int | None
-) -> list[list[int]]:
-    """The rounds of sequential calibration: the chosen weights' depth waves, merged into at most
-    `rounds` (each round is one paired collect over the samples)."""
-    return merge_waves(depth_waves(model, weights, chosen), rounds)
 
 
 def measure(

@@ -1,21 +1,13 @@
-"""Reconstruction from calibration statistics: scores, SparseGPT / OBS updates, bias correction.
+"""Numerics on calibration statistics (pure numpy): damped inverses, SparseGPT / OBS updates,
+least-squares refits, bias shifts, output errors, channel errors.
 
 Everything here works on one layer in its design layout: W [G, O, K] and per-group statistics
 (H = E[x x^T] [G, K, K], means [G, K]); callers map the result back to the stored tensor.
 
-How layers are compared (the global ranking). Every calibrated score of weight (i, j) is the share
-of output i's energy that removing the weight costs on the calibration data:
-
-    wanda:     w_ij^2 * H_jj            / r_i
-    sparsegpt: w_ij^2 / [H^-1]_jj       / r_i      (the OBS error of removing it, updates allowed)
-    r_i = w_i H w_i^T + DELTA * sum_j w_ij^2 H_jj   (output i's mean square, floored)
-
-Dividing by r_i makes every score invariant to scaling output i by any c > 0 (BatchNorm folded or
-not, a ReLU-homogeneous rescale), and the scores of the next layer are invariant to it too, since
-its H scales by c^2 where its weights scale by 1/c: both twins of a model get the same mask.
-The floor (DELTA) keeps an output that the data never excites from dividing by zero, and scales
-like r_i, so the invariance holds. A layer without statistics is scored as if its inputs were
-white (H = I), the same formula; its kept weights are left as they are.
+r_i = w_i H w_i^T + DELTA * sum_j w_ij^2 H_jj is output i's mean square, floored
+(`output_energy`): the calibrated scores (scoring/) divide by it to compare outputs and layers of
+any scale (a BatchNorm folded or not gives the same decision). The floor (DELTA) keeps an output
+that the data never excites from dividing by zero, and scales like r_i.
 """
 
 from __future__ import annotations
@@ -94,34 +86,6 @@ def output_energy(w: np.ndarray, h: np.ndarray) -> np.ndarray:
     return np.maximum(square, 0.0) + DELTA * diagonal
 
 
-def scores(
-    w: np.ndarray,
-    h: np.ndarray,
-    criterion: str,
-    inverse: Callable[[int], np.ndarray] | None = None,
-) -> np.ndarray:
-    """Calibrated scores [G, O, K] of a layer (module docstring).
-
-    `inverse(g)` gives group g's factor U of the damped inverse Hessian (sparsegpt only).
-    """
-    out = np.empty(w.shape, dtype=np.float64)
-    for g in range(w.shape[0]):
-        wg = w[g]
-        hg = h[g]
-        if criterion == "wanda":
-            base = np.square(wg) * np.diag(hg)
-        elif criterion == "sparsegpt":
-            assert inverse is not None
-            upper = inverse(g)
-            base = np.square(wg) / np.einsum("ij,ij->j", upper, upper)
-        else:
-            raise ValueError(f"criterion {criterion!r} has no calibrated score")
-        energy = output_energy(wg, hg)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[g] = np.where(energy[:, None] > 0, base / energy[:, None], 0.0)
-    return out
-
-
 def block_counts(mask: np.ndarray, block: int = BLOCK) -> list[int]:
     """How many weights of each column block a mask [O, K] prunes."""
     return [int(mask[:, i : i + block].sum()) for i in range(0, mask.shape[1], block)]
@@ -133,7 +97,6 @@ def sparsegpt(
     *,
     counts: list[int] | None = None,
     pattern: tuple[int, int] | None = None,
-    energy: np.ndarray | None = None,
     damp: float = 0.01,
     block: int = BLOCK,
     factor: np.ndarray | None = None,
@@ -141,19 +104,19 @@ def sparsegpt(
     """One group: prune w [O, K] and update the kept weights from H's inverse (SparseGPT).
 
     Columns are processed left to right in blocks; each block first chooses which of its weights
-    go (the `counts[b]` lowest w^2 / U_jj^2 / r_i, U the upper Cholesky factor of H^-1; or, with an
+    go (the `counts[b]` lowest w^2 / U_jj^2 over the whole block, U the upper Cholesky factor of
+    H^-1, as published: the layer's own output error decides; or, with an
     N:M pattern, the M-N lowest of every M columns in each row, chosen when the sweep reaches them),
     then each pruned weight's error is spread over the columns to its right (the OBS update), and
     the block's accumulated error is applied to the rest at once (lazy batch updates).
     Returns the new weights (pruned ones exactly zero) and the mask of the pruned ones.
     """
-    n_out, k = w.shape
+    k = w.shape[1]
     if pattern is not None:
         m = pattern[1]
         block = max(m, block - block % m)
     upper = inverse_factor(h, damp) if factor is None else factor
     w = np.array(w, dtype=np.float64, copy=True)
-    norm = np.ones(n_out) if energy is None else np.where(energy > 0, energy, 1.0)
     pruned = np.zeros(w.shape, dtype=bool)
     for number, i1 in enumerate(range(0, k, block)):
         i2 = min(i1 + block, k)
@@ -166,7 +129,7 @@ def sparsegpt(
             assert counts is not None
             chosen = int(counts[number])
             if chosen:
-                saliency = np.square(w1) / np.square(d)[None, :] / norm[:, None]
+                saliency = np.square(w1) / np.square(d)[None, :]
                 order = np.argsort(saliency.reshape(-1), kind="stable")[:chosen]
                 mask.reshape(-1)[order] = True
         for i in range(i2 - i1):

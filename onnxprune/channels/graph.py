@@ -121,6 +121,7 @@ class ChannelGraph:
         found, counts = np.unique(self.freeze_pairs[held, 1], return_counts=True)
         order = np.lexsort((found, -counts))
         return [self.reasons[int(found[i])] for i in order]
+
     # (parent of each copy, the copies): GQA's key/value heads and the query heads that read
     # them; a parent is removed exactly when all its copies are (settle)
     depends: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)

@@ -107,7 +107,6 @@ def prune_command(
     calibration: str | None,
     criterion: str | None,
     calibration_mode: str,
-    calibration_rounds: int | None,
     calibration_samples: int | None,
     bias_correction: bool,
     structured: bool,
@@ -192,7 +191,6 @@ def prune_command(
         bias_correction or (structured and calibration is None),
         batch_size,
         where,
-        calibration_rounds,
         axes,
     )
     from onnxprune import pipeline

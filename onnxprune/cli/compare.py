@@ -263,7 +263,7 @@ def sweep_command(
     load_heavy()
     check_providers(where)
     settings = calibration_settings(
-        calibration, None, calibration_mode, None, True, batch_size, where, None, axes
+        calibration, None, calibration_mode, None, True, batch_size, where, axes
     )
     from onnxprune import pipeline, sweep
     from onnxprune.report import sweep as report_sweep

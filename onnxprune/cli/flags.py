@@ -217,9 +217,11 @@ calibration_mode_option = click.option(
     type=click.Choice(["one-pass", "sequential"]),
     default="sequential",
     show_default=True,
-    help="sequential: each wave of layers measured on the model pruned so far and "
-    "re-solved against the dense model's outputs (more passes, much more accurate); "
-    "one-pass: every layer measured once on the dense model (fastest).",
+    help="sequential: layers measured on the model pruned so far, segment by segment (the "
+    "model cut where little is alive, each piece run alone from the activations kept there), "
+    "and re-solved against the dense model's outputs (about one forward pass per wave of a "
+    "segment, much more accurate); one-pass: every layer measured once on the dense model "
+    "(fastest).",
 )
 
 calibration_options = [
@@ -237,16 +239,6 @@ calibration_options = [
     ),
     calibration_mode_option,
     click.option(
-        "--calibration-rounds",
-        "calibration_rounds",
-        type=click.IntRange(min=1),
-        default=None,
-        metavar="N",
-        help="Sequential: measure in at most N rounds, merging consecutive waves (each round "
-        "runs the samples through the dense and the pruned model; default: one per wave of "
-        "equal depth). Fewer rounds are faster on deep models and less accurate.",
-    ),
-    click.option(
         "--calibration-samples",
         "calibration_samples",
         type=click.IntRange(min=1),
@@ -259,7 +251,8 @@ calibration_options = [
         "bias_correction",
         default=True,
         show_default=True,
-        help="With --calibration: fold each pruned layer's mean output shift into its bias. "
+        help="With --calibration: fold each pruned layer's mean output shift into its bias (a "
+        "layer without one keeps it). "
         "With --structured alone: fold what the removed channels still carried (a BatchNorm "
         "shift, an added constant, f(0) != 0) into the biases of the layers that read them.",
     ),
@@ -274,7 +267,6 @@ def calibration_settings(
     bias_correction: bool,
     batch_size: int | None,
     device: Any,
-    rounds: int | None = None,
     batch_axes: dict[str, int] | None = None,
 ) -> Any:
     """The Calibration settings the options ask for (None without --calibration)."""
@@ -284,7 +276,6 @@ def calibration_settings(
             for flag, used in (
                 ("--calibration-mode", mode != "sequential"),
                 ("--calibration-samples", samples is not None),
-                ("--calibration-rounds", rounds is not None),
                 ("--no-bias-correction", not bias_correction),
             )
             if used
@@ -304,7 +295,6 @@ def calibration_settings(
         batch_size=batch_size,
         device=device,
         bias_correction=bias_correction,
-        rounds=rounds,
         batch_axes=batch_axes or None,
     )
 

@@ -16,7 +16,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calibration import solvers
-from onnxprune.calibration.capture import LayerStats, Statistics, collect, measurement_rounds
+from onnxprune.calibration.capture import LayerStats, Statistics
+from onnxprune.calibration.walk import SequentialWalk
 from onnxprune.channels.consumers import Consumer, design_matrix
 from onnxprune.core.progress import step
 from onnxprune.inputs import Inputs
@@ -179,30 +180,24 @@ class RefitChannelsPass(ir.passes.InPlacePass):
             self.result.bias_corrected += write(model, pruned[name], result, consts, aliases)
 
     def _sequential(self, model: ir.Model) -> None:
-        """Wave by wave over the pruned model: measure each consumer's inputs there and in the
-        dense model, re-solve it against the dense output, store it, go deeper."""
+        """Segment by segment over the pruned model: measure each consumer's inputs there and
+        in the dense model, re-solve it against the dense output, store it, go deeper."""
         self.stats.layers.clear()  # the dense sums served the ranking
         self.stats.uses.clear()
-        options = self.options
         consts = NodeConstants(model)
         aliases: dict[str, str] = {}
         pruned = find_weights(model).weights
         index = {w.name: i for i, w in enumerate(pruned)}
         by_name = {c.name: c for c in self.found}
         chosen = [index[c.name] for c in self.found if c.name in index]
-        waves = measurement_rounds(model, pruned, chosen, options.rounds)
         unpaired: list[str] = []
-        self.result.passes += len(waves)
-        work = len(waves) * len(self.samples.batches)
-        with step(f"re-solving {len(chosen)} layers in {len(waves)} waves", total=work) as meter:
-            for wave in waves:
-                batch = [pruned[i] for i in wave]
-                paired = collect(
-                    model, batch, self.samples, self.runtime,
-                    budget_bytes=options.budget_bytes, dense=self.dense, aliases=aliases,
-                    meter=meter,
-                )  # fmt: skip
-                for weight in batch:
+        walk = SequentialWalk(
+            model, self.dense, pruned, chosen, self.samples, self.runtime, aliases
+        )  # type: ignore[arg-type]
+        with step(f"re-solving {len(chosen)} layers", total=len(chosen)) as meter:
+            for wave, paired in walk.rounds():
+                for weight in (pruned[i] for i in wave):
+                    meter.advance()
                     layer = paired.layers.pop(weight.name, None)
                     if layer is None:
                         continue
@@ -213,10 +208,11 @@ class RefitChannelsPass(ir.passes.InPlacePass):
                         continue
                     result = solve(
                         consumer, self.plan.removed, dense, layer,
-                        paired.uses.pop(weight.name), options, paired=True,
+                        paired.uses.pop(weight.name), self.options, paired=True,
                     )  # fmt: skip
                     self.result.bias_corrected += write(model, weight, result, consts, aliases)
                     self.result.solved[weight.name] = result
+        self.result.passes += walk.passes
         if unpaired:
             self.result.notices.append(
                 f"{len(unpaired)} layer(s) could not be paired with the dense model's inputs "

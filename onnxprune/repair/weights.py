@@ -5,8 +5,9 @@ SparseGPT's OBS updates, the final mask chosen inside each column block with the
 (or, with an N:M pattern, the pattern chosen while sweeping the columns). Bias correction then
 moves each output's mean back to the dense one. One-pass repairs every layer from the dense
 model's statistics; sequential measures the layers again, wave by wave, on the model pruned so
-far and re-solves them against the dense model's outputs (`refit`), so a layer also makes up for
-what the layers before it lost. Weights without statistics were zeroed by the rewrite and stay so.
+far (segment by segment: calibration/walk.py) and re-solves them against the dense model's
+outputs (`refit`), so a layer also makes up for what the layers before it lost. Weights without
+statistics were zeroed by the rewrite and stay so.
 """
 
 from __future__ import annotations
@@ -17,23 +18,29 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calibration import solvers
-from onnxprune.calibration.capture import (
-    LayerStats,
-    Statistics,
-    collect,
-    measurement_rounds,
-)
+from onnxprune.calibration.capture import LayerStats, Statistics
+from onnxprune.calibration.walk import SequentialWalk
 from onnxprune.core.progress import step
 from onnxprune.inputs import Inputs
 from onnxprune.ops import Design
 from onnxprune.options import Calibration
-from onnxprune.rewrite.bias import shift_bias
+from onnxprune.rewrite.bias import fold_bias
 from onnxprune.rewrite.constants import NodeConstants
 from onnxprune.rewrite.unstructured import before_rewrite
 from onnxprune.runtime import Runtime
 from onnxprune.scoring.importance import Importance
 from onnxprune.selection import LayerPlan, Plan, layer_mask
 from onnxprune.weights import Weight
+
+
+def row_masks(scores: np.ndarray, counts_from: np.ndarray) -> np.ndarray:
+    """In each row (last axis) the lowest scores pruned, as many as `counts_from` prunes there;
+    ties to the earlier column."""
+    counts = counts_from.sum(axis=-1, keepdims=True)
+    order = np.argsort(scores, axis=-1, kind="stable")
+    ranks = np.empty(scores.shape, dtype=np.int64)
+    np.put_along_axis(ranks, order, np.arange(scores.shape[-1]), -1)
+    return ranks < counts
 
 
 def store(values: np.ndarray, mask: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -61,6 +68,7 @@ class Repaired:
     mask: np.ndarray
     error: float | None
     bias_moved: bool
+    bias_left: bool = False  # a shift the layer has no bias for (no node is added for it)
 
 
 @dataclass
@@ -70,7 +78,8 @@ class WeightsRepair:
     errors: dict[str, float | None] = field(default_factory=dict)
     zeros: dict[str, int] = field(default_factory=dict)
     bias_corrected: int = 0
-    passes: int = 0  # runs over the samples the repair added (sequential rounds)
+    bias_left: int = 0  # layers with a mean shift but no bias to put it in
+    passes: int = 0  # runs of the model or of a segment over the samples the repair added
 
 
 def repair_layer(
@@ -85,7 +94,6 @@ def repair_layer(
     options: Calibration,
     pattern: tuple[int, int] | None,
     consts: NodeConstants,
-    aliases: dict[str, str],
 ) -> Repaired:
     """Prune one layer with its statistics: update (when the criterion does), then correct its
     biases. `mask` None: the criterion chooses the N:M pattern itself."""
@@ -111,29 +119,34 @@ def repair_layer(
                 h[g],
                 counts=None if mask_m is None else solvers.block_counts(mask_m[g]),
                 pattern=pattern if mask_m is None else None,
-                energy=solvers.output_energy(w[g], stats.dense_hessian[g]),
                 damp=options.damp,
                 factor=stats.inverse(g, options.damp),
             )
         mask = design.from_matrix(pruned)
     else:
         assert mask is not None
-        new = np.where(design.to_matrix(mask), 0.0, w)
-    moved = False
+        mask_m = design.to_matrix(mask)
+        if paired and importance.calibrated and pattern is None:
+            # sequential: each row's pruned weights chosen again from what the layer now sees
+            # (the pruned layers before it), as many in each row as the plan decided; an N:M
+            # pattern keeps the plan's groups
+            current = importance.weight_scores(w, h, lambda g: stats.inverse(g, options.damp))
+            mask_m = row_masks(current, mask_m)
+            mask = design.from_matrix(mask_m)
+        new = np.where(mask_m, 0.0, w)
+    moved = unshifted = False
     if options.bias_correction:
         for use, use_design, use_stats in zip(weight.uses, designs, per_use, strict=True):
             shift = solvers.bias_shift(
                 w, new, use_stats.mean, use_stats.dense_mean if paired else None
             )
             if np.any(shift != 0):
-                out = use.node.outputs[0]
-                name = out.name  # before an inserted Add takes it over
                 # the layer's output type: a float16 weight may be cast to compute in float32
-                dtype = np.dtype((out.dtype or weight.dtype).numpy())
-                added = shift_bias(model, use.node, shift, use_design.out_axis, dtype, consts)
-                if added is not None:
-                    aliases[added.name] = aliases.get(name, name)
-                moved = True
+                dtype = np.dtype((use.node.outputs[0].dtype or weight.dtype).numpy())
+                # into a bias the layer has a place for; never a new node: a bias-free layer
+                # (an LLM's) keeps its shift, which a decoder's attention does not take linearly
+                folded = fold_bias(use.node, shift, use_design.out_axis, dtype, consts)
+                moved, unshifted = moved or folded, unshifted or not folded
     error = solvers.output_error(
         w,
         new,
@@ -144,7 +157,7 @@ def repair_layer(
         dense_mean=stats.dense_mean if paired else None,
         corrected=moved,
     )
-    return Repaired(design.from_matrix(new), mask, error, moved)
+    return Repaired(design.from_matrix(new), mask, error, moved, unshifted)
 
 
 class RepairWeightsPass(ir.passes.InPlacePass):
@@ -184,26 +197,23 @@ class RepairWeightsPass(ir.passes.InPlacePass):
         if options.mode == "one-pass":
             with step(f"repairing {len(measured)} layers", total=len(measured)) as meter:
                 for i in measured:
-                    self._repair(model, layers[i], stats, consts, aliases)
+                    self._repair(model, layers[i], stats, consts)
                     meter.advance()
         else:
             assert self.dense is not None, "sequential repair needs the dense model"
-            # the dense sums served the ranking; each round measures its own
+            # the dense sums served the ranking; each segment measures its own
             stats.layers.clear()
             stats.uses.clear()
             weights = [layer.weight for layer in layers]
-            rounds = measurement_rounds(model, weights, measured, options.rounds)
-            self.result.passes += len(rounds)
-            work = len(rounds) * len(self.samples.batches)  # batches run, the bulk of the time
-            with step(f"repairing {len(measured)} layers", total=work) as meter:
-                for chosen in rounds:
-                    paired = collect(
-                        model, [weights[i] for i in chosen], self.samples, self.runtime,
-                        budget_bytes=options.budget_bytes, dense=self.dense, aliases=aliases,
-                        meter=meter,
-                    )  # fmt: skip
-                    for i in chosen:
-                        self._repair(model, layers[i], paired, consts, aliases)
+            walk = SequentialWalk(
+                model, self.dense, weights, measured, self.samples, self.runtime, aliases
+            )
+            with step(f"repairing {len(measured)} layers", total=len(measured)) as meter:
+                for wave, paired in walk.rounds():
+                    for i in wave:
+                        self._repair(model, layers[i], paired, consts)
+                        meter.advance()
+            self.result.passes += walk.passes
         return ir.passes.PassResult(model, modified=bool(measured))
 
     def _repair(
@@ -212,7 +222,6 @@ class RepairWeightsPass(ir.passes.InPlacePass):
         layer: LayerPlan,
         measurement: Statistics,
         consts: NodeConstants,
-        aliases: dict[str, str],
     ) -> None:
         """Layer repaired with its statistics (freed once used), its values stored."""
         weight = layer.weight
@@ -224,13 +233,14 @@ class RepairWeightsPass(ir.passes.InPlacePass):
         mask = None if own_pattern else layer_mask(layer, source, self.plan.keys)
         repaired = repair_layer(
             model, weight, array, mask, measurement.layers.pop(name), measurement.uses.pop(name),
-            measurement.designs[name], self.importance, self.options, pattern, consts, aliases,
+            measurement.designs[name], self.importance, self.options, pattern, consts,
         )  # fmt: skip
         values = store(repaired.values, repaired.mask, np.dtype(weight.values_dtype.numpy()))
         weight.set_values(values)
         self.result.errors[name] = repaired.error
         self.result.zeros[name] = int(np.count_nonzero(values == 0))
         self.result.bias_corrected += repaired.bias_moved
+        self.result.bias_left += repaired.bias_left
 
     def requires(self, model: ir.Model) -> None:
         del model  # the plan's weights are the model's own; nothing else to check

@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     from onnxprune.weights import Untaken
 
 
-
-
 @dataclass
 class Report:
     """Everything a prune run decided (the plan) and measured (calibration, repair, output).

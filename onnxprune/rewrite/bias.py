@@ -2,8 +2,9 @@
 
 Bias correction (calibration) and constant compensation need the same edit: Conv gets its
 optional bias input, Gemm its C, a MatMul the constant of the Add that follows it (as exporters
-write a Linear), or a new Add when there is none to reuse. A shared bias is never edited in place:
-the node gets a new constant of its own.
+write a Linear) (`fold_bias`), or, for constant compensation only, a new Add where there is none
+to reuse (`shift_bias`). A shared bias is never edited in place: the node gets a new constant of
+its own.
 """
 
 from __future__ import annotations
@@ -63,31 +64,50 @@ def shift_bias(
     dtype: np.dtype,
     consts: NodeConstants,
 ) -> ir.Value | None:
-    """Add `delta` (one value per output feature, along `out_axis` of the node's output).
+    """Add `delta` (one value per output feature, along `out_axis` of the node's output), in
+    the node's bias where it has a place for one (`fold_bias`), else in an Add inserted after it.
 
     Returns the new output that the node's readers now read when an Add had to be inserted.
     """
+    if fold_bias(node, delta, out_axis, dtype, consts):
+        return None
+    delta = np.asarray(delta, dtype=np.float64)
+    if node.op_type in ("Conv", "ConvTranspose"):
+        term = _shaped(delta, 1, 2 + _spatial(node))
+    else:
+        y = node.outputs[0]
+        rank = len(y.shape) if y.shape is not None else max(2, -out_axis)
+        term = _shaped(delta, out_axis, min(rank, -out_axis) if out_axis < 0 else rank)
+    return _add_after(model, node, term.astype(dtype))
+
+
+def fold_bias(
+    node: ir.Node, delta: np.ndarray, out_axis: int, dtype: np.dtype, consts: NodeConstants
+) -> bool:
+    """Add `delta` to the bias the node already has a place for: a Conv's bias input (given or
+    not), a Gemm's C (with beta != 0), the constant of the Add that follows a MatMul (as
+    exporters write a Linear). False, nothing changed, where a new node would be needed."""
     delta = np.asarray(delta, dtype=np.float64)
     op = node.op_type
     if op in ("Conv", "ConvTranspose"):
         old = const_tensor(node.inputs[2]) if len(node.inputs) > 2 else None
         if old is None and len(node.inputs) > 2 and node.inputs[2] is not None:
-            return _add_after(model, node, _shaped(delta.astype(dtype), 1, 2 + _spatial(node)))
+            return False
         base = np.zeros(delta.size) if old is None else old.numpy().astype(np.float64)
         consts.replace(
             node, 2, (base + delta).astype(old.dtype.numpy() if old is not None else dtype)
         )
-        return None
+        return True
     if op == "Gemm":
         beta_attr = node.attributes.get("beta")
         beta = float(beta_attr.value) if beta_attr is not None else 1.0
         if beta == 0:  # C is ignored: the shift needs an Add of its own
-            return _add_after(model, node, _shaped(delta, out_axis, 2).astype(dtype))
+            return False
         term = _shaped(delta / beta, out_axis, 2)
         has_c = len(node.inputs) > 2 and node.inputs[2] is not None
         old = const_tensor(node.inputs[2]) if has_c else None
         if has_c and old is None:
-            return _add_after(model, node, term.astype(dtype))
+            return False
         base = np.zeros((1, 1)) if old is None else old.numpy().astype(np.float64)
         merged = base + term
         if merged.shape[0] == 1 and (old is None or len(old.shape) == 1):
@@ -95,7 +115,7 @@ def shift_bias(
             # read C per output, onnxruntime.quantization's bias quantizer, want it so)
             merged = merged.reshape(-1)
         consts.replace(node, 2, merged.astype(old.dtype.numpy() if old is not None else dtype))
-        return None
+        return True
     # MatMul: reuse the constant of a following Add that holds one value per output feature
     y = node.outputs[0]
     readers = list(y.uses())
@@ -111,8 +131,8 @@ def shift_bias(
                 merged = base + term
                 if merged.shape == base.shape:
                     consts.replace(add, 1 - index, merged.astype(old.dtype.numpy()))
-                    return None
-    return _add_after(model, node, term.astype(dtype))
+                    return True
+    return False
 
 
 def _spatial(node: ir.Node) -> int:

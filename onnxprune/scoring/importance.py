@@ -5,14 +5,15 @@ the more the weight matters), and the channel criteria into the output error rem
 channel class costs. Selection then ranks the scores exactly as it ranks magnitudes. Built in:
 
     magnitude  |w| (no statistics: the weights' own magnitudes are ranked)
-    wanda      w_ij^2 E[x_j^2], each output's share (Sun et al. 2023, "Wanda")
+    wanda      |w_ij| ||x_j||, compared within each output row (Sun et al. 2023, "Wanda")
     sparsegpt  w_ij^2 / [H^-1]_jj, each output's share (the OBS error of removing it, updates
                allowed; Frantar & Alistarh 2023), and repair re-solves what is kept
 
-Every calibrated score is divided by r_i, the energy of the weight's output i (floored, see
-`solvers.output_energy`), so scaling an output by c > 0 (BatchNorm folded or not) changes no
-decision. A criterion of your own: subclass `Importance`, give it a `name`, decorate it with
-`@register`, and pass `Calibration(criterion=name)`.
+A score compared across outputs and layers is divided by r_i, the energy of the weight's output i
+(floored, see `solvers.output_energy`), so scaling an output by c > 0 (BatchNorm folded or not)
+changes no decision; one compared within its row needs no such division. A criterion of your
+own: subclass `Importance`, give it a `name`, decorate it with `@register`, and pass
+`Calibration(criterion=name)`.
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ class Importance:
     `calibrated`: needs calibration statistics (magnitude does not); `updates`: repair re-solves
     the kept weights with SparseGPT's OBS updates (choosing the final mask inside each column
     block, with the plan's counts); `conditional`: channel scores depend on which channels are
-    already removed, so channel selection re-scores in steps (`selection_steps`).
+    already removed, so channel selection re-scores in steps (`selection_steps`); `per_row`:
+    scores compare only within one output row, each row pruned alike (as Wanda is published).
     """
 
     name: ClassVar[str] = ""
     calibrated: ClassVar[bool] = True
     updates: ClassVar[bool] = False
     conditional: ClassVar[bool] = False
+    per_row: ClassVar[bool] = False
 
     def weight_scores(
         self, w: np.ndarray, h: np.ndarray, inverse: Callable[[int], np.ndarray]
@@ -108,6 +111,7 @@ class Wanda(Importance):
     channels: FLAP's fluctuation, tr(W_J C_JJ W_J^T), nothing re-solved."""
 
     name = "wanda"
+    per_row = True
 
     def weight_scores(
         self, w: np.ndarray, h: np.ndarray, inverse: Callable[[int], np.ndarray]

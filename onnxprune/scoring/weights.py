@@ -21,6 +21,8 @@ from onnxprune.weights import Weight
 
 # The smallest positive score, so a non-zero weight always ranks above a zero one.
 TINY = float(np.finfo(np.float32).tiny)
+# OWL's outliers: scores above this many times their layer's mean (the paper's M).
+OUTLIER_RATIO = 5.0
 
 
 def white_scores(weight: Weight, array: np.ndarray) -> np.ndarray:
@@ -48,12 +50,43 @@ def layer_scores(
     w = designs[0].to_matrix(array)
     h = layer.hessian
     base = importance.weight_scores(w, h, lambda g: layer.inverse(g, damp))
+    if importance.per_row:
+        return designs[0].from_matrix(row_ranks(base))
     out = np.empty(w.shape, dtype=np.float64)
     for g in range(w.shape[0]):
         energy = solvers.output_energy(w[g], h[g])
         with np.errstate(divide="ignore", invalid="ignore"):
             out[g] = np.where(energy[:, None] > 0, base[g] / energy[:, None], 0.0)
     return designs[0].from_matrix(out)
+
+
+def row_ranks(scores: np.ndarray) -> np.ndarray:
+    """Each score's rank within its output row (last axis) over the row's length, in (0, 1]: a
+    ranking that compares weights within a row only, and prunes every row alike at any cut
+    (ties to the earlier column, as selection breaks them)."""
+    order = np.argsort(scores, axis=-1, kind="stable")
+    ranks = np.empty(scores.shape, dtype=np.float64)
+    np.put_along_axis(ranks, order, np.arange(1, scores.shape[-1] + 1, dtype=np.float64), -1)
+    return ranks / scores.shape[-1]
+
+
+def outlier_ratios(
+    weights: Sequence[Weight], stats: Statistics | None, ratio: float = OUTLIER_RATIO
+) -> list[float]:
+    """Each layer's share of outlier weights, |w_ij| ||x_j|| above `ratio` times the layer's mean
+    (|w_ij| without statistics): what OWL allocates sparsity by (Yin et al. 2023, "Outlier
+    Weighed Layerwise sparsity"): a layer with more outliers keeps more."""
+    out = []
+    for weight in weights:
+        array = np.abs(np.asarray(weight.numpy(), dtype=np.float64))
+        designs = None if stats is None else stats.designs.get(weight.name)
+        if designs is not None:
+            w = designs[0].to_matrix(array)
+            norms = np.sqrt(np.einsum("gkk->gk", stats.layers[weight.name].hessian))
+            array = w * norms[:, None, :]
+        mean = float(array.mean()) if array.size else 0.0
+        out.append(float(np.mean(array > ratio * mean)) if mean > 0 else 0.0)
+    return out
 
 
 def compare_layers(score: np.ndarray, compare: str) -> np.ndarray:
@@ -100,7 +133,7 @@ def weight_scores(
             out.append(None)
             continue
         array = np.asarray(weight.numpy(), dtype=np.float64)
-        if pattern:  # N:M compares within a layer: the plain scores
+        if pattern or importance.per_row:  # compared within a layer (a row): the plain scores
             score = layer_scores(importance, weight, array, stats, damp)
         else:
             score = compare_layers(layer_scores(importance, weight, array, stats, damp), compare)

@@ -146,9 +146,26 @@ def _count_zeros(tensors: Sequence[ir.TensorProtocol], keys: np.dtype) -> list[i
     ]
 
 
+# OWL: the layer sparsities spread this far (absolute) either side of the target (the paper's
+# lambda, 0.08 on LLaMA), the most outlier-heavy layer the least sparse.
+OWL_SPREAD = 0.08
+
+
+def owl_rates(outliers: np.ndarray, sparsity: float) -> np.ndarray:
+    """Each layer's sparsity before the counts are made exact: target - spread for the layer
+    with the most outliers, target + spread for the one with the fewest, linear between."""
+    low, high = float(outliers.min()), float(outliers.max())
+    if high <= low:
+        return np.full(len(outliers), max(sparsity, 1e-9))
+    position = (outliers - low) / (high - low)
+    spread = min(OWL_SPREAD, sparsity, 1 - sparsity)
+    return np.clip(sparsity + spread * (1 - 2 * position), 1e-9, 1.0)
+
+
 def _apportion(target: int, sizes: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Integer counts in [low, high] summing to target, each as near rate x size as it can be."""
-    lo_rate, hi_rate = 0.0, 1.0
+    """Integer counts in [low, high] summing to target, each as near rate x size as it can be
+    (`sizes` may be weighted: a layer's share of the target, not its size)."""
+    lo_rate, hi_rate = 0.0, max(1.0, float(np.max(high / np.maximum(sizes, 1e-12))))
     for _ in range(80):
         rate = (lo_rate + hi_rate) / 2
         if np.clip(rate * sizes, low, high).sum() < target:
@@ -180,12 +197,15 @@ def plan(
     min_keep: MinKeep | str | float | int | None = None,
     pattern: str | tuple[int, int] | None = None,
     scores: Sequence[np.ndarray | None] | None = None,
+    outliers: Sequence[float] | None = None,
 ) -> Plan:
     """Decide, for every weight, how many and which elements become zero.
 
     `scores` (one per weight, laid out as stored; None where the weight's own magnitudes rank)
     replace the magnitudes: calibrated scores (scoring.weights), non-negative, zero where a
-    weight is zero."""
+    weight is zero. `method="owl"` spreads the sparsity by `outliers`, each layer's share of
+    outlier weights (scoring.weights.outlier_ratios): the layer with the most keeps OWL_SPREAD
+    more of its weights than the target, the one with the fewest that much less."""
     if not weights:
         raise NothingToPruneError(
             "no prunable weights: looked for constant weights of "
@@ -212,6 +232,11 @@ def plan(
         zeros = selection.zeros
     else:
         zeros = np.array(_count_zeros(tensors, keys), dtype=np.int64)
+    shares = sizes.astype(np.float64)
+    if method == "owl":
+        if outliers is None or len(outliers) != len(weights):
+            raise InvalidArgumentError("--method owl needs each layer's outlier share")
+        shares *= owl_rates(np.asarray(outliers, dtype=np.float64), sparsity)
     caps = np.maximum(sizes - keep, zeros)
     result = Plan(method=method, target=sparsity, layers=[], keys=keys, min_keep=min_keep)
     if target > int(caps.sum()):
@@ -230,7 +255,7 @@ def plan(
     if method == "global":
         counts, cuts = selection.select(target)
     else:
-        counts = _apportion(target, sizes, zeros, caps)
+        counts = _apportion(target, shares, zeros, caps)
         cuts = []
         for tensor, count in zip(tensors, counts, strict=True):
             cuts.append(cut_for_count(magnitude_keys(tensor.numpy(), keys), int(count)))
