@@ -211,7 +211,10 @@ def _calibrated_channels(
     plan_channels(model, graph, sparsity, **select)
     importance = importances.get(options.criterion)
     found, unsolved = consumers(graph, weights.find_weights(model).weights)
-    stats, samples, runtime, summary = capture.measure(model, [c.weight for c in found], options)
+    # channel removal reads columns as channels: a layer too wide is left without statistics
+    stats, samples, runtime, summary = capture.measure(
+        model, [c.weight for c in found], options, blocks=False
+    )
     with step("scoring channels", total=len(found)) as meter:
         scores, unmeasured = channel_importance(
             graph, found, stats, importance, options.damp, advance=meter.advance

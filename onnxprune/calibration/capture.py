@@ -12,9 +12,11 @@ one pruned so far (what the layer will really see); then it also sums X_pruned^T
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -37,6 +39,11 @@ log = logging.getLogger("onnxprune")
 # Rows multiplied at once: tall thin products thread badly in OpenBLAS (conv1 of ResNet-50 ran
 # 7x faster in slices of 4096 rows than in chunks of 100k).
 ROW_SLICE = 4096
+# The most one layer's X^T X (float64, every group) may take: a wider layer (a 1-D conv reading
+# 1024 channels through 64 taps has K = 65,536: 32 GiB) is solved in column blocks that fit.
+LAYER_LIMIT_BYTES = 512 << 20
+# The narrowest column block worth solving; a layer that only splits finer gets no statistics.
+MIN_BLOCK = 64
 
 
 @dataclass
@@ -152,10 +159,52 @@ class Statistics:
     passes: int = 0
 
 
+def column_blocks(design: Design, limit: int | None = None) -> Design | None:
+    """The design with each group's K columns cut into equal blocks whose X^T X fit `limit`,
+    each block a group of its own (a block-diagonal Hessian: SparseGPT updates, bias shifts and
+    errors within a block, correlations across blocks left out); the design itself where it
+    fits, None where no block of at least MIN_BLOCK columns divides K and fits. `limit`: bytes,
+    LAYER_LIMIT_BYTES by default."""
+    limit = LAYER_LIMIT_BYTES if limit is None else limit
+    g, o, k = design.groups, design.out_features, design.in_features
+    if g * k * k * 8 <= limit:
+        return design
+    widest = limit // (g * k * 8)
+    width = next((b for b in range(min(widest, k), MIN_BLOCK - 1, -1) if k % b == 0), None)
+    if width is None:
+        return None
+    nb = k // width
+
+    def split(m: np.ndarray) -> np.ndarray:  # [G, n, K] -> [G * nb, n, B]
+        n = m.shape[1]
+        return m.reshape(g, n, nb, width).transpose(0, 2, 1, 3).reshape(g * nb, n, width)
+
+    def rows(activation: np.ndarray, *args: Any, **kwargs: Any) -> list[np.ndarray]:
+        return [split(chunk) for chunk in design.rows(activation, *args, **kwargs)]
+
+    def from_matrix(m: np.ndarray) -> np.ndarray:
+        joined = m.reshape(g, nb, o, width).transpose(0, 2, 1, 3).reshape(g, o, k)
+        return design.from_matrix(joined)
+
+    return dataclasses.replace(
+        design,
+        groups=g * nb,
+        in_features=width,
+        signature=(*design.signature, ("blocks", width)),
+        rows=rows,
+        to_matrix=lambda w: split(design.to_matrix(w)),
+        from_matrix=from_matrix,
+        layout=(*design.layout, ("blocks", width)),
+        blocks=nb,
+    )
+
+
 def plan_designs(
-    model: ir.Model, weights: Sequence[Weight]
+    model: ir.Model, weights: Sequence[Weight], blocks: bool = True
 ) -> tuple[dict[str, list[Design]], list[tuple[str, str]]]:
-    """Each weight's designs, or why it gets no statistics."""
+    """Each weight's designs, or why it gets no statistics. A design too wide for its full
+    statistics is cut into column blocks (`column_blocks`) where `blocks`, else (channel removal,
+    whose columns are channels) left without statistics."""
     designs: dict[str, list[Design]] = {}
     missing: list[tuple[str, str]] = []
     for weight in weights:
@@ -164,11 +213,27 @@ def plan_designs(
             why = "it sits inside a subgraph (If/Loop/Scan body), which calibration cannot reach"
         if why is None and any(d.activation.const_value is not None for d in found):
             why = "both operands are constants"
+        if why is None:
+            fitted = [column_blocks(d) if blocks or not _too_wide(d) else None for d in found]
+            if any(f is None for f in fitted):
+                d = found[0]
+                size = d.groups * d.in_features**2 * 8
+                why = (
+                    f"its statistics would take {size / 2**30:.1f} GiB (K = {d.in_features:,} "
+                    f"inputs): wider than calibration holds for one layer"
+                )
+            else:
+                found = fitted  # type: ignore[assignment]
         if why is not None:
             missing.append((weight.name, why))
         else:
             designs[weight.name] = found
     return designs, missing
+
+
+def _too_wide(design: Design) -> bool:
+    """Whether the design's full X^T X is over the per-layer limit."""
+    return design.groups * design.in_features**2 * 8 > LAYER_LIMIT_BYTES
 
 
 Key = tuple[int, tuple]  # (id of the activation value, design signature)
@@ -311,6 +376,7 @@ def collect(
     dense: ir.Model | None = None,
     aliases: dict[str, str] | None = None,
     meter: Meter | None = None,
+    blocks: bool = True,
 ) -> Statistics:
     """Run `model` over every batch of `data` and sum each weight's statistics.
 
@@ -320,7 +386,7 @@ def collect(
     `meter` advances once per batch run (and grows when the sums take several passes).
     """
     stats = Statistics(samples=data.samples)
-    stats.designs, stats.missing = plan_designs(model, weights)
+    stats.designs, stats.missing = plan_designs(model, weights, blocks)
     keys: dict[Key, Design] = {}
     for designs in stats.designs.values():
         for design in designs:
@@ -402,7 +468,7 @@ def depth_waves(
 
 
 def measure(
-    model: ir.Model, weights: Sequence[Weight], options: Calibration
+    model: ir.Model, weights: Sequence[Weight], options: Calibration, blocks: bool = True
 ) -> tuple[Statistics, Inputs, Runtime, CalibrationSummary]:
     """The first pass both calibrated modes start with: the samples loaded and checked, the
     runtime chosen, every weight's statistics on the dense model, and the summary begun."""
@@ -412,8 +478,9 @@ def measure(
     samples = load_samples(model, options)
     with step(f"calibrating on {samples.samples} samples", total=len(samples.batches)) as meter:
         stats = collect(
-            model, weights, samples, runtime, budget_bytes=options.budget_bytes, meter=meter
-        )
+            model, weights, samples, runtime, budget_bytes=options.budget_bytes, meter=meter,
+            blocks=blocks,
+        )  # fmt: skip
     summary = CalibrationSummary(
         criterion=options.criterion,
         mode=options.mode,
@@ -423,4 +490,14 @@ def measure(
         notices=list(samples.notices),
         passes=stats.passes,
     )
+    wide = [
+        (name, d) for name, designs in stats.designs.items() for d in designs[:1] if d.blocks > 1
+    ]
+    if wide:
+        name, d = wide[0]
+        summary.notices.append(
+            f"{len(wide)} layer(s) too wide for their full statistics are solved in column "
+            f"blocks (a block-diagonal Hessian; e.g. {name}: {d.blocks} blocks of "
+            f"{d.in_features} inputs)"
+        )
     return stats, samples, runtime, summary

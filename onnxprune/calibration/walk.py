@@ -75,10 +75,12 @@ class SequentialWalk:
         samples: Inputs,
         runtime: Runtime,
         aliases: dict[str, str],
+        blocks: bool = True,
     ) -> None:
         self.model, self.dense, self.weights = model, dense, weights
+        self.blocks = blocks  # wide layers in column blocks (capture.plan_designs)
         self.samples, self.runtime, self.aliases = samples, runtime, aliases
-        self.designs, self.missing = plan_designs(model, [weights[i] for i in chosen])
+        self.designs, self.missing = plan_designs(model, [weights[i] for i in chosen], blocks)
         self.chosen = [i for i in chosen if weights[i].name in self.designs]
         dense_nodes = list(dense.graph)
         # where each node of the model stands in the dense model's order, fixed now: a node
@@ -133,7 +135,9 @@ class SequentialWalk:
         live_out = sorted(name for name in made if name in live)
         # the dense names of the layers' inputs (designs made now: the repair of earlier
         # segments may have put a bias Add, and a new name, in front of them)
-        designs, _ = plan_designs(self.model, [self.weights[i] for i in segment.layers])
+        designs, _ = plan_designs(
+            self.model, [self.weights[i] for i in segment.layers], self.blocks
+        )
         dense_inputs = {
             self.aliases.get(d.activation.name, d.activation.name)
             for found in designs.values()
@@ -193,7 +197,7 @@ class SequentialWalk:
         """Paired statistics of the wave's weights: their inputs in the pruned model (the
         segment run from the pruned live values) against the dense inputs of the same samples."""
         # designs again: a bias Add the repair put after an earlier layer may now feed these
-        designs, missing = plan_designs(self.model, [self.weights[i] for i in wave])
+        designs, missing = plan_designs(self.model, [self.weights[i] for i in wave], self.blocks)
         stats = Statistics(samples=self.samples.samples, missing=missing)
         stats.designs = designs
         keys: dict[Key, object] = {}

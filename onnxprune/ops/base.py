@@ -180,6 +180,9 @@ class Design:
     from_matrix: Callable[[np.ndarray], np.ndarray]  # [G, O, K] -> stored layout
     out_axis: int  # axis of the node's output that carries the G*O output features (bias axis)
     layout: tuple  # what to_matrix does; uses of one shared weight must agree on it
+    # column blocks each group's K was cut into (calibration.capture.column_blocks: a layer too
+    # wide for its full statistics); G = the op's groups x blocks, each block solved alone
+    blocks: int = 1
 
 
 def statistic_positions(k: int) -> int:

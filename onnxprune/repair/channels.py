@@ -192,7 +192,7 @@ class RefitChannelsPass(ir.passes.InPlacePass):
         chosen = [index[c.name] for c in self.found if c.name in index]
         unpaired: list[str] = []
         walk = SequentialWalk(
-            model, self.dense, pruned, chosen, self.samples, self.runtime, aliases
+            model, self.dense, pruned, chosen, self.samples, self.runtime, aliases, blocks=False
         )  # type: ignore[arg-type]
         with step(f"re-solving {len(chosen)} layers", total=len(chosen)) as meter:
             for wave, paired in walk.rounds():

@@ -140,6 +140,9 @@ def repair_layer(
             shift = solvers.bias_shift(
                 w, new, use_stats.mean, use_stats.dense_mean if paired else None
             )
+            if use_design.blocks > 1:  # column blocks: each output's shift is their sum
+                nb = use_design.blocks
+                shift = shift.reshape(-1, nb, use_design.out_features).sum(axis=1).reshape(-1)
             if np.any(shift != 0):
                 # the layer's output type: a float16 weight may be cast to compute in float32
                 dtype = np.dtype((use.node.outputs[0].dtype or weight.dtype).numpy())
