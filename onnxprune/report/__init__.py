@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from onnxprune.selection import LayerPlan, Plan
 from onnxprune.storage import writer
 
@@ -25,6 +27,14 @@ if TYPE_CHECKING:
     from onnxprune.selection.channels import ChannelPlan
     from onnxprune.validate import Validation
     from onnxprune.weights import Untaken
+
+
+# How each method spreads the sparsity over layers, as the report says it.
+SPREAD_HOW = {
+    "global": "one ranking over all layers",
+    "uniform": "every layer pruned alike",
+    "owl": "layer rates from their outlier ratios (OWL)",
+}
 
 
 @dataclass
@@ -69,6 +79,25 @@ class Report:
     def total_pruned(self) -> int:
         assert self.plan is not None
         return sum(self.pruned(layer) for layer in self.plan.layers)
+
+    def spread(self) -> dict[str, Any] | None:
+        """How the sparsity fell across layers (unstructured): the least and most pruned layer,
+        the quartiles over layers, and the share of weights in layers pruned beyond 0.9. A global
+        ranking decides this spread; this is what it decided (None for N:M or no layers)."""
+        plan = self.plan
+        if plan is None or plan.pattern is not None or not plan.layers:
+            return None
+        sizes = np.array([layer.size for layer in plan.layers], dtype=np.float64)
+        rates = np.array([self.pruned(layer) for layer in plan.layers]) / np.maximum(sizes, 1)
+        low, high = int(np.argmin(rates)), int(np.argmax(rates))
+        q1, median, q3 = (float(q) for q in np.quantile(rates, [0.25, 0.5, 0.75]))
+        return {
+            "how": SPREAD_HOW.get(plan.method, plan.method),
+            "min": {"layer": plan.layers[low].weight.name, "sparsity": float(rates[low])},
+            "max": {"layer": plan.layers[high].weight.name, "sparsity": float(rates[high])},
+            "quartiles": [q1, median, q3],
+            "weights_in_layers_above_0.9": float(sizes[rates > 0.9].sum() / sizes.sum()),
+        }
 
     @property
     def sparsity(self) -> float:
@@ -133,6 +162,7 @@ class Report:
             ],
             "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
             "untaken_branches": [u.to_dict() for u in self.untaken],
+            "spread": self.spread(),
             "warnings": list(plan.warnings),
             **self.extra,
         }

@@ -140,6 +140,21 @@ def _sparse_lines(report: Report) -> list[str]:
     ]
 
 
+def spread_line(spread: dict[str, Any]) -> str:
+    """One line: how the layers' sparsities spread (`Report.spread`)."""
+    q1, median, q3 = spread["quartiles"]
+    low, high = spread["min"], spread["max"]
+    line = (
+        f"spread ({spread['how']}): layers from {pct(low['sparsity'])} "
+        f"({shorten(low['layer'], 32)}) to {pct(high['sparsity'])} ({shorten(high['layer'], 32)}), "
+        f"quartiles {pct(q1)} / {pct(median)} / {pct(q3)}"
+    )
+    above = spread["weights_in_layers_above_0.9"]
+    if above:
+        line += f"; {pct(above)} of the weights sit in layers pruned beyond 90%"
+    return line
+
+
 def format_report(report: Report) -> str:
     """The terminal table of a prune run, in graph order, with totals and sizes."""
     if report.channels is not None:
@@ -213,6 +228,9 @@ def format_report(report: Report) -> str:
         )
         if tuple(plan.pattern) == (2, 4):
             lines.append(SPARSE_KERNELS)
+    spread = report.spread()
+    if spread is not None and len(plan.layers) > 1:
+        lines.append(spread_line(spread))
     if report.size_before is not None:
         lines.append(
             f"size: {human_bytes(report.size_before)} -> {human_bytes(report.size_after)}"
