@@ -144,12 +144,17 @@ def read_npz_headers(path: str | os.PathLike, option: str = "--data") -> dict[st
 
 
 def scalar_arrays(data: object, option: str = "--data") -> dict[str, np.ndarray]:
-    """The 0-d arrays (inputs fed one value for every sample: a sample rate) of an .npz path or
-    a mapping of arrays; nothing for any other kind of data. Only those arrays are read."""
+    """The 0-d arrays (inputs fed one value for every sample: a sample rate) of an .npz path, a
+    folder of .npz shards (its first) or a mapping of arrays; nothing for any other kind of
+    data. Only those arrays are read."""
     if isinstance(data, Mapping):
         return {k: np.asarray(v) for k, v in data.items() if np.ndim(v) == 0}
     if not isinstance(data, str | os.PathLike):
         return {}
+    if Path(data).is_dir():  # shards: one value for every sample is in each of them
+        data = next((p for p in sorted(Path(data).iterdir()) if p.suffix == ".npz"), None)
+        if data is None:
+            return {}
     keys = [k for k, header in read_npz_headers(data, option).items() if not header.shape]
     return load_npz(data, option, keys=keys) if keys else {}
 
