@@ -147,6 +147,20 @@ class MinKeep:
         return text if "." in text or "e" in text else f"{100 * self.fraction:g}%"
 
 
+def parse_sparsities(text: str | Sequence[float]) -> list[float]:
+    """'0.5,0.8,0.9' -> [0.5, 0.8, 0.9]."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        values = [float(x) for x in items if str(x).strip()]
+    except ValueError:
+        raise InvalidArgumentError(
+            f"--sparsities {text!r}: give comma-separated numbers, e.g. 0.5,0.8,0.9"
+        ) from None
+    if not values or any(not 0 <= v < 1 for v in values):
+        raise InvalidArgumentError(f"--sparsities {text!r}: each must be in [0, 1)")
+    return values
+
+
 def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
     """['x=1x3x224x224'] -> {'x': (1, 3, 224, 224)}; one entry may name several inputs,
     'ids=1x128,mask=1x128', and 'x=' is a scalar (0-d)."""

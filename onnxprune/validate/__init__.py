@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from onnxprune.validate.gates import check_gate_values, check_gates
 from onnxprune.validate.measure import (
+    Baseline,
     ModelResult,
     Run,
     Validation,
     agreement,
     agreement_note,
+    baseline,
     compare,
     measure_latency,
     model_file,
@@ -25,11 +27,13 @@ from onnxprune.validate.measure import (
 from onnxprune.validate.preflight import preflight
 
 __all__ = [
+    "Baseline",
     "ModelResult",
     "Run",
     "Validation",
     "agreement",
     "agreement_note",
+    "baseline",
     "check_gate_values",
     "check_gates",
     "compare",
