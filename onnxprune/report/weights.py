@@ -213,6 +213,12 @@ def format_report(report: Report) -> str:
         )
         if tuple(plan.pattern) == (2, 4):
             lines.append(SPARSE_KERNELS)
+    if plan.layer_keep:
+        kept = ", ".join(f"{name} {pct(f)}" for name, f in plan.layer_keep.items())
+        lines.append(
+            f"sensitivity: {len(plan.layer_keep)} layer(s) too fragile to prune alone to "
+            f"{plan.target:g} keep at least {kept}"
+        )
     if report.size_before is not None:
         lines.append(
             f"size: {human_bytes(report.size_before)} -> {human_bytes(report.size_after)}"
