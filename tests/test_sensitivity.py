@@ -194,10 +194,8 @@ def test_prune_with_sensitivity_keeps_more_of_the_fragile_layer(files, tmp_path)
     layers = {layer["name"]: layer for layer in protected["layers"]}
     assert layers["fragile"]["min_keep"] == math.ceil(0.8 * 256) == kept["protected"]["fragile"]
     assert layers["robust"]["min_keep"] == 0
-    assert (
-        "sensitivity: 1 layer(s) too fragile to prune alone to 0.5 keep at least fragile 80.00%"
-        in (reports["protected"][1])
-    )
+    line = "sensitivity: 1 layer(s) whose output error, pruned alone to 0.5, exceeds the "
+    assert f"{line}tolerance keep at least: fragile 80.00%" in reports["protected"][1]
     assert "sensitivity_keep" not in plain
     # a tolerance the fragile layer meets protects nothing
     loose = tmp_path / "loose.json"
@@ -276,3 +274,11 @@ def test_the_rule() -> None:
     }  # fmt: skip
     with pytest.raises(InvalidArgumentError, match="at least 0"):
         protected_keep(measured, 0.5, tolerance=float("nan"))
+
+
+def test_a_model_without_prunable_weights_is_one_line(tmp_path) -> None:
+    b = GraphBuilder()
+    b.node("Relu", [b.input("x", ["N", 4])], out="y")
+    b.output("y", shape=["N", 4])
+    result = invoke("sensitivity", save(b.model(), tmp_path / "relu.onnx"))
+    assert result.exit_code == 2 and "no prunable weights" in result.stderr, result.output

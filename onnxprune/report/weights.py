@@ -216,8 +216,8 @@ def format_report(report: Report) -> str:
     if plan.layer_keep:
         kept = ", ".join(f"{name} {pct(f)}" for name, f in plan.layer_keep.items())
         lines.append(
-            f"sensitivity: {len(plan.layer_keep)} layer(s) too fragile to prune alone to "
-            f"{plan.target:g} keep at least {kept}"
+            f"sensitivity: {len(plan.layer_keep)} layer(s) whose output error, pruned alone to "
+            f"{plan.target:g}, exceeds the tolerance keep at least: {kept}"
         )
     if report.size_before is not None:
         lines.append(

@@ -4,6 +4,7 @@ measure.py    run both models, compare their outputs, time them, measure their c
 metrics.py    the numbers: output errors, accuracy, agreement, latency, sizes, MACs
 gates.py      the numbers as pass or fail (exit 1), for CI
 preflight.py  data, batch size and gate values checked before any work
+sensitivity.py  each layer pruned alone, how far the outputs move (imported on its own)
 """
 
 from __future__ import annotations

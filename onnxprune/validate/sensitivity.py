@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx_ir as ir
+
 from onnxprune import selection
 from onnxprune.calibration.segments import session_of
 from onnxprune.core.progress import step
@@ -31,6 +33,7 @@ from onnxprune.options import Device, parse_sparsities
 from onnxprune.rewrite import ZeroWeightsPass
 from onnxprune.storage import io
 from onnxprune.validate.measure import (
+    Baseline,
     ModelResult,
     agreement,
     agreement_note,
@@ -137,22 +140,23 @@ def sensitivity(
     sparsities = sorted(set(parse_sparsities(sparsities)))
     graph = io.load_model(model)
     found = find_weights(graph)
+    if not found.weights:
+        selection.plan(found.weights)  # NothingToPruneError, naming the ops looked for
     with baseline(
         model, data=data, batch_size=batch_size, device=device, input_shapes=input_shapes,
         seed=seed, batch_axes=batch_axes, cost=False,
     ) as base:  # fmt: skip
         layers = []
         runs = len(found.weights) * len(sparsities)
-        with step(f"pruning {len(found.weights)} layers alone at {len(sparsities)} sparsities",
-                  total=runs) as meter:  # fmt: skip
+        what = f"pruning {len(found.weights)} layers alone at {len(sparsities)} sparsities"
+        with step(what, total=runs) as meter:
             for weight in found.weights:
                 points = []
                 for sparsity in sparsities:
                     points.append(_point(graph, weight, sparsity, base))
                     meter.advance()
                 layers.append(LayerSensitivity(weight.name, weight.op_type, weight.size, points))
-        reference = base.reference
-        inputs = base.inputs
+        reference, inputs = base.reference, base.inputs
         return Sensitivity(
             reference=reference.result,
             sparsities=sparsities,
@@ -166,7 +170,7 @@ def sensitivity(
         )
 
 
-def _point(graph: Any, weight: Weight, sparsity: float, base: Any) -> Point:
+def _point(graph: ir.Model, weight: Weight, sparsity: float, base: Baseline) -> Point:
     """`weight` alone pruned to `sparsity` in `graph`, run and compared; the graph is left as
     it was (the weight's stored tensor put back)."""
     plan = selection.plan([weight], sparsity)
