@@ -11,7 +11,8 @@ Settings are small dataclasses (`Selection`, `Calibration`, `Structured`, `Save`
                                     output="model.pruned.onnx")
 
 Every stage is importable alone (`find_weights`, `plan`, `apply_plan`, `save_model`,
-`validate`), and `PrunePass` is the in-memory part as one onnx-ir pass.
+`validate`), and `PrunePass` is the in-memory part as one onnx-ir pass. `sensitivity` prunes each
+layer alone and measures how far the outputs move (what `Selection(sensitivity=...)` protects).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _EXPORTS = {
     "plan": "onnxprune.selection",
     "prune": "onnxprune.pipeline",
     "save_model": "onnxprune.storage.io",
+    "sensitivity": "onnxprune.validate.sensitivity",
 }
 
 

@@ -45,6 +45,13 @@ GATE_RANGES = {
 }
 
 
+# Sensitivity's per-layer minimums are weight counts: channel removal takes --min-keep alone.
+SENSITIVITY_STRUCTURED = (
+    "--sensitivity protects layers' weights from unstructured pruning; with --structured, give "
+    "--min-keep instead"
+)
+
+
 def check_sparsity(sparsity: float) -> float:
     """A sparsity in [0, 1), as a float."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, int | float):
@@ -145,6 +152,20 @@ class MinKeep:
         text = f"{self.fraction:g}"
         # 0 and 1 as fractions read as counts: say 0% and 100%
         return text if "." in text or "e" in text else f"{100 * self.fraction:g}%"
+
+
+def parse_sparsities(text: str | Sequence[float]) -> list[float]:
+    """'0.5,0.8,0.9' -> [0.5, 0.8, 0.9]."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        values = [float(x) for x in items if str(x).strip()]
+    except ValueError:
+        raise InvalidArgumentError(
+            f"--sparsities {text!r}: give comma-separated numbers, e.g. 0.5,0.8,0.9"
+        ) from None
+    if not values or any(not 0 <= v < 1 for v in values):
+        raise InvalidArgumentError(f"--sparsities {text!r}: each must be in [0, 1)")
+    return values
 
 
 def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
@@ -276,7 +297,10 @@ class Selection:
     metric) to remove; `pattern` (N:M, e.g. "2:4") instead keeps N of every M weights along the
     input axis; `method`: one global ranking or the same sparsity per layer; `min_keep`: every
     layer keeps at least this much (MinKeep.parse); `include`/`exclude`: regular expressions
-    searched in weight and node names."""
+    searched in weight and node names; `sensitivity`: a minimum kept fraction per layer, by
+    weight name, on top of `min_keep` (from a sensitivity analysis:
+    `validate.sensitivity.protected_keep`, which protects the layers that break when pruned
+    alone)."""
 
     sparsity: float = 0.0
     method: str = "global"
@@ -284,6 +308,7 @@ class Selection:
     pattern: str | tuple[int, int] | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    sensitivity: Mapping[str, float] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
@@ -297,6 +322,21 @@ class Selection:
             value = tuple(getattr(self, name) or ())
             compile_patterns(value, flag)
             object.__setattr__(self, name, value)
+        if self.sensitivity is not None:
+            keep = dict(self.sensitivity)
+            for name, fraction in keep.items():
+                ok = isinstance(fraction, int | float) and not isinstance(fraction, bool)
+                if not ok or not 0 <= fraction <= 1:
+                    raise InvalidArgumentError(
+                        f"--sensitivity: layer {name!r} keeps {fraction!r}; a kept fraction is "
+                        "in [0, 1]"
+                    )
+            if self.pattern is not None:
+                raise InvalidArgumentError(
+                    "--sensitivity raises layers' minimum retention under --sparsity; an N:M "
+                    "--pattern keeps N of every M in every layer alike"
+                )
+            object.__setattr__(self, "sensitivity", keep)
 
     @property
     def nm(self) -> tuple[int, int] | None:

@@ -29,6 +29,7 @@ from onnxprune.errors import DataError, InvalidArgumentError, ValidationFailed
 from onnxprune.inputs.readers import sample_files
 from onnxprune.inputs.spec import check_shape_names
 from onnxprune.options import (
+    SENSITIVITY_STRUCTURED,
     Calibration,
     Save,
     Selection,
@@ -67,7 +68,12 @@ def prune_weights(
     with step("finding weights"):
         found = weights.find_weights(model, include=options.include, exclude=options.exclude)
         skipped = found.skipped + weights.account(model, found)
-    select = {"method": options.method, "min_keep": options.min_keep, "pattern": options.pattern}
+    select = {
+        "method": options.method,
+        "min_keep": options.min_keep,
+        "pattern": options.pattern,
+        "layer_keep": options.sensitivity,
+    }
     with step(f"ranking {found.total:,} weights"):
         # by magnitude first, also with calibration: every argument error and an infeasible
         # minimum surface before the samples run
@@ -272,6 +278,8 @@ class PrunePass(ir.passes.InPlacePass):
         calibration: Calibration | None = None,
     ) -> None:
         super().__init__()
+        if structured is not None and options.sensitivity is not None:
+            raise InvalidArgumentError(SENSITIVITY_STRUCTURED)
         self.options, self.structured, self.calibration = options, structured, calibration
         self.report: Report | None = None
 

@@ -16,31 +16,35 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from onnxprune import pipeline
-from onnxprune.core.progress import labelled, notice_once, step
+from onnxprune.core.progress import labelled, step
 from onnxprune.errors import InfeasibleError, InvalidArgumentError
 from onnxprune.inputs.readers import Samples
-from onnxprune.options import Budget, Calibration, Device, Selection, Structured, check_metric
-from onnxprune.runtime import Runtime, open_session, select_runtime
+from onnxprune.options import (
+    Budget,
+    Calibration,
+    Device,
+    Selection,
+    Structured,
+    parse_sparsities,
+)
+from onnxprune.runtime import Runtime
 from onnxprune.scoring import importance
 from onnxprune.validate import (
     ModelResult,
     Run,
     agreement,
     agreement_note,
+    baseline,
     compare,
     model_file,
-    prepare_inputs,
     run_model,
 )
-
-log = logging.getLogger("onnxprune")
 
 DEFAULT_SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 DEFAULT_MIN_KEEP = "0.01"
@@ -112,20 +116,6 @@ class Sweep:
             "target": self.target,
             **({"metric": self.metric} if self.metric != "top1" else {}),
         }
-
-
-def parse_sparsities(text: str | Sequence[float]) -> list[float]:
-    """'0.5,0.8,0.9' -> [0.5, 0.8, 0.9]."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    try:
-        values = [float(x) for x in items if str(x).strip()]
-    except ValueError:
-        raise InvalidArgumentError(
-            f"--sparsities {text!r}: give comma-separated numbers, e.g. 0.5,0.8,0.9"
-        ) from None
-    if not values or any(not 0 <= v < 1 for v in values):
-        raise InvalidArgumentError(f"--sparsities {text!r}: each must be in [0, 1)")
-    return values
 
 
 def methods_for(
@@ -252,25 +242,15 @@ def _bench(
     metric: str,
     batch_axes: dict[str, int] | None = None,
 ) -> Iterator[Bench]:
-    check_metric(metric)
     structured = Structured() if structured is True else structured or None
-    runtime = select_runtime(device)
-    if runtime.note:
-        notice_once(runtime.note)
-    with model_file(model) as path:
-        session = open_session(path, runtime)
-        specs, inputs = prepare_inputs(
-            session, data=data, batch_size=batch_size, input_shapes=input_shapes, seed=seed,
-            model=path, metric=metric, batch_axes=batch_axes,
+    with baseline(
+        model, data=data, batch_size=batch_size, device=device, input_shapes=input_shapes,
+        seed=seed, metric=metric, batch_axes=batch_axes, latency=structured is not None,
+    ) as base:  # fmt: skip
+        yield Bench(
+            base.path, base.runtime, base.specs, base.inputs, base.reference, structured,
+            calibration, metric,
         )  # fmt: skip
-        for notice in inputs.notices:
-            log.info("%s", notice)
-        reference = run_model(
-            path, inputs, runtime, specs, latency=structured is not None, session=session,
-            metric=metric,
-        )  # fmt: skip
-        del session
-        yield Bench(path, runtime, specs, inputs, reference, structured, calibration, metric)
 
 
 def sweep(

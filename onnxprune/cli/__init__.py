@@ -3,7 +3,7 @@
 app.py       the command group; errors to one line and an exit code
 flags.py     the options, mapped onto onnxprune.options in one place
 commands.py  prune (the default), inspect
-compare.py   validate, sweep (and the sweep that picks a sparsity within a budget)
+compare.py   validate, sweep (and the sweep that picks a sparsity within a budget), sensitivity
 
 Nothing heavy (ONNX, ONNX Runtime, numpy) is imported before a command runs: `--help` and
 argument errors stay fast.

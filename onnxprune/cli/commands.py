@@ -24,8 +24,9 @@ from onnxprune.cli.flags import (
     structured_settings,
     with_options,
 )
-from onnxprune.errors import ValidationFailed
+from onnxprune.errors import InvalidArgumentError, ValidationFailed
 from onnxprune.options import (
+    SENSITIVITY_STRUCTURED,
     Save,
     Selection,
     Validation,
@@ -55,6 +56,25 @@ log = logging.getLogger("onnxprune")
     metavar="N:M",
     help="Semi-structured sparsity instead of --sparsity: keep N of every M weights "
     "along the input-channel axis (2:4 for sparse tensor cores).",
+)
+@click.option(
+    "--sensitivity",
+    "sensitivity_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=str),
+    metavar="FILE.json",
+    help="A report of `onnxprune sensitivity`: a layer whose output error, pruned alone at "
+    "--sparsity, exceeds --sensitivity-tolerance keeps at least what it kept at the highest "
+    "measured sparsity within it (the whole layer if none); the rest is ranked as usual.",
+)
+@click.option(
+    "--sensitivity-tolerance",
+    "sensitivity_tolerance",
+    type=float,
+    default=None,
+    metavar="ERROR",
+    help="With --sensitivity: the relative output error a layer pruned alone may cause "
+    "(default 0.05).",
 )
 @click.option(
     "-o",
@@ -114,6 +134,8 @@ def prune_command(
     target: str,
     heads: bool,
     pattern: str | None,
+    sensitivity_path: str | None,
+    sensitivity_tolerance: float | None,
     output: str | None,
     force: bool,
     report_path: str | None,
@@ -142,6 +164,10 @@ def prune_command(
         raise click.UsageError("give --sparsity (e.g. --sparsity 0.9) or --pattern (e.g. 2:4)")
     if sparsity is not None and pattern is not None:
         raise click.UsageError("--sparsity and --pattern exclude each other")
+    if sensitivity_path is None and sensitivity_tolerance is not None:
+        raise InvalidArgumentError("--sensitivity-tolerance needs --sensitivity FILE.json")
+    if sensitivity_path is not None and structured:
+        raise InvalidArgumentError(SENSITIVITY_STRUCTURED)
     check_batch_size(batch_size)
     shapes = parse_input_shapes(input_shape)
     axes = parse_batch_axes(batch_axis)
@@ -152,6 +178,7 @@ def prune_command(
         pattern=pattern,
         include=include,
         exclude=exclude,
+        sensitivity={} if sensitivity_path else None,  # filled below: an N:M pattern refused now
     )
     channels = structured_settings(
         structured,
@@ -195,6 +222,12 @@ def prune_command(
     )
     from onnxprune import pipeline
 
+    if sensitivity_path is not None:
+        from onnxprune.validate.sensitivity import DEFAULT_TOLERANCE, protected_keep
+
+        tolerance = DEFAULT_TOLERANCE if sensitivity_tolerance is None else sensitivity_tolerance
+        keep = protected_keep(sensitivity_path, options.sparsity, tolerance)
+        options = dataclasses.replace(options, sensitivity=keep)
     try:
         _, report = pipeline.prune(
             model,

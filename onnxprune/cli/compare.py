@@ -1,5 +1,6 @@
 """The commands that compare models: validate (any two), sweep (methods at several sparsities, or
-the highest sparsity within a budget). Each maps its flags to options, calls the API, prints."""
+the highest sparsity within a budget), sensitivity (each layer pruned alone). Each maps its flags
+to options, calls the API, prints."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from onnxprune.options import (
     check_batch_size,
     parse_batch_axes,
     parse_input_shapes,
+    parse_sparsities,
 )
 
 
@@ -420,3 +422,95 @@ def _extras(
             item.discard()
     if plot:
         click.echo(f"plot written to {plot}")
+
+
+@main.command("sensitivity")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option(
+    "--sparsities",
+    default="0.5,0.8,0.95",
+    show_default=True,
+    help="Comma-separated sparsities to prune each layer to, alone.",
+)
+@with_options(run_options)
+@click.option(
+    "--calibration",
+    default=None,
+    type=click.Path(path_type=str),
+    help="Run these samples instead of --data (a calibration .npz or folder of shards): only "
+    "how far the outputs move is measured, so any representative inputs do.",
+)
+@report_option("every layer's numbers (what prune --sensitivity reads)")
+@force_option
+@debug_option
+@user_errors
+def sensitivity_command(
+    model: str,
+    sparsities: str,
+    data: str | None,
+    batch_size: int | None,
+    device: str,
+    providers: tuple[str, ...],
+    provider_options: tuple[str, ...],
+    input_shape: tuple[str, ...],
+    batch_axis: tuple[str, ...],
+    seed: int,
+    calibration: str | None,
+    report_path: str | None,
+    force: bool,
+) -> None:
+    """Prune each layer of MODEL alone, by magnitude, at each sparsity; say how far the outputs
+    move from the dense model's (smallest cosine, relative error, top-1 agreement).
+
+    The dense model runs once; each layer's pruned model runs on the same inputs. Fragile
+    layers are marked; `prune --sensitivity FILE.json` keeps more of them.
+
+    \b
+      onnxprune sensitivity model.onnx --data val.npz --report sensitivity.json
+      onnxprune prune model.onnx -s 0.9 --sensitivity sensitivity.json
+    """
+    setup_logging(False)
+    if data is not None and calibration is not None:
+        raise InvalidArgumentError(
+            "--data and --calibration are both inputs to run: give one of them"
+        )
+    levels = parse_sparsities(sparsities)
+    shapes = parse_input_shapes(input_shape)
+    axes = parse_batch_axes(batch_axis)
+    check_batch_size(batch_size)
+    where = device_settings(device, providers, provider_options)
+    load_heavy()
+    check_providers(where)
+    from onnxprune import pipeline
+    from onnxprune.report import write_json
+    from onnxprune.report.sensitivity import format_sensitivity
+    from onnxprune.validate import preflight
+    from onnxprune.validate.sensitivity import sensitivity
+
+    preflight(
+        model,
+        data=data,
+        calibration=calibration,
+        validating=calibration is None,
+        batch_size=batch_size,
+        input_shapes=shapes,
+        batch_axes=axes,
+    )
+    pipeline.check_outputs(
+        pipeline.input_files(model, data=data, calibration=calibration),
+        [(report_path, "the report")],
+        force=force,
+    )
+    result = sensitivity(
+        model,
+        levels,
+        data=data if calibration is None else calibration,
+        batch_size=batch_size,
+        device=where,
+        input_shapes=shapes,
+        seed=seed,
+        batch_axes=axes,
+    )
+    click.echo(format_sensitivity(result))
+    if report_path:
+        write_json(result.to_dict(), report_path, force=force)

@@ -6,6 +6,7 @@ the tests assert). All terminal formatting lives in this package.
     channels.py    the structured table: channels per layer, frozen groups and why
     validation.py  the validation table
     sweep.py       the sweep's table and plot
+    sensitivity.py the sensitivity table (each layer pruned alone)
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ class Report:
             "target_sparsity": plan.target,
             "achieved_sparsity": self.sparsity,
             "min_keep": None if plan.min_keep is None else str(plan.min_keep),
+            **({"sensitivity_keep": dict(plan.layer_keep)} if plan.layer_keep else {}),
             "pattern": None if plan.pattern is None else "{}:{}".format(*plan.pattern),
             "criterion": self.criterion,
             "calibration": calibration,

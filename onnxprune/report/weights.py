@@ -231,6 +231,12 @@ def format_report(report: Report) -> str:
     spread = report.spread()
     if spread is not None and len(plan.layers) > 1:
         lines.append(spread_line(spread))
+    if plan.layer_keep:
+        kept = ", ".join(f"{name} {pct(f)}" for name, f in plan.layer_keep.items())
+        lines.append(
+            f"sensitivity: {len(plan.layer_keep)} layer(s) whose output error, pruned alone to "
+            f"{plan.target:g}, exceeds the tolerance keep at least: {kept}"
+        )
     if report.size_before is not None:
         lines.append(
             f"size: {human_bytes(report.size_before)} -> {human_bytes(report.size_after)}"

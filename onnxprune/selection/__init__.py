@@ -14,7 +14,7 @@ models bigger than memory get the very same decision as small ones.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,6 +70,8 @@ class Plan:
     min_keep: MinKeep | None = None
     pattern: tuple[int, int] | None = None
     warnings: list[str] = field(default_factory=list)
+    # per-layer minimum kept fractions above 0 (a sensitivity analysis's), by weight name
+    layer_keep: dict[str, float] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -198,6 +200,7 @@ def plan(
     pattern: str | tuple[int, int] | None = None,
     scores: Sequence[np.ndarray | None] | None = None,
     outliers: Sequence[float] | None = None,
+    layer_keep: Mapping[str, float] | None = None,
 ) -> Plan:
     """Decide, for every weight, how many and which elements become zero.
 
@@ -205,7 +208,9 @@ def plan(
     replace the magnitudes: calibrated scores (scoring.weights), non-negative, zero where a
     weight is zero. `method="owl"` spreads the sparsity by `outliers`, each layer's share of
     outlier weights (scoring.weights.outlier_ratios): the layer with the most keeps OWL_SPREAD
-    more of its weights than the target, the one with the fewest that much less."""
+    more of its weights than the target, the one with the fewest that much less. `layer_keep`
+    (weight name -> fraction) raises a layer's minimum retention above `min_keep`'s; the
+    sparsity is still met exactly, or InfeasibleError says how far it can go."""
     if not weights:
         raise NothingToPruneError(
             "no prunable weights: looked for constant weights of "
@@ -225,6 +230,10 @@ def plan(
 
     sizes = np.array([w.size for w in weights], dtype=np.int64)
     keep = np.array([min_keep.for_layer(int(n)) if min_keep else 0 for n in sizes], dtype=np.int64)
+    raised, unknown = _layer_keep(weights, layer_keep)
+    keep = np.maximum(
+        keep, [MinKeep(fraction=raised.get(w.name, 0.0)).for_layer(w.size) for w in weights]
+    )
     total = int(sizes.sum())
     target = round(sparsity * total)
     if method == "global":
@@ -238,12 +247,21 @@ def plan(
             raise InvalidArgumentError("--method owl needs each layer's outlier share")
         shares *= owl_rates(np.asarray(outliers, dtype=np.float64), sparsity)
     caps = np.maximum(sizes - keep, zeros)
-    result = Plan(method=method, target=sparsity, layers=[], keys=keys, min_keep=min_keep)
+    result = Plan(
+        method=method, target=sparsity, layers=[], keys=keys, min_keep=min_keep, layer_keep=raised
+    )
+    if unknown:
+        result.warnings.append(_unknown_line(unknown))
     if target > int(caps.sum()):
         best = math.floor(int(caps.sum()) / total * 10000) / 10000
+        limits = [f"--min-keep {min_keep}"] if min_keep else []
+        limits += ["--sensitivity"] if raised else []
+        remedies = ["--sparsity"] + (["--min-keep"] if min_keep else [])
         raise InfeasibleError(
-            f"--min-keep {min_keep} leaves only {int(caps.sum())} of {total} weights prunable: "
-            f"the highest sparsity it allows is {best:.4f}; lower --sparsity or --min-keep"
+            f"{' and '.join(limits)} {'leave' if len(limits) > 1 else 'leaves'} only "
+            f"{int(caps.sum())} of {total} weights prunable: the highest sparsity "
+            f"{'they allow' if len(limits) > 1 else 'it allows'} is {best:.4f}; lower "
+            f"{' or '.join(remedies)}" + (" or raise --sensitivity-tolerance" if raised else "")
         )
     if target < int(zeros.sum()):
         result.warnings.append(
@@ -282,6 +300,31 @@ def plan(
                     "weights; --min-keep (e.g. 0.01) guarantees every layer a minimum"
                 )
     return result
+
+
+def _layer_keep(
+    weights: Sequence[Weight], layer_keep: Mapping[str, float] | None
+) -> tuple[dict[str, float], list[str]]:
+    """The raised minimums (fractions above 0) of the weights planned, and the names measured
+    that are not among them; none matching at all means the measurements are another model's."""
+    if not layer_keep:
+        return {}, []
+    names = {w.name for w in weights}
+    unknown = [name for name in layer_keep if name not in names]
+    if len(unknown) == len(layer_keep):
+        raise InvalidArgumentError(
+            f"--sensitivity names {len(unknown)} layer(s) (e.g. {unknown[0]!r}), none of them a "
+            "prunable weight of this model: it was measured on another model"
+        )
+    raised = {n: float(f) for n, f in layer_keep.items() if n in names and f > 0}
+    return raised, unknown
+
+
+def _unknown_line(names: list[str]) -> str:
+    return (
+        f"--sensitivity: {len(names)} measured layer(s) are not pruned here (e.g. {names[0]}); "
+        "their measurements are unused"
+    )
 
 
 def _plan_pattern(

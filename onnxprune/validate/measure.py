@@ -315,6 +315,54 @@ def _classes(session: ort.InferenceSession) -> int | None:
     return None
 
 
+@dataclass
+class Baseline:
+    """The dense model run once on the inputs: what a sweep's or a sensitivity analysis's every
+    candidate is compared with, on the same runtime, specs and batches."""
+
+    path: Path
+    runtime: Runtime
+    specs: list[_inputs.InputSpec]
+    inputs: _inputs.Inputs
+    reference: Run
+
+
+@contextlib.contextmanager
+def baseline(
+    model: ModelSource,
+    *,
+    data: Samples | None = None,
+    batch_size: int | None = None,
+    device: str | Device = "auto",
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+    metric: str = "top1",
+    batch_axes: dict[str, int] | None = None,
+    latency: bool = False,
+    cost: bool = True,
+) -> Iterator[Baseline]:
+    """Open `model` once, prepare the batches (the user's data or generated inputs) and run it:
+    the reference every candidate is compared with, so that it runs only once."""
+    check_metric(metric)
+    runtime = select_runtime(device)
+    if runtime.note:
+        notice_once(runtime.note)
+    with model_file(model) as path:
+        session = open_session(path, runtime)
+        specs, inputs = prepare_inputs(
+            session, data=data, batch_size=batch_size, input_shapes=input_shapes, seed=seed,
+            model=path, metric=metric, batch_axes=batch_axes,
+        )  # fmt: skip
+        for notice in inputs.notices:
+            log.info("%s", notice)
+        reference = run_model(
+            path, inputs, runtime, specs, latency=latency, cost=cost, session=session,
+            metric=metric,
+        )  # fmt: skip
+        del session
+        yield Baseline(path, runtime, specs, inputs, reference)
+
+
 # ---------------------------------------------------------------------------------------------
 # two models
 
