@@ -321,3 +321,33 @@ def test_sampled_window_finds_the_threshold_in_one_pass(dtype, sparsity, keep) -
     assert results["radix"][2] == (1 if dtype == np.float16 else 2)
     if keep:
         assert (counts == sizes - keep_counts).any()  # the floor did bind somewhere
+
+
+def test_the_report_says_how_the_sparsity_spread() -> None:
+    """Three layers of very different scales under one global ranking: the small one empties
+    first; the report names the least and most pruned layer and the quartiles, exactly."""
+    import onnxprune
+    from onnxprune.report.weights import format_report
+
+    b = GraphBuilder(5)
+    h = b.input("x", ["N", 16])
+    for name, scale in (("big", 10.0), ("mid", 1.0), ("small", 0.01)):
+        h = b.node("MatMul", [h, b.weight((16, 16), name=name, scale=scale)])
+    b.output(h)
+    model = ir.serde.deserialize_model(b.model())
+    _, report = onnxprune.prune(model, 0.5)
+    rates = {layer["name"]: layer["sparsity"] for layer in report.to_dict()["layers"]}
+    spread = report.to_dict()["spread"]
+    assert spread["min"] == {"layer": "big", "sparsity": rates["big"]}
+    assert spread["max"] == {"layer": "small", "sparsity": 1.0}
+    assert spread["quartiles"] == pytest.approx(
+        np.quantile(list(rates.values()), [0.25, 0.5, 0.75])
+    )
+    assert spread["weights_in_layers_above_0.9"] == pytest.approx(1 / 3)
+    assert spread["how"] == "one ranking over all layers"
+    assert "spread (one ranking over all layers): layers from" in format_report(report)
+    from onnxprune.options import Selection
+
+    uniform_options = Selection(0.5, method="uniform")
+    _, uniform = onnxprune.prune(ir.serde.deserialize_model(b.model()), uniform_options)
+    assert uniform.to_dict()["spread"]["quartiles"] == [0.5, 0.5, 0.5]
