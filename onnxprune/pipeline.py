@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -42,6 +43,9 @@ from onnxprune.rewrite import RemoveChannelsPass, ZeroWeightsPass
 from onnxprune.scoring import importance as importances
 from onnxprune.scoring.magnitude import MagnitudeStats, magnitude_hazard, magnitude_stats
 from onnxprune.storage import io, sparse, writer
+
+if TYPE_CHECKING:
+    from onnxprune.validate.measure import Validation as ValidationResult
 
 
 def model_inputs(model: ir.Model) -> list[str]:
@@ -438,6 +442,26 @@ def prune(
     return model, result
 
 
+# Channel removal must make a model faster: a candidate within this share of the dense model's
+# latency (timed in turns on the same batch) is reported as not faster.
+FASTER_BY = 0.02
+
+
+def not_faster(measured: ValidationResult) -> str | None:
+    """The warning for a structured model that runs no faster than the dense one where it was
+    timed (odd channel counts knock kernels off their blocked layouts; a Pad or Slice left
+    between layers costs a copy), None where it is faster or was not timed."""
+    ref, cand = measured.reference.latency, measured.candidate.latency
+    if ref is None or cand is None or cand.median_ms < (1 - FASTER_BY) * ref.median_ms:
+        return None
+    ratio = cand.median_ms / ref.median_ms
+    return (
+        f"the pruned model is not faster on {measured.device}: {cand.median_ms:.3g} ms against "
+        f"{ref.median_ms:.3g} ms per batch of {cand.batch_size} (x{ratio:.2f}, both timed in "
+        "turns); round channel counts with --round-to 8 (or 16), or remove more"
+    )
+
+
 def _untaken(
     model: ir.Model, calibration: Calibration | None, validation: Validation | None
 ) -> list[weights.Untaken]:
@@ -551,6 +575,9 @@ def _validate(result: Report, options: Validation, candidate: object) -> None:
         if measured.candidate.cost is not None:
             measured.candidate.cost.file_bytes = result.size_after
     result.validation = measured
+    slower = not_faster(measured)
+    if result.channels is not None and slower is not None:
+        result.warnings.append(slower)
     result.extra["validation"] = measured.to_dict()
 
 

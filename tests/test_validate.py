@@ -472,3 +472,42 @@ def test_latency_with_io_binding(pair) -> None:
     session = ort.InferenceSession(str(pair[0]), providers=["CPUExecutionProvider"])
     lat = validate.measure_latency(session, {"x": X}, warmup=1, repeats=4, io_binding=True)
     assert lat.runs == 4 and lat.batch_size == 2 and lat.median_ms > 0
+
+
+def test_latencies_are_timed_in_turns(tmp_path) -> None:
+    from onnxprune.runtime import open_session, select_runtime
+
+    path = save(mlp(), tmp_path / "m.onnx")
+    runtime = select_runtime("cpu")
+    sessions = [open_session(path, runtime) for _ in range(2)]
+    feeds = {"x": np.ones((4, 16), dtype=np.float32)}
+    first, second = validate_compare.measure_latencies(
+        [(s, feeds) for s in sessions], repeats=7, budget_s=60.0
+    )
+    assert first.runs == second.runs == 7  # one run of each in turn, as many of each
+    assert first.batch_size == second.batch_size == 4
+
+
+def test_a_structured_model_not_faster_is_said() -> None:
+    from types import SimpleNamespace
+
+    from onnxprune.pipeline import not_faster
+
+    def measured(ref_ms: float, cand_ms: float) -> SimpleNamespace:
+        def latency(ms: float) -> metrics.Latency:
+            return metrics.Latency(median_ms=ms, p90_ms=ms, runs=20, batch_size=8)
+
+        return SimpleNamespace(
+            device="cpu",
+            reference=SimpleNamespace(latency=latency(ref_ms)),
+            candidate=SimpleNamespace(latency=latency(cand_ms)),
+        )
+
+    said = not_faster(measured(10.0, 11.8))
+    assert said is not None and "not faster on cpu" in said and "x1.18" in said
+    assert "--round-to 8" in said
+    assert not_faster(measured(10.0, 9.9)) is not None  # within 2%: no gain worth the name
+    assert not_faster(measured(10.0, 8.0)) is None
+    none_timed = measured(10.0, 8.0)
+    none_timed.candidate.latency = None
+    assert not_faster(none_timed) is None

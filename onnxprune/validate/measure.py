@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,11 +80,52 @@ def measure_latency(
     io_binding: bool | None = None,
     axes: dict[str, int | None] | None = None,
 ) -> Latency:
-    """Milliseconds per run on one batch after warm-up.
+    """Milliseconds per run on one batch after warm-up (`measure_latencies` of one session)."""
+    return measure_latencies(
+        [(session, feeds)], warmup=warmup, repeats=repeats, budget_s=budget_s,
+        io_binding=io_binding, axes=axes,
+    )[0]  # fmt: skip
+
+
+def measure_latencies(
+    timed: Sequence[tuple[ort.InferenceSession, dict[str, np.ndarray]]],
+    *,
+    warmup: int = WARMUP,
+    repeats: int = REPEATS,
+    budget_s: float = LATENCY_BUDGET_S,
+    io_binding: bool | None = None,
+    axes: dict[str, int | None] | None = None,
+) -> list[Latency]:
+    """Milliseconds per run of each (session, batch), timed in turns, one run of each after the
+    other: a machine that gets busier or quieter meanwhile weighs on every model alike, so
+    their ratio holds where separate timings drift (the "is it faster?" question).
 
     On CUDA (or with `io_binding=True`) inputs are copied to the device once and outputs stay
     there (IO binding), so host-device copies are not timed, only the model.
     """
+    runners = [_runner(session, feeds, io_binding) for session, feeds in timed]
+    for once in runners:
+        for _ in range(warmup):
+            once()
+    times: list[list[float]] = [[] for _ in runners]
+    deadline = time.perf_counter() + budget_s * len(runners)
+    while len(times[0]) < repeats and (
+        len(times[0]) < MIN_REPEATS or time.perf_counter() < deadline
+    ):
+        for once, spent in zip(runners, times, strict=True):
+            start = time.perf_counter()
+            once()
+            spent.append(time.perf_counter() - start)
+    return [
+        Latency.from_seconds(spent, _inputs.batch_rows(feeds, axes))
+        for spent, (_, feeds) in zip(times, timed, strict=True)
+    ]
+
+
+def _runner(
+    session: ort.InferenceSession, feeds: dict[str, np.ndarray], io_binding: bool | None
+) -> Callable[[], None]:
+    """One timed run of the session on the batch (with IO binding on CUDA)."""
     names = [o.name for o in session.get_outputs()]
     on_cuda = session.get_providers()[0] == CUDA
     if io_binding or (io_binding is None and on_cuda):
@@ -96,23 +137,16 @@ def measure_latency(
         for name in names:
             binding.bind_output(name, device)
 
-        def once() -> None:
+        def bound() -> None:
             session.run_with_iobinding(binding)
             binding.synchronize_outputs()
-    else:
 
-        def once() -> None:
-            session.run(names, feeds)
+        return bound
 
-    for _ in range(warmup):
-        once()
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < repeats and (len(times) < MIN_REPEATS or time.perf_counter() < deadline):
-        start = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - start)
-    return Latency.from_seconds(times, _inputs.batch_rows(feeds, axes))
+    def once() -> None:
+        session.run(names, feeds)
+
+    return once
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,13 +570,13 @@ def validate(
                 cand_path, data_, runtime, specs, latency=False, cost=False, metric=metric
             )
             ref_run.result.cost, cand_run.result.cost = (c.result() for c in costs)
-        if latency:
-            for run, path in ((ref_run, ref_path), (cand_run, cand_path)):
-                session = open_session(path, runtime)
-                run.result.latency = measure_latency(
-                    session, _first_batch(session, data_), axes=data_.batch_axes
-                )
-                del session
+        if latency:  # both timed in turns: their ratio is what the user asks of pruning
+            sessions = [open_session(path, runtime) for path in (ref_path, cand_path)]
+            timed = [(session, _first_batch(session, data_)) for session in sessions]
+            ref_run.result.latency, cand_run.result.latency = measure_latencies(
+                timed, axes=data_.batch_axes
+            )
+            del sessions, timed
     for run, source in ((ref_run, reference), (cand_run, candidate)):
         if isinstance(source, ir.Model):
             run.result.path = IN_MEMORY
