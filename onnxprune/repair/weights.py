@@ -33,16 +33,6 @@ from onnxprune.selection import LayerPlan, Plan, layer_mask
 from onnxprune.weights import Weight
 
 
-def row_masks(scores: np.ndarray, counts_from: np.ndarray) -> np.ndarray:
-    """In each row (last axis) the lowest scores pruned, as many as `counts_from` prunes there;
-    ties to the earlier column."""
-    counts = counts_from.sum(axis=-1, keepdims=True)
-    order = np.argsort(scores, axis=-1, kind="stable")
-    ranks = np.empty(scores.shape, dtype=np.int64)
-    np.put_along_axis(ranks, order, np.arange(scores.shape[-1]), -1)
-    return ranks < counts
-
-
 def store(values: np.ndarray, mask: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Cast to the stored dtype: pruned weights exactly zero, kept non-zero ones never zero.
 
@@ -126,13 +116,6 @@ def repair_layer(
     else:
         assert mask is not None
         mask_m = design.to_matrix(mask)
-        if paired and importance.calibrated and pattern is None:
-            # sequential: each row's pruned weights chosen again from what the layer now sees
-            # (the pruned layers before it), as many in each row as the plan decided; an N:M
-            # pattern keeps the plan's groups
-            current = importance.weight_scores(w, h, lambda g: stats.inverse(g, options.damp))
-            mask_m = row_masks(current, mask_m)
-            mask = design.from_matrix(mask_m)
         new = np.where(mask_m, 0.0, w)
     moved = unshifted = False
     if options.bias_correction:
