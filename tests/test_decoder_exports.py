@@ -206,3 +206,19 @@ def test_made_inputs_are_said_and_empty_tokens_refused() -> None:
     assert any("made position_ids" in n and "4 empty past" in n for n in made.notices)
     with pytest.raises(DataError, match="is empty"):
         from_arrays({"input_ids": np.zeros((2, 0), np.int64)}, specs)
+
+
+def test_calibrated_channels_on_the_dynamo_export(tmp_path: Path) -> None:
+    """torch.export's decoder: preparing the graph makes later nodes read values (its shape
+    guards read past) that the dense model's names never carry across a segment's cut; the
+    sequential walk keeps them (it failed with KeyError 'val_1')."""
+    out = tmp_path / "o.onnx"
+    _, report = onnxprune.prune(
+        _path("dynamo"),
+        0.2,
+        structured=onnxprune.Structured(target="macs"),
+        calibration=onnxprune.Calibration(DECODER / "tokens.npz", device="cpu"),
+        output=out,
+    )
+    assert report.channels is not None and report.channels.achieved == pytest.approx(0.2, abs=0.01)
+    assert np.isfinite(run(out, _feeds(io.load_model(_path("dynamo"))))[0]).all()

@@ -161,20 +161,41 @@ class SequentialWalk:
                 yield wave, self._measure(wave, segment, pruned_store, dense_store, inputs)
         finally:
             inputs.close()
-        # the repaired segment, once more: what comes after it
+        # the repaired segment, once more: what comes after it, and what only the model being
+        # repaired reads later (a value its preparation made a later node read directly)
         nodes = self._pruned_nodes(segment)
         current = self._current()
         targets = [current.get(name, name) for name in live_out]
+        own = self._own_live_after(segment, nodes) - set(targets) - set(live_out)
         rename = dict(self.aliases)
         for batch, found in run_segment(
-            self.model, nodes, targets, pruned_store, batches, self.runtime,
+            self.model, nodes, [*targets, *sorted(own)], pruned_store, batches, self.runtime,
             "the calibration copy", rename,
         ):  # fmt: skip
             for name, target in zip(live_out, targets, strict=True):
                 pruned_store.put(name, batch, found[target])
+            for name in own:
+                pruned_store.put(name, batch, found[name])
         self.passes += 1
-        pruned_store.keep(live)
+        pruned_store.keep(live | own | set(pruned_store.arrays) & self._read_after(segment))
         dense_store.keep(live)
+
+    def _read_after(self, segment: Segment) -> set[str]:
+        """Names the model being repaired reads after the segment."""
+        later: set[str] = set()
+        position = 0
+        for node in self.model.graph:
+            position = self.at.get(node, position)
+            if position >= segment.stop:
+                later.update(v.name for v in reads(node))
+        return later
+
+    def _own_live_after(self, segment: Segment, nodes: Sequence[ir.Node]) -> set[str]:
+        """Values the segment's nodes make in the model being repaired that its later nodes or
+        outputs read (where the dense model's names do not say so)."""
+        made = {v.name for node in nodes for v in node.outputs}
+        outputs = {v.name for v in self.model.graph.outputs}
+        return made & (self._read_after(segment) | outputs)
 
     def _pruned_nodes(self, segment: Segment) -> list[ir.Node]:
         """The model's nodes in the segment, the ones the repair added included."""
