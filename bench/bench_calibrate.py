@@ -1,28 +1,27 @@
-"""Calibrated pruning speed and memory, as a ratio to one ONNX Runtime pass over the same samples.
+"""Calibrated pruning's time and memory, against one ONNX Runtime pass over the same samples.
 
-Model: ResNet-50's layer shapes (models.resnet50: 25.5 M random weights, BatchNorm folded).
-Samples: --samples random normal float32 [n, 3, 224, 224] (seed 0), fed in --batch-size batches.
-Baseline: one plain ONNX Runtime CPU pass over the samples in a fresh process (session creation
-and one warm-up batch not counted). Measured, each in a fresh process: `onnxprune.prune(model,
---sparsity, calibration=Calibration(data, device="cpu", ...))` end to end (model load included,
-no output file), broken down by wrapping calibration's functions with timers (capture: ORT and
-X^T X sums; scoring and ranking; repair: SparseGPT and bias correction; wall and CPU seconds),
-and the plain magnitude prune for reference. Peak memory is each child's VmHWM. The issue asks
-for calibrated / ORT pass <= 10 at 128 samples.
+Each run is a fresh child process, so each peak RSS (VmHWM) is its own:
+  - ORT pass: one plain ONNX Runtime CPU pass over the samples (session creation and one
+    warm-up batch not counted);
+  - calibrated: `onnxprune.prune(model, Selection(--sparsity), calibration=Calibration(samples,
+    criterion, mode, device="cpu", batch_size))` end to end (model load included, no output
+    file), once per --mode; with --structured, Structured(target="macs") channel removal instead.
+Printed per run: wall and CPU seconds, wall / ORT pass, peak RSS, peak RSS / model file size,
+`report.calibration.passes` (runs of the model or of one segment over the samples), and where
+the time went (timers wrapped around capture, the sequential walk's segment runs, X^T X sums and
+the solvers). Targets: calibrated <= 10x the ORT pass; peak RSS <= 2x the model + one segment's
+statistics (the largest segment's paired sums, 3 K^2 float64 per layer input).
 
---mode defaults to Calibration's default. Sequential mode runs the pruned and the dense model over
-all samples once per wave of layers (51 passes on ResNet-50): about 8 s per sample in ORT alone, so
-use --samples 16 or 32 with it and scale. On a machine shared with other work, --threads 1 gives
-steadier figures than the libraries' default of one thread per core.
+Models: --model resnet50 (default), ResNet-50's layer shapes with random weights
+(bench/models.py), fed --samples random normal 3x224x224 images (seed 0); --model decoder, the
+LLaMA-style decoder export in --decoder-dir with its calibration token sequences (calib.npz:
+input_ids, attention_mask; calib128.npz past 32).
 
-    python bench/bench_calibrate.py [--samples 128] [--criterion sparsegpt] [--batch-size 16]
-    python bench/bench_calibrate.py --mode one-pass --threads 1 --layers
+    python bench/bench_calibrate.py --samples 32 --batch-size 16            # both modes
+    python bench/bench_calibrate.py --mode one-pass --threads 1
+    python bench/bench_calibrate.py --model decoder --mode sequential
     python bench/bench_calibrate.py --mode sequential --samples 16 --profile bench/out/seq.prof
     python bench/bench_calibrate.py --structured --mode one-pass     # channels: choose + re-solve
-
---structured measures calibrated channel removal instead (--sparsity of the MACs, as
-`onnxprune --structured --target macs --calibration`): capture, channel scoring, ranking,
-the least-squares re-solve of every layer that read a removed channel, and the rewrite.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import argparse
 import collections
 import cProfile
 import functools
+import inspect
 import json
 import os
 import pstats
@@ -39,17 +39,14 @@ import sys
 import time
 from pathlib import Path
 
-from bench_prune import build_model  # bench/ is the script's folder
-
 SEED = 0
 SHAPE = (3, 224, 224)
 MIB = 2**20
-
-
-def samples(n: int):
-    import numpy as np
-
-    return np.random.default_rng(SEED).standard_normal((n, *SHAPE), dtype=np.float32)
+HERE = Path(__file__).resolve().parent
+DECODER_DIR = Path("/work/wt/redesign/build/decoder")
+MODES = ("one-pass", "sequential")
+# the onnxprune of this checkout, whatever the environment's editable install points at
+sys.path.insert(0, str(HERE.parent))
 
 
 def peak_rss() -> int:
@@ -61,21 +58,50 @@ def peak_rss() -> int:
     return 0
 
 
+def samples(args) -> dict:
+    """The calibration samples as input name -> array (samples on axis 0)."""
+    import numpy as np
+
+    if args.model == "resnet50":
+        rng = np.random.default_rng(SEED)
+        return {"input": rng.standard_normal((args.samples, *SHAPE), dtype=np.float32)}
+    folder = Path(args.decoder_dir)
+    path = folder / ("calib.npz" if args.samples <= 32 else "calib128.npz")
+    with np.load(path) as data:
+        found = {k: data[k] for k in data.files}
+    if len(next(iter(found.values()))) < args.samples:
+        raise SystemExit(f"{path} holds fewer than {args.samples} sequences")
+    return {k: v[: args.samples] for k, v in found.items()}
+
+
+def model_bytes(model: Path) -> int:
+    """The model file's size, its external data files included."""
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    files = {model}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entry = {e.key: e.value for e in tensor.external_data}
+            files.add(model.parent / entry["location"])
+    return sum(f.stat().st_size for f in files)
+
+
 # --- children: each prints one JSON line --------------------------------------------------------
 
 
-def child_ort(model: Path, n: int, batch: int) -> dict:
-    """One plain ORT CPU pass, the session onnxprune opens for calibration minus the extra
+def child_ort(model: Path, args) -> dict:
+    """One plain ORT CPU pass: the session onnxprune opens for calibration, minus the extra
     outputs."""
     from onnxprune.runtime import open_session, select_runtime
 
-    data = samples(n)
+    data = samples(args)
+    n, batch = args.samples, args.batch_size
     session = open_session(model, select_runtime("cpu"))
-    name = session.get_inputs()[0].name
-    session.run(None, {name: data[:batch]})  # warm-up, not counted
+    session.run(None, {k: v[:batch] for k, v in data.items()})  # warm-up, not counted
     start, cpu = time.perf_counter(), time.process_time()
     for i in range(0, n, batch):
-        session.run(None, {name: data[i : i + batch]})
+        session.run(None, {k: v[i : i + batch] for k, v in data.items()})
     return {
         "seconds": time.perf_counter() - start,
         "cpu": time.process_time() - cpu,
@@ -84,147 +110,141 @@ def child_ort(model: Path, n: int, batch: int) -> dict:
 
 
 class Timers:
-    """Wall seconds and calls of wrapped functions, by call path (a wrapped call inside another
-    is a child of it: its time is part of its parent's), and optionally per layer."""
+    """Wall seconds and calls of wrapped functions by call path (a wrapped call inside another
+    is a child of it). A generator function is timed inside its steps only, not while its
+    consumer works between them."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = collections.defaultdict(float)
         self.cpu: dict[str, float] = collections.defaultdict(float)
         self.calls: dict[str, int] = collections.defaultdict(int)
         self.order: dict[str, int] = {}
-        self.layers: dict[str, float] = collections.defaultdict(float)
         self.stack: list[str] = []
 
-    def wrap(self, owner: object, attr: str, key: str, layer=None) -> None:
-        """Replace owner.attr by a timed wrapper; `layer(*args)` names the layer a call is for."""
-        original = getattr(owner, attr)
+    def _enter(self, key: str) -> tuple[str, float, float]:
+        path = " / ".join((*self.stack, key))
+        self.order.setdefault(path, len(self.order))
+        self.stack.append(key)
+        return path, time.perf_counter(), time.process_time()
+
+    def _leave(self, path: str, start: float, cpu: float, call: bool) -> None:
+        self.stack.pop()
+        self.seconds[path] += time.perf_counter() - start
+        self.cpu[path] += time.process_time() - cpu
+        self.calls[path] += call
+
+    def wrap(self, owner: object, attr: str, key: str) -> None:
+        """Replace owner.attr (looked up at call time by its callers) by a timed wrapper."""
+        original = getattr(owner, attr, None)
+        if original is None:
+            return  # renamed since: that part is not broken down
+        if inspect.isgeneratorfunction(original):
+
+            @functools.wraps(original)
+            def stepped(*args, **kwargs):
+                inner = original(*args, **kwargs)
+                first = True
+                while True:
+                    path, start, cpu = self._enter(key)
+                    try:
+                        item = next(inner)
+                    except StopIteration:
+                        return
+                    finally:
+                        self._leave(path, start, cpu, first)
+                        first = False
+                    yield item
+
+            setattr(owner, attr, stepped)
+            return
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
-            path = " / ".join((*self.stack, key))
-            self.order.setdefault(path, len(self.order))
-            self.stack.append(key)
-            start, cpu = time.perf_counter(), time.process_time()
+            path, start, cpu = self._enter(key)
             try:
                 return original(*args, **kwargs)
             finally:
-                spent = time.perf_counter() - start
-                self.stack.pop()
-                self.seconds[path] += spent
-                self.cpu[path] += time.process_time() - cpu
-                self.calls[path] += 1
-                if layer is not None:
-                    self.layers[layer(*args, **kwargs)] += spent
+                self._leave(path, start, cpu, True)
 
         setattr(owner, attr, timed)
 
-    def result(self) -> dict:
+    def result(self) -> list:
         paths = sorted(self.seconds, key=self.order.__getitem__)
-        return {
-            "parts": [(p, self.seconds[p], self.cpu[p], self.calls[p]) for p in paths],
-            "layers": sorted(self.layers.items(), key=lambda item: -item[1]),
-        }
+        return [(p, self.seconds[p], self.cpu[p], self.calls[p]) for p in paths]
 
 
-def _gram_layer(stats, rows, dense=None) -> str:
-    g, k = stats.gram.shape[:2]
-    return f"X^T X, K={k}" + (f" G={g}" if g > 1 else "") + " (all layers of that width)"
-
-
-def _rows_layer(design, activation) -> str:
-    return f"im2col {design.signature[0]} of {design.activation.name}, K={design.in_features}"
-
-
-def instrument(layers: bool) -> Timers:
-    """Timers around calibration's stages and their parts, without touching onnxprune's source.
-
-    Module attributes are replaced, so a function counts where it is looked up at call time:
-    prune.py imported collect and shift_bias by name, so its own references are wrapped too.
-    """
-    from onnxprune.calibration import capture
-    from onnxprune.calibration import prune as cprune
-    from onnxprune.calibration import solvers as reconstruct
+def instrument(found: dict) -> Timers:
+    """Timers around calibration's stages, without touching onnxprune's source; `found` gets
+    the sequential walk's segment count and its largest segment's statistics (bytes)."""
+    from onnxprune.calibration import capture, solvers, walk
+    from onnxprune.repair import channels as repair_channels
+    from onnxprune.repair import weights as repair_weights
+    from onnxprune.scoring import channels as scoring_channels
+    from onnxprune.scoring import weights as scoring_weights
 
     timers = Timers()
-    timers.wrap(capture, "collect", "capture")  # the first pass (capture.measure)
-    timers.wrap(cprune, "collect", "capture")  # sequential rounds
-    timers.wrap(cprune, "_masks", "scoring and ranking")
-    timers.wrap(cprune, "repair", "repair")
-    timers.wrap(capture, "exposed_model", "serialize the model with layer inputs as outputs")
-    timers.wrap(capture, "open_session", "ORT session creation")
-    timers.wrap(capture.Runner, "run", "ORT run with every layer input as an output, NaN check")
-    timers.wrap(capture, "_chunks", "im2col rows", _rows_layer if layers else None)
-    timers.wrap(capture.LayerStats, "add", "X^T X and sums", _gram_layer if layers else None)
-    for name in ("inverse_factor", "damped_inverse"):  # cached per layer: the first use pays
-        if hasattr(capture, name):
-            timers.wrap(capture, name, f"{name} (Cholesky, triangular inverse)")
-    timers.wrap(reconstruct, "scores", "scores")
-    timers.wrap(reconstruct, "output_energy", "output_energy")
-    timers.wrap(cprune, "compare_layers", "compare (lamp sort)")
-    timers.wrap(cprune.selection, "plan", "selection.plan")
-    timers.wrap(cprune, "_full_mask", "masks")
-    timers.wrap(reconstruct, "sparsegpt", "sparsegpt column sweep")
-    timers.wrap(reconstruct, "output_error", "output_error")
-    timers.wrap(cprune, "shift_bias", "bias shift into the graph")
+    timers.wrap(capture, "measure", "first pass: dense model, every layer's X^T X")
+    timers.wrap(capture.Runner, "run", "ORT run, layer inputs as outputs")
+    timers.wrap(capture.LayerStats, "add", "X^T X sums")
+    timers.wrap(scoring_weights, "weight_scores", "scoring")
+    timers.wrap(scoring_channels, "channel_importance", "channel scoring")
+    timers.wrap(repair_weights.RepairWeightsPass, "call", "repair")
+    timers.wrap(repair_channels.RefitChannelsPass, "call", "repair (re-solve)")
+    timers.wrap(walk.SequentialWalk, "rounds", "sequential walk (between repairs)")
+    timers.wrap(walk, "run_segment", "segment runs (ORT, sessions included)")
+    timers.wrap(walk, "paired_chunks", "im2col rows, pruned and dense")
+    for name in ("inverse_factor", "sparsegpt", "refit", "output_error", "resolve_inputs"):
+        timers.wrap(solvers, name, f"solvers.{name}")
+
+    made = walk.SequentialWalk.__init__
+
+    def counted(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        biggest = 0
+        for segment in self.segments:
+            designs, _ = capture.plan_designs(self.model, [self.weights[i] for i in segment.layers])
+            keys = {capture.design_key(d): d for ds in designs.values() for d in ds}
+            size = sum(3 * 8 * d.groups * d.in_features**2 for d in keys.values())
+            biggest = max(biggest, size)
+        found["segments"] = found.get("segments", 0) + len(self.segments)
+        found["segment_stats"] = max(found.get("segment_stats", 0), biggest)
+
+    walk.SequentialWalk.__init__ = counted
     return timers
 
 
-def instrument_channels() -> Timers:
-    """Timers around calibrated structured pruning's stages (calibration/channels.py)."""
-    from onnxprune.calibration import capture
-    from onnxprune.calibration import channels as cchannels
-    from onnxprune.calibration import solvers as reconstruct
-
-    timers = Timers()
-    timers.wrap(capture, "collect", "capture")  # the first pass (capture.measure)
-    timers.wrap(cchannels, "collect", "capture")  # sequential rounds
-    timers.wrap(cchannels, "importance", "channel scores (group OBS per consumer)")
-    timers.wrap(cchannels, "plan_channels", "ranking (plan_channels)")
-    timers.wrap(cchannels, "solve", "least-squares re-solve")
-    timers.wrap(cchannels, "apply_channel_plan", "channel removal (rewrite)")
-    timers.wrap(cchannels, "_write", "store weights and bias shifts")
-    timers.wrap(capture.Runner, "run", "ORT run with every layer input as an output, NaN check")
-    timers.wrap(capture, "_chunks", "im2col rows")
-    timers.wrap(capture.LayerStats, "add", "X^T X and sums")
-    timers.wrap(reconstruct, "damped_inverse", "damped inverse (scores)")
-    timers.wrap(reconstruct, "inverse_factor", "inverse factor (re-solve)")
-    return timers
-
-
-def child_prune(model: Path, n: int, batch: int, criterion: str | None, args) -> dict:
+def child_prune(model: Path, args) -> dict:
     import onnxprune
-    from onnxprune.calibration import Calibration
+    from onnxprune.options import Calibration, Selection, Structured
 
-    calibration = None
-    timers = None
-    if criterion is not None:
-        mode = {"mode": args.mode} if args.mode else {}  # else Calibration's default
-        if args.rounds:
-            mode["rounds"] = args.rounds
-        calibration = Calibration(
-            data={"input": samples(n)}, criterion=criterion, batch_size=batch, device="cpu", **mode
-        )
-        timers = instrument_channels() if args.structured else instrument(args.layers)
-    profile = cProfile.Profile() if args.profile and criterion is not None else None
+    calibration = Calibration(
+        data=samples(args),
+        criterion=args.criterion,
+        mode=args.mode[0],
+        device="cpu",
+        batch_size=args.batch_size,
+    )
+    found: dict = {}
+    timers = instrument(found)
+    select = Selection(args.sparsity, exclude=("lm_head",) if args.model == "decoder" else ())
+    structured = Structured(target="macs") if args.structured else False
+    profile = cProfile.Profile() if args.profile else None
     start, cpu = time.perf_counter(), time.process_time()
     if profile is not None:
         profile.enable()
-    extra = {"structured": True, "target": "macs"} if args.structured else {}
-    _, report = onnxprune.prune(model, args.sparsity, calibration=calibration, **extra)
+    _, report = onnxprune.prune(model, select, structured=structured, calibration=calibration)
     if profile is not None:
         profile.disable()
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    plan = report.channels if args.structured else report.plan
+    summary = report.calibration
     result: dict = {
         "seconds": seconds,
         "cpu": cpu,
-        "sparsity": plan.achieved if args.structured else plan.sparsity,
+        "sparsity": report.channels.achieved if args.structured else report.sparsity,
+        "passes": getattr(summary, "passes", None),
+        "parts": timers.result(),
+        **found,
     }
-    if calibration is not None:
-        summary = plan.calibration
-        result["mode"] = f"{summary.mode}, {summary.passes} pass(es) over the samples"
-    if timers is not None:
-        result.update(timers.result())
     if profile is not None:
         profile.dump_stats(args.profile)
     return result
@@ -248,13 +268,8 @@ def limit_threads(threads: int) -> None:
 def child(args) -> None:
     if args.threads:
         limit_threads(args.threads)
-    model = Path(args.model)
-    if args.child == "ort":
-        result = child_ort(model, args.samples, args.batch_size)
-    elif args.child == "magnitude":
-        result = child_prune(model, args.samples, args.batch_size, None, args)
-    else:
-        result = child_prune(model, args.samples, args.batch_size, args.criterion, args)
+    model = Path(args.model_path)
+    result = child_ort(model, args) if args.child == "ort" else child_prune(model, args)
     result["vm_hwm"] = peak_rss()
     print(json.dumps(result))
 
@@ -262,30 +277,14 @@ def child(args) -> None:
 # --- parent ------------------------------------------------------------------------------------
 
 
-def run_child(kind: str, model: Path, args) -> tuple[dict, int]:
-    """A child's JSON result and its peak resident memory (bytes, its VmHWM at the end)."""
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        kind,
-        "--model",
-        str(model),
-        "--samples",
-        str(args.samples),
-        "--batch-size",
-        str(args.batch_size),
-        "--criterion",
-        args.criterion,
-        "--sparsity",
-        str(args.sparsity),
-    ]
-    if args.mode:
-        cmd += ["--mode", args.mode]
-    if args.rounds:
-        cmd += ["--rounds", str(args.rounds)]
-    if args.layers:
-        cmd.append("--layers")
+def run_child(kind: str, model: Path, args, mode: str | None = None) -> dict:
+    """A child's JSON result; its "vm_hwm" is its peak resident memory (bytes)."""
+    cmd = [sys.executable, __file__, "--child", kind, "--model-path", str(model)]
+    cmd += ["--model", args.model, "--decoder-dir", str(args.decoder_dir)]
+    cmd += ["--samples", str(args.samples), "--batch-size", str(args.batch_size)]
+    cmd += ["--criterion", args.criterion, "--sparsity", str(args.sparsity)]
+    if mode is not None:
+        cmd += ["--mode", mode]
     if args.structured:
         cmd.append("--structured")
     env = dict(os.environ)
@@ -293,14 +292,25 @@ def run_child(kind: str, model: Path, args) -> tuple[dict, int]:
         cmd += ["--threads", str(args.threads)]
         for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[name] = str(args.threads)
-    if args.profile and kind == "calibrated":
-        cmd += ["--profile", args.profile]
+    if args.profile and mode is not None:
+        cmd += ["--profile", profile_path(args, mode)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     out, err = proc.communicate()
     if proc.returncode != 0:
-        raise SystemExit(f"child {kind} failed:\n{err}")
-    result = json.loads(out.strip().splitlines()[-1])
-    return result, result["vm_hwm"]
+        raise SystemExit(f"child {kind} {mode or ''} failed:\n{err}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def loadavg() -> list[str]:
+    with open("/proc/loadavg") as file:
+        return file.read().split()[:3]
+
+
+def profile_path(args, mode: str) -> str:
+    if len(args.mode) == 1:
+        return args.profile
+    path = Path(args.profile)
+    return str(path.with_name(f"{path.stem}.{mode}{path.suffix}"))
 
 
 def revision() -> str:
@@ -322,19 +332,25 @@ def revision() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--model", default="resnet50", choices=("resnet50", "decoder"))
+    parser.add_argument("--decoder-dir", type=Path, default=DECODER_DIR)
+    parser.add_argument("--export", default="decoder.legacy.onnx", help="decoder: the export")
+    parser.add_argument(
+        "--samples", type=int, help="default: 128 images (resnet50), 32 sequences (decoder)"
+    )
     parser.add_argument("--criterion", default="sparsegpt", choices=("sparsegpt", "wanda"))
     parser.add_argument(
         "--batch-size", type=int, default=16, help="ORT batch, calibration's default 16"
     )
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument(
-        "--mode", choices=("one-pass", "sequential"), help="default: Calibration's default"
+        "--mode", action="append", choices=MODES, help="repeatable; default: both modes"
     )
-    parser.add_argument("--rounds", type=int, help="sequential: at most this many rounds")
-    parser.add_argument("--layers", action="store_true", help="im2col and Gram time per layer")
-    parser.add_argument("--profile", help="cProfile the calibrated prune into this file")
-    parser.add_argument("--no-magnitude", action="store_true", help="skip the magnitude run")
+    parser.add_argument(
+        "--profile",
+        help="cProfile each calibrated prune into this file (.MODE before the "
+        "suffix when both modes run)",
+    )
     parser.add_argument(
         "--structured", action="store_true", help="calibrated channel removal (--sparsity of MACs)"
     )
@@ -344,65 +360,87 @@ def main() -> None:
         help="BLAS and ORT intra-op threads in every child (default: the libraries' own, all "
         "cores); 1 gives steadier figures on a machine shared with other work",
     )
-    parser.add_argument(
-        "--child", choices=("ort", "calibrated", "magnitude"), help=argparse.SUPPRESS
-    )
-    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("ort", "calibrated"), help=argparse.SUPPRESS)
+    parser.add_argument("--model-path", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.samples is None:
+        args.samples = 128 if args.model == "resnet50" else 32
+    args.mode = list(dict.fromkeys(args.mode or MODES))
     if args.child:
         child(args)
         return
 
-    model = build_model()
+    if args.model == "resnet50":
+        sys.path.insert(0, str(HERE))
+        from bench_prune import build_model
+
+        model = build_model()
+        image = "x".join(map(str, SHAPE))
+        what = f"ResNet-50 shapes (25.5 M weights), {args.samples} images {image}"
+    else:
+        model = args.decoder_dir / args.export
+        what = f"decoder {model}, {args.samples} token sequences (lm_head excluded)"
+    size = model_bytes(model)
     source = revision()
-    load = os.getloadavg()[0]
-    ort_result, ort_peak = run_child("ort", model, args)
-    cal, cal_peak = run_child("calibrated", model, args)
-    mag, mag_peak = (None, 0) if args.no_magnitude else run_child("magnitude", model, args)
+    load = loadavg()
+    ort = run_child("ort", model, args)
+    runs = {mode: run_child("calibrated", model, args, mode) for mode in args.mode}
+    load_after = loadavg()
 
-    ort_s, cal_s = ort_result["seconds"], cal["seconds"]
     print(
-        f"ResNet-50 shape (25.5 M weights), {args.samples} samples {'x'.join(map(str, SHAPE))} "
-        f"float32, batch {args.batch_size}, ORT CPU ({ort_result['providers'][0]}), "
+        f"{what}, batch {args.batch_size}, ORT CPU ({ort['providers'][0]}), "
         f"{os.cpu_count()} CPUs, {args.threads or 'default'} threads, sparsity {args.sparsity}, "
-        f"criterion {args.criterion}, mode {cal['mode']}"
-        + (", structured (channels, --sparsity of MACs)" if args.structured else "")
+        f"criterion {args.criterion}" + (", structured (MACs)" if args.structured else "")
     )
-    print(f"onnxprune: {source}")
-    ort_c, cal_c = ort_result["cpu"], cal["cpu"]
-    print(f"{'':60}{'wall s':>8} {'x ORT':>6} {'CPU s':>8} {'x ORT':>6} {'peak RSS MiB':>12}")
-
-    def row(label: str, wall: float, cpu: float, peak: int | None = None) -> None:
-        memory = f" {peak / MIB:12.0f}" if peak is not None else ""
-        print(f"{label:60}{wall:8.2f} {wall / ort_s:6.2f} {cpu:8.2f} {cpu / ort_c:6.2f}{memory}")
-
-    row("ORT pass (session, warm-up excluded)", ort_s, ort_c, ort_peak)
-    row("calibrated prune, end to end", cal_s, cal_c, cal_peak)
-    top_wall = top_cpu = 0.0
-    for path, wall, cpu, calls in cal["parts"]:
-        depth = path.count(" / ")
-        if depth == 0:
-            top_wall, top_cpu = top_wall + wall, top_cpu + cpu
-        name = path.rsplit(" / ", 1)[-1]
-        row("  " * (depth + 1) + name + (f" ({calls}x)" if depth else ""), wall, cpu)
-    row("  rest (load, find weights, apply plan)", cal_s - top_wall, cal_c - top_cpu)
-    if mag is not None:
-        row("magnitude prune (reference)", mag["seconds"], mag["cpu"], mag_peak)
+    print(f"model file {size / MIB:.1f} MiB; onnxprune: {source}")
+    print(f"load average {' '.join(load)} before, {' '.join(load_after)} after")
+    ort_s, ort_c = ort["seconds"], ort["cpu"]
     print(
-        f"ratio calibrated / ORT pass: {cal_s / ort_s:.2f} wall, {cal_c / ort_c:.2f} CPU time "
-        f"(target <= 10)"
+        f"{'':58}{'wall s':>8} {'x ORT':>6} {'CPU s':>8} {'x ORT':>6} "
+        f"{'peak MiB':>9} {'x model':>7} {'passes':>6}"
     )
-    print(
-        f"load average {load:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} "
-        "CPUs (other work on the machine stretches wall times; CPU times are this process's)"
-    )
-    if args.layers:
-        print("capture per layer:")
-        for label, seconds in cal["layers"]:
-            print(f"  {label:70}{seconds:9.2f}")
+
+    def row(label, wall, cpu, peak=None, passes=None) -> None:
+        tail = f" {peak / MIB:9.0f} {peak / size:7.2f}" if peak is not None else ""
+        tail += f" {passes:>6}" if passes is not None else ""
+        print(f"{label:58}{wall:8.2f} {wall / ort_s:6.2f} {cpu:8.2f} {cpu / ort_c:6.2f}{tail}")
+
+    row("ORT pass (session, warm-up excluded)", ort_s, ort_c, ort["vm_hwm"])
+    for mode, cal in runs.items():
+        row(f"calibrated, {mode}, end to end", cal["seconds"], cal["cpu"], cal["vm_hwm"],
+            cal["passes"])  # fmt: skip
+        top_wall = top_cpu = 0.0
+        for path, wall, cpu, calls in cal["parts"]:
+            depth = path.count(" / ")
+            if depth == 0:
+                top_wall, top_cpu = top_wall + wall, top_cpu + cpu
+            row("  " * (depth + 1) + path.rsplit(" / ", 1)[-1] + f" ({calls}x)", wall, cpu)
+        row("  rest (load, find weights, plan, apply)", cal["seconds"] - top_wall,
+            cal["cpu"] - top_cpu)  # fmt: skip
+    print()
+    for mode, cal in runs.items():
+        ratio, peak = cal["seconds"] / ort_s, cal["vm_hwm"]
+        parts = [
+            f"{mode}: {ratio:.1f}x the ORT pass (target <= 10: "
+            + ("met)" if ratio <= 10 else "not met)"),
+            f"peak RSS {peak / MIB:.0f} MiB = {peak / size:.2f}x the model, "
+            f"{(peak - ort['vm_hwm']) / MIB:.0f} MiB above the ORT pass's peak",
+        ]
+        if "segments" in cal:
+            stats = cal["segment_stats"]
+            bound = 2 * size + stats
+            parts.append(
+                f"{cal['segments']} segments, the largest's statistics {stats / MIB:.0f} MiB: "
+                f"2x model + that = {bound / MIB:.0f} MiB ("
+                + ("met)" if peak <= bound else "not met)")
+            )
+        parts.append(f"sparsity {cal['sparsity']:.3f}")
+        print("; ".join(parts))
     if args.profile:
-        print(f"cProfile of the calibrated prune: {args.profile} (top 25 by own time)")
-        pstats.Stats(args.profile).sort_stats("tottime").print_stats(25)
+        for mode in args.mode:
+            path = profile_path(args, mode)
+            print(f"cProfile of the {mode} prune: {path} (top 25 by own time)")
+            pstats.Stats(path).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
