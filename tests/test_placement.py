@@ -110,7 +110,7 @@ def test_validation_reports_the_placement(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(runtime, "placement_of", lambda source, providers: placed)
     import onnxprune.validate.measure as validate_module
 
-    monkeypatch.setattr(validate_module, "measure_latency", lambda *args, **kwargs: None)
+    monkeypatch.setattr(validate_module, "measure_latencies", lambda *args, **kwargs: [None, None])
     result = validate(path, path, device="cuda")
     text = format_validation(result)
     assert "on CUDA: nodes per provider: CUDA 1, CPU 1 (off CUDA: Shape)" in text
