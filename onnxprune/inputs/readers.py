@@ -29,6 +29,7 @@ from onnxprune.inputs.match import (
     match,
 )
 from onnxprune.inputs.npz import ArrayHeader, load_npz, read_npz_headers
+from onnxprune.inputs.sequence import decoder_inputs, fill_missing
 from onnxprune.inputs.spec import LABELS, Inputs, InputSpec, check_batch_size, take_rows
 
 Samples = str | os.PathLike | Mapping[str, Any] | Iterable[Any]
@@ -279,13 +280,6 @@ def check_samples(
     return True
 
 
-# A decoder exported with a KV cache also takes position ids and the past keys and values; its
-# first step of generation (the whole sequence at once) is what perplexity scores.
-POSITIONS = "position_ids"
-PAST = "past_key_values."
-MASK = "attention_mask"
-
-
 def sample_keys(data: Samples) -> set[str] | None:
     """The array names a source holds, read from headers where it is a file (None: an iterable,
     unknown until read)."""
@@ -299,57 +293,30 @@ def sample_keys(data: Samples) -> set[str] | None:
 
 
 def first_step_inputs(specs: Sequence[InputSpec], available: set[str] | None) -> list[InputSpec]:
-    """The inputs of a KV-cache decoder that the data leaves out and its first step fixes:
-    position_ids (from attention_mask) and past_key_values.* (empty: past length 0)."""
-    if available is None:
+    """The inputs of a decoder that the data leaves out and its first step (the prompt, as
+    perplexity scores it) fixes: its positions and its empty pasts, as `sequence.decoder_inputs`
+    names them."""
+    parts = decoder_inputs(specs) if available is not None else None
+    if parts is None:
         return []
-    return [
-        s
-        for s in specs
-        if s.name not in available
-        and (
-            s.name == POSITIONS
-            or (s.name.startswith(PAST) and len(s.shape) == 4 and not isinstance(s.shape[2], int))
-        )
-    ]
+    fixed = [parts.positions] if parts.positions is not None else []
+    fixed += [spec for spec, _ in parts.pasts]
+    return [s for s in fixed if s.name not in available]  # type: ignore[operator]
 
 
 class FirstStepBatches(Sequence[dict[str, np.ndarray]]):
-    """Batches with a decoder's first-step inputs added: position ids counted along the mask (1
-    where it is 0, as Hugging Face does) and empty pasts."""
+    """Batches read without some of a decoder's inputs (shards are read as they are), completed
+    as its first step when read: `sequence.fill_missing`, with the model's `specs`."""
 
-    def __init__(self, batches: Sequence[dict[str, np.ndarray]], derived: Sequence[InputSpec]):
-        self.batches, self.derived = batches, list(derived)
+    def __init__(self, batches: Sequence[dict[str, np.ndarray]], specs: Sequence[InputSpec]):
+        self.batches, self.specs = batches, list(specs)
         self.rows = getattr(batches, "rows", None)
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:  # type: ignore[override]
-        return self._complete(self.batches[index])
+        return fill_missing(self.batches[index], self.specs)[0]
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return (self._complete(batch) for batch in self.batches)
-
-    def _complete(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = next(iter(batch.values()))
-        rows, length = int(ids.shape[0]), int(ids.shape[1]) if ids.ndim > 1 else 1
-        out = dict(batch)
-        for spec in self.derived:
-            if spec.name == POSITIONS:
-                mask = batch.get(MASK)
-                if mask is None:
-                    positions = np.broadcast_to(np.arange(length), (rows, length))
-                else:
-                    mask = mask[:, -length:]
-                    positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)
-                out[spec.name] = np.ascontiguousarray(positions, dtype=spec.dtype)
-            else:
-                heads, dim = spec.shape[1], spec.shape[3]
-                if not isinstance(heads, int) or not isinstance(dim, int):
-                    raise DataError(
-                        f"input {spec.name!r} has shape {list(spec.shape)}: give it in the data "
-                        "(its head count or size is not fixed in the model)"
-                    )
-                out[spec.name] = np.zeros((rows, heads, 0, dim), dtype=spec.dtype)
-        return out
+        return (fill_missing(batch, self.specs)[0] for batch in self.batches)

@@ -326,7 +326,7 @@ def prepare_inputs(
     fed = [s for s in specs if s not in derived]
     prepared = _inputs.read_samples(data, fed, batch_size=batch_size)
     if derived:
-        prepared.batches = FirstStepBatches(prepared.batches, derived)
+        prepared.batches = FirstStepBatches(prepared.batches, specs)
         prepared.notices.append(
             f"{', '.join(s.name for s in derived)}: not in the data; fed as a decoder's first "
             "step (positions from attention_mask, empty pasts)"
